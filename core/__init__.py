@@ -1,0 +1,1 @@
+"""commhub core."""

@@ -1,0 +1,177 @@
+"""The bus: the one adapter between commhub and nats-py.
+
+It connects, creates the streams and the state bucket idempotently, and publishes
+envelope records with their id as ``Nats-Msg-Id`` so that JetStream drops a re-published
+copy within the duplicate window.
+
+Concurrency: a Bus is shared by every component of one process; nats-py multiplexes one
+connection, and every method here is safe to call from many tasks at once.
+Failure: a JetStream publish that gets no acknowledgement raises (``nats.errors.Timeout``
+or ``nats.js.errors.APIError``); callers that must not lose a record do not ack their
+own input until the publish returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import (
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.kv import KeyValue
+
+from .envelope import InvalidRecord, Record, encode, new_id
+from .subjects import Subjects
+
+__all__ = ["Bus", "DUPLICATE_WINDOW_SECONDS"]
+
+log = logging.getLogger(__name__)
+
+# How long JetStream remembers a Nats-Msg-Id. A handler re-run on a message redelivered
+# within this window re-publishes ids that JetStream drops. Longer than any ack wait.
+DUPLICATE_WINDOW_SECONDS = 15 * 60
+
+
+class Bus:
+    """A connected NATS client with commhub's streams, bucket and publish helpers."""
+
+    def __init__(self, nc: NATS, subjects: Subjects, replicas: int = 1) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(timeout=10)
+        self.subjects = subjects
+        self.replicas = replicas
+        self._kv: KeyValue | None = None
+
+    @classmethod
+    async def connect(
+        cls, url: str, subjects: Subjects, name: str = "commhub", replicas: int = 1
+    ) -> Bus:
+        """Connect to ``url`` (comma-separated servers allowed) with reconnects forever."""
+
+        async def error_cb(exc: Exception) -> None:
+            # A JetStream permission denial only shows up here; the publish just times out.
+            log.warning("nats error: %s", exc)
+
+        nc = await nats.connect(
+            servers=url.split(","),
+            name=name,
+            error_cb=error_cb,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            connect_timeout=5,
+        )
+        return cls(nc, subjects, replicas)
+
+    # -- setup ----------------------------------------------------------------------
+    async def ensure_streams(self) -> None:
+        """Create or update the two streams and the state bucket; safe to run every start."""
+        s = self.subjects
+        for config in (
+            StreamConfig(
+                name=s.messages_stream,
+                description="commhub conversation messages: in, out and workflow inputs",
+                subjects=[s.all_inbound, s.all_outbound, s.all_workflow_input],
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                discard=DiscardPolicy.OLD,
+                duplicate_window=DUPLICATE_WINDOW_SECONDS,
+                num_replicas=self.replicas,
+            ),
+            StreamConfig(
+                name=s.events_stream,
+                description="commhub events: classifications, workflow and channel events",
+                subjects=[s.all_events],
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                discard=DiscardPolicy.OLD,
+                duplicate_window=DUPLICATE_WINDOW_SECONDS,
+                num_replicas=self.replicas,
+            ),
+        ):
+            try:
+                await self.js.add_stream(config)
+            except BadRequestError:
+                # Exists with another config (an older version's): bring it up to date.
+                await self.js.update_stream(config)
+        self._kv = await self.js.create_key_value(
+            KeyValueConfig(
+                bucket=s.state_bucket,
+                description="commhub conversation state: workflow, state, slots, run id",
+                history=1,
+                storage=StorageType.FILE,
+                replicas=self.replicas,
+                direct=True,  # plain gets need no extra permissions, and are faster
+            )
+        )
+
+    async def state_bucket(self) -> KeyValue:
+        """The conversation state bucket (bound on first use)."""
+        if self._kv is None:
+            try:
+                self._kv = await self.js.key_value(self.subjects.state_bucket)
+            except NotFoundError:
+                await self.ensure_streams()
+        assert self._kv is not None
+        return self._kv
+
+    # -- publishing -----------------------------------------------------------------
+    async def publish(self, subject: str, record: Record) -> Any:
+        """Publish one record durably and wait for JetStream's ack (one round trip)."""
+        return await self.js.publish(
+            subject, encode(record), headers={"Nats-Msg-Id": record.id}
+        )
+
+    async def publish_all(self, items: Iterable[tuple[str, Record]]) -> list[Any]:
+        """Publish many records pipelined, then wait for every ack.
+
+        Order across the records is not guaranteed to be the order of acks, but
+        JetStream stores messages of one subject in publish order since nats-py writes
+        them to one connection in order. Raises if any publish failed; the ones that
+        succeeded stay stored, and a retry re-publishes them harmlessly (same ids).
+        """
+        futures = [
+            await self.js.publish_async(
+                subject, encode(record), headers={"Nats-Msg-Id": record.id}
+            )
+            for subject, record in items
+        ]
+        if not futures:
+            return []
+        return list(await asyncio.wait_for(asyncio.gather(*futures), timeout=10))
+
+    async def publish_invalid(self, subject: str, data: bytes, reason: str, source: str) -> None:
+        """Report input that could not be accepted on ``{prefix}.evt.invalid``.
+
+        Never raises: reporting bad input must not take down the component that saw it.
+        """
+        record = InvalidRecord(
+            id=new_id(),
+            subject=subject,
+            reason=reason,
+            data=data[:65536].decode("utf-8", "replace"),
+            source=source,
+        )
+        try:
+            await self.publish(self.subjects.invalid, record)
+        except Exception:  # noqa: BLE001 - best effort by design
+            log.exception("could not publish an invalid-input record")
+
+    async def close(self) -> None:
+        """Flush pending publishes and close; safe to call twice."""
+        if self.nc.is_closed:
+            return
+        try:
+            await self.nc.drain()
+        except Exception:  # noqa: BLE001 - already closing
+            await self.nc.close()

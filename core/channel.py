@@ -1,0 +1,160 @@
+"""The channel interface: what a channel plugin implements and what the hub gives it.
+
+A channel carries people's messages between a chat network and the bus. It implements
+:class:`Channel` (``start`` and ``stop``) and talks to the hub only through the
+:class:`ChannelContext` it is constructed with:
+
+* ``await ctx.publish_inbound(message)``: durable once it returns (JetStream acked);
+  the message id is the ``Nats-Msg-Id``, so a client that retries with the same id
+  never produces a second inbound message.
+* ``ctx.outbound(conversation, after=cursor)``: every outbound message of one
+  conversation on this channel after a cursor, in order, then live ones. The cursor is
+  the message's stream sequence: a client that reconnects with the last cursor it saw
+  misses nothing and sees nothing twice.
+* ``await ctx.publish_event(kind, ...)``: a ChannelEvent on the bus (accepted, rejected,
+  closed, error, delivery_failed). Never raises.
+
+Writing a new channel is one class; see ``examples/commhub-channel-echo``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from pydantic import BaseModel
+
+from .envelope import ChannelEvent, ChannelEventKind, EnvelopeError, Message, decode_as, new_id
+
+if TYPE_CHECKING:
+    from .bus import Bus
+    from .config import Settings
+
+__all__ = ["Channel", "ChannelContext", "OutboundItem"]
+
+log = logging.getLogger(__name__)
+
+OutboundItem = tuple[int, Message]
+
+
+class Channel:
+    """Base class of every channel plugin.
+
+    Subclasses set ``name`` (a subject token, e.g. ``"websocket"``) and may set
+    ``Settings`` to a pydantic model; the hub validates ``[plugins.<name>]`` from the
+    config file against it at start and passes the result as ``self.settings``.
+    """
+
+    name: ClassVar[str]
+    Settings: ClassVar[type[BaseModel] | None] = None
+
+    def __init__(self, ctx: ChannelContext, settings: BaseModel | None = None) -> None:
+        self.ctx = ctx
+        self.settings = settings
+
+    async def start(self) -> list[str]:
+        """Start serving; return one human-readable line per endpoint (``ws://...``).
+
+        Must return once the channel accepts clients; long-running work goes in tasks.
+        """
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        """Stop accepting clients, finish what is in flight, close connections."""
+        raise NotImplementedError
+
+
+class ChannelContext:
+    """The hub, as one channel sees it. Safe to use from many tasks at once."""
+
+    def __init__(self, channel: str, bus: Bus, settings: Settings) -> None:
+        self.channel = channel
+        self.bus = bus
+        self.hub_settings = settings
+        self.subjects = bus.subjects
+
+    async def publish_inbound(self, message: Message) -> int:
+        """Publish a user's message durably; return its stream sequence.
+
+        Raises on a bus failure (the caller tells its client it was not accepted).
+        A re-sent message with the same id is dropped by JetStream and returns the
+        original's sequence.
+        """
+        ack = await self.bus.publish(
+            self.subjects.inbound(self.channel, message.conversation), message
+        )
+        return int(ack.seq)
+
+    async def publish_event(
+        self,
+        kind: ChannelEventKind,
+        *,
+        connection: str | None = None,
+        conversation: str | None = None,
+        user: str | None = None,
+        reason: str | None = None,
+        code: int | None = None,
+    ) -> None:
+        """Publish a ChannelEvent; logs instead of raising if the bus is unavailable."""
+        event = ChannelEvent(
+            id=new_id(),
+            channel=self.channel,
+            kind=kind,
+            connection=connection,
+            conversation=conversation,
+            user=user,
+            reason=reason,
+            code=code,
+        )
+        try:
+            await self.bus.publish(self.subjects.channel_event(self.channel, kind), event)
+        except Exception:  # noqa: BLE001 - an event must never break a connection
+            log.exception("could not publish channel event %s", kind)
+
+    async def outbound(
+        self, conversation: str, after: int | None = None
+    ) -> AsyncIterator[OutboundItem]:
+        """Yield ``(cursor, message)`` for each outbound message of ``conversation``.
+
+        Starts after stream sequence ``after`` (all history when None), in stream order,
+        then follows live messages until the consumer of the iterator stops. Backed by a
+        JetStream ordered consumer: a gap or a server restart resets it from the last
+        sequence seen, so nothing is skipped or repeated. Cancelling the iteration is
+        safe; the ephemeral consumer is deleted (or expires on its own).
+
+        An undecodable outbound record is reported on ``evt.invalid`` and skipped.
+        """
+        subject = self.subjects.outbound(self.channel, conversation)
+        start = (after or 0) + 1
+        sub = await self.bus.js.subscribe(
+            subject,
+            stream=self.subjects.messages_stream,
+            ordered_consumer=True,
+            config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
+            ),
+            inactive_threshold=300,
+        )
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=None)
+                seq = int(msg.metadata.sequence.stream)
+                try:
+                    message = decode_as(msg.data, Message)
+                except EnvelopeError as exc:
+                    await self.bus.publish_invalid(
+                        msg.subject, msg.data, str(exc), f"channel:{self.channel}"
+                    )
+                    continue
+                yield seq, message
+        finally:
+            try:
+                await asyncio.shield(sub.unsubscribe())
+            except Exception:  # noqa: BLE001 - connection may be closing
+                pass
+
+    def plugin_settings(self) -> dict[str, Any]:
+        return self.hub_settings.plugin_settings(self.channel)

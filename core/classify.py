@@ -1,0 +1,96 @@
+"""The classifier interface, and the micro-batcher the router calls it through.
+
+A classifier plugin subclasses :class:`Classifier`: it is trained from the example
+phrases that workflows declare and ranks workflows for a text with confidences in
+[0, 1]. :class:`BatchingClassifier` lets many conversations ask at once while the model
+sees one batch per event-loop turn, run in a worker thread so the loop never blocks on
+scikit-learn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic import BaseModel
+
+from .envelope import Alternative
+
+__all__ = ["Classifier", "BatchingClassifier", "examples_key"]
+
+
+def examples_key(examples: Mapping[str, Sequence[str]]) -> str:
+    """A stable hash of the training examples: the cache key of a trained model."""
+    canonical = json.dumps({k: list(v) for k, v in sorted(examples.items())}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+class Classifier:
+    """Base class of classifier plugins.
+
+    ``fit`` is called once at start (it may load a cached model from ``cache_dir``
+    instead of training); ``rank`` is then called from one worker thread at a time.
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[str] = "1"
+    Settings: ClassVar[type[BaseModel] | None] = None
+
+    def __init__(self, settings: BaseModel | None = None, cache_dir: Path | None = None) -> None:
+        self.settings = settings
+        self.cache_dir = cache_dir
+        self.model_id = ""
+
+    def fit(self, examples: Mapping[str, Sequence[str]]) -> None:
+        """Train on ``{workflow: [example phrase, ...]}``; set ``self.model_id``."""
+        raise NotImplementedError
+
+    def rank(self, texts: Sequence[str], top: int = 3) -> list[list[Alternative]]:
+        """For each text, the ``top`` best workflows, best first, confidences in [0, 1]."""
+        raise NotImplementedError
+
+
+class BatchingClassifier:
+    """Collects concurrent ``classify`` calls into one ``rank`` call per loop turn.
+
+    Concurrency: any number of tasks may await ``classify`` at once; ``rank`` runs in
+    one worker thread at a time. Failure: if ``rank`` raises, every caller in that batch
+    gets the exception.
+    """
+
+    def __init__(self, classifier: Classifier, top: int = 3, max_batch: int = 256) -> None:
+        self.classifier = classifier
+        self.top = top
+        self.max_batch = max_batch
+        self._pending: list[tuple[str, asyncio.Future[list[Alternative]]]] = []
+        self._worker: asyncio.Task[None] | None = None
+
+    async def classify(self, text: str) -> list[Alternative]:
+        future: asyncio.Future[list[Alternative]] = asyncio.get_running_loop().create_future()
+        self._pending.append((text, future))
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        await asyncio.sleep(0)  # let the other ready tasks add their texts first
+        while self._pending:
+            batch, self._pending = (
+                self._pending[: self.max_batch],
+                self._pending[self.max_batch :],
+            )
+            texts = [text for text, _ in batch]
+            try:
+                ranked = await asyncio.to_thread(self.classifier.rank, texts, self.top)
+            except Exception as exc:  # noqa: BLE001 - handed to every caller
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), alternatives in zip(batch, ranked, strict=True):
+                if not future.done():
+                    future.set_result(alternatives)

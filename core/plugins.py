@@ -1,0 +1,205 @@
+"""The plugin manager: built-ins and outside plugins through the same hooks.
+
+Built like tox's: :func:`build_plugin_manager` registers ``DEFAULT_PLUGINS``, loads the
+``commhub`` entry-point group, unregisters the names in ``COMMHUB_DISABLE_PLUGINS``,
+then ``check_pending()`` so that a misspelled hook fails loudly at start.
+
+:class:`Plugins` wraps the raw ``pm.hook`` calls with typed methods that validate what
+each plugin contributes, in one place.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .channel import Channel
+from .envelope import Message
+from .subjects import valid_token
+
+__all__ = ["DEFAULT_PLUGINS", "Plugins", "PluginInfo", "PluginError", "build_plugin_manager"]
+
+# commhub's own features, registered exactly like a third party's.
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "commhub.channels.websocket",
+    "commhub.plugins.tfidf",
+    "commhub.workflows.builtin",
+)
+
+DROP = False  # what a middleware hook returns to stop a message
+
+
+class PluginError(RuntimeError):
+    """A plugin could not be loaded or contributed something invalid; says which and why."""
+
+
+@dataclass
+class PluginInfo:
+    """One line of ``commhub plugins``."""
+
+    name: str
+    version: str
+    origin: str
+    hooks: list[str] = field(default_factory=list)
+
+
+def _disabled_from_env() -> set[str]:
+    raw = os.environ.get("COMMHUB_DISABLE_PLUGINS", "")
+    return {name.strip() for name in raw.split(",") if name.strip()}
+
+
+def build_plugin_manager(
+    disabled: Iterable[str] = (), extra: Iterable[object] = (), entry_points: bool = True
+) -> pluggy.PluginManager:
+    """Create the manager: built-ins, entry points, ``extra`` objects, minus disabled ones."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    for name in set(disabled) | _disabled_from_env():
+        pm.set_blocked(name)  # a blocked name is skipped by register() and entry points
+    for name in DEFAULT_PLUGINS:
+        if pm.is_blocked(name):
+            continue
+        try:
+            module = importlib.import_module(name)
+        except ImportError as exc:
+            raise PluginError(f"built-in plugin {name} failed to import: {exc}") from exc
+        pm.register(module, name=name)
+    if entry_points:
+        try:
+            pm.load_setuptools_entrypoints(hookspecs.PROJECT)
+        except Exception as exc:
+            raise PluginError(f"a plugin of the {hookspecs.PROJECT!r} entry-point group "
+                              f"failed to load: {exc!r}") from exc
+    for plugin in extra:
+        pm.register(plugin)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"plugin {exc.plugin!r} implements an unknown hook: {exc}") from exc
+    return pm
+
+
+class Plugins:
+    """Typed access to the hooks. Not thread-safe; used from the event loop."""
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self.pm = pm
+
+    @classmethod
+    def load(cls, disabled: Iterable[str] = (), extra: Iterable[object] = ()) -> Plugins:
+        return cls(build_plugin_manager(disabled, extra))
+
+    # -- contributions ------------------------------------------------------------
+    def channels(self) -> dict[str, type[Channel]]:
+        """Every registered channel class by name; duplicates and bad names raise."""
+        found: dict[str, type[Channel]] = {}
+
+        def register(cls: type) -> None:
+            if not (inspect.isclass(cls) and issubclass(cls, Channel)):
+                raise PluginError(f"register_channels got {cls!r}, not a Channel subclass")
+            name = getattr(cls, "name", None)
+            if not isinstance(name, str) or not valid_token(name):
+                raise PluginError(f"channel {cls.__qualname__} needs a token-like name")
+            if name in found:
+                raise PluginError(f"two channels are named {name!r}")
+            found[name] = cls
+
+        self.pm.hook.register_channels(register=register)
+        return found
+
+    def classifiers(self) -> dict[str, type]:
+        """Every registered classifier class by name."""
+        from .classify import Classifier
+
+        found: dict[str, type] = {}
+
+        def register(cls: type) -> None:
+            if not (inspect.isclass(cls) and issubclass(cls, Classifier)):
+                raise PluginError(f"register_classifiers got {cls!r}, not a Classifier subclass")
+            if cls.name in found:
+                raise PluginError(f"two classifiers are named {cls.name!r}")
+            found[cls.name] = cls
+
+        self.pm.hook.register_classifiers(register=register)
+        return found
+
+    def workflow_sources(self) -> list[Any]:
+        """Everything plugins registered as workflows: paths or definitions, in order."""
+        found: list[Any] = []
+        self.pm.hook.register_workflows(register=found.append)
+        return [Path(item) if isinstance(item, str) else item for item in found]
+
+    # -- lifecycle and middleware ----------------------------------------------------
+    async def startup(self, hub: Any) -> None:
+        await _await_all(self.pm.hook.startup(hub=hub))
+
+    async def shutdown(self, hub: Any) -> None:
+        await _await_all(self.pm.hook.shutdown(hub=hub))
+
+    async def inbound_message(self, message: Message) -> Message | None:
+        """Run the inbound middleware chain; None means a plugin dropped the message."""
+        return await self._chain("inbound_message", message)
+
+    async def outbound_message(self, message: Message) -> Message | None:
+        """Run the outbound middleware chain; None means a plugin dropped the message."""
+        return await self._chain("outbound_message", message)
+
+    async def _chain(self, hook_name: str, message: Message) -> Message | None:
+        hook = getattr(self.pm.hook, hook_name)
+        impls = hook.get_hookimpls()
+        if not impls:  # the hot path: most hubs have no middleware
+            return message
+        # pluggy calls the last registered first; keep that order for the chain.
+        for impl in reversed(impls):
+            result = impl.function(message=message)
+            if inspect.isawaitable(result):
+                result = await result
+            if result is DROP:
+                return None
+            if isinstance(result, Message):
+                message = result
+        return message
+
+    # -- introspection -------------------------------------------------------------
+    def describe(self) -> list[PluginInfo]:
+        """Name, version, origin and hooks of every registered plugin."""
+        dists = {id(plugin): dist for plugin, dist in self.pm.list_plugin_distinfo()}
+        infos = []
+        for name, plugin in self.pm.list_name_plugin():
+            if plugin is None:
+                continue
+            dist = dists.get(id(plugin))
+            if dist is not None:
+                version, origin = dist.version, f"entry point ({dist.project_name})"
+            else:
+                version = _own_version()
+                origin = "built-in" if name in DEFAULT_PLUGINS else "registered in code"
+            hooks = sorted(impl.name for impl in _impls_of(self.pm, plugin))
+            infos.append(PluginInfo(name, version, origin, hooks))
+        return infos
+
+
+def _impls_of(pm: pluggy.PluginManager, plugin: object) -> list[Any]:
+    return list(pm.get_hookcallers(plugin) or [])
+
+
+def _own_version() -> str:
+    try:
+        return metadata.version("commhub")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+async def _await_all(results: list[Any]) -> None:
+    for result in results:
+        if inspect.isawaitable(result):
+            await result

@@ -1,0 +1,116 @@
+"""Subject names, stream names and id validation: the bus's public address book.
+
+Every subject starts with a configurable prefix (``commhub`` by default), so several
+hubs, or several test cases, can share one NATS server without seeing each other.
+
+======================================  ==========  =====================================
+subject                                 stream      payload
+======================================  ==========  =====================================
+``{p}.in.{channel}.{conversation}``     messages    Message (user to hub)
+``{p}.out.{channel}.{conversation}``    messages    Message (hub or agent to user)
+``{p}.wf.{conversation}``               messages    WorkflowInput (a service's event)
+``{p}.evt.classified.{conversation}``   events      Classification
+``{p}.evt.workflow.{workflow}.{kind}``  events      WorkflowEvent
+``{p}.evt.channel.{channel}.{kind}``    events      ChannelEvent
+``{p}.evt.invalid``                     events      InvalidRecord
+``{p}.api.>``                           (none)      request/reply: sql, state, health
+======================================  ==========  =====================================
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = ["Subjects", "TOKEN_RE", "valid_token", "check_token"]
+
+# One subject token: no dots, wildcards or whitespace, and short enough for a KV key.
+TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+
+def valid_token(value: str) -> bool:
+    """True when ``value`` can be one subject token (a conversation, channel or workflow id)."""
+    return bool(TOKEN_RE.match(value))
+
+
+def check_token(value: str, what: str) -> str:
+    """Return ``value`` if it is a valid token, else raise ValueError naming ``what``."""
+    if not valid_token(value):
+        raise ValueError(
+            f"invalid {what} {value!r}: use 1-128 letters, digits, '-' or '_' "
+            "(no '.', '*', '>' or spaces)"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class Subjects:
+    """Subject, stream, consumer and bucket names for one prefix."""
+
+    prefix: str = "commhub"
+
+    def __post_init__(self) -> None:
+        check_token(self.prefix, "subject prefix")
+
+    # -- subjects ---------------------------------------------------------------
+    def inbound(self, channel: str, conversation: str) -> str:
+        return f"{self.prefix}.in.{channel}.{conversation}"
+
+    def outbound(self, channel: str, conversation: str) -> str:
+        return f"{self.prefix}.out.{channel}.{conversation}"
+
+    def workflow_input(self, conversation: str) -> str:
+        return f"{self.prefix}.wf.{conversation}"
+
+    def classified(self, conversation: str) -> str:
+        return f"{self.prefix}.evt.classified.{conversation}"
+
+    def workflow_event(self, workflow: str, kind: str) -> str:
+        return f"{self.prefix}.evt.workflow.{workflow}.{kind}"
+
+    def channel_event(self, channel: str, kind: str) -> str:
+        return f"{self.prefix}.evt.channel.{channel}.{kind}"
+
+    @property
+    def invalid(self) -> str:
+        return f"{self.prefix}.evt.invalid"
+
+    def api(self, name: str) -> str:
+        return f"{self.prefix}.api.{name}"
+
+    # -- wildcards ----------------------------------------------------------------
+    @property
+    def all_inbound(self) -> str:
+        return f"{self.prefix}.in.>"
+
+    @property
+    def all_outbound(self) -> str:
+        return f"{self.prefix}.out.>"
+
+    @property
+    def all_workflow_input(self) -> str:
+        return f"{self.prefix}.wf.>"
+
+    @property
+    def all_events(self) -> str:
+        return f"{self.prefix}.evt.>"
+
+    # -- JetStream names ------------------------------------------------------------
+    @property
+    def messages_stream(self) -> str:
+        return f"{self.prefix}_messages"
+
+    @property
+    def events_stream(self) -> str:
+        return f"{self.prefix}_events"
+
+    @property
+    def state_bucket(self) -> str:
+        return f"{self.prefix}_state"
+
+    @property
+    def router_consumer(self) -> str:
+        return f"{self.prefix}_router"
+
+    def recorder_consumer(self, stream: str) -> str:
+        return f"{stream}_recorder"
