@@ -164,7 +164,7 @@ class Bus:
         )
         try:
             await self.publish(self.subjects.invalid, record)
-        except Exception:  # noqa: BLE001 - best effort by design
+        except Exception:
             log.exception("could not publish an invalid-input record")
 
     async def close(self) -> None:
@@ -173,5 +173,5 @@ class Bus:
             return
         try:
             await self.nc.drain()
-        except Exception:  # noqa: BLE001 - already closing
+        except Exception:
             await self.nc.close()

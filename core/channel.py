@@ -20,6 +20,7 @@ Writing a new channel is one class; see ``examples/commhub-channel-echo``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -111,7 +112,7 @@ class ChannelContext:
         )
         try:
             await self.bus.publish(self.subjects.channel_event(self.channel, kind), event)
-        except Exception:  # noqa: BLE001 - an event must never break a connection
+        except Exception:
             log.exception("could not publish channel event %s", kind)
 
     async def outbound(
@@ -151,10 +152,8 @@ class ChannelContext:
                     continue
                 yield seq, message
         finally:
-            try:
+            with contextlib.suppress(Exception):  # the connection may be closing
                 await asyncio.shield(sub.unsubscribe())
-            except Exception:  # noqa: BLE001 - connection may be closing
-                pass
 
     def plugin_settings(self) -> dict[str, Any]:
         return self.hub_settings.plugin_settings(self.channel)

@@ -86,7 +86,7 @@ class BatchingClassifier:
             texts = [text for text, _ in batch]
             try:
                 ranked = await asyncio.to_thread(self.classifier.rank, texts, self.top)
-            except Exception as exc:  # noqa: BLE001 - handed to every caller
+            except Exception as exc:
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)

@@ -1,2 +1,226 @@
-def main():
-    print("hi")
+"""The ``commhub`` command.
+
+``commhub up`` runs a hub; ``commhub sql`` queries its records (over the bus while it
+runs, from the DuckDB file when it is stopped); ``commhub schema`` prints the envelope's
+JSON Schema; ``commhub plugins`` lists plugins; ``commhub workflows check|list`` checks
+workflow files. Every error a user can cause ends in one ``commhub: error: ...`` line
+and exit status 1; bad command-line usage exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+__all__ = ["main"]
+
+
+def _settings_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="TOML config file (or COMMHUB_CONFIG)")
+    parser.add_argument("--data-dir", type=Path, help="data directory (COMMHUB_DATA_DIR)")
+    parser.add_argument("--nats-url", help="use this NATS instead of the embedded server")
+    parser.add_argument("--prefix", help="subject prefix (default commhub)")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="commhub", description="A message hub for conversations over NATS JetStream."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start the hub (embedded NATS unless --nats-url)")
+    _settings_flags(up)
+    up.add_argument("--role", choices=["all", "channels", "router", "recorder"])
+    up.add_argument("--host", help="interface the channels listen on (default 127.0.0.1)")
+    up.add_argument("--nats-port", type=int, help="embedded NATS port (0: any free port)")
+    up.add_argument("--ws-port", type=int, help="WebSocket port (0: any free port)")
+    up.add_argument("--http-port", type=int, help="HTTP port")
+    up.add_argument("--workflows", type=Path, action="append", dest="workflow_paths",
+                    help="extra workflow file or folder (repeatable)")
+
+    sql = sub.add_parser("sql", help="run a read-only SQL query on the records")
+    _settings_flags(sql)
+    sql.add_argument("query", help='one SELECT statement, e.g. "SELECT * FROM messages"')
+    sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    sql.add_argument("--max-rows", type=int, default=None)
+    sql.add_argument("--timeout", type=float, default=None, help="seconds")
+
+    sub.add_parser("schema", help="print the JSON Schema of the bus envelope")
+    sub.add_parser("plugins", help="list plugins, their versions, origins and hooks")
+
+    wf = sub.add_parser("workflows", help="check or list workflows")
+    wf_sub = wf.add_subparsers(dest="workflows_command", required=True)
+    check = wf_sub.add_parser("check", help="check workflow files or folders")
+    check.add_argument("paths", type=Path, nargs="+")
+    wf_sub.add_parser("list", help="list the installed workflows")
+    return parser
+
+
+def _load_settings(args: argparse.Namespace) -> Any:
+    from .config import load_settings
+
+    keys = ("data_dir", "nats_url", "prefix", "role", "host", "nats_port", "ws_port",
+            "http_port", "workflow_paths")
+    overrides = {k: getattr(args, k) for k in keys if hasattr(args, k)}
+    return load_settings(getattr(args, "config", None), **overrides)
+
+
+# -- commands -------------------------------------------------------------------------
+def cmd_up(args: argparse.Namespace) -> int:
+    from .hub import Hub
+
+    settings = _load_settings(args)
+    hub = Hub(settings)
+
+    def ready(lines: list[str]) -> None:
+        print("commhub is up. Serving:", flush=True)
+        for line in lines:
+            print(f"  {line}", flush=True)
+        if settings.role in ("all", "channels") and settings.anonymous_allowed:
+            print("  note: anonymous clients are accepted (bound to a loopback address); "
+                  "set tokens to require them", flush=True)
+        print("Press Ctrl-C to stop.", flush=True)
+
+    asyncio.run(hub.run_until_signalled(ready))
+    print("commhub stopped.", flush=True)
+    return 0
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    from .lock import hub_is_running, read_hub_info
+    from .sqlapi import format_result, query_file
+
+    settings = _load_settings(args)
+    max_rows = args.max_rows or settings.sql_max_rows
+    timeout = args.timeout or settings.sql_timeout_seconds
+    url = settings.nats_url
+    prefix = settings.prefix
+    if url is None and hub_is_running(settings.data_dir):
+        info = read_hub_info(settings.data_dir) or {}
+        url, prefix = info.get("nats_url"), info.get("prefix", prefix)
+    if url is not None:
+        result = asyncio.run(_sql_over_bus(url, prefix, args.query, max_rows, timeout))
+    else:
+        if not settings.duckdb_path.exists():
+            raise _UserError(f"no records yet: {settings.duckdb_path} does not exist "
+                             "(start the hub with `commhub up` first)")
+        result = query_file(settings.duckdb_path, args.query, max_rows, timeout)
+    print(format_result(result, args.format))
+    return 0
+
+
+async def _sql_over_bus(url: str, prefix: str, query: str, max_rows: int, timeout: float) -> Any:
+    import nats
+
+    from .sqlapi import query_over_bus
+    from .subjects import Subjects
+
+    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+    try:
+        return await query_over_bus(nc, Subjects(prefix), query, timeout=timeout + 5,
+                                    max_rows=max_rows)
+    finally:
+        await nc.close()
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from .envelope import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from .plugins import Plugins
+
+    plugins = Plugins.load()
+    rows = [(p.name, p.version, p.origin, ", ".join(p.hooks)) for p in plugins.describe()]
+    print(_table(("name", "version", "origin", "hooks"), rows))
+    return 0
+
+
+def cmd_workflows(args: argparse.Namespace) -> int:
+    from .plugins import Plugins
+    from .workflow import load_workflows
+
+    if args.workflows_command == "check":
+        definitions = load_workflows(args.paths)
+        for name, definition in sorted(definitions.items()):
+            print(f"ok  {name}  ({len(definition.states)} states)  {definition.source or ''}")
+        return 0
+    definitions = load_workflows(Plugins.load().workflow_sources())
+    rows = [(name, str(len(d.states)), str(len(d.examples)), d.description)
+            for name, d in sorted(definitions.items())]
+    print(_table(("workflow", "states", "examples", "description"), rows))
+    return 0
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
+             for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+class _UserError(Exception):
+    pass
+
+
+COMMANDS = {
+    "up": cmd_up,
+    "sql": cmd_sql,
+    "schema": cmd_schema,
+    "plugins": cmd_plugins,
+    "workflows": cmd_workflows,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("nats").setLevel(logging.WARNING)
+    logging.getLogger("websockets").setLevel(logging.WARNING)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+    except ValidationError as exc:
+        print(f"commhub: error: invalid settings:\n{exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if _is_user_error(exc):
+            print(f"commhub: error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+def _is_user_error(exc: Exception) -> bool:
+    """Errors whose message is the whole story for a user (no traceback needed)."""
+    from .hub import HubError
+    from .lock import HubAlreadyRunning
+    from .natsserver import NatsServerError
+    from .plugins import PluginError
+    from .sqlapi import SqlError
+    from .workflow import WorkflowError
+
+    known = (_UserError, HubError, HubAlreadyRunning, NatsServerError, PluginError,
+             SqlError, WorkflowError, OSError, TimeoutError)
+    return isinstance(exc, known)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

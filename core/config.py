@@ -15,8 +15,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
-from pydantic_settings import TomlConfigSettingsSource
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 from .subjects import Subjects
 
@@ -55,6 +59,7 @@ class Settings(BaseSettings):
     threshold: float = Field(
         0.35, ge=0.0, le=1.0, description="Minimum confidence to start a workflow."
     )
+    classifier: str = Field("tfidf", description="Name of the classifier plugin to use.")
     workflow_paths: list[Path] = Field(
         default_factory=list, description="Extra workflow files or folders to load."
     )

@@ -141,11 +141,18 @@ class WorkflowInput(msgspec.Struct, tag="workflow_input", kw_only=True):
     ts: float = msgspec.field(default_factory=now)
 
 
-WorkflowEventKind = Literal["started", "transition", "completed", "failed", "expired", "cancelled"]
+WorkflowEventKind = Literal[
+    "started", "transition", "completed", "failed", "expired", "cancelled", "emitted"
+]
 
 
 class WorkflowEvent(msgspec.Struct, tag="workflow_event", kw_only=True):
-    """One step of a workflow run: its start, a transition, its end."""
+    """One step of a workflow run: its start, a transition, its end.
+
+    ``kind="emitted"`` is an event a workflow publishes for services (the ``emit``
+    action): ``event`` names it and ``data`` carries it, on
+    ``{prefix}.evt.workflow.{workflow}.{event}``.
+    """
 
     id: str
     run_id: str
@@ -158,6 +165,8 @@ class WorkflowEvent(msgspec.Struct, tag="workflow_event", kw_only=True):
     slots_changed: dict[str, Any] = msgspec.field(default_factory=dict)
     message_id: str | None = None
     ts: float = msgspec.field(default_factory=now)
+    event: str | None = None
+    data: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 ChannelEventKind = Literal["accepted", "rejected", "closed", "error", "delivery_failed"]

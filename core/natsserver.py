@@ -126,24 +126,7 @@ class EmbeddedNats:
         ports_dir = self.data_dir / "nats-ports"
         shutil.rmtree(ports_dir, ignore_errors=True)
         ports_dir.mkdir()
-        log_file = open(self.data_dir / "nats-server.log", "ab")  # noqa: SIM115 - child owns it
-        args = [
-            find_nats_server(),
-            "-c", str(self.conf),
-            "-a", "127.0.0.1",
-            "-p", str(self.port if self.port else -1),
-            "-sd", str(self.data_dir / "jetstream"),
-            "--ports_file_dir", str(ports_dir),
-        ]  # fmt: skip
-        self.process = subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509
-            start_new_session=True,  # a Ctrl-C in the terminal goes to the hub, which stops us
-        )
-        log_file.close()
+        self.process = self._spawn(ports_dir)
         self._pid_file.write_text(str(self.process.pid))
         deadline = time.monotonic() + timeout
         ports_file = ports_dir / f"nats-server_{self.process.pid}.ports"
@@ -166,6 +149,26 @@ class EmbeddedNats:
             raise NatsServerError(f"nats-server did not start within {timeout:.0f}s")
         assert self.url is not None
         return self.url
+
+    def _spawn(self, ports_dir: Path) -> subprocess.Popen[bytes]:
+        """Fork and exec the server (fast; kept out of the async path on purpose)."""
+        args = [
+            find_nats_server(),
+            "-c", str(self.conf),
+            "-a", "127.0.0.1",
+            "-p", str(self.port if self.port else -1),
+            "-sd", str(self.data_dir / "jetstream"),
+            "--ports_file_dir", str(ports_dir),
+        ]  # fmt: skip
+        with open(self.data_dir / "nats-server.log", "ab") as log_file:
+            return subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                start_new_session=True,  # Ctrl-C goes to the hub, which then stops us
+            )
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM the server (it shuts down cleanly), SIGKILL it after ``timeout``."""

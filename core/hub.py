@@ -1,0 +1,267 @@
+"""The hub: starts every component a role needs, in order, and stops them in reverse.
+
+``Hub.start()`` (embedded defaults): lock the data directory, start nats-server, create
+the streams and the state bucket, load and check the workflows, train (or load) the
+classifier, start the recorder and the bus APIs, the router, then the channels, and
+write ``hub.json``. ``Hub.stop()`` undoes it in reverse: channels stop taking input, the
+router finishes and acks what it holds, the recorder commits and acks its last batch,
+the bus drains, the server stops, the lock is released.
+
+Roles (``--role``) run a subset against an existing NATS: ``channels``, ``router``,
+``recorder``, or ``all``. Only ``all`` and ``recorder`` open the DuckDB file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+from pydantic import ValidationError
+
+from .bus import Bus
+from .channel import Channel, ChannelContext
+from .classify import BatchingClassifier, Classifier
+from .config import Settings
+from .fsm import Engine
+from .lock import DataDirLock
+from .natsserver import EmbeddedNats
+from .plugins import Plugins
+from .recorder import Recorder
+from .router import Router
+from .sqlapi import SqlService
+from .workflow import load_workflows
+
+__all__ = ["Hub", "HubError"]
+
+log = logging.getLogger(__name__)
+
+
+class HubError(RuntimeError):
+    """The hub cannot start as configured; the message says what to fix."""
+
+
+class Hub:
+    """One commhub process. ``start`` and ``stop`` are called from one task."""
+
+    def __init__(self, settings: Settings, plugins: Plugins | None = None) -> None:
+        self.settings = settings
+        self.plugins = plugins or Plugins.load(disabled=settings.disable_plugins)
+        self.lock: DataDirLock | None = None
+        self.nats: EmbeddedNats | None = None
+        self.bus: Bus | None = None
+        self.engine: Engine | None = None
+        self.classifier: Classifier | None = None
+        self.router: Router | None = None
+        self.recorder: Recorder | None = None
+        self.sql: SqlService | None = None
+        self.channels: dict[str, Channel] = {}
+        self.endpoints: list[str] = []
+        self.nats_url: str | None = None
+        self._api_subs: list[Any] = []
+        self._started = False
+
+    @property
+    def role(self) -> str:
+        return self.settings.role
+
+    def _runs(self, component: str) -> bool:
+        return self.role in ("all", component)
+
+    # -- start ------------------------------------------------------------------------
+    async def start(self) -> list[str]:
+        """Start everything this role runs; returns the endpoint lines to print.
+
+        On any failure, what was already started is stopped again before the error
+        propagates, so a failed start leaves no server or lock behind.
+        """
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+        self._started = True
+        return self.endpoints
+
+    async def _start(self) -> None:
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        # Check the definitions before anything starts: a broken file stops the hub
+        # with its file and line, and nothing is left running.
+        if self._runs("router"):
+            self.engine = Engine(load_workflows([*self.plugins.workflow_sources(),
+                                                 *s.workflow_paths]))
+        if self._runs("recorder") or s.embedded_nats:
+            self.lock = DataDirLock(s.data_dir)
+            self.lock.acquire()
+        if s.embedded_nats:
+            self.nats = EmbeddedNats(s.data_dir, port=s.nats_port, conf=s.nats_conf)
+            self.nats_url = await self.nats.start()
+            self.endpoints.append(f"nats: {self.nats_url} (embedded, store in {s.data_dir})")
+        else:
+            assert s.nats_url is not None
+            self.nats_url = s.nats_url
+            self.endpoints.append(f"nats: {self.nats_url} (external)")
+        self.bus = await Bus.connect(self.nats_url, s.subjects, name=f"commhub-{self.role}")
+        await self.bus.ensure_streams()
+        await self._start_apis()
+        if self._runs("recorder"):
+            self.recorder = Recorder(
+                self.bus,
+                s.duckdb_path,
+                batch=s.recorder_batch,
+                flush_seconds=s.recorder_flush_seconds,
+            )
+            await self.recorder.start()
+            self.sql = SqlService(
+                self.bus, self.recorder, max_rows=s.sql_max_rows, timeout=s.sql_timeout_seconds
+            )
+            await self.sql.start()
+            self.endpoints.append(f"duckdb: {s.duckdb_path} (live SQL: commhub sql \"...\")")
+        if self._runs("router"):
+            await self._start_router()
+        if self._runs("channels"):
+            await self._start_channels()
+        await self.plugins.startup(self)
+        if self.lock is not None:
+            self.lock.write_info({
+                "pid": os.getpid(),
+                "nats_url": self.nats_url,
+                "prefix": s.prefix,
+                "role": self.role,
+                "endpoints": self.endpoints,
+            })
+
+    async def _start_router(self) -> None:
+        s = self.settings
+        assert self.bus is not None and self.engine is not None
+        classes = self.plugins.classifiers()
+        if s.classifier not in classes:
+            raise HubError(
+                f"classifier {s.classifier!r} is not installed; available: {sorted(classes)}"
+            )
+        cls = classes[s.classifier]
+        settings = _plugin_settings(cls, s.plugin_settings(s.classifier), f"classifier {cls.name}")
+        self.classifier = cls(settings, cache_dir=s.data_dir / "models")
+        await asyncio.to_thread(self.classifier.fit, self.engine.examples())
+        self.router = Router(
+            self.bus,
+            self.engine,
+            BatchingClassifier(self.classifier),
+            self.plugins,
+            threshold=s.threshold,
+            concurrency=s.router_concurrency,
+            model=(self.classifier.model_id, cls.version),
+        )
+        await self.router.start()
+        self.endpoints.append(
+            f"router: {len(self.engine.definitions)} workflows "
+            f"({', '.join(sorted(self.engine.definitions))}), classifier {self.classifier.model_id}"
+        )
+
+    async def _start_channels(self) -> None:
+        assert self.bus is not None
+        for name, cls in self.plugins.channels().items():
+            settings = _plugin_settings(cls, self.settings.plugin_settings(name), f"channel {name}")
+            channel = cls(ChannelContext(name, self.bus, self.settings), settings)
+            self.endpoints.extend(await channel.start())
+            self.channels[name] = channel
+
+    async def _start_apis(self) -> None:
+        """Request/reply APIs any service can call: health and conversation state."""
+        assert self.bus is not None
+        bus = self.bus
+
+        async def health(msg: Any) -> None:
+            body = {
+                "status": "ok",
+                "role": self.role,
+                "router": msgspec.structs.asdict(self.router.stats) if self.router else None,
+                "recorder": self.recorder.stats_dict() if self.recorder else None,
+                "channels": sorted(self.channels),
+            }
+            await msg.respond(msgspec.json.encode(body))
+
+        async def state(msg: Any) -> None:
+            try:
+                conversation = msgspec.json.decode(msg.data)["conversation"]
+                entry = await (await bus.state_bucket()).get(conversation)
+                await msg.respond(entry.value or b"null")
+            except Exception as exc:
+                await msg.respond(msgspec.json.encode({"error": {"message": str(exc)}}))
+
+        for name, handler in (("health", health), ("state", state)):
+            self._api_subs.append(
+                await bus.nc.subscribe(bus.subjects.api(name), queue=f"commhub-{name}",
+                                       cb=handler)
+            )
+
+    # -- stop -------------------------------------------------------------------------
+    async def stop(self) -> None:
+        """Stop in reverse order; safe after a partial start and safe to call twice."""
+        for name, channel in list(self.channels.items()):
+            await _quietly(channel.stop, f"channel {name}")
+        self.channels.clear()
+        if self.router is not None:
+            await _quietly(self.router.stop, "router")
+            self.router = None
+        if self.sql is not None:
+            await _quietly(self.sql.stop, "sql service")
+            self.sql = None
+        if self.recorder is not None:
+            await _quietly(self.recorder.stop, "recorder")
+            self.recorder = None
+        if self._started:
+            await _quietly(lambda: self.plugins.shutdown(self), "plugin shutdown")
+            self._started = False
+        for sub in self._api_subs:
+            await _quietly(sub.unsubscribe, "api")
+        self._api_subs.clear()
+        if self.bus is not None:
+            await _quietly(self.bus.close, "bus")
+            self.bus = None
+        if self.nats is not None:
+            await asyncio.to_thread(self.nats.stop)
+            self.nats = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    async def run_until_signalled(self, on_ready: Callable[[list[str]], None]) -> None:
+        """Start, call ``on_ready`` with the endpoint lines, run until SIGINT/SIGTERM, stop."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            on_ready(await self.start())
+            await stop.wait()
+            log.info("stopping: draining and acking what is in flight")
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            await self.stop()
+
+
+def _plugin_settings(cls: type, raw: dict[str, Any], what: str) -> Any:
+    model = getattr(cls, "Settings", None)
+    if model is None:
+        if raw:
+            raise HubError(f"{what} takes no settings, but [plugins] gives {sorted(raw)}")
+        return None
+    try:
+        return model(**raw)
+    except ValidationError as exc:
+        raise HubError(f"{what}: invalid settings:\n{exc}") from None
+
+
+async def _quietly(step: Callable[[], Any], what: str) -> None:
+    try:
+        await step()
+    except Exception:
+        log.exception("%s did not stop cleanly", what)
+

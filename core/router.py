@@ -1,0 +1,421 @@
+"""The router: inbound messages and service inputs in, workflow steps out.
+
+For each inbound message (``{p}.in.*.*``) or workflow input (``{p}.wf.*``) it
+
+1. reads the conversation's state from the KV bucket (with its revision);
+2. skips the message if the state already records it (a redelivery after commit);
+3. classifies the text when no workflow is active, and starts the best workflow, or
+   the fallback below the confidence threshold; otherwise steps the active workflow;
+4. publishes the classification, the workflow events and the replies, pipelined, with
+   ids derived from the input id and the state revision;
+5. writes the new state with the revision it read (optimistic concurrency);
+6. acks the input.
+
+Nothing lost, nothing doubled: a crash before 5 redelivers the input, the step is
+recomputed from the same state and revision, and its outputs carry the same ids, which
+JetStream's duplicate window drops. A crash between 5 and 6 redelivers an input that the
+state already records, which step 2 skips. A revision conflict (another router wrote the
+conversation meanwhile) naks the input, which is redelivered and recomputed on the new
+state.
+
+Concurrency: one durable pull consumer shared by every router process (scale out by
+running more); inside a process, one conversation's inputs run in order and different
+conversations in parallel, at most ``concurrency`` inputs at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import nats.errors
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+
+from .bus import Bus
+from .classify import BatchingClassifier
+from .envelope import (
+    Alternative,
+    Classification,
+    EnvelopeError,
+    Message,
+    Record,
+    Sender,
+    WorkflowEvent,
+    WorkflowInput,
+    decode_as,
+    derived_id,
+    now,
+)
+from .fsm import Engine
+from .plugins import Plugins
+from .serial import KeyedSerialRunner
+from .state import ConversationState, StepEvent, StepResult, Trigger
+
+__all__ = ["Router", "RouterStats", "BOT"]
+
+log = logging.getLogger(__name__)
+
+BOT = Sender(id="commhub", kind="bot", name="commhub")
+_state_decoder = msgspec.json.Decoder(ConversationState)
+_state_encoder = msgspec.json.Encoder()
+
+
+@dataclass
+class RouterStats:
+    handled: int = 0
+    skipped_redeliveries: int = 0
+    conflicts: int = 0
+    invalid: int = 0
+    classified: int = 0
+    fallbacks: int = 0
+
+
+class Router:
+    """Routes inputs to workflows; see the module docstring for the guarantees."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        engine: Engine,
+        classifier: BatchingClassifier,
+        plugins: Plugins,
+        threshold: float,
+        concurrency: int = 64,
+        model: tuple[str, str] = ("", ""),
+    ) -> None:
+        self.bus = bus
+        self.engine = engine
+        self.classifier = classifier
+        self.plugins = plugins
+        self.threshold = threshold
+        self.concurrency = concurrency
+        self.model_name, self.model_version = model
+        self.stats = RouterStats()
+        self._slots = asyncio.Semaphore(concurrency)
+        self._runner = KeyedSerialRunner()
+        self._fetch_task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self._sub: Any = None
+        self._wf_prefix = bus.subjects.workflow_input("")
+
+    # -- lifecycle --------------------------------------------------------------------
+    async def start(self) -> None:
+        """Bind the shared durable consumer (creating it once) and start fetching."""
+        s = self.bus.subjects
+        config = ConsumerConfig(
+            durable_name=s.router_consumer,
+            name=s.router_consumer,
+            description="commhub router: inbound messages and workflow inputs",
+            filter_subjects=[s.all_inbound, s.all_workflow_input],
+            deliver_policy=DeliverPolicy.NEW,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=30,
+            max_deliver=-1,
+            max_ack_pending=max(1000, self.concurrency * 8),
+        )
+        await self.bus.js.add_consumer(s.messages_stream, config=config)
+        self._sub = await self.bus.js.pull_subscribe_bind(
+            durable=s.router_consumer, stream=s.messages_stream
+        )
+        self._fetch_task = asyncio.create_task(self._fetch_loop(), name="router-fetch")
+
+    async def stop(self) -> None:
+        """Stop fetching, let the inputs in hand finish (and ack), then unbind."""
+        self._stopping.set()
+        if self._fetch_task is not None:
+            await self._fetch_task
+            self._fetch_task = None
+        await self._runner.join()
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    async def _fetch_loop(self) -> None:
+        batch = min(256, self.concurrency)
+        while not self._stopping.is_set():
+            try:
+                msgs = await self._sub.fetch(batch, timeout=0.5)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue  # nothing pending: not an error
+            except Exception:
+                if self._stopping.is_set():
+                    break
+                log.exception("router fetch failed; retrying")
+                await asyncio.sleep(0.5)
+                continue
+            for msg in msgs:
+                await self._slots.acquire()  # bounds the inputs in flight
+                self._runner.submit(self._key_of(msg.subject), self._job(msg))
+
+    def _job(self, msg: Msg) -> Any:
+        async def run() -> None:
+            try:
+                await self.handle(msg)
+            finally:
+                self._slots.release()
+
+        return run
+
+    def _key_of(self, subject: str) -> str:
+        # {p}.in.{channel}.{conversation} or {p}.wf.{conversation}: the last token.
+        return subject.rsplit(".", 1)[-1]
+
+    # -- one input ------------------------------------------------------------------
+    async def handle(self, msg: Msg) -> None:
+        """Handle one delivered input end to end, including its ack (or nak)."""
+        # The subject says what the record must be, so publishers in other languages
+        # may leave out the "type" tag.
+        expected = WorkflowInput if msg.subject.startswith(self._wf_prefix) else Message
+        try:
+            record = decode_as(msg.data, expected)
+        except EnvelopeError as exc:
+            await self._reject(msg, f"not a valid {expected.__name__}: {exc}")
+            return
+        conversation = self._key_of(msg.subject)
+        if isinstance(record, Message) and record.direction != "in":
+            await self._reject(msg, "an inbound subject carries an outbound message")
+            return
+        if record.conversation != conversation:
+            await self._reject(
+                msg, f"conversation {record.conversation!r} does not match the subject"
+            )
+            return
+        try:
+            done = await self._route(record, conversation)
+        except KeyWrongLastSequenceError:
+            self.stats.conflicts += 1
+            await msg.nak(delay=0.05)  # recomputed on the state the other writer left
+            return
+        except Exception:
+            log.exception("routing %s failed; it will be redelivered", record.id)
+            await msg.nak(delay=1.0)
+            return
+        if not done:
+            self.stats.skipped_redeliveries += 1
+        await msg.ack()
+
+    async def _reject(self, msg: Msg, reason: str) -> None:
+        self.stats.invalid += 1
+        await self.bus.publish_invalid(msg.subject, msg.data, reason, "router")
+        await msg.term()  # redelivering it would not make it valid
+
+    async def _route(self, record: Message | WorkflowInput, conversation: str) -> bool:
+        """Run one step; False when the state shows the input was already handled."""
+        kv = await self.bus.state_bucket()
+        try:
+            entry = await kv.get(conversation)
+            revision: int | None = entry.revision
+            state = _state_decoder.decode(entry.value) if entry.value else None
+        except KeyNotFoundError:
+            revision, state = None, None
+        if state is not None and state.last_input == record.id:
+            return False
+        if state is None:
+            state = ConversationState(conversation=conversation)
+
+        outputs: list[tuple[str, Record]] = []
+        if isinstance(record, Message):
+            result = await self._on_message(record, state, revision, outputs)
+        else:
+            result = self._on_input(record, state)
+        if result is None:  # dropped by middleware or ignored: still remember it
+            new_state = msgspec.structs.replace(state, last_input=record.id, updated=now())
+            result = StepResult(state=new_state)
+        await self._publish_step(record, revision, result, outputs)
+        value = _state_encoder.encode(result.state)
+        if revision is None:
+            try:
+                await kv.create(conversation, value)
+            except Exception as exc:
+                # Created meanwhile by another router: same as a revision conflict.
+                raise KeyWrongLastSequenceError() from exc
+        else:
+            await kv.update(conversation, value, last=revision)
+        self.stats.handled += 1
+        return True
+
+    async def _on_message(
+        self,
+        message: Message,
+        state: ConversationState,
+        revision: int | None,
+        outputs: list[tuple[str, Record]],
+    ) -> StepResult | None:
+        routed = await self.plugins.inbound_message(message)
+        if routed is None:
+            return None
+        message = routed
+        if state.channel is None or state.user is None:
+            state = msgspec.structs.replace(
+                state, channel=message.channel, user=message.sender.id
+            )
+        ts = message.ts
+        payload = message.payload or {}
+        start = payload.get("start")
+        trigger = Trigger(
+            id=message.id,
+            kind="button" if "value" in payload else "message",
+            text=message.text if message.text is not None else _str_or_none(payload.get("value")),
+            payload=payload or None,
+            ts=ts,
+        )
+        if isinstance(start, str) and start in self.engine.definitions:
+            # A "start" button (the fallback offers them) picks the workflow outright.
+            outputs.append(self._classification(message, start, 1.0, [], "button"))
+            return self._restart(state, start, trigger, revision)
+        clarifying = state.workflow == self.engine.fallback
+        if state.active and not clarifying:
+            return self.engine.step(state, trigger, ts)
+        text = message.text or ""
+        alternatives = await self.classifier.classify(text) if text.strip() else []
+        self.stats.classified += 1
+        best = alternatives[0] if alternatives else None
+        if best is not None and best.confidence >= self.threshold:
+            workflow, confidence = best.workflow, best.confidence
+        else:
+            self.stats.fallbacks += 1
+            workflow, confidence = None, best.confidence if best else 0.0
+        if clarifying:
+            if workflow is None:  # still unclear: the fallback goes on (and hands over)
+                return self.engine.step(state, trigger, ts)
+            # The user said something clear while being asked to clarify: leave the
+            # fallback run and start the workflow they asked for.
+            outputs.append(self._classification(message, workflow, confidence, alternatives))
+            return self._restart(state, workflow, trigger, revision)
+        outputs.append(self._classification(message, workflow, confidence, alternatives))
+        return self._start(state, workflow or self.engine.fallback, trigger, revision)
+
+    def _on_input(self, record: WorkflowInput, state: ConversationState) -> StepResult | None:
+        if not state.active:
+            log.info("workflow input %s for idle conversation %s ignored", record.id,
+                     record.conversation)
+            return None
+        trigger = Trigger(
+            id=record.id, kind="event", event=record.event, data=record.data, ts=record.ts
+        )
+        return self.engine.step(state, trigger, record.ts)
+
+    def _start(
+        self, state: ConversationState, workflow: str, trigger: Trigger, revision: int | None
+    ) -> StepResult:
+        run_id = derived_id(trigger.id, revision, "run")
+        return self.engine.start(state, workflow, trigger, run_id, trigger.ts)
+
+    def _restart(
+        self, state: ConversationState, workflow: str, trigger: Trigger, revision: int | None
+    ) -> StepResult:
+        """Start ``workflow``; a run still active is recorded as cancelled first."""
+        result = self._start(state, workflow, trigger, revision)
+        if state.active and state.workflow is not None and state.run_id is not None:
+            cancelled = StepEvent(
+                kind="cancelled", workflow=state.workflow, run_id=state.run_id,
+                from_state=state.state, trigger=trigger.kind,
+            )
+            result.events.insert(0, cancelled)
+        return result
+
+    def _classification(
+        self,
+        message: Message,
+        workflow: str | None,
+        confidence: float,
+        alternatives: list[Alternative],
+        model: str | None = None,
+    ) -> tuple[str, Record]:
+        record = Classification(
+            id=derived_id(message.id, "classification"),
+            message_id=message.id,
+            conversation=message.conversation,
+            text=message.text,
+            workflow=workflow,
+            confidence=round(float(confidence), 6),
+            threshold=self.threshold,
+            alternatives=alternatives,
+            model=model or self.model_name,
+            model_version="" if model else self.model_version,
+            ts=now(),
+        )
+        return self.bus.subjects.classified(message.conversation), record
+
+    async def _publish_step(
+        self,
+        record: Message | WorkflowInput,
+        revision: int | None,
+        result: StepResult,
+        outputs: list[tuple[str, Record]],
+    ) -> None:
+        """Publish everything the step produced, with ids stable across re-runs."""
+        s = self.bus.subjects
+        state = result.state
+        ts = now()
+        for i, step_event in enumerate(result.events):
+            event = WorkflowEvent(
+                id=derived_id(record.id, revision, "event", i),
+                run_id=step_event.run_id,
+                conversation=record.conversation,
+                workflow=step_event.workflow,
+                kind=step_event.kind,
+                from_state=step_event.from_state,
+                to_state=step_event.to_state,
+                trigger=step_event.trigger,
+                slots_changed=step_event.slots_changed,
+                message_id=record.id,
+                ts=ts,
+            )
+            outputs.append((s.workflow_event(step_event.workflow, step_event.kind), event))
+        channel = state.channel or (record.channel if isinstance(record, Message) else None)
+        if channel is not None:
+            for i, reply in enumerate(result.replies):
+                out = Message(
+                    id=derived_id(record.id, revision, "reply", i),
+                    conversation=record.conversation,
+                    channel=channel,
+                    direction="out",
+                    sender=BOT,
+                    text=reply.text,
+                    payload={"buttons": reply.buttons} if reply.buttons else None,
+                    reply_to=record.id,
+                    ts=ts,
+                )
+                routed = await self.plugins.outbound_message(out)
+                if routed is not None:
+                    outputs.append((s.outbound(channel, record.conversation), routed))
+        workflow = self._workflow_of(result)
+        for i, emit in enumerate(result.emits):
+            emitted = WorkflowEvent(
+                id=derived_id(record.id, revision, "emit", i),
+                run_id=self._run_of(result),
+                conversation=record.conversation,
+                workflow=workflow,
+                kind="emitted",
+                trigger=emit.name,
+                message_id=record.id,
+                ts=ts,
+                event=emit.name,
+                data=emit.data,
+            )
+            outputs.append((s.workflow_event(workflow, emit.name), emitted))
+        await self.bus.publish_all(outputs)
+
+    @staticmethod
+    def _workflow_of(result: StepResult) -> str:
+        if result.events:
+            return result.events[-1].workflow
+        return result.state.workflow or "none"
+
+    @staticmethod
+    def _run_of(result: StepResult) -> str:
+        if result.events:
+            return result.events[-1].run_id
+        return result.state.run_id or ""
+
+
+def _str_or_none(value: object) -> str | None:
+    return None if value is None else str(value)

@@ -1,0 +1,69 @@
+"""Run work for one key in order, and different keys in parallel.
+
+The router uses this with the conversation id as the key: one conversation's messages
+are handled one after another in arrival order, while many conversations progress at
+once. It is the in-process half of the ordering guarantee; the KV revision check is the
+cross-process half.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+__all__ = ["KeyedSerialRunner"]
+
+log = logging.getLogger(__name__)
+
+Job = Callable[[], Awaitable[None]]
+
+
+class KeyedSerialRunner:
+    """Queues jobs per key; one worker task per busy key drains its queue in order.
+
+    Concurrency: ``submit`` never blocks; the caller bounds the number of jobs in flight
+    (the router does so with a semaphore released when each job ends). A job that raises
+    is logged and does not stop the jobs queued after it. ``join`` waits until every
+    queue is empty; cancelling ``join`` leaves the workers running.
+    """
+
+    def __init__(self) -> None:
+        self._queues: dict[str, deque[Job]] = {}
+        self._workers: set[asyncio.Task[None]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def submit(self, key: str, job: Job) -> None:
+        queue = self._queues.get(key)
+        if queue is not None:
+            queue.append(job)
+            return
+        self._queues[key] = deque([job])
+        self._idle.clear()
+        task = asyncio.create_task(self._drain(key), name=f"serial:{key}")
+        self._workers.add(task)
+        task.add_done_callback(self._workers.discard)
+
+    async def _drain(self, key: str) -> None:
+        queue = self._queues[key]
+        try:
+            while queue:
+                job = queue[0]
+                try:
+                    await job()
+                except Exception:
+                    log.exception("job for %s failed", key)
+                queue.popleft()
+        finally:
+            del self._queues[key]
+            if not self._queues:
+                self._idle.set()
+
+    @property
+    def busy_keys(self) -> int:
+        return len(self._queues)
+
+    async def join(self) -> None:
+        await self._idle.wait()

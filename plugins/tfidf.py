@@ -1,0 +1,285 @@
+"""The default classifier: TF-IDF n-grams and logistic regression, with a background class.
+
+Features are word 1-2-grams and character 2-5-grams within word boundaries (robust to
+typos and inflection), each TF-IDF weighted with sublinear term frequency. A multinomial
+logistic regression ranks the classes; confidences are ``softmax(decision / T)``.
+
+**Honest confidence with few workflows.** A softmax over two workflows gives one of them
+at least 0.5 even for nonsense. So the model also learns a hidden *background* class from
+generic, unrelated phrases (``background.txt`` beside this file). Its probability is never
+returned as a workflow, but it takes its share of the mass, so text unlike every
+workflow's examples gets low confidences and the router falls back.
+
+**Temperature.** With ``temperature: null`` (the default) ``T`` is fitted on held-out
+data: out-of-fold decision scores from stratified k-fold cross-validation, then the ``T``
+of a fixed grid with the lowest negative log-likelihood. Too few examples for the folds
+means ``T = 1``. A number fixes ``T``.
+
+**Cache.** With ``cache_dir`` set, the trained model is pickled to
+``tfidf-{examples_key}-v{version}.pkl``; a later :meth:`fit` on the same examples loads
+it instead of training. The file records a fingerprint of the settings, the background
+phrases and the scikit-learn version; on any mismatch, or an unreadable file, the model
+is retrained and the file replaced. The cache directory must be trusted: it is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import sklearn
+from pydantic import BaseModel, ConfigDict, Field
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import FeatureUnion
+
+from commhub.core.classify import Classifier, examples_key
+from commhub.core.envelope import Alternative
+from commhub.core.hookspecs import hookimpl
+
+__all__ = ["BACKGROUND", "TfidfClassifier", "TfidfSettings", "load_background"]
+
+# A label no workflow can have: workflow names are subject tokens, which have no spaces.
+BACKGROUND = " background"
+_TEMPERATURES = np.geomspace(0.05, 5.0, 61)
+
+
+class TfidfSettings(BaseModel):
+    """Settings of the ``tfidf`` classifier (the hub's plugin settings for ``tfidf``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    C: float = Field(default=10.0, gt=0, description="Inverse regularisation of the regression.")
+    temperature: float | None = Field(
+        default=None, gt=0, description="Softmax temperature; null fits it by cross-validation."
+    )
+    folds: int = Field(default=3, ge=2, description="Cross-validation folds for the temperature.")
+    background: bool = Field(default=True, description="Train the hidden out-of-scope class.")
+    word_ngrams: tuple[int, int] = (1, 2)
+    char_ngrams: tuple[int, int] = (2, 5)
+
+
+def load_background() -> list[str]:
+    """The shipped out-of-scope phrases (``background.txt``), without comments or blanks."""
+    text = resources.files("commhub.plugins").joinpath("background.txt").read_text("utf-8")
+    lines = (line.strip() for line in text.splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+class _Model:
+    """What is trained and cached: the feature union, the regression, the temperature."""
+
+    def __init__(self, features: FeatureUnion, regression: LogisticRegression, temperature: float):
+        self.features = features
+        self.regression = regression
+        self.temperature = temperature
+
+    def decision(self, texts: Sequence[str]) -> np.ndarray:
+        """One column of scores per class in ``regression.classes_`` order."""
+        scores = self.regression.decision_function(self.features.transform(list(texts)))
+        if scores.ndim == 1:  # binary: sklearn returns the positive class's score only
+            scores = np.column_stack([np.zeros_like(scores), scores])
+        return np.asarray(scores)
+
+    def probabilities(self, texts: Sequence[str]) -> np.ndarray:
+        return _softmax(self.decision(texts) / self.temperature)
+
+
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
+    return np.asarray(shifted / shifted.sum(axis=1, keepdims=True))
+
+
+class TfidfClassifier(Classifier):
+    """TF-IDF + logistic regression with a background class; see the module docstring.
+
+    After :meth:`fit`, ``trained`` tells whether this instance trained the model (False
+    when it came from the cache). :meth:`rank` is safe to call from one thread at a time.
+    """
+
+    name: ClassVar[str] = "tfidf"
+    version: ClassVar[str] = "1"
+    Settings: ClassVar[type[BaseModel] | None] = TfidfSettings
+
+    def __init__(self, settings: BaseModel | None = None, cache_dir: Path | None = None) -> None:
+        super().__init__(settings if settings is not None else TfidfSettings(), cache_dir)
+        self.options = TfidfSettings.model_validate(self.settings, from_attributes=True)
+        self.background = load_background() if self.options.background else []
+        self.trained = False
+        self._model: _Model | None = None
+        self._classes: list[str] = []
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, examples: Mapping[str, Sequence[str]]) -> None:
+        """Train on ``{workflow: phrases}`` (workflows without phrases are left out), or
+        load the cached model for these examples. No workflows: :meth:`rank` returns
+        empty lists. One workflow without a background: it always gets confidence 1."""
+        examples = {name: list(phrases) for name, phrases in examples.items() if phrases}
+        key = examples_key(examples)
+        self.model_id = f"tfidf-{key}"
+        self._classes = sorted(examples)
+        self.trained = False
+        self._model = None
+        if not examples:
+            return
+        path = self.cache_path(key)
+        fingerprint = self._fingerprint()
+        if path is not None:
+            cached = _read_cache(path, fingerprint)
+            if cached is not None:
+                self._model = cached
+                return
+        self._model = self._train(examples)
+        self.trained = True
+        if path is not None and self._model is not None:
+            _write_cache(path, fingerprint, self._model)
+
+    def cache_path(self, key: str) -> Path | None:
+        """Where the model for examples with ``key`` is cached, or None without a cache."""
+        if self.cache_dir is None:
+            return None
+        return Path(self.cache_dir) / f"tfidf-{key}-v{self.version}.pkl"
+
+    def _fingerprint(self) -> str:
+        parts = [self.version, self.options.model_dump_json(), "\n".join(self.background),
+                 sklearn.__version__]
+        return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+    def _train(self, examples: Mapping[str, Sequence[str]]) -> _Model | None:
+        texts, labels = _dataset(examples, self.background)
+        if len(set(labels)) < 2:
+            return None  # one class, nothing to tell apart: rank() answers 1.0
+        temperature = self.options.temperature
+        if temperature is None:
+            temperature = _fit_temperature(texts, labels, self._build, self.options.folds)
+        return self._build(texts, labels, temperature)
+
+    def _build(self, texts: Sequence[str], labels: Sequence[str], temperature: float) -> _Model:
+        o = self.options
+        features = FeatureUnion([
+            ("word", TfidfVectorizer(ngram_range=o.word_ngrams, sublinear_tf=True,
+                                     strip_accents="unicode")),
+            ("char", TfidfVectorizer(analyzer="char_wb", ngram_range=o.char_ngrams,
+                                     sublinear_tf=True, strip_accents="unicode")),
+        ])
+        matrix = features.fit_transform(list(texts))
+        # Balanced weights: the background list is larger than a workflow's examples and
+        # must not outvote them merely by count.
+        regression = LogisticRegression(C=o.C, max_iter=2000, class_weight="balanced")
+        regression.fit(matrix, list(labels))
+        return _Model(features, regression, temperature)
+
+    # ------------------------------------------------------------------ rank
+    def rank(self, texts: Sequence[str], top: int = 3) -> list[list[Alternative]]:
+        """For each text, up to ``top`` workflows, best first (ties by name); the
+        background class is never listed. Raises RuntimeError before :meth:`fit`."""
+        if not self.model_id:
+            raise RuntimeError("TfidfClassifier.rank() called before fit()")
+        if not self._classes or top <= 0:
+            return [[] for _ in texts]
+        if self._model is None:
+            return [[Alternative(self._classes[0], 1.0)][:top] for _ in texts]
+        if not texts:
+            return []
+        probabilities = self._model.probabilities(texts)
+        classes = [str(c) for c in self._model.regression.classes_]
+        ranked = []
+        for row in probabilities:
+            pairs = [(c, float(p)) for c, p in zip(classes, row, strict=True) if c != BACKGROUND]
+            pairs.sort(key=lambda pair: (-pair[1], pair[0]))
+            ranked.append([Alternative(c, round(p, 6)) for c, p in pairs[:top]])
+        return ranked
+
+
+def _dataset(
+    examples: Mapping[str, Sequence[str]], background: Sequence[str]
+) -> tuple[list[str], list[str]]:
+    texts: list[str] = []
+    labels: list[str] = []
+    seen = set()
+    for name in sorted(examples):
+        for phrase in examples[name]:
+            texts.append(phrase)
+            labels.append(name)
+            seen.add(phrase.strip().casefold())
+    for phrase in background:
+        # A workflow's own phrase must not also be taught as out of scope.
+        if phrase.strip().casefold() not in seen:
+            texts.append(phrase)
+            labels.append(BACKGROUND)
+    return texts, labels
+
+
+def _fit_temperature(
+    texts: Sequence[str],
+    labels: Sequence[str],
+    build: Callable[[Sequence[str], Sequence[str], float], _Model],
+    folds: int,
+) -> float:
+    """The grid temperature minimising held-out negative log-likelihood (1.0 when some
+    class has fewer examples than folds)."""
+    label_array = np.asarray(labels)
+    _, counts = np.unique(label_array, return_counts=True)
+    if counts.min() < folds:
+        return 1.0
+    text_array = np.asarray(texts, dtype=object)
+    classes = sorted(set(labels))
+    scores = np.zeros((len(texts), len(classes)))
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=0)
+    for train, test in splitter.split(text_array, label_array):
+        model = build(list(text_array[train]), list(label_array[train]), 1.0)
+        fold_classes = [str(c) for c in model.regression.classes_]
+        decision = model.decision(list(text_array[test]))
+        # A class absent from a training fold keeps a very low score for that fold.
+        fold_scores = np.full((len(test), len(classes)), -1e3)
+        for column, name in enumerate(fold_classes):
+            fold_scores[:, classes.index(name)] = decision[:, column]
+        scores[test] = fold_scores
+    truth = np.asarray([classes.index(label) for label in labels])
+    best, best_loss = 1.0, float("inf")
+    for temperature in _TEMPERATURES:
+        probabilities = _softmax(scores / temperature)
+        loss = -float(np.mean(np.log(probabilities[np.arange(len(truth)), truth] + 1e-12)))
+        if loss < best_loss:
+            best, best_loss = float(temperature), loss
+    return best
+
+
+def _read_cache(path: Path, fingerprint: str) -> _Model | None:
+    try:
+        with path.open("rb") as file:
+            payload: Any = pickle.load(file)
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError,
+            ValueError, TypeError):
+        return None
+    if not isinstance(payload, dict) or payload.get("fingerprint") != fingerprint:
+        return None
+    model = payload.get("model")
+    return model if isinstance(model, _Model) else None
+
+
+def _write_cache(path: Path, fingerprint: str, model: _Model) -> None:
+    """Write atomically: a concurrent reader sees the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            pickle.dump({"fingerprint": fingerprint, "model": model}, file)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@hookimpl
+def register_classifiers(register: Callable[[type], None]) -> None:
+    """Register :class:`TfidfClassifier` as ``tfidf``."""
+    register(TfidfClassifier)

@@ -1,0 +1,180 @@
+"""The default TF-IDF classifier: ranking, out-of-scope rejection, edge cases and the cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pluggy
+import pytest
+
+from commhub.core import hookspecs
+from commhub.core.config import Settings
+from commhub.core.fsm import Engine
+from commhub.core.workflow import load_workflows
+from commhub.plugins import tfidf
+from commhub.plugins.tfidf import BACKGROUND, TfidfClassifier, TfidfSettings, load_background
+from commhub.workflows.builtin import DEFINITIONS
+
+THRESHOLD = Settings.model_fields["threshold"].default  # the router's default cut-off
+
+IN_SCOPE = {
+    "book a table for 4": "book_table",
+    "I want to reserve a table tonight": "book_table",
+    "table for two please": "book_table",
+    "can I book for saturday": "book_table",
+    "my printer is broken": "support_request",
+    "I can't access my account": "support_request",
+    "the app crashes when I open it": "support_request",
+    "refund please, my order arrived broken": "support_request",
+}
+OUT_OF_SCOPE = [
+    "what's the weather",
+    "what's the weather in Paris",
+    "who painted the Mona Lisa",
+    "my dog likes to swim",
+    "sing me a song",
+    "how do I cook rice",
+    "i love pizza",
+    "xyzzy",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def examples() -> dict[str, list[str]]:
+    return Engine(load_workflows([DEFINITIONS])).examples()
+
+
+@pytest.fixture(scope="module")
+def fitted(examples: dict[str, list[str]]) -> TfidfClassifier:
+    classifier = TfidfClassifier()
+    classifier.fit(examples)
+    return classifier
+
+
+def test_in_scope_phrases_pick_their_workflow(fitted: TfidfClassifier) -> None:
+    """Unseen phrasings of each built-in workflow rank it first, above the threshold."""
+    ranked = fitted.rank(list(IN_SCOPE))
+    for (text, expected), alternatives in zip(IN_SCOPE.items(), ranked, strict=True):
+        assert alternatives[0].workflow == expected, text
+        assert alternatives[0].confidence >= THRESHOLD, (text, alternatives)
+
+
+def test_out_of_scope_phrases_fall_below_threshold(fitted: TfidfClassifier) -> None:
+    """Unrelated text gives every workflow a confidence below the router's threshold."""
+    for text, alternatives in zip(OUT_OF_SCOPE, fitted.rank(OUT_OF_SCOPE), strict=True):
+        assert alternatives, text
+        assert alternatives[0].confidence < THRESHOLD, (text, alternatives)
+
+
+def test_rank_shape_order_and_hidden_background(fitted: TfidfClassifier) -> None:
+    """rank returns top-n workflows best first, confidences in [0, 1], never the background."""
+    [one, two] = fitted.rank(["book a table", "hello"], top=1)
+    assert len(one) == 1 and len(two) == 1
+    [full] = fitted.rank(["book a table"], top=5)
+    assert [a.workflow for a in full] == ["book_table", "support_request"]
+    assert all(0.0 <= a.confidence <= 1.0 for a in full)
+    assert full[0].confidence >= full[1].confidence
+    assert sum(a.confidence for a in full) < 1.0  # the background keeps its share
+    assert all(a.workflow != BACKGROUND for a in full)
+    assert fitted.rank([]) == []
+    assert fitted.model_id.startswith("tfidf-")
+
+
+def test_no_workflows_ranks_nothing() -> None:
+    """With no workflows (or none with examples) rank answers an empty list per text."""
+    classifier = TfidfClassifier()
+    classifier.fit({"empty": []})
+    assert classifier.rank(["hello", "book a table"]) == [[], []]
+    assert classifier.model_id.startswith("tfidf-")
+
+
+def test_single_workflow_still_rejects_unrelated_text(examples: dict[str, list[str]]) -> None:
+    """With one workflow the background class still keeps unrelated text below threshold."""
+    classifier = TfidfClassifier()
+    classifier.fit({"book_table": examples["book_table"]})
+    [hit, miss] = classifier.rank(["reserve a table for six", "what's the weather in Paris"])
+    assert hit[0].workflow == "book_table" and hit[0].confidence >= THRESHOLD
+    assert miss[0].confidence < THRESHOLD
+
+
+def test_single_workflow_without_background_is_certain() -> None:
+    """Without the background class a lone workflow has nothing to compete with: confidence 1."""
+    classifier = TfidfClassifier(TfidfSettings(background=False))
+    classifier.fit({"only": ["a phrase"]})
+    assert [[(a.workflow, a.confidence) for a in r] for r in classifier.rank(["x"])] == [
+        [("only", 1.0)]]
+
+
+def test_temperature_fitted_or_fixed(examples: dict[str, list[str]]) -> None:
+    """A null temperature is fitted by cross-validation; a number is used as given."""
+    fitted = TfidfClassifier()
+    fitted.fit(examples)
+    assert fitted._model is not None and fitted._model.temperature != 1.0
+    fixed = TfidfClassifier(TfidfSettings(temperature=2.0))
+    fixed.fit(examples)
+    assert fixed._model is not None and fixed._model.temperature == 2.0
+
+
+def test_rank_before_fit_raises() -> None:
+    """rank() before fit() is a programming error and says so."""
+    with pytest.raises(RuntimeError, match="before fit"):
+        TfidfClassifier().rank(["hi"])
+
+
+def test_background_is_shipped_and_clean(examples: dict[str, list[str]]) -> None:
+    """The shipped background phrases load without comments and include no built-in example."""
+    background = load_background()
+    assert len(background) >= 60
+    assert not any(line.startswith("#") for line in background)
+    own = {phrase.casefold() for phrases in examples.values() for phrase in phrases}
+    assert not own & {line.casefold() for line in background}
+
+
+def test_cache_second_fit_loads_without_training(
+    tmp_path: Path, examples: dict[str, list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second fit with the same examples loads the pickled model and does not train."""
+    first = TfidfClassifier(cache_dir=tmp_path)
+    first.fit(examples)
+    assert first.trained
+    key = first.model_id.removeprefix("tfidf-")
+    assert [p.name for p in tmp_path.iterdir()] == [f"tfidf-{key}-v1.pkl"]
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("trained although a cached model exists")
+
+    monkeypatch.setattr(TfidfClassifier, "_train", no_training)
+    second = TfidfClassifier(cache_dir=tmp_path)
+    second.fit(examples)
+    assert not second.trained and second.model_id == first.model_id
+    assert second.rank(list(IN_SCOPE)) == first.rank(list(IN_SCOPE))
+
+
+def test_cache_is_retrained_on_other_settings_or_a_corrupt_file(
+    tmp_path: Path, examples: dict[str, list[str]]
+) -> None:
+    """A cached model from other settings, or an unreadable file, is retrained and replaced."""
+    TfidfClassifier(cache_dir=tmp_path).fit(examples)
+    other = TfidfClassifier(TfidfSettings(C=1.0, temperature=1.0), cache_dir=tmp_path)
+    other.fit(examples)
+    assert other.trained
+    [path] = tmp_path.iterdir()
+    path.write_bytes(b"not a pickle")
+    again = TfidfClassifier(TfidfSettings(C=1.0, temperature=1.0), cache_dir=tmp_path)
+    again.fit(examples)
+    assert again.trained
+    reloaded = TfidfClassifier(TfidfSettings(C=1.0, temperature=1.0), cache_dir=tmp_path)
+    reloaded.fit(examples)
+    assert not reloaded.trained
+
+
+def test_plugin_registers_the_classifier() -> None:
+    """The tfidf module contributes TfidfClassifier through register_classifiers."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    pm.register(tfidf)
+    found: list[type] = []
+    pm.hook.register_classifiers(register=found.append)
+    assert found == [TfidfClassifier]
+    assert TfidfClassifier.name == "tfidf" and TfidfClassifier.Settings is TfidfSettings

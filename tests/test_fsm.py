@@ -1,0 +1,302 @@
+"""The pure FSM engine: starting runs, stepping on messages, buttons, events and timeouts."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import msgspec
+import pytest
+
+from commhub.core.fsm import DIDNT_GET_THAT, LOST_TRACK, Engine
+from commhub.core.state import ConversationState, Reply, StepResult, Trigger
+from commhub.core.workflow import WorkflowDef, check_workflow, load_workflows
+from commhub.workflows.builtin import DEFINITIONS
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine(load_workflows([DEFINITIONS]))
+
+
+def idle() -> ConversationState:
+    return ConversationState(conversation="c1", channel="ws", user="u1", turns=3)
+
+
+def msg(text: str, n: int = 1) -> Trigger:
+    return Trigger(id=f"m{n}", kind="message", text=text)
+
+
+def press(value: str, n: int = 1) -> Trigger:
+    return Trigger(id=f"b{n}", kind="button", payload={"value": value})
+
+
+def texts(result: StepResult) -> list[str]:
+    return [reply.text for reply in result.replies]
+
+
+def run(engine: Engine, workflow: str, *answers: str) -> StepResult:
+    result = engine.start(idle(), workflow, msg("start", 0), "run1", 1.0)
+    for n, answer in enumerate(answers, start=1):
+        result = engine.step(result.state, msg(answer, n), 1.0 + n)
+    return result
+
+
+def make(states: dict[str, Any], slots: dict[str, Any] | None = None) -> Engine:
+    defn = WorkflowDef.model_validate(
+        {"name": "t", "slots": slots or {}, "initial": next(iter(states)), "states": states}
+    )
+    check_workflow(defn)
+    return Engine({"t": defn})
+
+
+def test_start_enters_initial_state_without_consuming_the_trigger(engine: Engine) -> None:
+    """start() sets workflow/state/run, says the initial prompt, and leaves the intent unused."""
+    before = idle()
+    snapshot = copy.deepcopy(before)
+    result = engine.start(before, "book_table", msg("table for 4 please", 7), "run1", 5.0)
+    state = result.state
+    assert (state.workflow, state.state, state.run_id, state.slots) == (
+        "book_table", "ask_party_size", "run1", {})
+    assert (state.conversation, state.channel, state.user) == ("c1", "ws", "u1")
+    assert (state.last_input, state.updated, state.turns) == ("m7", 5.0, 4)
+    assert texts(result) == ["How many people is the table for?"]
+    [event] = result.events
+    assert (event.kind, event.to_state, event.trigger, event.run_id) == (
+        "started", "ask_party_size", "message", "run1")
+    assert before == snapshot  # the input state is not mutated
+
+
+def test_book_table_happy_path_emits_typed_data_and_goes_idle(engine: Engine) -> None:
+    """A full booking fills every slot, emits table.booked with typed data and completes."""
+    result = run(engine, "book_table", "we are four", "14/06/2025", "at 7pm", "Ann",
+                 "ann@example.com")
+    assert result.state.state == "confirm"
+    assert result.replies[0].text == (
+        "A table for 4 on 2025-06-14 at 7pm, under the name Ann. Shall I book it?")
+    assert [b["payload"] for b in result.replies[0].buttons] == [
+        {"value": "yes"}, {"value": "no"}, {"value": "cancel"}]
+    done = engine.step(result.state, press("yes", 9), 20.0)
+    assert [e.kind for e in done.events] == ["transition", "completed"]
+    assert done.events[0].from_state == "confirm" and done.events[0].to_state == "booked"
+    assert done.events[1].to_state == "booked"
+    assert [e.name for e in done.emits] == ["table.booked"]
+    assert done.emits[0].data == {"party_size": 4, "day": "2025-06-14", "time": "7pm",
+                                  "name": "Ann", "email": "ann@example.com"}
+    assert texts(done)[0].startswith("Booked! A table for 4 on 2025-06-14 at 7pm.")
+    assert (done.state.workflow, done.state.state, done.state.run_id, done.state.slots) == (
+        None, None, None, {})
+    assert not done.state.active
+
+
+def test_transition_event_records_changed_slots(engine: Engine) -> None:
+    """The transition event names from/to states, the trigger kind and only the changed slots."""
+    result = run(engine, "book_table", "4")
+    step = engine.step(result.state, msg("2025-01-02", 2), 3.0)
+    [event] = step.events
+    assert (event.kind, event.from_state, event.to_state, event.trigger) == (
+        "transition", "ask_day", "ask_time", "message")
+    assert event.slots_changed == {"day": "2025-01-02"}
+
+
+def test_invalid_slot_value_says_invalid_and_keeps_state(engine: Engine) -> None:
+    """A value the slot type rejects says the transition's invalid text; only bookkeeping moves."""
+    started = run(engine, "book_table")
+    result = engine.step(started.state, msg("a crowd", 5), 9.0)
+    assert texts(result) == ["Please give a number of guests between 1 and 20."]
+    assert result.events == [] and result.emits == []
+    expected = msgspec.structs.replace(started.state, last_input="m5", updated=9.0,
+                                       turns=started.state.turns + 1)
+    assert result.state == expected
+
+
+def test_unmatched_message_reprompts_with_the_states_say() -> None:
+    """No matching transition: "Sorry, I didn't get that." then the state's say again."""
+    eng = make({"a": {"say": "Pick", "on": [{"button": "x", "to": "b"}]}, "b": {"final": True}})
+    started = eng.start(idle(), "t", msg("go"), "r", 1.0)
+    result = eng.step(started.state, msg("what?"), 2.0)
+    assert texts(result) == [DIDNT_GET_THAT, "Pick"]
+    assert result.state.state == "a" and result.events == []
+
+
+def test_reprompt_replaces_the_default_and_keeps_buttons(engine: Engine) -> None:
+    """A state's reprompt is said instead of the default, with the state's buttons."""
+    confirm = run(engine, "book_table", "2", "2025-03-04", "19:30", "Bo", "bo@example.org")
+    result = engine.step(confirm.state, msg("perhaps", 9), 10.0)
+    assert texts(result) == ["Please answer yes to book the table, no to start over, or cancel."]
+    assert [b["title"] for b in result.replies[0].buttons] == [
+        "Yes, book it", "No, start over", "Cancel"]
+    assert result.state.state == "confirm"
+
+
+def test_button_matches_payload_typed_value_and_title(engine: Engine) -> None:
+    """A button transition fires on the payload value, the typed value or the typed title."""
+    confirm = run(engine, "book_table", "2", "2025-03-04", "19:30", "Bo", "bo@example.org")
+    for trigger in (press("no"), msg("NO"), msg("no, start over")):
+        result = engine.step(confirm.state, trigger, 11.0)
+        assert result.state.state == "ask_party_size", trigger
+    cancelled = engine.step(confirm.state, msg("Cancel"), 11.0)
+    assert texts(cancelled) == ["No problem, I haven't booked anything."]
+    assert [e.kind for e in cancelled.events] == ["transition", "completed"]
+
+
+def test_pressed_button_fills_a_choice_slot(engine: Engine) -> None:
+    """A pressed button is a message whose text is its value, so it fills a choice slot."""
+    ask = run(engine, "support_request", "The app crashes on start")
+    result = engine.step(ask.state, press("urgent"), 5.0)
+    assert result.state.state == "ask_email"
+    assert result.state.slots["urgency"] == "urgent"
+
+
+def test_support_request_files_a_ticket(engine: Engine) -> None:
+    """support_request collects, confirms and emits request.created with its slots."""
+    confirm = run(engine, "support_request", "I was charged twice", "Normal", "me@example.com")
+    assert confirm.state.state == "confirm"
+    done = engine.step(confirm.state, msg("yes", 9), 9.0)
+    assert done.emits[0].name == "request.created"
+    assert done.emits[0].data == {"description": "I was charged twice", "urgency": "normal",
+                                  "email": "me@example.com"}
+    assert "filed" in texts(done)[0] and "me@example.com" in texts(done)[0]
+    assert not done.state.active
+
+
+EVENTS = {
+    "wait": {
+        "say": "Waiting for the back office.",
+        "on": [
+            {"event": "request.progress", "to": "progress"},
+            {"timeout": 600, "to": "late"},
+        ],
+    },
+    "progress": {"final": True, "say": "Status: {status}."},
+    "late": {"final": True, "say": "Still waiting, sorry."},
+}
+
+
+def test_service_event_fills_slots_and_is_named_in_the_event() -> None:
+    """An event trigger fills slots from its data (declared slots only) and names the event."""
+    eng = make(EVENTS, slots={"status": "text"})
+    started = eng.start(idle(), "t", msg("go"), "r", 1.0)
+    trigger = Trigger(id="e1", kind="event", event="request.progress",
+                      data={"status": "in progress", "other": 1})
+    result = eng.step(started.state, trigger, 2.0)
+    assert texts(result) == ["Status: in progress."]
+    assert result.events[0].trigger == "request.progress"
+    assert result.events[0].slots_changed == {"status": "in progress"}
+
+
+def test_unexpected_event_is_ignored_silently() -> None:
+    """An event the state does not listen for produces no reply and no event, only bookkeeping."""
+    eng = make(EVENTS, slots={"status": "text"})
+    started = eng.start(idle(), "t", msg("go"), "r", 1.0)
+    result = eng.step(started.state, Trigger(id="e2", kind="event", event="other"), 2.0)
+    assert result.replies == [] and result.events == []
+    assert result.state.state == "wait" and result.state.last_input == "e2"
+
+
+def test_timeout_trigger_and_stale_timeout() -> None:
+    """A timeout takes the timeout transition; one scheduled for another state is ignored."""
+    eng = make(EVENTS, slots={"status": "text"})
+    started = eng.start(idle(), "t", msg("go"), "r", 1.0)
+    assert eng.definitions["t"].states["wait"].timeout == 600
+    stale = Trigger(id="t1", kind="timeout", data={"state": "elsewhere", "run_id": "r"})
+    assert eng.step(started.state, stale, 700.0).state.state == "wait"
+    fired = eng.step(started.state, Trigger(id="t2", kind="timeout",
+                                            data={"state": "wait", "run_id": "r"}), 700.0)
+    assert texts(fired) == ["Still waiting, sorry."]
+    assert fired.events[0].trigger == "timeout"
+
+
+def test_first_matching_transition_wins_and_guards_branch() -> None:
+    """Transitions are tried in order; a guard sees the value its transition would fill."""
+    eng = make(
+        {
+            "ask": {"say": "Colour?", "on": [
+                {"message": {"match": "^stop$"}, "to": "stopped"},
+                {"message": {"slot": "colour"}, "if": {"slot": "colour", "equals": "red"},
+                 "to": "red"},
+                {"message": {"slot": "colour"}, "to": "other"},
+            ]},
+            "stopped": {"final": True},
+            "red": {"final": True, "say": "Red it is."},
+            "other": {"final": True, "say": "{colour}, then."},
+        },
+        slots={"colour": {"type": "choice", "choices": ["red", "blue"]}},
+    )
+    started = eng.start(idle(), "t", msg("go"), "r", 1.0)
+    assert texts(eng.step(started.state, msg("RED"), 2.0)) == ["Red it is."]
+    assert texts(eng.step(started.state, msg("blue"), 2.0)) == ["blue, then."]
+    assert eng.step(started.state, msg("stop"), 2.0).events[0].to_state == "stopped"
+    assert texts(eng.step(started.state, msg("green"), 2.0)) == [
+        "Please answer with one of: red, blue."]
+
+
+def test_set_renders_templates_and_keeps_types() -> None:
+    """``set`` on entry renders templates; a lone "{slot}" keeps the slot's own type."""
+    eng = make(
+        {
+            "ask": {"on": [{"message": {"slot": "n"}, "to": "copy"}]},
+            "copy": {"set": {"m": "{n}", "label": "n is {n}"}, "say": "{label}",
+                     "on": [{"message": "any", "to": "end"}]},
+            "end": {"final": True},
+        },
+        slots={"n": "number", "m": "number", "label": "text"},
+    )
+    started = eng.start(idle(), "t", msg("go"), "r", 1.0)
+    result = eng.step(started.state, msg("3"), 2.0)
+    assert result.state.slots == {"n": 3, "m": 3, "label": "n is 3"}
+    assert texts(result) == ["n is 3"]
+    assert result.events[0].slots_changed == {"label": "n is 3", "m": 3, "n": 3}
+
+
+def test_initial_final_state_completes_at_once() -> None:
+    """A workflow whose initial state is final says its text, completes and leaves it idle."""
+    eng = make({"only": {"final": True, "say": "Hello!"}})
+    result = eng.start(idle(), "t", msg("hi"), "r", 1.0)
+    assert [e.kind for e in result.events] == ["started", "completed"]
+    assert texts(result) == ["Hello!"]
+    assert not result.state.active and result.state.slots == {}
+
+
+def test_fallback_offers_other_workflows_then_hands_off(engine: Engine) -> None:
+    """The fallback offers a start button per other workflow, then hands over to a person."""
+    result = engine.start(idle(), "fallback", msg("qwerty"), "r", 1.0)
+    [reply] = result.replies
+    assert reply.text == "Sorry, I'm not sure what you mean. I can help with:"
+    assert reply.buttons == [
+        {"title": "Book a table at the restaurant", "payload": {"start": "book_table"}},
+        {"title": "Report a problem to customer support",
+         "payload": {"start": "support_request"}},
+    ]
+    handed = engine.step(result.state, msg("still confused", 2), 2.0)
+    assert "hand you over" in texts(handed)[0]
+    assert handed.state.handoff is True and not handed.state.active
+
+
+def test_examples_exclude_fallback_and_empty(engine: Engine) -> None:
+    """examples() lists training phrases of every workflow except the fallback."""
+    examples = engine.examples()
+    assert sorted(examples) == ["book_table", "support_request"]
+    assert "I'd like to book a table" in examples["book_table"]
+
+
+def test_engine_is_deterministic(engine: Engine) -> None:
+    """The same state, trigger and time always give the same result."""
+    state = run(engine, "book_table", "3").state
+    first = engine.step(state, msg("tomorrow", 4), 86400.0 * 3)
+    second = engine.step(state, msg("tomorrow", 4), 86400.0 * 3)
+    assert msgspec.json.encode(first) == msgspec.json.encode(second)
+    assert first.state.slots["day"] == "1970-01-05"  # "tomorrow" of now, in UTC
+
+
+def test_misuse_raises_but_stale_state_fails_softly(engine: Engine) -> None:
+    """Stepping an idle state or starting an unknown workflow raises; a vanished state fails."""
+    with pytest.raises(ValueError, match="no active workflow"):
+        engine.step(idle(), msg("hi"), 1.0)
+    with pytest.raises(KeyError, match="unknown workflow 'nope'"):
+        engine.start(idle(), "nope", msg("hi"), "r", 1.0)
+    gone = msgspec.structs.replace(idle(), workflow="book_table", state="removed", run_id="r")
+    result = engine.step(gone, msg("hi"), 2.0)
+    assert [e.kind for e in result.events] == ["failed"]
+    assert result.replies == [Reply(text=LOST_TRACK)]
+    assert not result.state.active

@@ -1,0 +1,410 @@
+"""The recorder against a real nats-server and a real DuckDB file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+
+from commhub.core import schema
+from commhub.core.bus import Bus
+from commhub.core.envelope import (
+    Alternative,
+    ChannelEvent,
+    Classification,
+    Message,
+    Sender,
+    WorkflowEvent,
+    WorkflowInput,
+)
+from commhub.core.recorder import Recorder
+
+TS = 1_700_000_000.25  # 2023-11-14 22:13:20.25 UTC
+TS_UTC = datetime(2023, 11, 14, 22, 13, 20, 250000)
+
+
+def message(id_: str, conversation: str = "c1", direction: str = "in", **kw: Any) -> Message:
+    sender = Sender(id="u1", name="Ann") if direction == "in" else Sender(id="bot", kind="bot")
+    return Message(
+        id=id_,
+        conversation=conversation,
+        channel="ws",
+        direction=direction,  # type: ignore[arg-type]
+        sender=sender,
+        text=f"text of {id_}",
+        **{"ts": TS, **kw},
+    )
+
+
+def subject_of(bus: Bus, m: Message) -> str:
+    s = bus.subjects
+    return (s.inbound if m.direction == "in" else s.outbound)(m.channel, m.conversation)
+
+
+async def wait_until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    """Poll ``check`` until true; the deadline is only a safety net."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def fetch(recorder: Recorder, sql: str) -> list[tuple[Any, ...]]:
+    cursor = recorder.connection.cursor()
+    try:
+        return cursor.execute(sql).fetchall()
+    finally:
+        cursor.close()
+
+
+def fetch_dicts(recorder: Recorder, sql: str) -> list[dict[str, Any]]:
+    cursor = recorder.connection.cursor()
+    try:
+        cursor.execute(sql)
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+    finally:
+        cursor.close()
+
+
+def count(recorder: Recorder, table: str) -> int:
+    return fetch(recorder, f"SELECT count(*) FROM {table}")[0][0]
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "records.duckdb"
+
+
+@pytest.fixture
+async def recorder(bus: Bus, db_path: Path) -> AsyncIterator[Recorder]:
+    recorder = Recorder(bus, db_path, flush_seconds=0.05)
+    await recorder.start()
+    yield recorder
+    await recorder.stop()
+
+
+async def test_each_record_type_lands_in_its_table(bus: Bus, recorder: Recorder) -> None:
+    """Messages, classifications, workflow and channel events and inputs land with their values."""
+    s = bus.subjects
+    inbound = message("m-in", payload={"buttons": [{"title": "Yes", "payload": "y"}]})
+    outbound = message("m-out", direction="out", reply_to="m-in", meta={"cursor": 7})
+    await bus.publish_all(
+        [
+            (subject_of(bus, inbound), inbound),
+            (subject_of(bus, outbound), outbound),
+            (
+                s.classified("c1"),
+                Classification(
+                    id="k1",
+                    message_id="m-in",
+                    conversation="c1",
+                    text="text of m-in",
+                    workflow="booking",
+                    confidence=0.82,
+                    threshold=0.35,
+                    alternatives=[Alternative("booking", 0.82), Alternative("faq", 0.1)],
+                    model="tfidf-svm",
+                    model_version="3",
+                    ts=TS,
+                ),
+            ),
+            (
+                s.workflow_event("booking", "transition"),
+                WorkflowEvent(
+                    id="w1",
+                    run_id="r1",
+                    conversation="c1",
+                    workflow="booking",
+                    kind="transition",
+                    from_state="ask_date",
+                    to_state="confirm",
+                    trigger="message",
+                    slots_changed={"date": "2024-05-01"},
+                    message_id="m-in",
+                    ts=TS,
+                ),
+            ),
+            (
+                s.workflow_event("booking", "table.booked"),
+                WorkflowEvent(
+                    id="w2",
+                    run_id="r1",
+                    conversation="c1",
+                    workflow="booking",
+                    kind="emitted",
+                    event="table.booked",
+                    data={"party": 4},
+                    ts=TS,
+                ),
+            ),
+            (
+                s.channel_event("ws", "rejected"),
+                ChannelEvent(
+                    id="e1",
+                    channel="ws",
+                    kind="rejected",
+                    connection="conn-1",
+                    conversation="c1",
+                    user="u1",
+                    reason="bad token",
+                    code=4401,
+                    ts=TS,
+                ),
+            ),
+            (
+                s.workflow_input("c1"),
+                WorkflowInput(
+                    id="i1",
+                    conversation="c1",
+                    event="payment.done",
+                    data={"amount": 12.5},
+                    sender=Sender(id="billing", kind="service"),
+                    ts=TS,
+                ),
+            ),
+        ]
+    )
+    await bus.publish_invalid(s.inbound("ws", "c1"), b"{oops", "not JSON", source="ws-channel")
+    await wait_until(lambda: recorder.stats.records >= 8, "eight records")
+
+    inbound_row, outbound_row = fetch_dicts(recorder, "SELECT * FROM messages ORDER BY id")
+    assert {k: v for k, v in inbound_row.items() if k not in ("payload", "stream_seq")} == {
+        "id": "m-in",
+        "conversation": "c1",
+        "channel": "ws",
+        "direction": "in",
+        "sender_id": "u1",
+        "sender_kind": "user",
+        "sender_name": "Ann",
+        "text": "text of m-in",
+        "reply_to": None,
+        "ts": TS_UTC,
+        "meta": "{}",
+    }
+    assert json.loads(inbound_row["payload"]) == {"buttons": [{"title": "Yes", "payload": "y"}]}
+    assert inbound_row["stream_seq"] >= 1
+    assert outbound_row["direction"] == "out"
+    assert (outbound_row["sender_id"], outbound_row["sender_kind"]) == ("bot", "bot")
+    assert outbound_row["payload"] is None
+    assert outbound_row["reply_to"] == "m-in"
+    assert json.loads(outbound_row["meta"]) == {"cursor": 7}
+
+    (classification,) = fetch(recorder, "SELECT * FROM classifications")
+    assert classification[:7] == ("k1", "m-in", "c1", "text of m-in", "booking", 0.82, 0.35)
+    assert json.loads(classification[7]) == [
+        {"workflow": "booking", "confidence": 0.82},
+        {"workflow": "faq", "confidence": 0.1},
+    ]
+    assert classification[8:] == ("tfidf-svm", "3", TS_UTC)
+
+    event, emitted = fetch(recorder, "SELECT * FROM workflow_events ORDER BY id")
+    assert event[:8] == (
+        "w1",
+        "r1",
+        "c1",
+        "booking",
+        "transition",
+        "ask_date",
+        "confirm",
+        "message",
+    )
+    assert json.loads(event[8]) == {"date": "2024-05-01"}
+    assert event[9:] == ("m-in", TS_UTC, None, None)
+    assert (emitted[0], emitted[4], emitted[11]) == ("w2", "emitted", "table.booked")
+    assert json.loads(emitted[12]) == {"party": 4}
+
+    assert fetch(recorder, "SELECT * FROM channel_events") == [
+        ("e1", "ws", "rejected", "conn-1", "c1", "u1", "bad token", 4401, TS_UTC)
+    ]
+    (winput,) = fetch(recorder, "SELECT * FROM workflow_inputs")
+    assert winput[:3] == ("i1", "c1", "payment.done")
+    assert json.loads(winput[3]) == {"amount": 12.5}
+    assert winput[4:] == ("billing", "service", TS_UTC)
+
+    assert fetch(recorder, "SELECT subject, reason, data, source FROM invalid_records") == [
+        (s.inbound("ws", "c1"), "not JSON", "{oops", "ws-channel")
+    ]
+    assert fetch(
+        recorder,
+        "SELECT conversation, channel, messages, messages_in, messages_out FROM conversations",
+    ) == [("c1", "ws", 2, 1, 1)]
+
+
+async def test_undecodable_data_is_recorded_and_later_records_still_land(
+    bus: Bus, recorder: Recorder
+) -> None:
+    """Bytes that are not an envelope become invalid_records rows and do not block the stream."""
+    subject = bus.subjects.inbound("ws", "c2")
+    await bus.js.publish(subject, b"not json at all")
+    await bus.js.publish(subject, b'{"type": "message", "id": 42}')
+    await bus.publish(subject, message("m-after", conversation="c2"))
+    await wait_until(lambda: recorder.stats.records >= 3, "three records")
+
+    assert fetch(recorder, "SELECT id FROM messages") == [("m-after",)]
+    invalid = fetch(recorder, "SELECT subject, reason, data, source FROM invalid_records")
+    assert sorted((r[0], r[2], r[3]) for r in invalid) == [
+        (subject, "not json at all", "recorder"),
+        (subject, '{"type": "message", "id": 42}', "recorder"),
+    ]
+    assert all(r[1] for r in invalid), "every invalid row says why"
+    assert recorder.stats.invalid == 2
+
+
+async def test_a_record_that_cannot_be_stored_does_not_poison_its_batch(
+    bus: Bus, db_path: Path
+) -> None:
+    """A valid envelope with an unstorable value becomes an invalid record; its batch commits."""
+    far_future = message("m-far", ts=1e20)
+    huge_code = ChannelEvent(id="e-huge", channel="ws", kind="error", code=2**40)
+    good = message("m-good")
+    await bus.publish_all(
+        [
+            (subject_of(bus, far_future), far_future),
+            (bus.subjects.channel_event("ws", "error"), huge_code),
+            (subject_of(bus, good), good),
+        ]
+    )
+    recorder = Recorder(bus, db_path, flush_seconds=0.05)
+    await recorder.start()  # after publishing: the three share a batch or two
+    try:
+        await wait_until(lambda: recorder.stats.records >= 3, "three records")
+        assert fetch(recorder, "SELECT id FROM messages") == [("m-good",)]
+        assert count(recorder, "channel_events") == 0
+        reasons = [r[0] for r in fetch(recorder, "SELECT reason FROM invalid_records")]
+        assert len(reasons) == 2
+        assert all(reason.startswith("cannot be recorded") for reason in reasons)
+        assert recorder.stats.failures == 0
+    finally:
+        await recorder.stop()
+
+
+async def test_restart_resumes_the_durable_and_writes_nothing_twice(
+    bus: Bus, db_path: Path
+) -> None:
+    """A new recorder on the same file and durable gets only what it missed, once."""
+    first = Recorder(bus, db_path, flush_seconds=0.05)
+    await first.start()
+    batch1 = [message(f"a{i}") for i in range(5)]
+    await bus.publish_all([(subject_of(bus, m), m) for m in batch1])
+    await wait_until(lambda: first.stats.records >= 5, "the first five")
+    await first.stop()
+    stream = bus.subjects.messages_stream
+    durable = bus.subjects.recorder_consumer(stream)
+    for _ in range(200):  # the server applies acks asynchronously: poll, bounded
+        info = await bus.js.consumer_info(stream, durable)
+        if info.num_ack_pending == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert (info.num_ack_pending, info.num_pending) == (0, 0), "stop left records unacked"
+
+    batch2 = [message(f"b{i}") for i in range(5)]
+    await bus.publish_all([(subject_of(bus, m), m) for m in batch2])  # while it is down
+
+    second = Recorder(bus, db_path, flush_seconds=0.05)
+    await second.start()
+    try:
+        await wait_until(lambda: count(second, "messages") >= 10, "ten messages")
+        assert fetch(second, "SELECT count(*), count(DISTINCT id) FROM messages") == [(10, 10)]
+        assert second.stats.records == 5, "records acked by the first recorder came back"
+    finally:
+        await second.stop()
+
+
+async def test_full_replay_into_the_same_file_is_idempotent(bus: Bus, db_path: Path) -> None:
+    """Deleting the durables replays both streams; every row is already there, nothing doubles."""
+    first = Recorder(bus, db_path, flush_seconds=0.05)
+    await first.start()
+    records = [message(f"m{i}", direction="in" if i % 2 else "out") for i in range(20)]
+    await bus.publish_all([(subject_of(bus, m), m) for m in records])
+    await bus.publish_invalid(bus.subjects.inbound("ws", "c1"), b"bad", "bad", source="test")
+    await bus.js.publish(bus.subjects.inbound("ws", "c1"), b"garbage")
+    await wait_until(lambda: first.stats.records >= 22, "22 records")
+    await first.stop()
+
+    for stream in (bus.subjects.messages_stream, bus.subjects.events_stream):
+        await bus.js.delete_consumer(stream, bus.subjects.recorder_consumer(stream))
+
+    second = Recorder(bus, db_path, flush_seconds=0.05)
+    await second.start()
+    try:
+        await wait_until(lambda: second.stats.records >= 22, "the full replay")
+        assert second.stats.inserted == 0
+        assert count(second, "messages") == 20
+        assert count(second, "invalid_records") == 2
+    finally:
+        await second.stop()
+
+
+async def test_a_failed_write_is_redelivered_and_retried(
+    bus: Bus, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When DuckDB refuses a batch nothing is acked; the records come back and land later."""
+    recorder = Recorder(bus, db_path, flush_seconds=0.05)
+    recorder.retry_delay = (0.05, 0.2)
+    real_write = recorder._write
+    calls = 0
+
+    def failing_once(pending: Any) -> tuple[int, int]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise duckdb.IOException("simulated: disk full")
+        return real_write(pending)
+
+    monkeypatch.setattr(recorder, "_write", failing_once)
+    records = [message(f"f{i}") for i in range(10)]
+    await bus.publish_all([(subject_of(bus, m), m) for m in records])
+    await recorder.start()
+    try:
+        await wait_until(lambda: count(recorder, "messages") == 10, "ten messages after a failure")
+        assert recorder.stats.failures == 1
+    finally:
+        await recorder.stop()
+
+
+async def test_a_backlog_is_written_in_batches(bus: Bus, recorder: Recorder) -> None:
+    """Thousands of records are written in a few large transactions, not one by one."""
+    records = [message(f"n{i}", conversation=f"c{i % 50}") for i in range(3000)]
+    await bus.publish_all([(subject_of(bus, m), m) for m in records])
+    await wait_until(lambda: recorder.stats.records >= 3000, "3000 records", timeout=60)
+    assert count(recorder, "messages") == 3000
+    assert recorder.stats.batches <= 300
+    assert count(recorder, "conversations") == 50
+
+
+async def test_the_recorder_instance_is_sandboxed(recorder: Recorder) -> None:
+    """Cursors of the recorder's instance cannot read files nor unlock the configuration."""
+    cursor = recorder.connection.cursor()
+    try:
+        with pytest.raises(duckdb.PermissionException):
+            cursor.execute("SELECT * FROM read_csv('/etc/passwd')")
+        with pytest.raises(duckdb.Error, match="locked"):
+            cursor.execute("SET enable_external_access = true")
+    finally:
+        cursor.close()
+
+
+def test_migrate_is_versioned_and_refuses_a_newer_database(tmp_path: Path) -> None:
+    """migrate() creates version 1 once, is a no-op after, and refuses a newer schema."""
+    con = duckdb.connect(str(tmp_path / "m.duckdb"))
+    try:
+        assert schema.migrate(con) == schema.latest_version() == 1
+        assert schema.migrate(con) == 1
+        assert con.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        tables = {
+            r[0] for r in con.sql("SELECT table_name FROM information_schema.tables").fetchall()
+        }
+        assert set(schema.TABLES) | set(schema.VIEWS) | {"schema_version"} <= tables
+        con.execute("INSERT INTO schema_version VALUES (99, 'from the future', now()::TIMESTAMP)")
+        with pytest.raises(schema.SchemaError, match="version 99"):
+            schema.migrate(con)
+    finally:
+        con.close()

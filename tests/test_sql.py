@@ -1,0 +1,261 @@
+"""The SQL sandbox, the bus API and the file client, on a real recorder's database."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from commhub.core.bus import Bus
+from commhub.core.envelope import Message, Sender
+from commhub.core.recorder import Recorder
+from commhub.core.sqlapi import (
+    QueryResult,
+    SqlBadRequest,
+    SqlFailed,
+    SqlRefused,
+    SqlSandbox,
+    SqlService,
+    SqlTimeout,
+    format_result,
+    query_file,
+    query_over_bus,
+)
+
+N_MESSAGES = 12
+ENDLESS = "SELECT count(*) FROM range(10000000000000) a, range(1000) b"
+
+
+async def _wait_for(recorder: Recorder, records: int) -> None:
+    deadline = asyncio.get_running_loop().time() + 20  # a safety net, not a timing claim
+    while recorder.stats.records < records:
+        assert asyncio.get_running_loop().time() < deadline, "records never landed"
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "records.duckdb"
+
+
+@pytest.fixture
+async def recorder(bus: Bus, db_path: Path) -> AsyncIterator[Recorder]:
+    """A running recorder holding N_MESSAGES messages of conversation c1."""
+    recorder = Recorder(bus, db_path, flush_seconds=0.05)
+    await recorder.start()
+    records = [
+        Message(
+            id=f"m{i:02d}",
+            conversation="c1",
+            channel="ws",
+            direction="in" if i % 2 == 0 else "out",
+            sender=Sender(id="u1"),
+            text=f"hello {i}",
+            ts=1_700_000_000 + i,
+        )
+        for i in range(N_MESSAGES)
+    ]
+    await bus.publish_all([(bus.subjects.inbound("ws", "c1"), m) for m in records])
+    await _wait_for(recorder, N_MESSAGES)
+    yield recorder
+    await recorder.stop()
+
+
+@pytest.fixture
+def sandbox(recorder: Recorder) -> SqlSandbox:
+    return SqlSandbox(recorder.connection)
+
+
+@pytest.fixture
+async def service(bus: Bus, recorder: Recorder) -> AsyncIterator[SqlService]:
+    service = SqlService(bus, recorder, max_rows=5, timeout=2.0)
+    await service.start()
+    yield service
+    await service.stop()
+
+
+def test_a_select_returns_columns_rows_and_json_values(sandbox: SqlSandbox) -> None:
+    """A SELECT returns its columns and rows, with timestamps as ISO strings."""
+    result = sandbox.query(
+        "WITH t AS (SELECT id, ts FROM messages ORDER BY id LIMIT 2) SELECT * FROM t", 10, 5.0
+    )
+    assert result == QueryResult(
+        columns=["id", "ts"],
+        rows=[["m00", "2023-11-14T22:13:20"], ["m01", "2023-11-14T22:13:21"]],
+        truncated=False,
+    )
+
+
+def test_every_duckdb_type_comes_back_json_serializable(sandbox: SqlSandbox) -> None:
+    """Timestamps, decimals, lists, structs, maps, blobs, intervals and NaN become JSON values."""
+    result = sandbox.query(
+        "SELECT now() AS n, 1.50::DECIMAL(4,2) AS d, 12::HUGEINT AS h, [1, 2] AS l, "
+        "{'a': 1} AS s, MAP([1], ['x']) AS m, 'ab'::BLOB AS b, INTERVAL 1 DAY AS i, "
+        "uuid() AS u, 'nan'::DOUBLE AS f, DATE '2024-01-02' AS dt, TIME '10:30' AS t",
+        1,
+        5.0,
+    )
+    row = dict(zip(result.columns, result.rows[0], strict=True))
+    json.dumps(result.rows, allow_nan=False)
+    assert isinstance(row["n"], str)
+    assert row["d"] == 1.5
+    assert row["h"] == 12
+    assert row["l"] == [1, 2]
+    assert row["s"] == {"a": 1}
+    assert row["b"] == "YWI="
+    assert row["i"] == {"months": 0, "days": 1, "nanoseconds": 0}
+    assert row["m"] == [[1, "x"]]
+    assert row["f"] is None
+    assert (row["dt"], row["t"]) == ("2024-01-02", "10:30:00")
+
+
+@pytest.mark.parametrize(
+    ("sql", "says"),
+    [
+        ("SELECT * FROM read_csv('/etc/passwd')", "cannot access files"),
+        ("SELECT * FROM read_text('/etc/hostname')", "cannot access files"),
+        ("COPY messages TO '{tmp}/x.csv'", "only SELECT statements are allowed, got COPY"),
+        ("ATTACH '{tmp}/x.db'", "only SELECT statements are allowed, got ATTACH"),
+        ("INSTALL httpfs", "only SELECT statements are allowed, got LOAD"),
+        ("LOAD httpfs", "only SELECT statements are allowed, got LOAD"),
+        ("SET threads = 1", "only SELECT statements are allowed, got SET"),
+        ("DROP TABLE messages", "only SELECT statements are allowed, got DROP"),
+        ("SELECT 1; DROP TABLE messages", "exactly one SELECT statement is allowed, got 2"),
+        ("  ;  ", "no SQL statement given"),
+    ],
+)
+def test_anything_but_one_select_is_refused(
+    sandbox: SqlSandbox, tmp_path: Path, sql: str, says: str
+) -> None:
+    """Files, writes, attach, extensions, settings and multiple statements are refused clearly."""
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(SqlRefused, match=r"^refused: ") as refused:
+        sandbox.query(sql.format(tmp=out), 10, 5.0)
+    assert says in refused.value.message
+    assert not list(out.iterdir()), "a refused statement touched the file system"
+    assert sandbox.query("SELECT count(*) FROM messages", 10, 5.0).rows == [[N_MESSAGES]]
+
+
+def test_a_syntax_error_fails_with_duckdbs_message(sandbox: SqlSandbox) -> None:
+    """SQL that does not parse or names a missing table fails with DuckDB's explanation."""
+    with pytest.raises(SqlFailed, match="syntax error"):
+        sandbox.query("SELEC 1", 10, 5.0)
+    with pytest.raises(SqlFailed, match="nope"):
+        sandbox.query("SELECT * FROM nope", 10, 5.0)
+
+
+def test_the_row_limit_truncates(sandbox: SqlSandbox) -> None:
+    """At most max_rows rows come back, and truncated says whether there were more."""
+    cut = sandbox.query("SELECT * FROM range(100000)", 10, 5.0)
+    assert cut.rows == [[i] for i in range(10)]
+    assert cut.truncated is True
+    whole = sandbox.query("SELECT * FROM range(10)", 10, 5.0)
+    assert len(whole.rows) == 10
+    assert whole.truncated is False
+
+
+def test_a_long_query_is_interrupted_by_the_time_limit(sandbox: SqlSandbox) -> None:
+    """A query past its time limit is interrupted and reported; the next query works."""
+    with pytest.raises(SqlTimeout, match=r"query exceeded 0\.3 s"):
+        sandbox.query(ENDLESS, 10, 0.3)
+    assert sandbox.query("SELECT 42 AS answer", 10, 5.0).rows == [[42]]
+
+
+async def test_query_over_the_bus(bus: Bus, service: SqlService) -> None:
+    """The bus API answers a SELECT, caps rows, and reports refusals with their code."""
+    result = await query_over_bus(
+        bus.nc, bus.subjects, "SELECT id FROM messages ORDER BY id", timeout=10
+    )
+    assert result.columns == ["id"]
+    assert result.rows == [["m00"], ["m01"], ["m02"], ["m03"], ["m04"]]  # the service's cap
+    assert result.truncated is True
+    two = await query_over_bus(bus.nc, bus.subjects, "SELECT 1 FROM messages", 10, max_rows=2)
+    assert (len(two.rows), two.truncated) == (2, True)
+
+    with pytest.raises(SqlRefused, match="got DROP"):
+        await query_over_bus(bus.nc, bus.subjects, "DROP TABLE messages", timeout=10)
+    with pytest.raises(SqlRefused, match="cannot access files"):
+        await query_over_bus(bus.nc, bus.subjects, "FROM read_csv('/etc/passwd')", timeout=10)
+    with pytest.raises(SqlTimeout, match="query exceeded 2 s"):
+        await query_over_bus(bus.nc, bus.subjects, ENDLESS, timeout=10)
+
+
+async def test_a_malformed_request_is_a_bad_request(bus: Bus, service: SqlService) -> None:
+    """Non-JSON, a missing sql and a bad max_rows get a bad_request error reply."""
+    subject = bus.subjects.api("sql")
+    for body in (b"SELECT 1", b'{"query": "SELECT 1"}', b'{"sql": "SELECT 1", "max_rows": 0}'):
+        reply = json.loads((await bus.nc.request(subject, body, timeout=10)).data)
+        assert reply["error"]["code"] == "bad_request", body
+        assert reply["error"]["message"]
+
+
+async def test_a_slow_query_does_not_block_other_requests(bus: Bus, service: SqlService) -> None:
+    """While one query runs into its time limit, another request is answered."""
+    slow = asyncio.create_task(query_over_bus(bus.nc, bus.subjects, ENDLESS, timeout=10))
+    await asyncio.sleep(0.2)  # let the slow request reach the service first
+    fast = await query_over_bus(bus.nc, bus.subjects, "SELECT 7", timeout=10)
+    assert fast.rows == [[7]]
+    assert not slow.done(), "the fast answer waited for the slow query"
+    with pytest.raises(SqlTimeout):
+        await slow
+
+
+async def test_query_over_the_bus_without_a_hub(bus: Bus) -> None:
+    """With no SQL service subscribed, the client says so instead of hanging."""
+    with pytest.raises(SqlFailed, match="no hub answers"):
+        await query_over_bus(bus.nc, bus.subjects, "SELECT 1", timeout=5)
+
+
+async def test_query_file_reads_a_stopped_recorders_database(
+    recorder: Recorder, db_path: Path
+) -> None:
+    """With the recorder stopped, the file is queried read-only under the same sandbox."""
+    await recorder.stop()
+    result = query_file(
+        db_path, "SELECT direction, count(*) AS n FROM messages GROUP BY 1 ORDER BY 1", 10, 5.0
+    )
+    assert result.rows == [["in", N_MESSAGES // 2], ["out", N_MESSAGES // 2]]
+    with pytest.raises(SqlRefused, match="cannot access files"):
+        query_file(db_path, "SELECT * FROM read_csv('/etc/passwd')", 10, 5.0)
+    with pytest.raises(SqlRefused, match="got DROP"):
+        query_file(db_path, "DROP TABLE messages", 10, 5.0)
+    with pytest.raises(SqlTimeout):
+        query_file(db_path, ENDLESS, 10, 0.3)
+    with pytest.raises(SqlFailed, match="no database"):
+        query_file(db_path.with_name("missing.duckdb"), "SELECT 1", 10, 5.0)
+
+
+def test_format_result_renders_table_csv_and_json() -> None:
+    """A result renders as an aligned table, as CSV and as a JSON list of objects."""
+    result = QueryResult(
+        columns=["name", "n", "tags"],
+        rows=[["ann", 3, ["a", "b"]], ["bob, jr", 12, None]],
+        truncated=True,
+    )
+    table = format_result(result, "table").splitlines()
+    assert table[0].split() == ["name", "n", "tags"]
+    assert table[2].split() == ["ann", "3", '["a",', '"b"]']
+    assert table[2].index("3") == table[3].index("12") + 1  # numbers are right-aligned
+    assert table[-1] == "(2 rows, truncated at the row limit)"
+
+    parsed = list(csv.reader(io.StringIO(format_result(result, "csv"))))
+    assert parsed == [["name", "n", "tags"], ["ann", "3", '["a", "b"]'], ["bob, jr", "12", ""]]
+
+    assert json.loads(format_result(result, "json")) == [
+        {"name": "ann", "n": 3, "tags": ["a", "b"]},
+        {"name": "bob, jr", "n": 12, "tags": None},
+    ]
+    with pytest.raises(ValueError, match="unknown format"):
+        format_result(result, "xml")
+
+
+def test_bad_arguments_are_bad_requests(sandbox: SqlSandbox) -> None:
+    """A non-positive row limit is refused as a bad request before anything runs."""
+    with pytest.raises(SqlBadRequest):
+        sandbox.query("SELECT 1", 0, 5.0)
