@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from commhub.core.channel import OutboundItem
 from commhub.core.envelope import Message
 
-__all__ = ["Outbox", "SlowConsumer"]
+__all__ = ["Outbox", "SlowConsumer", "cancel_and_wait"]
 
 Send = Callable[[int, Message], Awaitable[None]]
 
@@ -64,9 +65,7 @@ class Outbox:
         try:
             done, _ = await asyncio.wait({filler, sender}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            filler.cancel()
-            sender.cancel()
-            await asyncio.gather(filler, sender, return_exceptions=True)
+            await cancel_and_wait(filler, sender)
         for task in (filler, sender):  # the filler's SlowConsumer wins over a send error
             if task in done and not task.cancelled() and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
@@ -86,3 +85,22 @@ class Outbox:
             # while waiting for the socket to drain, the frame goes out ahead of any close.
             self.last_cursor = cursor
             await send(cursor, message)
+
+
+async def cancel_and_wait(*tasks: asyncio.Task[Any], recancel_every: float = 0.5) -> None:
+    """Cancel ``tasks`` and return once all of them have ended.
+
+    A task that is still running ``recancel_every`` seconds later is cancelled again:
+    on Python 3.11, ``asyncio.wait_for`` (which nats-py uses for its requests) swallows
+    a cancellation that races with its inner future completing, so one ``cancel()`` can
+    be lost and the task would wait on its subscription forever. Their exceptions are
+    retrieved (not raised); callers that care look at the tasks themselves.
+    """
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=recancel_every)
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()  # mark as retrieved

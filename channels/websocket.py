@@ -56,7 +56,7 @@ from .admission import (
     Refused,
     admit,
 )
-from .outbox import Outbox, SlowConsumer
+from .outbox import Outbox, SlowConsumer, cancel_and_wait
 from .ratelimit import TokenBucket
 
 __all__ = ["WebSocketChannel", "WebSocketSettings", "register_channels"]
@@ -245,8 +245,7 @@ class WebSocketChannel(Channel):
                     reason=f"frame over max_frame_bytes ({ctx.hub_settings.max_frame_bytes})",
                 )
         finally:
-            outbound.cancel()
-            await asyncio.gather(outbound, return_exceptions=True)
+            await cancel_and_wait(outbound)
 
     async def _on_frame(self, conn: _Conn, data: str | bytes) -> None:
         """Handle one inbound frame; answers with ack, pong or error. Raises ConnectionClosed."""

@@ -23,7 +23,7 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedError
 from commhub.channels import websocket as websocket_plugin
 from commhub.channels.admission import Admitted, Refused, admit
 from commhub.channels.frames import FrameError, MessageFrame, PingFrame, decode_frame
-from commhub.channels.outbox import Outbox, SlowConsumer
+from commhub.channels.outbox import Outbox, SlowConsumer, cancel_and_wait
 from commhub.channels.ratelimit import TokenBucket
 from commhub.channels.websocket import WebSocketChannel, WebSocketSettings
 from commhub.core import hookspecs
@@ -319,7 +319,7 @@ async def test_slow_consumer_is_closed_with_1013_and_resumes(
     start_channel: Factory, bus: Bus
 ) -> None:
     """A client that stops reading is closed with 1013 and a cursor; resuming loses nothing."""
-    channel = await start_channel(max_queue=2, ping_interval=None, close_timeout=60)
+    channel = await start_channel(max_queue=2, ping_interval=None, close_timeout=10)
     # No compression, a tiny receive buffer and a one-frame client queue make the socket back
     # up after little data; then the server's queue of 2 overflows.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -561,3 +561,20 @@ async def test_outbox_cancel_stops_both_sides() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert closed.is_set()
+
+
+async def test_cancel_and_wait_recancels_a_task_that_swallowed_the_cancel() -> None:
+    """A task that swallows a cancellation (Python 3.11 wait_for race) is cancelled again."""
+    swallowed = asyncio.Event()
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            swallowed.set()  # what a racing wait_for inside nats-py does
+        await asyncio.Event().wait()
+
+    task = asyncio.create_task(stubborn())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(cancel_and_wait(task, recancel_every=0.01), WAIT)
+    assert swallowed.is_set() and task.cancelled()
