@@ -67,6 +67,8 @@ async def conversation(port: int, turns: int, latencies: list[float]) -> None:
             ))
             while True:
                 frame = json.loads(await ws.recv())
+                if frame.get("type") == "error":  # e.g. rate_limited: the run is invalid
+                    raise SystemExit(f"the hub refused a bench message: {frame}")
                 if frame.get("type") == "message" and frame.get("reply_to") == message_id:
                     break
             latencies.append(time.perf_counter() - started)

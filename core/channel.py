@@ -14,7 +14,8 @@ A channel carries people's messages between a chat network and the bus. It imple
 * ``await ctx.publish_event(kind, ...)``: a ChannelEvent on the bus (accepted, rejected,
   closed, error, delivery_failed). Never raises.
 
-Writing a new channel is one class; see ``examples/commhub-channel-echo``.
+Writing a new channel is one class; see ``examples/commhub-channel-lines`` and
+``docs/plugins.md``.
 """
 
 from __future__ import annotations

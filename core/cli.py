@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -90,9 +91,20 @@ def cmd_up(args: argparse.Namespace) -> int:
                   "set tokens to require them", flush=True)
         print("Press Ctrl-C to stop.", flush=True)
 
-    asyncio.run(hub.run_until_signalled(ready))
+    with asyncio.Runner(loop_factory=_fast_loop_factory()) as runner:
+        runner.run(hub.run_until_signalled(ready))
     print("commhub stopped.", flush=True)
     return 0
+
+
+def _fast_loop_factory() -> Any:
+    """uvloop's event loop where it is installed: the hub spends much of its time in the
+    loop's own machinery, which uvloop runs in C (libuv)."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
@@ -198,6 +210,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `commhub schema | head`: the reader left; that is not an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except ValidationError as exc:
         print(f"commhub: error: invalid settings:\n{exc}", file=sys.stderr)
         return 1
@@ -214,11 +230,12 @@ def _is_user_error(exc: Exception) -> bool:
     from .lock import HubAlreadyRunning
     from .natsserver import NatsServerError
     from .plugins import PluginError
+    from .schema import SchemaError
     from .sqlapi import SqlError
     from .workflow import WorkflowError
 
     known = (_UserError, HubError, HubAlreadyRunning, NatsServerError, PluginError,
-             SqlError, WorkflowError, OSError, TimeoutError)
+             SqlError, SchemaError, WorkflowError, OSError, TimeoutError)
     return isinstance(exc, known)
 
 

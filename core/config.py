@@ -10,13 +10,15 @@ below (``ws_port = 9000``); a ``[plugins.NAME]`` table holds a plugin's own sett
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -50,7 +52,9 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Interface the channels listen on.")
     ws_port: int = Field(8765, ge=0, le=65535)
     http_port: int = Field(8080, ge=0, le=65535)
-    tokens: list[str] = Field(default_factory=list, description="Static client tokens.")
+    tokens: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Static client tokens (env: comma-separated)."
+    )
     allow_anonymous: bool | None = Field(
         None, description="Accept clients without a token; default: only on a loopback host."
     )
@@ -60,11 +64,11 @@ class Settings(BaseSettings):
         0.35, ge=0.0, le=1.0, description="Minimum confidence to start a workflow."
     )
     classifier: str = Field("tfidf", description="Name of the classifier plugin to use.")
-    workflow_paths: list[Path] = Field(
-        default_factory=list, description="Extra workflow files or folders to load."
+    workflow_paths: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="Extra workflow files or folders (env: comma-separated)."
     )
-    disable_plugins: list[str] = Field(
-        default_factory=list, description="Plugin names not to load (COMMHUB_DISABLE_PLUGINS)."
+    disable_plugins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Plugin names not to load (env: comma-separated)."
     )
     plugins: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Per-plugin settings, validated by each plugin."
@@ -82,12 +86,15 @@ class Settings(BaseSettings):
         Subjects(value)  # raises with a clear reason
         return value
 
-    @field_validator("tokens", "disable_plugins", mode="before")
+    @field_validator("tokens", "disable_plugins", "workflow_paths", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
-        # Environment variables give "a,b"; TOML and flags give lists.
+        # Environment variables give "a,b" (or a JSON list); TOML and flags give lists.
         if isinstance(value, str):
-            return [item.strip() for item in value.split(",") if item.strip()]
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [item.strip() for item in text.split(",") if item.strip()]
         return value
 
     @classmethod
@@ -100,7 +107,9 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        config_file = os.environ.get("COMMHUB_CONFIG")
+        config_file = settings_cls.model_config.get("toml_file") or os.environ.get(
+            "COMMHUB_CONFIG"
+        )
         if config_file:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
         return tuple(sources)
@@ -141,8 +150,12 @@ def _is_loopback(host: str) -> bool:
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
     """Build settings from flags (``overrides`` that are not None), env and a TOML file.
 
-    Raises pydantic's ValidationError, whose message names each bad setting.
+    ``config_file`` takes the place of ``COMMHUB_CONFIG``. Raises pydantic's
+    ValidationError, whose message names each bad setting.
     """
+    cls: type[Settings] = Settings
     if config_file is not None:
-        os.environ["COMMHUB_CONFIG"] = str(config_file)
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+        # A subclass that knows its file, rather than a process-wide environment change.
+        config = SettingsConfigDict(**{**Settings.model_config, "toml_file": str(config_file)})
+        cls = type("Settings", (Settings,), {"model_config": config})
+    return cls(**{k: v for k, v in overrides.items() if v is not None})

@@ -40,6 +40,7 @@ __all__ = [
     "encode",
     "decode",
     "decode_as",
+    "decode_tagged",
     "json_schema",
     "EnvelopeError",
 ]
@@ -241,6 +242,20 @@ def decode_as(data: bytes, record_type: type[Any]) -> Any:
         return _typed_decoders[record_type].decode(data)
     except msgspec.DecodeError as exc:
         raise EnvelopeError(str(exc)) from None
+
+
+_TYPES_BY_TAG: dict[str, type] = {
+    t.__struct_config__.tag: t for t in RECORD_TYPES  # type: ignore[attr-defined]
+}
+
+
+def decode_tagged(data: bytes, tag: str | None) -> Record:
+    """Decode a record that must be of the type ``tag`` names (see
+    :meth:`Subjects.record_tag`); the ``type`` field may then be left out. With no
+    tag, the record's own ``type`` field decides."""
+    if tag is None:
+        return decode(data)
+    return decode_as(data, _TYPES_BY_TAG[tag])  # type: ignore[no-any-return]
 
 
 def json_schema() -> dict[str, Any]:

@@ -14,6 +14,7 @@ Roles (``--role``) run a subset against an existing NATS: ``channels``, ``router
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -21,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
+from nats.js.errors import KeyNotFoundError
 from pydantic import ValidationError
 
 from .bus import Bus
@@ -32,7 +34,7 @@ from .lock import DataDirLock
 from .natsserver import EmbeddedNats
 from .plugins import Plugins
 from .recorder import Recorder
-from .router import Router
+from .router import Router, StoredState
 from .sqlapi import SqlService
 from .workflow import load_workflows
 
@@ -93,8 +95,13 @@ class Hub:
         # Check the definitions before anything starts: a broken file stops the hub
         # with its file and line, and nothing is left running.
         if self._runs("router"):
-            self.engine = Engine(load_workflows([*self.plugins.workflow_sources(),
-                                                 *s.workflow_paths]))
+            definitions = load_workflows([*self.plugins.workflow_sources(), *s.workflow_paths])
+            if "fallback" not in definitions:
+                raise HubError(
+                    "no workflow named 'fallback': the router needs one for messages no "
+                    "workflow is confident about (is commhub.workflows.builtin disabled?)"
+                )
+            self.engine = Engine(definitions)
         if self._runs("recorder") or s.embedded_nats:
             self.lock = DataDirLock(s.data_dir)
             self.lock.acquire()
@@ -180,7 +187,7 @@ class Hub:
             body = {
                 "status": "ok",
                 "role": self.role,
-                "router": msgspec.structs.asdict(self.router.stats) if self.router else None,
+                "router": dataclasses.asdict(self.router.stats) if self.router else None,
                 "recorder": self.recorder.stats_dict() if self.recorder else None,
                 "channels": sorted(self.channels),
             }
@@ -190,9 +197,13 @@ class Hub:
             try:
                 conversation = msgspec.json.decode(msg.data)["conversation"]
                 entry = await (await bus.state_bucket()).get(conversation)
-                await msg.respond(entry.value or b"null")
-            except Exception as exc:
-                await msg.respond(msgspec.json.encode({"error": {"message": str(exc)}}))
+                stored = msgspec.json.decode(entry.value or b"null", type=StoredState | None)
+                body: Any = stored.state if stored is not None else None
+            except KeyNotFoundError:
+                body = {"error": {"code": "not_found", "message": "no such conversation"}}
+            except Exception as exc:  # answered, not raised
+                body = {"error": {"code": "bad_request", "message": str(exc)}}
+            await msg.respond(msgspec.json.encode(body))
 
         for name, handler in (("health", health), ("state", state)):
             self._api_subs.append(

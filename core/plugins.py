@@ -10,10 +10,11 @@ each plugin contributes, in one place.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -23,6 +24,7 @@ import pluggy
 
 from . import hookspecs
 from .channel import Channel
+from .classify import Classifier
 from .envelope import Message
 from .subjects import valid_token
 
@@ -80,7 +82,10 @@ def build_plugin_manager(
             raise PluginError(f"a plugin of the {hookspecs.PROJECT!r} entry-point group "
                               f"failed to load: {exc!r}") from exc
     for plugin in extra:
-        pm.register(plugin)
+        try:
+            pm.register(plugin)
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"plugin {plugin!r} has an invalid hook: {exc}") from exc
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
@@ -102,41 +107,60 @@ class Plugins:
     def channels(self) -> dict[str, type[Channel]]:
         """Every registered channel class by name; duplicates and bad names raise."""
         found: dict[str, type[Channel]] = {}
+        owners: dict[str, str] = {}
 
-        def register(cls: type) -> None:
+        def register(plugin: str, cls: type) -> None:
             if not (inspect.isclass(cls) and issubclass(cls, Channel)):
-                raise PluginError(f"register_channels got {cls!r}, not a Channel subclass")
+                raise PluginError(
+                    f"plugin {plugin}: register_channels got {cls!r}, not a Channel subclass"
+                )
             name = getattr(cls, "name", None)
             if not isinstance(name, str) or not valid_token(name):
-                raise PluginError(f"channel {cls.__qualname__} needs a token-like name")
+                raise PluginError(
+                    f"plugin {plugin}: channel {cls.__qualname__} needs a token-like name"
+                )
             if name in found:
-                raise PluginError(f"two channels are named {name!r}")
-            found[name] = cls
+                raise PluginError(f"two channels are named {name!r}: {found[name].__qualname__} "
+                                  f"of plugin {owners[name]} and {cls.__qualname__} of "
+                                  f"plugin {plugin}")
+            found[name], owners[name] = cls, plugin
 
-        self.pm.hook.register_channels(register=register)
+        self._contribute("register_channels", register)
         return found
 
-    def classifiers(self) -> dict[str, type]:
+    def classifiers(self) -> dict[str, type[Classifier]]:
         """Every registered classifier class by name."""
-        from .classify import Classifier
+        found: dict[str, type[Classifier]] = {}
+        owners: dict[str, str] = {}
 
-        found: dict[str, type] = {}
-
-        def register(cls: type) -> None:
+        def register(plugin: str, cls: type) -> None:
             if not (inspect.isclass(cls) and issubclass(cls, Classifier)):
-                raise PluginError(f"register_classifiers got {cls!r}, not a Classifier subclass")
-            if cls.name in found:
-                raise PluginError(f"two classifiers are named {cls.name!r}")
-            found[cls.name] = cls
+                raise PluginError(f"plugin {plugin}: register_classifiers got {cls!r}, "
+                                  "not a Classifier subclass")
+            name = getattr(cls, "name", None)
+            if not isinstance(name, str) or not name:
+                raise PluginError(f"plugin {plugin}: classifier {cls.__qualname__} needs a name")
+            if name in found:
+                raise PluginError(f"two classifiers are named {name!r}: "
+                                  f"{found[name].__qualname__} of plugin {owners[name]} and "
+                                  f"{cls.__qualname__} of plugin {plugin}")
+            found[name], owners[name] = cls, plugin
 
-        self.pm.hook.register_classifiers(register=register)
+        self._contribute("register_classifiers", register)
         return found
 
     def workflow_sources(self) -> list[Any]:
         """Everything plugins registered as workflows: paths or definitions, in order."""
         found: list[Any] = []
-        self.pm.hook.register_workflows(register=found.append)
+        self._contribute("register_workflows", lambda _plugin, item: found.append(item))
         return [Path(item) if isinstance(item, str) else item for item in found]
+
+    def _contribute(self, hook_name: str, register: Callable[[str, Any], None]) -> None:
+        """Call each implementation of a ``register_*`` hook in pluggy's order, with a
+        ``register`` callback that knows which plugin it was given to (for the errors)."""
+        for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls()):
+            args = {"register": functools.partial(register, _plugin_label(impl))}
+            impl.function(*(args[name] for name in impl.argnames))  # as pluggy calls it
 
     # -- lifecycle and middleware ----------------------------------------------------
     async def startup(self, hub: Any) -> None:
@@ -186,6 +210,13 @@ class Plugins:
             hooks = sorted(impl.name for impl in _impls_of(self.pm, plugin))
             infos.append(PluginInfo(name, version, origin, hooks))
         return infos
+
+
+def _plugin_label(impl: Any) -> str:
+    # Built-ins and entry points have readable names; objects registered in code get
+    # pluggy's id() name, so show the object instead.
+    name = str(impl.plugin_name)
+    return repr(impl.plugin) if name.isdigit() else repr(name)
 
 
 def _impls_of(pm: pluggy.PluginManager, plugin: object) -> list[Any]:

@@ -71,10 +71,11 @@ from .envelope import (
     Record,
     WorkflowEvent,
     WorkflowInput,
-    decode,
+    decode_tagged,
     derived_id,
 )
 from .schema import migrate
+from .subjects import Subjects
 
 __all__ = ["Recorder", "RecorderStats"]
 
@@ -244,14 +245,17 @@ class _Batch:
     fail its whole batch over and over.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, subjects: Subjects) -> None:
+        self.subjects = subjects
         self.rows: dict[str, dict[str, tuple[Any, ...]]] = {name: {} for name in _ARROW_SCHEMAS}
         self.sources: dict[str, tuple[Msg, str]] = {}
         self.invalid = 0
 
     def add(self, msg: Msg, stream: str) -> None:
         try:
-            record = decode(msg.data)
+            # The subject names the type, so records published without a "type" tag
+            # (hand-written JSON from other languages) are recorded like the others.
+            record = decode_tagged(msg.data, self.subjects.record_tag(msg.subject))
         except EnvelopeError as exc:
             self._add_invalid(msg, stream, str(exc))
             return
@@ -678,7 +682,7 @@ class Recorder:
     # -- the worker thread ----------------------------------------------------------
     def _write(self, pending: Sequence[tuple[str, list[Msg]]]) -> tuple[int, int]:
         """Decode, route and insert one batch in one transaction; return (inserted, invalid)."""
-        batch = _Batch()
+        batch = _Batch(self.bus.subjects)
         for stream, msgs in pending:
             for msg in msgs:
                 batch.add(msg, stream)

@@ -2,21 +2,25 @@
 
 For each inbound message (``{p}.in.*.*``) or workflow input (``{p}.wf.*``) it
 
-1. reads the conversation's state from the KV bucket (with its revision);
-2. skips the message if the state already records it (a redelivery after commit);
+1. reads the conversation's state and its revision from the KV bucket, or from its own
+   cache of the states it wrote last;
+2. if the state already records this input (a redelivery after commit), re-publishes
+   the outputs stored with it and acks;
 3. classifies the text when no workflow is active, and starts the best workflow, or
    the fallback below the confidence threshold; otherwise steps the active workflow;
-4. publishes the classification, the workflow events and the replies, pipelined, with
-   ids derived from the input id and the state revision;
-5. writes the new state with the revision it read (optimistic concurrency);
+4. writes the new state together with the step's outputs (its outbox) to the bucket,
+   naming the revision it read (optimistic concurrency);
+5. publishes the outputs (classification, workflow events, replies), pipelined;
 6. acks the input.
 
-Nothing lost, nothing doubled: a crash before 5 redelivers the input, the step is
-recomputed from the same state and revision, and its outputs carry the same ids, which
-JetStream's duplicate window drops. A crash between 5 and 6 redelivers an input that the
-state already records, which step 2 skips. A revision conflict (another router wrote the
-conversation meanwhile) naks the input, which is redelivered and recomputed on the new
-state.
+Nothing lost, nothing doubled. Outputs are published only after their step committed,
+so a conflict or a crash before 4 publishes nothing and the input is computed again.
+A crash after 4 redelivers an input that the state records: step 2 publishes the stored
+outbox again with the same ids, which JetStream's duplicate window drops if they had
+gone out. A failed step is retried in place with backoff, so the conversation's next
+input cannot overtake it; a revision conflict (another router wrote the conversation,
+or this router's cache is stale) is retried at once on the bucket's state. An input
+still failing after a few attempts is nak'd and comes back later.
 
 Concurrency: one durable pull consumer shared by every router process (scale out by
 running more); inside a process, one conversation's inputs run in order and different
@@ -28,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +53,7 @@ from .envelope import (
     Sender,
     WorkflowEvent,
     WorkflowInput,
-    decode_as,
+    decode_tagged,
     derived_id,
     now,
 )
@@ -57,13 +62,32 @@ from .plugins import Plugins
 from .serial import KeyedSerialRunner
 from .state import ConversationState, StepEvent, StepResult, Trigger
 
-__all__ = ["Router", "RouterStats", "BOT"]
+__all__ = ["BOT", "OutboxEntry", "Router", "RouterStats", "StoredState"]
 
 log = logging.getLogger(__name__)
 
 BOT = Sender(id="commhub", kind="bot", name="commhub")
-_state_decoder = msgspec.json.Decoder(ConversationState)
-_state_encoder = msgspec.json.Encoder()
+STATE_CACHE_SIZE = 50_000  # conversations whose last written state this router keeps
+RETRIES_IN_PLACE = 6  # about 1.5 s of backoff before an input is handed back with a nak
+
+
+class OutboxEntry(msgspec.Struct, array_like=True):
+    """One output of a committed step: where it goes and what it is."""
+
+    subject: str
+    record: Record
+
+
+class StoredState(msgspec.Struct, kw_only=True):
+    """What the state bucket holds per conversation: the state and the last step's
+    outbox, written in one KV update so that a step's outputs exist only if it committed."""
+
+    state: ConversationState
+    outbox: list[OutboxEntry] = msgspec.field(default_factory=list)
+
+
+_stored_decoder = msgspec.json.Decoder(StoredState)
+_stored_encoder = msgspec.json.Encoder()
 
 
 @dataclass
@@ -71,6 +95,7 @@ class RouterStats:
     handled: int = 0
     skipped_redeliveries: int = 0
     conflicts: int = 0
+    retries: int = 0
     invalid: int = 0
     classified: int = 0
     fallbacks: int = 0
@@ -102,7 +127,7 @@ class Router:
         self._fetch_task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._sub: Any = None
-        self._wf_prefix = bus.subjects.workflow_input("")
+        self._cache: OrderedDict[str, tuple[StoredState, int]] = OrderedDict()
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
@@ -172,11 +197,14 @@ class Router:
         """Handle one delivered input end to end, including its ack (or nak)."""
         # The subject says what the record must be, so publishers in other languages
         # may leave out the "type" tag.
-        expected = WorkflowInput if msg.subject.startswith(self._wf_prefix) else Message
+        expected = self.bus.subjects.record_tag(msg.subject)
         try:
-            record = decode_as(msg.data, expected)
+            record = decode_tagged(msg.data, expected)
         except EnvelopeError as exc:
-            await self._reject(msg, f"not a valid {expected.__name__}: {exc}")
+            await self._reject(msg, f"not a valid {expected} record: {exc}")
+            return
+        if not isinstance(record, Message | WorkflowInput):
+            await self._reject(msg, f"{type(record).__name__} is not an input")
             return
         conversation = self._key_of(msg.subject)
         if isinstance(record, Message) and record.direction != "in":
@@ -187,19 +215,29 @@ class Router:
                 msg, f"conversation {record.conversation!r} does not match the subject"
             )
             return
-        try:
-            done = await self._route(record, conversation)
-        except KeyWrongLastSequenceError:
-            self.stats.conflicts += 1
-            await msg.nak(delay=0.05)  # recomputed on the state the other writer left
-            return
-        except Exception:
-            log.exception("routing %s failed; it will be redelivered", record.id)
-            await msg.nak(delay=1.0)
-            return
-        if not done:
-            self.stats.skipped_redeliveries += 1
-        await msg.ack()
+        # Retry in place, so that the conversation's next input waits behind this one
+        # (a nak would let it overtake). Each attempt re-reads the state, so a retry
+        # after a failure between publish and commit re-publishes the same ids.
+        for attempt in range(RETRIES_IN_PLACE):
+            try:
+                done = await self._route(record, conversation)
+            except KeyWrongLastSequenceError:
+                self.stats.conflicts += 1  # another router wrote it: recompute on its state
+            except Exception:
+                self.stats.retries += 1
+                log.exception("routing %s failed (attempt %d)", record.id, attempt + 1)
+                await msg.in_progress()  # keep the server from redelivering meanwhile
+                if self._stopping.is_set():
+                    break
+                await asyncio.sleep(min(2.0, 0.05 * 2**attempt))
+            else:
+                if not done:
+                    self.stats.skipped_redeliveries += 1
+                await msg.ack()
+                return
+        # Still failing (or stopping): let JetStream redeliver it later, to this or
+        # another router; the conversation's other inputs go on meanwhile.
+        await msg.nak(delay=5.0)
 
     async def _reject(self, msg: Msg, reason: str) -> None:
         self.stats.invalid += 1
@@ -209,16 +247,14 @@ class Router:
     async def _route(self, record: Message | WorkflowInput, conversation: str) -> bool:
         """Run one step; False when the state shows the input was already handled."""
         kv = await self.bus.state_bucket()
-        try:
-            entry = await kv.get(conversation)
-            revision: int | None = entry.revision
-            state = _state_decoder.decode(entry.value) if entry.value else None
-        except KeyNotFoundError:
-            revision, state = None, None
-        if state is not None and state.last_input == record.id:
+        stored, revision = await self._load_state(kv, conversation)
+        if stored is not None and stored.state.last_input == record.id:
+            # Committed before, maybe not published: publish again (same ids: no copies).
+            await self.bus.publish_all([(o.subject, o.record) for o in stored.outbox])
             return False
-        if state is None:
-            state = ConversationState(conversation=conversation)
+        state = stored.state if stored is not None else ConversationState(
+            conversation=conversation
+        )
 
         outputs: list[tuple[str, Record]] = []
         if isinstance(record, Message):
@@ -228,18 +264,50 @@ class Router:
         if result is None:  # dropped by middleware or ignored: still remember it
             new_state = msgspec.structs.replace(state, last_input=record.id, updated=now())
             result = StepResult(state=new_state)
-        await self._publish_step(record, revision, result, outputs)
-        value = _state_encoder.encode(result.state)
-        if revision is None:
-            try:
-                await kv.create(conversation, value)
-            except Exception as exc:
-                # Created meanwhile by another router: same as a revision conflict.
-                raise KeyWrongLastSequenceError() from exc
-        else:
-            await kv.update(conversation, value, last=revision)
+        await self._step_outputs(record, revision, result, outputs)
+        new = StoredState(
+            state=result.state, outbox=[OutboxEntry(subject, rec) for subject, rec in outputs]
+        )
+        value = _stored_encoder.encode(new)
+        try:
+            if revision is None:
+                new_revision = await kv.create(conversation, value)
+            else:
+                new_revision = await kv.update(conversation, value, last=revision)
+        except KeyWrongLastSequenceError:
+            self._cache.pop(conversation, None)  # someone else wrote it: read it again
+            raise
+        self._remember(conversation, new, new_revision)
+        await self.bus.publish_all(outputs)
         self.stats.handled += 1
         return True
+
+    async def _load_state(
+        self, kv: Any, conversation: str
+    ) -> tuple[StoredState | None, int | None]:
+        """The state and its revision: from this router's cache when it has written the
+        conversation last, else from the bucket.
+
+        The cache is never trusted blindly: every write names the revision it read, so
+        if another router wrote the conversation since, the write fails with a conflict,
+        the entry is dropped, and the retry reads the bucket.
+        """
+        cached = self._cache.get(conversation)
+        if cached is not None:
+            self._cache.move_to_end(conversation)
+            return cached
+        try:
+            entry = await kv.get(conversation)
+        except KeyNotFoundError:
+            return None, None
+        stored = _stored_decoder.decode(entry.value) if entry.value else None
+        return stored, entry.revision
+
+    def _remember(self, conversation: str, stored: StoredState, revision: int) -> None:
+        self._cache[conversation] = (stored, revision)
+        self._cache.move_to_end(conversation)
+        if len(self._cache) > STATE_CACHE_SIZE:
+            self._cache.popitem(last=False)
 
     async def _on_message(
         self,
@@ -344,14 +412,15 @@ class Router:
         )
         return self.bus.subjects.classified(message.conversation), record
 
-    async def _publish_step(
+    async def _step_outputs(
         self,
         record: Message | WorkflowInput,
         revision: int | None,
         result: StepResult,
         outputs: list[tuple[str, Record]],
     ) -> None:
-        """Publish everything the step produced, with ids stable across re-runs."""
+        """Append everything the step produced to ``outputs``, with ids derived from the
+        input and the revision (a recomputed step names its outputs the same way)."""
         s = self.bus.subjects
         state = result.state
         ts = now()
@@ -402,7 +471,6 @@ class Router:
                 data=emit.data,
             )
             outputs.append((s.workflow_event(workflow, emit.name), emitted))
-        await self.bus.publish_all(outputs)
 
     @staticmethod
     def _workflow_of(result: StepResult) -> str:

@@ -43,6 +43,14 @@ def check_token(value: str, what: str) -> str:
     return value
 
 
+_EVENT_TAGS = {
+    "classified": "classification",
+    "workflow": "workflow_event",
+    "channel": "channel_event",
+    "invalid": "invalid",
+}
+
+
 @dataclass(frozen=True)
 class Subjects:
     """Subject, stream, consumer and bucket names for one prefix."""
@@ -94,6 +102,23 @@ class Subjects:
     @property
     def all_events(self) -> str:
         return f"{self.prefix}.evt.>"
+
+    def record_tag(self, subject: str) -> str | None:
+        """The envelope type (its ``type`` tag) that ``subject`` carries, if it is ours.
+
+        Lets readers decode records whose publisher left the tag out: the subject
+        already says what they must be.
+        """
+        parts = subject.split(".")
+        if len(parts) < 2 or parts[0] != self.prefix:
+            return None
+        if parts[1] in ("in", "out"):
+            return "message"
+        if parts[1] == "wf":
+            return "workflow_input"
+        if parts[1] == "evt" and len(parts) > 2:
+            return _EVENT_TAGS.get(parts[2])
+        return None
 
     # -- JetStream names ------------------------------------------------------------
     @property

@@ -238,6 +238,26 @@ async def test_each_record_type_lands_in_its_table(bus: Bus, recorder: Recorder)
     ) == [("c1", "ws", 2, 1, 1)]
 
 
+async def test_records_without_a_type_tag_are_recorded_by_their_subject(
+    bus: Bus, recorder: Recorder
+) -> None:
+    """Hand-written JSON from another language may leave out "type"; the subject decides."""
+    await bus.js.publish(
+        bus.subjects.workflow_input("c9"),
+        b'{"id": "wi-untagged", "conversation": "c9", "event": "paid"}',
+    )
+    await bus.js.publish(
+        bus.subjects.inbound("sms", "c9"),
+        b'{"id": "m-untagged", "conversation": "c9", "channel": "sms", "direction": "in",'
+        b' "sender": {"id": "u9"}, "text": "hi"}',
+    )
+    await wait_until(lambda: count(recorder, "messages") == 1, "the untagged message")
+    await wait_until(lambda: count(recorder, "workflow_inputs") == 1, "the untagged input")
+    assert fetch(recorder, "SELECT event FROM workflow_inputs") == [("paid",)]
+    assert fetch(recorder, "SELECT text, sender_id FROM messages") == [("hi", "u9")]
+    assert count(recorder, "invalid_records") == 0
+
+
 async def test_undecodable_data_is_recorded_and_later_records_still_land(
     bus: Bus, recorder: Recorder
 ) -> None:

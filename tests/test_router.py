@@ -1,0 +1,174 @@
+"""Router guarantees under faults: order per conversation, no doubled step on a re-run."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+import pytest
+from wschat import Chat
+
+from commhub.core.config import Settings
+from commhub.core.hub import Hub
+
+
+@pytest.fixture
+async def hub(settings: Settings) -> AsyncIterator[Hub]:
+    hub = Hub(settings)
+    await hub.start()
+    yield hub
+    await hub.stop()
+
+
+def ws_port(hub: Hub) -> int:
+    return int(hub.channels["websocket"].port)  # type: ignore[attr-defined]
+
+
+async def count_out_messages(hub: Hub, conversation: str) -> int:
+    """Outbound messages of a conversation stored in the stream (what clients can get)."""
+    assert hub.bus is not None
+    subject = hub.bus.subjects.outbound("websocket", conversation)
+    info = await hub.bus.js.stream_info(hub.bus.subjects.messages_stream, subjects_filter=subject)
+    return int((info.state.subjects or {}).get(subject, 0))
+
+
+async def test_a_failed_commit_publishes_nothing_and_the_step_runs_again(hub: Hub) -> None:
+    """If the state write fails, none of the step's outputs go out; the step is computed
+    again and its replies and events are published once."""
+    assert hub.bus is not None
+    kv = await hub.bus.state_bucket()
+    chat = await Chat.open(ws_port(hub), "fault1")
+    await chat.say("I'd like to book a table")
+    before = await count_out_messages(hub, "fault1")
+
+    real_update = kv.update
+    failures = 0
+    out_at_failure = -1
+
+    async def update_failing_once(key: str, value: bytes, last: Any = None) -> int:
+        nonlocal failures, out_at_failure
+        if key == "fault1" and failures == 0:
+            failures += 1
+            out_at_failure = await count_out_messages(hub, "fault1")
+            raise RuntimeError("simulated failure of the state write")
+        return await real_update(key, value, last=last)
+
+    kv.update = update_failing_once  # type: ignore[method-assign]
+    try:
+        message_id = await chat.send("4")
+        await chat.replies_to(message_id)
+        marker = await chat.send("tomorrow")  # proves the retried step was committed
+        await chat.replies_to(marker)
+    finally:
+        kv.update = real_update  # type: ignore[method-assign]
+
+    assert failures == 1
+    assert out_at_failure == before  # nothing went out before the commit
+    assert [m["reply_to"] for m in chat.messages].count(message_id) == 1
+    assert await count_out_messages(hub, "fault1") == before + 2
+    state = await hub_state(hub, "fault1")
+    assert state["state"] == "ask_time"
+    await chat.close()
+
+
+async def test_a_crash_between_commit_and_publish_republishes_the_outbox_once(
+    hub: Hub,
+) -> None:
+    """If publishing fails after the state committed (as in a crash), the retried input
+    finds its step committed and publishes the stored outputs, exactly once."""
+    assert hub.bus is not None
+    chat = await Chat.open(ws_port(hub), "fault2")
+    await chat.say("I'd like to book a table")
+    before = await count_out_messages(hub, "fault2")
+
+    real_publish_all = hub.bus.publish_all
+    failures = 0
+
+    async def publish_failing_once(items: Any) -> Any:
+        nonlocal failures
+        items = list(items)
+        if failures == 0 and any(".out." in subject for subject, _ in items):
+            failures += 1
+            # Part of it went out before the "crash": the retry must not double it.
+            await real_publish_all(items[:1])
+            raise RuntimeError("simulated crash after commit, mid-publish")
+        return await real_publish_all(items)
+
+    hub.bus.publish_all = publish_failing_once  # type: ignore[method-assign]
+    try:
+        message_id = await chat.send("4")
+        await chat.replies_to(message_id)
+        marker = await chat.send("tomorrow")
+        await chat.replies_to(marker)
+    finally:
+        hub.bus.publish_all = real_publish_all  # type: ignore[method-assign]
+
+    assert failures == 1
+    assert hub.router is not None and hub.router.stats.skipped_redeliveries >= 1
+    assert [m["reply_to"] for m in chat.messages].count(message_id) == 1
+    assert await count_out_messages(hub, "fault2") == before + 2
+    await chat.close()
+
+
+async def test_a_state_written_by_another_router_wins_over_the_cache(hub: Hub) -> None:
+    """When another process changed the conversation's state, the next input is handled
+    on that state, and the stale computation publishes nothing."""
+    assert hub.bus is not None
+    kv = await hub.bus.state_bucket()
+    chat = await Chat.open(ws_port(hub), "stale1")
+    await chat.say("I'd like to book a table")
+    # Another router moves the conversation on (here: straight to the email question).
+    entry = await kv.get("stale1")
+    stored = msgspec.json.decode(entry.value)
+    stored["state"].update(state="ask_email", slots={
+        "party_size": 2, "day": "2030-01-01", "time": "19:30", "name": "Bo"})
+    stored["outbox"] = []
+    await kv.put("stale1", msgspec.json.encode(stored))
+
+    message_id = await chat.send("bo@example.com")
+    (reply,) = await chat.replies_to(message_id)
+    assert "Shall I book" in reply["text"] and "Bo" in reply["text"]
+    marker = await chat.send("yes")
+    await chat.replies_to(marker)
+    assert [m["reply_to"] for m in chat.messages].count(message_id) == 1
+    assert hub.router is not None and hub.router.stats.conflicts >= 1
+    await chat.close()
+
+
+async def hub_state(hub: Hub, conversation: str) -> dict[str, Any]:
+    assert hub.bus is not None
+    reply = await hub.bus.nc.request(
+        hub.bus.subjects.api("state"), msgspec.json.encode({"conversation": conversation}), 5
+    )
+    return dict(msgspec.json.decode(reply.data))
+
+
+async def test_one_conversation_is_handled_in_order(hub: Hub) -> None:
+    """Messages sent back to back without waiting are answered in the order sent."""
+    chat = await Chat.open(ws_port(hub), "order1")
+    ids = [await chat.send(text) for text in
+           ("I'd like to book a table", "4", "tomorrow", "19:30", "Ann")]
+    replies = [(await chat.replies_to(i))[0] for i in ids]
+    assert [r["cursor"] for r in replies] == sorted(r["cursor"] for r in replies)
+    assert "how many" in replies[0]["text"].lower()
+    assert "email" in replies[-1]["text"].lower()
+    await chat.close()
+
+
+async def test_many_conversations_progress_in_parallel(hub: Hub) -> None:
+    """Twenty concurrent conversations each finish a booking with their own slots."""
+
+    async def book(n: int) -> str:
+        chat = await Chat.open(ws_port(hub), f"par{n}", user=f"user{n}")
+        for text in ("I'd like to book a table", str(n % 9 + 1), "tomorrow", "19:30",
+                     f"Guest{n}", f"guest{n}@example.com"):
+            await chat.say(text)
+        done = await chat.say(payload={"value": "yes"})
+        await chat.close()
+        return str(done["text"])
+
+    results = await asyncio.gather(*(book(n) for n in range(20)))
+    for n, text in enumerate(results):
+        assert f"guest{n}@example.com" in text and f"for {n % 9 + 1} " in text
