@@ -127,8 +127,15 @@ async def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="commhub-bench-") as tmp:
         data_dir = Path(tmp)
+        # The per-connection rate limit protects a hub from one client; a bench client
+        # sends as fast as the hub answers, so it gets a limit it cannot reach.
+        config = data_dir / "bench.toml"
+        config.write_text(
+            "[plugins.websocket]\nmax_messages_per_second = 100000\nrate_burst = 100000\n"
+        )
         env = {**os.environ, "COMMHUB_DATA_DIR": str(data_dir), "COMMHUB_NATS_PORT": "0",
-               "COMMHUB_WS_PORT": "0", "COMMHUB_HTTP_PORT": "0"}
+               "COMMHUB_WS_PORT": "0", "COMMHUB_HTTP_PORT": "0",
+               "COMMHUB_CONFIG": str(config)}
         process = start_hub(env)
         try:
             info = await wait_for_hub(data_dir, process)
