@@ -14,6 +14,7 @@ own input until the publish returned.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -22,6 +23,8 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import (
+    ConsumerConfig,
+    DeliverPolicy,
     DiscardPolicy,
     KeyValueConfig,
     RetentionPolicy,
@@ -114,6 +117,37 @@ class Bus:
                 direct=True,  # plain gets need no extra permissions, and are faster
             )
         )
+
+    async def bind_durable(
+        self, stream: str, config: ConsumerConfig, *, rewind_unacked: bool = False
+    ) -> JetStreamContext.PullSubscription:
+        """Bind a durable pull consumer, creating it with ``config`` if it does not exist.
+
+        ``rewind_unacked`` is for a process that knows it is the durable's only consumer
+        (the recorder; the router of a hub that runs its own embedded server): if the
+        durable has deliveries pending ack, an earlier process died holding them, and
+        they would come back only after the ack wait. The durable is then recreated from
+        its ack floor so they come back at once; whatever past the floor was already
+        handled is skipped by the consumer's own idempotence.
+        """
+        name = config.durable_name
+        assert name is not None
+        try:
+            info = await self.js.consumer_info(stream, name)
+        except NotFoundError:
+            info = None
+        if info is not None and rewind_unacked and info.num_ack_pending:
+            start = (info.ack_floor.stream_seq if info.ack_floor else 0) + 1
+            log.info("%s: %d deliveries of a dead process pending; redelivering from %d",
+                     name, info.num_ack_pending, start)
+            await self.js.delete_consumer(stream, name)
+            config = dataclasses.replace(
+                config, deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
+            )
+            info = None
+        if info is None:
+            await self.js.add_consumer(stream, config=config)
+        return await self.js.pull_subscribe_bind(durable=name, stream=stream)
 
     async def state_bucket(self) -> KeyValue:
         """The conversation state bucket (bound on first use)."""

@@ -86,9 +86,6 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("commhub is up. Serving:", flush=True)
         for line in lines:
             print(f"  {line}", flush=True)
-        if settings.role in ("all", "channels") and settings.anonymous_allowed:
-            print("  note: anonymous clients are accepted (bound to a loopback address); "
-                  "set tokens to require them", flush=True)
         print("Press Ctrl-C to stop.", flush=True)
 
     with asyncio.Runner(loop_factory=_fast_loop_factory()) as runner:

@@ -163,6 +163,8 @@ class Hub:
             threshold=s.threshold,
             concurrency=s.router_concurrency,
             model=(self.classifier.model_id, cls.version),
+            # With the server it started itself, this hub is the only router there.
+            exclusive=s.embedded_nats and self.role == "all",
         )
         await self.router.start()
         self.endpoints.append(

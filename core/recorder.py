@@ -59,7 +59,6 @@ import pyarrow as pa
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import NotFoundError
 
 from .bus import Bus
 from .envelope import (
@@ -566,39 +565,19 @@ class Recorder:
             self._con = None
 
     async def _bind(self, stream: str) -> JetStreamContext.PullSubscription:
-        durable = self.bus.subjects.recorder_consumer(stream)
-        js = self.bus.js
-        start_seq: int | None = None
-        try:
-            info = await js.consumer_info(stream, durable)
-        except NotFoundError:
-            info = None
-        if info is not None and info.num_ack_pending:
-            # A recorder died holding records it never acked. They would come back only
-            # after ACK_WAIT; as the only writer (the DuckDB file lock guarantees it) we
-            # rebind from the ack floor instead, so they come back now. Records past the
-            # floor that were already written are skipped by ON CONFLICT DO NOTHING.
-            start_seq = (info.ack_floor.stream_seq if info.ack_floor else 0) + 1
-            await js.delete_consumer(stream, durable)
-            info = None
-        if info is None:
-            await js.add_consumer(
-                stream,
-                ConsumerConfig(
-                    durable_name=durable,
-                    description="commhub recorder: every record into DuckDB",
-                    deliver_policy=(
-                        DeliverPolicy.ALL if start_seq is None
-                        else DeliverPolicy.BY_START_SEQUENCE
-                    ),
-                    opt_start_seq=start_seq,
-                    ack_policy=AckPolicy.EXPLICIT,
-                    ack_wait=ACK_WAIT_SECONDS,
-                    max_ack_pending=max(50_000, 10 * self.batch),
-                    max_deliver=-1,  # never give up on a record
-                ),
-            )
-        return await js.pull_subscribe_bind(durable=durable, stream=stream)
+        # The only writer (the DuckDB file lock guarantees it), so records a crashed
+        # recorder held are rewound and come back now; ON CONFLICT DO NOTHING skips
+        # those it had already written.
+        config = ConsumerConfig(
+            durable_name=self.bus.subjects.recorder_consumer(stream),
+            description="commhub recorder: every record into DuckDB",
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=ACK_WAIT_SECONDS,
+            max_ack_pending=max(50_000, 10 * self.batch),
+            max_deliver=-1,  # never give up on a record
+        )
+        return await self.bus.bind_durable(stream, config, rewind_unacked=True)
 
     # -- loops ----------------------------------------------------------------------
     async def _fetch_loop(self, stream: str, sub: JetStreamContext.PullSubscription) -> None:

@@ -67,6 +67,9 @@ __all__ = ["BOT", "OutboxEntry", "Router", "RouterStats", "StoredState"]
 log = logging.getLogger(__name__)
 
 BOT = Sender(id="commhub", kind="bot", name="commhub")
+# An input not acked this long is redelivered. A redelivered copy is harmless (the
+# state records what was handled), so this is short; a long step sends in_progress().
+ACK_WAIT_SECONDS = 10
 STATE_CACHE_SIZE = 50_000  # conversations whose last written state this router keeps
 RETRIES_IN_PLACE = 6  # about 1.5 s of backoff before an input is handed back with a nak
 
@@ -113,6 +116,7 @@ class Router:
         threshold: float,
         concurrency: int = 64,
         model: tuple[str, str] = ("", ""),
+        exclusive: bool = False,
     ) -> None:
         self.bus = bus
         self.engine = engine
@@ -121,6 +125,7 @@ class Router:
         self.threshold = threshold
         self.concurrency = concurrency
         self.model_name, self.model_version = model
+        self.exclusive = exclusive  # the only router on this stream: may rewind on start
         self.stats = RouterStats()
         self._slots = asyncio.Semaphore(concurrency)
         self._runner = KeyedSerialRunner()
@@ -140,13 +145,12 @@ class Router:
             filter_subjects=[s.all_inbound, s.all_workflow_input],
             deliver_policy=DeliverPolicy.NEW,
             ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=30,
+            ack_wait=ACK_WAIT_SECONDS,
             max_deliver=-1,
             max_ack_pending=max(1000, self.concurrency * 8),
         )
-        await self.bus.js.add_consumer(s.messages_stream, config=config)
-        self._sub = await self.bus.js.pull_subscribe_bind(
-            durable=s.router_consumer, stream=s.messages_stream
+        self._sub = await self.bus.bind_durable(
+            s.messages_stream, config, rewind_unacked=self.exclusive
         )
         self._fetch_task = asyncio.create_task(self._fetch_loop(), name="router-fetch")
 

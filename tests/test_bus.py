@@ -29,3 +29,32 @@ async def test_ensure_streams_is_idempotent(bus: Bus) -> None:
     await bus.ensure_streams()
     info = await bus.js.stream_info(bus.subjects.messages_stream)
     assert info.state.messages == 1
+
+
+async def test_bind_durable_rewinds_what_a_dead_consumer_held(bus: Bus) -> None:
+    """Deliveries a dead process never acked come back at once after a rewinding bind,
+    and not before the ack wait without one."""
+    import nats.errors
+    from nats.js.api import AckPolicy, ConsumerConfig
+
+    stream = bus.subjects.messages_stream
+    config = ConsumerConfig(durable_name="rewind", ack_policy=AckPolicy.EXPLICIT, ack_wait=60,
+                            filter_subject=bus.subjects.all_inbound)
+    for i in range(3):
+        await bus.publish(bus.subjects.inbound("test", "c1"), _message(f"r{i}"))
+    dead = await bus.bind_durable(stream, config)
+    held = await dead.fetch(3, timeout=2)  # a process fetches, then dies without acking
+    assert len(held) == 3
+
+    plain = await bus.bind_durable(stream, config)
+    try:
+        await plain.fetch(3, timeout=0.5)
+        raise AssertionError("held deliveries came back before the ack wait")
+    except (nats.errors.TimeoutError, TimeoutError):
+        pass
+
+    rewound = await bus.bind_durable(stream, config, rewind_unacked=True)
+    again = await rewound.fetch(3, timeout=5)
+    assert [m.metadata.sequence.stream for m in again] == [1, 2, 3]
+    for sub in (dead, plain, rewound):
+        await sub.unsubscribe()

@@ -253,3 +253,9 @@ async def test_a_broken_workflow_file_stops_the_hub_with_file_and_line(
     assert str(broken) in str(error.value) and ":10:" in str(error.value)
     assert "nowhere" in str(error.value)
     assert hub.bus is None and hub.lock is None  # nothing left running
+
+
+async def test_the_state_api_answers_unknown_conversations_with_not_found(hub: Hub) -> None:
+    """`{prefix}.api.state` for a conversation that never spoke says not_found."""
+    answer = await hub_state(hub, "never-seen")
+    assert answer["error"]["code"] == "not_found"
