@@ -15,6 +15,7 @@ import pytest
 
 from commhub.core.bus import Bus
 from commhub.core.config import Settings
+from commhub.core.hub import Hub
 from commhub.core.natsserver import EmbeddedNats
 from commhub.core.subjects import Subjects
 
@@ -57,3 +58,13 @@ def settings(nats_url: str, prefix: str, tmp_path: Path) -> Settings:
         ws_port=0,
         http_port=0,
     )
+
+
+@pytest.fixture
+async def hub(settings: Settings) -> AsyncIterator[Hub]:
+    """A whole hub (router, recorder, WebSocket channel) in this process, on the
+    session's nats-server with this test's prefix."""
+    hub = Hub(settings)
+    await hub.start()
+    yield hub
+    await hub.stop()

@@ -10,6 +10,7 @@ from typing import Any
 import msgspec
 import nats
 import pytest
+from inproc import hub_state, ws_port
 from wschat import Chat
 
 from commhub.core.config import Settings
@@ -27,16 +28,8 @@ from commhub.core.workflow import WorkflowError
 BOOKING = ["4", "tomorrow", "19:30", "Ann", "ann@example.com"]
 
 
-@pytest.fixture
-async def hub(settings: Settings) -> AsyncIterator[Hub]:
-    hub = Hub(settings)
-    await hub.start()
-    yield hub
-    await hub.stop()
 
 
-def ws_port(hub: Hub) -> int:
-    return int(hub.channels["websocket"].port)  # type: ignore[attr-defined]
 
 
 class Observer:
@@ -140,13 +133,6 @@ async def test_clear_text_while_clarifying_starts_that_workflow(hub: Hub) -> Non
     await chat.close()
 
 
-async def hub_state(hub: Hub, conversation: str) -> dict[str, Any]:
-    """The conversation state as any service reads it: ``{prefix}.api.state``."""
-    assert hub.bus is not None
-    reply = await hub.bus.nc.request(
-        hub.bus.subjects.api("state"), msgspec.json.encode({"conversation": conversation}), 5
-    )
-    return dict(msgspec.json.decode(reply.data))
 
 
 APPROVAL = """

@@ -26,6 +26,7 @@ from typing import Any
 import msgspec
 import pluggy
 import pytest
+from inproc import ws_port
 from pydantic import BaseModel
 from wschat import Chat
 
@@ -145,8 +146,6 @@ async def running(hub: Hub) -> AsyncIterator[Hub]:
         await hub.stop()
 
 
-def ws_port(hub: Hub) -> int:
-    return int(hub.channels["websocket"].port)  # type: ignore[attr-defined]
 
 
 # -- the outside package ----------------------------------------------------------------

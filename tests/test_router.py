@@ -3,27 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
-import pytest
+from inproc import hub_state, ws_port
 from wschat import Chat
 
-from commhub.core.config import Settings
 from commhub.core.hub import Hub
-
-
-@pytest.fixture
-async def hub(settings: Settings) -> AsyncIterator[Hub]:
-    hub = Hub(settings)
-    await hub.start()
-    yield hub
-    await hub.stop()
-
-
-def ws_port(hub: Hub) -> int:
-    return int(hub.channels["websocket"].port)  # type: ignore[attr-defined]
 
 
 async def count_out_messages(hub: Hub, conversation: str) -> int:
@@ -137,12 +123,6 @@ async def test_a_state_written_by_another_router_wins_over_the_cache(hub: Hub) -
     await chat.close()
 
 
-async def hub_state(hub: Hub, conversation: str) -> dict[str, Any]:
-    assert hub.bus is not None
-    reply = await hub.bus.nc.request(
-        hub.bus.subjects.api("state"), msgspec.json.encode({"conversation": conversation}), 5
-    )
-    return dict(msgspec.json.decode(reply.data))
 
 
 async def test_one_conversation_is_handled_in_order(hub: Hub) -> None:
