@@ -133,8 +133,9 @@ class EmbeddedNats:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise NatsServerError(
-                    f"nats-server exited with {self.process.returncode}; "
-                    f"see {self.data_dir / 'nats-server.log'}"
+                    f"nats-server exited with {self.process.returncode}: {self._last_error()} "
+                    f"(full log: {self.data_dir / 'nats-server.log'}; to use another port "
+                    "set COMMHUB_NATS_PORT, or 0 for any free one)"
                 )
             if ports_file.is_file():
                 try:
@@ -149,6 +150,15 @@ class EmbeddedNats:
             raise NatsServerError(f"nats-server did not start within {timeout:.0f}s")
         assert self.url is not None
         return self.url
+
+    def _last_error(self) -> str:
+        """The server's own last complaint, which usually says what went wrong."""
+        try:
+            lines = (self.data_dir / "nats-server.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return "no log"
+        errors = [line for line in lines if "[FTL]" in line or "[ERR]" in line]
+        return (errors or lines or ["no log"])[-1].strip()
 
     def _spawn(self, ports_dir: Path) -> subprocess.Popen[bytes]:
         """Fork and exec the server (fast; kept out of the async path on purpose)."""

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import nats
+import pytest
 from hubproc import pid_alive, wait_dead
 
-from commhub.core.natsserver import EmbeddedNats
+from commhub.core.natsserver import EmbeddedNats, NatsServerError
 
 
 async def test_a_server_left_on_the_data_dir_is_taken_over(tmp_path: Path) -> None:
@@ -43,3 +45,14 @@ async def test_stop_ends_the_server_and_clears_its_pid_file(tmp_path: Path) -> N
     assert wait_dead(pid)
     assert not (tmp_path / "nats-server.pid").exists()
     server.stop()
+
+
+async def test_a_port_in_use_is_reported_with_the_servers_reason(tmp_path: Path) -> None:
+    """When the server cannot listen, the error carries nats-server's own reason."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(NatsServerError, match="address already in use") as error:
+            await EmbeddedNats(tmp_path, port=port).start()
+    assert "COMMHUB_NATS_PORT" in str(error.value)
