@@ -1,9 +1,11 @@
 """Turns per second through the whole hub, beside a raw NATS echo measured in the same run.
 
-    python bench/bench_hub.py [--conversations 50] [--turns 20]
+    python bench/bench_hub.py [--conversations 50] [--turns 20] [--split]
 
 Starts ``commhub up`` in a subprocess (embedded nats-server, temporary data directory,
-free ports), then drives N concurrent WebSocket conversations through a workflow. A
+free ports), or with ``--split`` a nats-server and one ``commhub up --role`` process per
+role (channels, router, recorder), then drives N concurrent WebSocket conversations
+through a workflow. A
 turn is one user message and the bot's first reply to it; its latency is measured at
 the client. The baseline is a nats-py request/reply echo with the same concurrency
 against the same nats-server, so the ratio says what the hub costs on top of the bus.
@@ -14,19 +16,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nats
 from websockets.asyncio.client import connect
+
+from commhub.core.natsserver import EmbeddedNats
 
 # One booking, start to finish: intent, party size, day, time, name, email, confirmation.
 SCRIPT = ["I'd like to book a table", "4", "tomorrow", "19:30", "Ann", "ann@example.com", "yes"]
@@ -113,43 +120,89 @@ def report(name: str, rate: float, latencies: list[float]) -> None:
           f"mean {statistics.fmean(ms):7.2f} ms")
 
 
-def start_hub(env: dict[str, str]) -> subprocess.Popen[bytes]:
+def start_hub(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "commhub.core.cli", "up"], env=env,
+        [sys.executable, "-m", "commhub.core.cli", "up", *args], env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def running_hub(data_dir: Path, split: bool) -> AsyncIterator[tuple[int, str]]:
+    """Yield (WebSocket port, NATS URL) of a hub: one `commhub up` process, or with
+    ``split`` an embedded nats-server and one process per role (channels, router,
+    recorder), the scale-out layout on one machine."""
+    # The per-connection rate limit protects a hub from one client; a bench client
+    # sends as fast as the hub answers, so it gets a limit it cannot reach.
+    config = data_dir / "bench.toml"
+    config.write_text(
+        "[plugins.websocket]\nmax_messages_per_second = 100000\nrate_burst = 100000\n"
+    )
+    env = {**os.environ, "COMMHUB_NATS_PORT": "0", "COMMHUB_WS_PORT": "0",
+           "COMMHUB_HTTP_PORT": "0", "COMMHUB_CONFIG": str(config)}
+    processes: list[subprocess.Popen[bytes]] = []
+    server: EmbeddedNats | None = None
+    try:
+        if not split:
+            processes.append(start_hub({**env, "COMMHUB_DATA_DIR": str(data_dir)}))
+            info = await wait_for_hub(data_dir, processes[0])
+            yield ws_port(info), str(info["nats_url"])
+            return
+        server = EmbeddedNats(data_dir / "nats", port=0)
+        url = await server.start()
+        port = free_port()
+        for role in ("recorder", "router", "channels"):
+            processes.append(start_hub({**env, "COMMHUB_NATS_URL": url,
+                                        "COMMHUB_WS_PORT": str(port),
+                                        "COMMHUB_DATA_DIR": str(data_dir / role)},
+                                       "--role", role))
+        await wait_for_port(port, processes)
+        yield port, url
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            process.wait(30)
+        if server is not None:
+            server.stop()
+
+
+async def wait_for_port(port: int, processes: list[subprocess.Popen[bytes]]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in processes):
+            raise SystemExit("a role process exited during start")
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            await asyncio.sleep(2)  # the router and recorder start beside the channel
+            return
+        except OSError:
+            await asyncio.sleep(0.1)
+    raise SystemExit("the channels process did not start within 60 s")
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--conversations", type=int, default=50)
     parser.add_argument("--turns", type=int, default=20)
+    parser.add_argument("--split", action="store_true",
+                        help="run channels, router and recorder as separate processes")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="commhub-bench-") as tmp:
-        data_dir = Path(tmp)
-        # The per-connection rate limit protects a hub from one client; a bench client
-        # sends as fast as the hub answers, so it gets a limit it cannot reach.
-        config = data_dir / "bench.toml"
-        config.write_text(
-            "[plugins.websocket]\nmax_messages_per_second = 100000\nrate_burst = 100000\n"
-        )
-        env = {**os.environ, "COMMHUB_DATA_DIR": str(data_dir), "COMMHUB_NATS_PORT": "0",
-               "COMMHUB_WS_PORT": "0", "COMMHUB_HTTP_PORT": "0",
-               "COMMHUB_CONFIG": str(config)}
-        process = start_hub(env)
-        try:
-            info = await wait_for_hub(data_dir, process)
-            port = ws_port(info)
+        async with running_hub(Path(tmp), args.split) as (port, url):
             await hub_load(port, 5, 4)  # warm up: classifier, consumers, connections
             rate, latencies = await hub_load(port, args.conversations, args.turns)
-            echo_rate, echo_latencies = await echo_load(
-                str(info["nats_url"]), args.conversations, args.turns
-            )
-        finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(30)
+            echo_rate, echo_latencies = await echo_load(url, args.conversations, args.turns)
+    layout = "one process per role" if args.split else "one hub process"
     print(f"{args.conversations} concurrent conversations x {args.turns} turns "
-          f"({os.cpu_count()} cores)")
+          f"({os.cpu_count()} cores, {layout})")
     report("hub turns (WebSocket)", rate, latencies)
     report("baseline: NATS req/reply", echo_rate, echo_latencies)
     print(f"ratio hub/baseline: {rate / echo_rate:.3f} of the echo rate")
