@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from pydantic import BaseModel
@@ -155,6 +155,3 @@ class ChannelContext:
         finally:
             with contextlib.suppress(Exception):  # the connection may be closing
                 await asyncio.shield(sub.unsubscribe())
-
-    def plugin_settings(self) -> dict[str, Any]:
-        return self.hub_settings.plugin_settings(self.channel)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pluggy
 
@@ -36,6 +36,8 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "commhub.plugins.tfidf",
     "commhub.workflows.builtin",
 )
+
+T = TypeVar("T")
 
 DROP = False  # what a middleware hook returns to stop a message
 
@@ -106,47 +108,44 @@ class Plugins:
     # -- contributions ------------------------------------------------------------
     def channels(self) -> dict[str, type[Channel]]:
         """Every registered channel class by name; duplicates and bad names raise."""
-        found: dict[str, type[Channel]] = {}
+        return self._classes("register_channels", Channel, "channel",
+                             valid_token, "a token-like name")
+
+    def classifiers(self) -> dict[str, type[Classifier]]:
+        """Every registered classifier class by name; duplicates and bad names raise."""
+        return self._classes("register_classifiers", Classifier, "classifier",
+                             bool, "a name")
+
+    def _classes(
+        self,
+        hook_name: str,
+        base: type[T],
+        kind: str,
+        name_ok: Callable[[str], bool],
+        name_rule: str,
+    ) -> dict[str, type[T]]:
+        """Collect the ``base`` subclasses a ``register_*`` hook contributes, by ``name``.
+
+        Every error names the plugin that contributed the bad class (and for a duplicate,
+        both classes and both plugins).
+        """
+        found: dict[str, type[T]] = {}
         owners: dict[str, str] = {}
 
         def register(plugin: str, cls: type) -> None:
-            if not (inspect.isclass(cls) and issubclass(cls, Channel)):
-                raise PluginError(
-                    f"plugin {plugin}: register_channels got {cls!r}, not a Channel subclass"
-                )
+            if not (inspect.isclass(cls) and issubclass(cls, base)):
+                raise PluginError(f"plugin {plugin}: {hook_name} got {cls!r}, "
+                                  f"not a {base.__name__} subclass")
             name = getattr(cls, "name", None)
-            if not isinstance(name, str) or not valid_token(name):
-                raise PluginError(
-                    f"plugin {plugin}: channel {cls.__qualname__} needs a token-like name"
-                )
+            if not isinstance(name, str) or not name_ok(name):
+                raise PluginError(f"plugin {plugin}: {kind} {cls.__qualname__} needs {name_rule}")
             if name in found:
-                raise PluginError(f"two channels are named {name!r}: {found[name].__qualname__} "
+                raise PluginError(f"two {kind}s are named {name!r}: {found[name].__qualname__} "
                                   f"of plugin {owners[name]} and {cls.__qualname__} of "
                                   f"plugin {plugin}")
             found[name], owners[name] = cls, plugin
 
-        self._contribute("register_channels", register)
-        return found
-
-    def classifiers(self) -> dict[str, type[Classifier]]:
-        """Every registered classifier class by name."""
-        found: dict[str, type[Classifier]] = {}
-        owners: dict[str, str] = {}
-
-        def register(plugin: str, cls: type) -> None:
-            if not (inspect.isclass(cls) and issubclass(cls, Classifier)):
-                raise PluginError(f"plugin {plugin}: register_classifiers got {cls!r}, "
-                                  "not a Classifier subclass")
-            name = getattr(cls, "name", None)
-            if not isinstance(name, str) or not name:
-                raise PluginError(f"plugin {plugin}: classifier {cls.__qualname__} needs a name")
-            if name in found:
-                raise PluginError(f"two classifiers are named {name!r}: "
-                                  f"{found[name].__qualname__} of plugin {owners[name]} and "
-                                  f"{cls.__qualname__} of plugin {plugin}")
-            found[name], owners[name] = cls, plugin
-
-        self._contribute("register_classifiers", register)
+        self._contribute(hook_name, register)
         return found
 
     def workflow_sources(self) -> list[Any]:

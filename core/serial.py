@@ -61,9 +61,5 @@ class KeyedSerialRunner:
             if not self._queues:
                 self._idle.set()
 
-    @property
-    def busy_keys(self) -> int:
-        return len(self._queues)
-
     async def join(self) -> None:
         await self._idle.wait()

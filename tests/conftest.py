@@ -61,6 +61,12 @@ def settings(nats_url: str, prefix: str, tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    """A DuckDB file of this test's own."""
+    return tmp_path / "records.duckdb"
+
+
+@pytest.fixture
 async def hub(settings: Settings) -> AsyncIterator[Hub]:
     """A whole hub (router, recorder, WebSocket channel) in this process, on the
     session's nats-server with this test's prefix."""

@@ -79,11 +79,6 @@ def count(recorder: Recorder, table: str) -> int:
 
 
 @pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "records.duckdb"
-
-
-@pytest.fixture
 async def recorder(bus: Bus, db_path: Path) -> AsyncIterator[Recorder]:
     recorder = Recorder(bus, db_path, flush_seconds=0.05)
     await recorder.start()

@@ -39,11 +39,6 @@ async def _wait_for(recorder: Recorder, records: int) -> None:
 
 
 @pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "records.duckdb"
-
-
-@pytest.fixture
 async def recorder(bus: Bus, db_path: Path) -> AsyncIterator[Recorder]:
     """A running recorder holding N_MESSAGES messages of conversation c1."""
     recorder = Recorder(bus, db_path, flush_seconds=0.05)
