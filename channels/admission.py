@@ -7,8 +7,10 @@ either a :class:`Admitted` (the connection's conversation, user and start cursor
 * ``conversation`` is required and must be one subject token;
 * ``user`` is optional (default ``anon-<8 hex>``) and must be one subject token;
 * ``after`` is optional, a non-negative integer cursor;
-* ``token`` must be one of the static tokens unless anonymous clients are allowed; a
-  token that is given but wrong is refused even when anonymous clients are allowed.
+* ``token`` is checked by :class:`commhub.core.tokens.TokenAuthority`: a static token, or
+  a signed token whose user (and conversation, if it names one) the client is bound to;
+  without ``user`` a signed token's user is taken. A token that is given but wrong is
+  refused even when anonymous clients are allowed.
 
 Close codes are in the 4000-4999 private range so that a browser, which cannot read the
 HTTP body of a refused handshake, still learns why (``CloseEvent.code``/``reason``).
@@ -16,14 +18,13 @@ HTTP body of a refused handshake, still learns why (``CloseEvent.code``/``reason
 
 from __future__ import annotations
 
-import hmac
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 from urllib.parse import parse_qs, urlsplit
 
 from commhub.core.envelope import new_id
 from commhub.core.subjects import valid_token
+from commhub.core.tokens import TokenAuthority, TokenRefused
 
 __all__ = [
     "CLOSE_BAD_REQUEST",
@@ -64,9 +65,7 @@ class Refused:
     user: str | None = None
 
 
-def admit(
-    path: str, *, tokens: Sequence[str], anonymous_allowed: bool
-) -> Admitted | Refused:
+def admit(path: str, *, authority: TokenAuthority) -> Admitted | Refused:
     """Check a request path with its query string against the connect rules."""
     query = parse_qs(urlsplit(path).query, keep_blank_values=True)
 
@@ -98,23 +97,13 @@ def admit(
                            conv_shown, user_shown)
         after = int(raw_after)
     token = one("token")
-    if token:
-        if not _known(token, tokens):
-            return Refused(CLOSE_UNAUTHORIZED, "invalid token", conv_shown, user_shown)
-    elif not anonymous_allowed:
-        return Refused(CLOSE_UNAUTHORIZED, "token required", conv_shown, user_shown)
+    try:
+        identity = authority.check(token, user=user, conversation=conversation)
+    except TokenRefused as exc:
+        return Refused(CLOSE_UNAUTHORIZED, str(exc), conv_shown, user_shown)
     return Admitted(
         conversation=conversation,
-        user=user or f"anon-{new_id()[:8]}",
+        user=user or identity.user or f"anon-{new_id()[:8]}",
         after=after,
-        anonymous=not token,
+        anonymous=identity.kind == "anonymous",
     )
-
-
-def _known(token: str, tokens: Sequence[str]) -> bool:
-    # Compare with every token in constant time, so timing does not reveal a prefix.
-    given = token.encode()
-    found = False
-    for candidate in tokens:
-        found |= hmac.compare_digest(given, candidate.encode())
-    return found

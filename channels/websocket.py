@@ -130,6 +130,7 @@ class WebSocketChannel(Channel):
         self.port: int | None = None
         self._server: Server | None = None
         self._conns: dict[str, _Conn] = {}
+        self._authority = ctx.tokens
 
     @property
     def connection_count(self) -> int:
@@ -196,10 +197,7 @@ class WebSocketChannel(Channel):
     async def _handle(self, ws: ServerConnection) -> None:
         conn_id = new_id()[:16]
         assert ws.request is not None
-        hub = self.ctx.hub_settings
-        verdict = admit(
-            ws.request.path, tokens=hub.tokens, anonymous_allowed=hub.anonymous_allowed
-        )
+        verdict = admit(ws.request.path, authority=self._authority)
         if isinstance(verdict, Admitted) and len(self._conns) >= self.config.max_connections:
             verdict = Refused(
                 CLOSE_TOO_MANY, "too many connections", verdict.conversation, verdict.user

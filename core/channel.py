@@ -13,6 +13,10 @@ A channel carries people's messages between a chat network and the bus. It imple
   misses nothing and sees nothing twice.
 * ``await ctx.publish_event(kind, ...)``: a ChannelEvent on the bus (accepted, rejected,
   closed, error, delivery_failed). Never raises.
+* ``ctx.web``: the hub's HTTP server (:class:`commhub.core.web.WebServer`), for channels
+  that serve HTTP (an API, a webhook). Add routes in ``start()``; the hub starts serving
+  after every channel has started. ``ctx.web.url`` is known by then.
+* ``ctx.tokens``: the hub's client token checker (static and signed tokens).
 
 Writing a new channel is one class; see ``examples/commhub-channel-lines`` and
 ``docs/plugins.md``.
@@ -34,6 +38,7 @@ from .envelope import ChannelEvent, ChannelEventKind, EnvelopeError, Message, de
 if TYPE_CHECKING:
     from .bus import Bus
     from .config import Settings
+    from .web import WebServer
 
 __all__ = ["Channel", "ChannelContext", "OutboundItem"]
 
@@ -72,11 +77,22 @@ class Channel:
 class ChannelContext:
     """The hub, as one channel sees it. Safe to use from many tasks at once."""
 
-    def __init__(self, channel: str, bus: Bus, settings: Settings) -> None:
+    def __init__(
+        self, channel: str, bus: Bus, settings: Settings, web: WebServer | None = None
+    ) -> None:
         self.channel = channel
         self.bus = bus
         self.hub_settings = settings
         self.subjects = bus.subjects
+        self.tokens = settings.token_authority()
+        self._web = web
+
+    @property
+    def web(self) -> WebServer:
+        """The hub's HTTP server; raises if this hub process runs none."""
+        if self._web is None:
+            raise RuntimeError("this hub process runs no HTTP server (role without channels)")
+        return self._web
 
     async def publish_inbound(self, message: Message) -> int:
         """Publish a user's message durably; return its stream sequence.

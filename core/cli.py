@@ -2,9 +2,10 @@
 
 ``commhub up`` runs a hub; ``commhub sql`` queries its records (over the bus while it
 runs, from the DuckDB file when it is stopped); ``commhub schema`` prints the envelope's
-JSON Schema; ``commhub plugins`` lists plugins; ``commhub workflows check|list`` checks
-workflow files. Every error a user can cause ends in one ``commhub: error: ...`` line
-and exit status 1; bad command-line usage exits 2.
+JSON Schema; ``commhub token`` mints a signed client token; ``commhub plugins`` lists
+plugins; ``commhub workflows check|list`` checks workflow files. Every error a user can
+cause ends in one ``commhub: error: ...`` line and exit status 1; bad command-line usage
+exits 2.
 """
 
 from __future__ import annotations
@@ -56,6 +57,12 @@ def _build_parser() -> argparse.ArgumentParser:
     sql.add_argument("--timeout", type=float, default=None, help="seconds")
 
     sub.add_parser("schema", help="print the JSON Schema of the bus envelope")
+
+    token = sub.add_parser("token", help="print a signed client token (needs token_secret)")
+    token.add_argument("--config", help="TOML config file (or COMMHUB_CONFIG)")
+    token.add_argument("--user", required=True, help="the user id the token speaks for")
+    token.add_argument("--conversation", help="bind the token to this conversation too")
+    token.add_argument("--ttl", type=float, default=3600.0, help="seconds until it expires")
     sub.add_parser("plugins", help="list plugins, their versions, origins and hooks")
 
     wf = sub.add_parser("workflows", help="check or list workflows")
@@ -148,6 +155,23 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_token(args: argparse.Namespace) -> int:
+    from .subjects import valid_token
+    from .tokens import mint
+
+    settings = _load_settings(args)
+    if settings.token_secret is None:
+        raise _UserError("no token_secret configured (set COMMHUB_TOKEN_SECRET or token_secret)")
+    for what in ("user", "conversation"):
+        value = getattr(args, what)
+        if value is not None and not valid_token(value):
+            raise _UserError(f"invalid {what} {value!r}: use 1-128 letters, digits, - or _")
+    if args.ttl <= 0:
+        raise _UserError("--ttl must be positive")
+    print(mint(settings.token_secret.get_secret_value(), args.user, args.ttl, args.conversation))
+    return 0
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
     from .plugins import Plugins
 
@@ -189,6 +213,7 @@ COMMANDS = {
     "up": cmd_up,
     "sql": cmd_sql,
     "schema": cmd_schema,
+    "token": cmd_token,
     "plugins": cmd_plugins,
     "workflows": cmd_workflows,
 }

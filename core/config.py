@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -25,6 +25,11 @@ from pydantic_settings import (
 )
 
 from .subjects import Subjects
+
+# The defaults of ``cancel_phrases``/``restart_phrases`` (kept in sync with the router's).
+DEFAULT_CANCEL_PHRASES = ("cancel", "stop", "quit", "never mind", "nevermind", "abort")
+DEFAULT_RESTART_PHRASES = ("restart", "start over", "start again", "begin again")
+from .tokens import TokenAuthority
 
 __all__ = ["Settings", "Role", "load_settings"]
 
@@ -55,15 +60,36 @@ class Settings(BaseSettings):
     tokens: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Static client tokens (env: comma-separated)."
     )
+    token_secret: SecretStr | None = Field(
+        None, description="Secret that signs client tokens (`commhub token`); unset: none."
+    )
     allow_anonymous: bool | None = Field(
         None, description="Accept clients without a token; default: only on a loopback host."
     )
     max_frame_bytes: int = Field(64 * 1024, ge=256)
+    max_body_bytes: int = Field(
+        1024 * 1024, ge=1024, description="Largest HTTP request body the hub accepts."
+    )
 
     threshold: float = Field(
         0.35, ge=0.0, le=1.0, description="Minimum confidence to start a workflow."
     )
     classifier: str = Field("tfidf", description="Name of the classifier plugin to use.")
+    clarify_margin: float = Field(
+        0.1, ge=0.0, le=1.0,
+        description="Top two candidates closer than this: ask which one (0: never ask).",
+    )
+    idle_expiry_seconds: float = Field(
+        3600.0, ge=0.0, description="A workflow run idle this long expires (0: never)."
+    )
+    cancel_phrases: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_CANCEL_PHRASES),
+        description="Messages that cancel the active workflow (env: comma-separated).",
+    )
+    restart_phrases: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_RESTART_PHRASES),
+        description="Messages that restart the active workflow (env: comma-separated).",
+    )
     workflow_paths: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="Extra workflow files or folders (env: comma-separated)."
     )
@@ -79,6 +105,16 @@ class Settings(BaseSettings):
     recorder_flush_seconds: float = Field(0.2, gt=0)
     sql_timeout_seconds: float = Field(10.0, gt=0)
     sql_max_rows: int = Field(10_000, ge=1)
+    sql_snapshot_seconds: float = Field(
+        1.0, ge=0, description="Live SQL reads a snapshot of the records at most this old."
+    )
+    sql_memory_limit: str = Field(
+        "1GB", min_length=1, description="DuckDB memory limit of each SQL snapshot instance."
+    )
+    sql_tokens: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Bearer tokens for SQL over HTTP (/v1/sql); env: comma-separated.",
+    )
 
     @field_validator("prefix")
     @classmethod
@@ -86,7 +122,10 @@ class Settings(BaseSettings):
         Subjects(value)  # raises with a clear reason
         return value
 
-    @field_validator("tokens", "disable_plugins", "workflow_paths", mode="before")
+    @field_validator(
+        "tokens", "disable_plugins", "workflow_paths", "cancel_phrases", "restart_phrases",
+        "sql_tokens", mode="before",
+    )
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         # Environment variables give "a,b" (or a JSON list); TOML and flags give lists.
@@ -129,6 +168,11 @@ class Settings(BaseSettings):
         if self.allow_anonymous is not None:
             return self.allow_anonymous
         return _is_loopback(self.host)
+
+    def token_authority(self) -> TokenAuthority:
+        """The checker every built-in channel uses for client tokens."""
+        secret = self.token_secret.get_secret_value() if self.token_secret else None
+        return TokenAuthority(self.tokens, secret, self.anonymous_allowed)
 
     @property
     def duckdb_path(self) -> Path:

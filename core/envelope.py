@@ -108,10 +108,16 @@ class Alternative(msgspec.Struct, frozen=True):
     confidence: float
 
 
+ClassificationDecision = Literal["workflow", "fallback", "clarify", "button"]
+
+
 class Classification(msgspec.Struct, tag="classification", kw_only=True):
     """What the router decided for one inbound message, and how sure it was.
 
-    ``workflow`` is None when no workflow reached ``threshold`` (the fallback ran).
+    ``workflow`` is None when no workflow reached ``threshold`` (the fallback ran) or
+    when the top two were too close to call. ``decision`` says which: ``workflow``
+    (started), ``fallback``, ``clarify`` (the user was asked "Did you mean A or B?"),
+    ``button`` (a start button chose it).
     """
 
     id: str
@@ -125,6 +131,7 @@ class Classification(msgspec.Struct, tag="classification", kw_only=True):
     model: str = ""
     model_version: str = ""
     ts: float = msgspec.field(default_factory=now)
+    decision: ClassificationDecision | None = None
 
 
 class WorkflowInput(msgspec.Struct, tag="workflow_input", kw_only=True):
@@ -143,7 +150,8 @@ class WorkflowInput(msgspec.Struct, tag="workflow_input", kw_only=True):
 
 
 WorkflowEventKind = Literal[
-    "started", "transition", "completed", "failed", "expired", "cancelled", "emitted"
+    "started", "transition", "completed", "failed", "expired", "cancelled", "emitted",
+    "handoff",
 ]
 
 

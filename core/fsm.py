@@ -1,7 +1,8 @@
 """The workflow engine: a pure function from (conversation state, trigger, now) to a step.
 
 No I/O, no asyncio, no clock and no randomness: the router loads the state from KV,
-calls :meth:`Engine.start` or :meth:`Engine.step`, then stores the returned state and
+calls :meth:`Engine.start`, :meth:`Engine.step`, :meth:`Engine.cancel`,
+:meth:`Engine.restart` or :meth:`Engine.expire`, then stores the returned state and
 publishes the replies, events and emits. The same inputs always give the same
 :class:`~commhub.core.state.StepResult`, so a redelivered message re-run after a crash
 produces the same outputs (and, through derived ids, the same message ids).
@@ -15,12 +16,13 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from msgspec.structs import replace
 
-from .state import ConversationState, Emit, Reply, StepEvent, StepResult, Trigger
+from .envelope import derived_id
+from .state import ConversationState, Emit, PendingAsk, Reply, StepEvent, StepResult, Trigger
 from .workflow import (
     SayDef,
     StateDef,
@@ -30,9 +32,17 @@ from .workflow import (
     template_fields,
 )
 
-__all__ = ["DIDNT_GET_THAT", "LOST_TRACK", "Engine"]
+__all__ = [
+    "CANCELLED",
+    "DIDNT_GET_THAT",
+    "LOST_TRACK",
+    "Engine",
+    "matches_phrase",
+    "normalize_phrase",
+]
 
 DIDNT_GET_THAT = "Sorry, I didn't get that."
+CANCELLED = "Okay, I've stopped that. What else can I do for you?"
 LOST_TRACK = "Sorry, I lost track of our conversation. Could you say that again?"
 _MISSING = object()
 
@@ -58,14 +68,22 @@ class Engine:
 
     # ------------------------------------------------------------------ public steps
     def start(
-        self, state: ConversationState, workflow: str, trigger: Trigger, run_id: str, now: float
+        self,
+        state: ConversationState,
+        workflow: str,
+        trigger: Trigger,
+        run_id: str,
+        now: float,
+        trigger_name: str | None = None,
     ) -> StepResult:
         """Begin a run of ``workflow`` and enter its initial state.
 
         The trigger is the message that chose the workflow (its intent phrase), so it is
         recorded but not consumed as an answer. Any run in progress is replaced. If the
         initial state is final the run completes at once and the state is idle again.
-        Raises KeyError for an unknown workflow (the caller picks the name, not the user).
+        ``trigger_name`` is what the ``started`` event records (default: the trigger's
+        kind). Raises KeyError for an unknown workflow (the caller picks the name, not
+        the user).
         """
         if workflow not in self.definitions:
             raise KeyError(f"unknown workflow {workflow!r}")
@@ -82,18 +100,64 @@ class Engine:
         )
         result = StepResult(state=begun)
         started = StepEvent(kind="started", workflow=workflow, run_id=run_id,
-                            to_state=defn.initial, trigger=trigger.kind)
-        self._enter(defn, defn.initial, result, first_event=started, before={})
+                            to_state=defn.initial, trigger=trigger_name or trigger.kind)
+        self._enter(defn, defn.initial, result, started, {}, trigger.id, now)
+        return result
+
+    def restart(
+        self, state: ConversationState, trigger: Trigger, run_id: str, now: float
+    ) -> StepResult:
+        """Cancel the active run and start its workflow again from the initial state
+        (the user said a restart phrase). Raises ValueError if ``state`` is idle."""
+        if not state.active or state.workflow not in self.definitions:
+            raise ValueError(f"conversation {state.conversation!r} has no run to restart")
+        result = self.start(state, state.workflow, trigger, run_id, now, "restart")
+        result.events.insert(0, StepEvent(kind="cancelled", workflow=state.workflow,
+                                          run_id=state.run_id or "", from_state=state.state,
+                                          trigger="restart"))
+        return result
+
+    def cancel(self, state: ConversationState, trigger: Trigger, now: float) -> StepResult:
+        """End the active run at the user's request (a cancel phrase): a ``cancelled``
+        event, the :data:`CANCELLED` reply, and the conversation is idle."""
+        moved = replace(state, last_input=trigger.id, updated=now, turns=state.turns + 1)
+        result = StepResult(state=_idle(moved))
+        if state.active:
+            result.events.append(StepEvent(kind="cancelled", workflow=state.workflow or "",
+                                           run_id=state.run_id or "", from_state=state.state,
+                                           trigger="cancel"))
+            result.replies.append(Reply(text=CANCELLED))
+        return result
+
+    def expire(self, state: ConversationState, trigger: Trigger, now: float) -> StepResult:
+        """End a run that stayed idle too long: an ``expired`` event, nothing said.
+
+        ``trigger.data`` names the ``run_id`` and the ``updated`` time the expiry was
+        scheduled for; if the conversation moved since, the expiry is stale and only
+        recorded as handled.
+        """
+        moved = replace(state, last_input=trigger.id, updated=now, turns=state.turns + 1)
+        stale = (not state.active or trigger.data.get("run_id") != state.run_id
+                 or trigger.data.get("updated") != state.updated)
+        if stale:
+            # Keep ``updated``: a stale timer is not activity, and must not push the
+            # real expiry further away.
+            return StepResult(state=replace(moved, updated=state.updated))
+        result = StepResult(state=_idle(moved))
+        result.events.append(StepEvent(kind="expired", workflow=state.workflow or "",
+                                       run_id=state.run_id or "", from_state=state.state,
+                                       trigger="expire"))
         return result
 
     def step(self, state: ConversationState, trigger: Trigger, now: float) -> StepResult:
         """Advance an active run with ``trigger``; raises ValueError if ``state`` is idle.
 
         The first transition of the current state that matches wins. A message or button
-        that matches none gets a re-prompt; an event or timeout that matches none is
-        ignored silently. A run whose workflow or state no longer exists (the definitions
-        changed under a stored conversation) fails: the state goes idle and the user is
-        asked to repeat.
+        that matches none gets a re-prompt; an event, timeout or reply that matches none
+        is ignored silently. A timeout or reply meant for another state, run or request
+        (stale) changes nothing. A run whose workflow or state no longer exists (the
+        definitions changed under a stored conversation) fails: the state goes idle and
+        the user is asked to repeat.
         """
         if not state.active:
             raise ValueError(f"conversation {state.conversation!r} has no active workflow")
@@ -108,12 +172,14 @@ class Engine:
             result.replies.append(Reply(text=LOST_TRACK))
             result.state = _idle(moved)
             return result
-        if self._stale_timeout(state, trigger):
+        if self._stale(state, trigger):
+            result.state = replace(moved, updated=state.updated)  # a stale timer is no activity
             return result
+        elapsed = _timer_elapsed(state, trigger)
 
         invalid: tuple[TransitionDef, str] | None = None
         for transition in current.on:
-            filled = _match(defn, current, transition, trigger)
+            filled = _match(defn, current, transition, trigger, elapsed)
             if filled is None:
                 continue
             slot = transition.slot
@@ -130,11 +196,19 @@ class Engine:
                               from_state=state.state, to_state=transition.to,
                               trigger=_trigger_name(trigger))
             result.state = replace(moved, state=transition.to, slots=tentative)
-            self._enter(defn, transition.to, result, first_event=event, before=state.slots)
+            self._enter(defn, transition.to, result, event, state.slots, trigger.id, now)
             return result
 
-        if trigger.kind in ("event", "timeout"):
-            return result  # a service event or timer this state does not expect
+        if trigger.kind == "timeout":
+            # This timer fired and nothing took it: the next longer one is due next.
+            later = current.next_timeout(elapsed)
+            result.state = replace(moved, timeout_at=None if later is None
+                                   else state.entered + later)
+            return result
+        if trigger.kind == "reply":
+            return _with_state(result, asking=None)  # answered; nothing listens for it
+        if trigger.kind == "event":
+            return result  # a service event this state does not expect
         buttons = self._buttons(current, state.slots)
         if invalid is not None:
             transition, slot = invalid
@@ -148,14 +222,37 @@ class Engine:
             result.replies.extend(self._say(current.say, state.slots))
         return result
 
-    def _stale_timeout(self, state: ConversationState, trigger: Trigger) -> bool:
-        """A timeout scheduled for another state or run is ignored (the router passes the
-        ``state`` and ``run_id`` it scheduled for in ``trigger.data``)."""
-        if trigger.kind != "timeout":
+    def offers(self, state: ConversationState, text: str) -> bool:
+        """True when the current state has a button whose value or title is ``text``
+        (case-insensitive): such a state's own "cancel" button wins over the global
+        cancel phrase."""
+        defn = self.definitions.get(state.workflow or "")
+        current = defn.states.get(state.state or "") if defn is not None else None
+        if current is None:
             return False
-        for key, current in (("state", state.state), ("run_id", state.run_id)):
-            if key in trigger.data and trigger.data[key] != current:
-                return True
+        typed = normalize_phrase(text)
+        values = {normalize_phrase(t.button) for t in current.on if t.button is not None}
+        for say in current.say:
+            for button in say.buttons:
+                if normalize_phrase(button.value) in values:
+                    values.add(normalize_phrase(button.title))
+        return typed in values
+
+    def _stale(self, state: ConversationState, trigger: Trigger) -> bool:
+        """A timer or reply scheduled for another run, state or request is ignored.
+
+        The router passes what a timeout was scheduled for in ``trigger.data``
+        (``run_id``, ``state``, ``entered``, ``at``) and the request id of a reply
+        (``id``); entering a state again gives it a new ``entered`` time, so an old
+        timer of the same state is stale too.
+        """
+        data = trigger.data
+        if trigger.kind == "timeout":
+            expected = (("state", state.state), ("run_id", state.run_id),
+                        ("entered", state.entered), ("at", state.timeout_at))
+            return any(key in data and data[key] != current for key, current in expected)
+        if trigger.kind == "reply":
+            return state.asking is None or data.get("id") != state.asking.id
         return False
 
     # ------------------------------------------------------------------ entering states
@@ -166,9 +263,11 @@ class Engine:
         result: StepResult,
         first_event: StepEvent,
         before: Mapping[str, Any],
+        input_id: str,
+        now: float,
     ) -> None:
-        """Run ``name``'s entry actions on ``result`` (set, say, emit); finish the run if
-        the state is final."""
+        """Run ``name``'s entry actions on ``result`` (set, say, emit, ask); arm its
+        timeout; hand off if it is a handoff state; finish the run if it is final."""
         target = defn.states[name]
         slots = dict(result.state.slots)
         for slot, value in target.set.items():
@@ -180,11 +279,32 @@ class Engine:
         result.emits.extend(
             Emit(name=emit.name, data=_render_value(emit.data, slots)) for emit in target.emit
         )
-        result.state = replace(result.state, slots=slots,
-                               handoff=result.state.handoff or target.handoff)
+        run_id = result.state.run_id or ""
+        asking = None
+        if target.ask is not None:
+            asking = PendingAsk(
+                # Derived from the input, run and state: a recomputed step asks with the
+                # same id, which services can use to drop a repeated request.
+                id=derived_id(input_id, run_id, name, "ask"),
+                subject=target.ask.subject,
+                data=_render_value(target.ask.data, slots),
+                timeout=target.ask.timeout,
+            )
+        timeout = target.timeout
+        handed_off = result.state.handoff  # already with agents: do not announce it again
+        result.state = replace(result.state, slots=slots, handoff=target.handoff, entered=now,
+                               timeout_at=None if timeout is None else now + timeout,
+                               asking=asking, expires=target.expires)
+        if target.handoff and not handed_off:
+            state = result.state
+            result.events.append(StepEvent(
+                kind="handoff", workflow=defn.name, run_id=run_id, to_state=name,
+                trigger=first_event.trigger,
+                data={"channel": state.channel, "user": state.user, "slots": slots},
+            ))
         if target.final:
             result.events.append(StepEvent(kind="completed", workflow=defn.name,
-                                           run_id=result.state.run_id or "", to_state=name,
+                                           run_id=run_id, to_state=name,
                                            trigger=first_event.trigger))
             result.state = _idle(result.state)
 
@@ -211,7 +331,11 @@ class Engine:
 
 
 def _match(
-    defn: WorkflowDef, current: StateDef, transition: TransitionDef, trigger: Trigger
+    defn: WorkflowDef,
+    current: StateDef,
+    transition: TransitionDef,
+    trigger: Trigger,
+    elapsed: float,
 ) -> dict[str, Any] | None:
     """Slots the trigger fills if ``transition``'s trigger matches it (before slot
     validation and guard), else None. Messages and button presses match both ``message``
@@ -238,8 +362,52 @@ def _match(
             return None
         return {k: v for k, v in trigger.data.items() if k in defn.slots}
     if kind == "timeout":
-        return {} if trigger.kind == "timeout" else None
+        assert transition.timeout is not None
+        # Only the timers that are due: a state may have several (remind, give up).
+        due = trigger.kind == "timeout" and transition.timeout <= elapsed + 1e-6
+        return {} if due else None
+    if kind == "reply":
+        if trigger.kind != "reply":
+            return None
+        ok = bool(trigger.data.get("ok"))
+        wanted = transition.reply
+        if not ((wanted == "ok" and ok) or (wanted == "error" and not ok)
+                or (wanted == "timeout" and not ok and trigger.data.get("error") == "timeout")):
+            return None
+        answer = trigger.data.get("reply")
+        if not isinstance(answer, dict):
+            return {}
+        return {k: v for k, v in answer.items() if k in defn.slots}
     return None
+
+
+def _timer_elapsed(state: ConversationState, trigger: Trigger) -> float:
+    """For a timeout trigger, how long the state had waited when the timer was due."""
+    if trigger.kind != "timeout":
+        return 0.0
+    at = trigger.data.get("at")
+    return (float(at) if isinstance(at, int | float) else trigger.ts) - state.entered
+
+
+def _with_state(result: StepResult, **changes: Any) -> StepResult:
+    """``result`` with its state's fields replaced."""
+    result.state = replace(result.state, **changes)
+    return result
+
+
+def normalize_phrase(text: str) -> str:
+    """Text as phrases are compared: case-folded, punctuation dropped, spaces collapsed
+    (``"Start over!"`` is ``"start over"``)."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.casefold()).split())
+
+
+def matches_phrase(text: str | None, phrases: Iterable[str]) -> bool:
+    """True when the whole ``text`` is one of ``phrases`` (see :func:`normalize_phrase`):
+    "stop" matches, "please stop the emails" does not."""
+    if not text:
+        return False
+    typed = normalize_phrase(text)
+    return bool(typed) and any(typed == normalize_phrase(p) for p in phrases)
 
 
 def _utc_date(now: float) -> dt.date:
@@ -249,13 +417,19 @@ def _utc_date(now: float) -> dt.date:
 
 
 def _idle(state: ConversationState) -> ConversationState:
-    return replace(state, workflow=None, state=None, run_id=None, slots={})
+    return replace(state, workflow=None, state=None, run_id=None, slots={}, handoff=False,
+                   entered=0.0, timeout_at=None, asking=None, expires=True)
 
 
 def _trigger_name(trigger: Trigger) -> str:
-    """What a WorkflowEvent records as its trigger: the event's name, or the kind."""
+    """What a WorkflowEvent records as its trigger: the event's name, the kind, or
+    ``reply.ok`` / ``reply.error`` / ``reply.timeout`` for an answer to ``ask``."""
     if trigger.kind == "event":
         return trigger.event or "event"
+    if trigger.kind == "reply":
+        if trigger.data.get("ok"):
+            return "reply.ok"
+        return "reply.timeout" if trigger.data.get("error") == "timeout" else "reply.error"
     return trigger.kind
 
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
+from aiohttp.web import Request, Response, json_response
 from nats.js.errors import KeyNotFoundError
 from pydantic import ValidationError
 
@@ -29,13 +30,15 @@ from .bus import Bus
 from .channel import Channel, ChannelContext
 from .classify import BatchingClassifier, Classifier
 from .config import Settings
+from .dashboard import mount_dashboard
 from .fsm import Engine
 from .lock import DataDirLock
 from .natsserver import EmbeddedNats
 from .plugins import Plugins
 from .recorder import Recorder
 from .router import Router, StoredState
-from .sqlapi import SqlService
+from .sqlapi import LiveSandbox, SqlService
+from .web import WebServer, json_error
 from .workflow import load_workflows
 
 __all__ = ["Hub", "HubError"]
@@ -62,6 +65,7 @@ class Hub:
         self.recorder: Recorder | None = None
         self.sql: SqlService | None = None
         self.channels: dict[str, Channel] = {}
+        self.web: WebServer | None = None
         self.endpoints: list[str] = []
         self.nats_url: str | None = None
         self._api_subs: list[Any] = []
@@ -124,8 +128,15 @@ class Hub:
                 flush_seconds=s.recorder_flush_seconds,
             )
             await self.recorder.start()
+            # User SQL runs on snapshots in instances of its own, never on the writer's.
+            live = LiveSandbox(
+                self.recorder,
+                s.data_dir / "snapshots",
+                max_age=s.sql_snapshot_seconds,
+                memory_limit=s.sql_memory_limit,
+            )
             self.sql = SqlService(
-                self.bus, self.recorder, max_rows=s.sql_max_rows, timeout=s.sql_timeout_seconds
+                self.bus, live, max_rows=s.sql_max_rows, timeout=s.sql_timeout_seconds
             )
             await self.sql.start()
             self.endpoints.append(f"duckdb: {s.duckdb_path} (live SQL: commhub sql \"...\")")
@@ -134,6 +145,8 @@ class Hub:
         if self._runs("channels"):
             await self._start_channels()
         await self.plugins.startup(self)
+        if self.web is not None:
+            await self.web.start()
         if self.lock is not None:
             self.lock.write_info({
                 "pid": os.getpid(),
@@ -165,6 +178,10 @@ class Hub:
             model=(self.classifier.model_id, cls.version),
             # With the server it started itself, this hub is the only router there.
             exclusive=s.embedded_nats and self.role == "all",
+            clarify_margin=s.clarify_margin,
+            idle_expiry=s.idle_expiry_seconds,
+            cancel_phrases=s.cancel_phrases,
+            restart_phrases=s.restart_phrases,
         )
         await self.router.start()
         self.endpoints.append(
@@ -173,12 +190,42 @@ class Hub:
         )
 
     async def _start_channels(self) -> None:
+        """Start the HTTP server's socket, then each channel (they mount routes on it).
+
+        The server serves only once ``_start`` has run the startup hooks too, so every
+        route is in place before the first request.
+        """
         assert self.bus is not None
+        s = self.settings
+        self.web = WebServer(s.host, s.http_port, max_body_bytes=s.max_body_bytes)
+        self.web.bind()
+        self._mount_hub_routes(self.web)
+        self.endpoints.append(f"http: {self.web.url} (health: /healthz, readiness: /readyz)")
+        self.endpoints.append(f"dashboard: {self.web.url}/dashboard (SQL over HTTP: POST /v1/sql)")
         for name, cls in self.plugins.channels().items():
-            settings = _plugin_settings(cls, self.settings.plugin_settings(name), f"channel {name}")
-            channel = cls(ChannelContext(name, self.bus, self.settings), settings)
+            settings = _plugin_settings(cls, s.plugin_settings(name), f"channel {name}")
+            channel = cls(ChannelContext(name, self.bus, s, self.web), settings)
             self.endpoints.extend(await channel.start())
             self.channels[name] = channel
+
+    def _mount_hub_routes(self, web: WebServer) -> None:
+        """``/healthz``: the process answers. ``/readyz``: started and the bus is up."""
+
+        async def healthz(request: Request) -> Response:
+            return json_response({"status": "ok", "role": self.role})
+
+        async def readyz(request: Request) -> Response:
+            connected = self.bus is not None and self.bus.nc.is_connected
+            if not (self._started and connected):
+                reason = "starting" if not self._started else "bus disconnected"
+                return json_error(503, reason, "not_ready")
+            return json_response({"status": "ready", "role": self.role,
+                             "channels": sorted(self.channels)})
+
+        web.add_get("/healthz", healthz)
+        web.add_get("/readyz", readyz)
+        assert self.bus is not None
+        mount_dashboard(web, self.settings, self.bus)
 
     async def _start_apis(self) -> None:
         """Request/reply APIs any service can call: health and conversation state."""
@@ -219,6 +266,9 @@ class Hub:
         for name, channel in list(self.channels.items()):
             await _quietly(channel.stop, f"channel {name}")
         self.channels.clear()
+        if self.web is not None:
+            await _quietly(self.web.stop, "http server")
+            self.web = None
         if self.router is not None:
             await _quietly(self.router.stop, "router")
             self.router = None

@@ -8,7 +8,9 @@ each record with :func:`commhub.core.envelope.decode`, routes it by type to its 
 across all tables. Bytes that do not decode become a row of ``invalid_records`` (the
 reason, the subject and the raw data), so a bad publisher never blocks the stream.
 Turning messages into rows and Arrow tables is :mod:`commhub.core.recorder_rows`; this
-module fetches, writes, commits and acks.
+module fetches, writes, commits and acks. In the same transaction it recomputes the
+derived rows (``workflow_runs``, then ``conversations``) of the runs and conversations
+the batch touched, from the base tables, so they are exact under redelivery too.
 
 Failure contract:
 
@@ -35,10 +37,17 @@ never used from two threads. Fetching continues while a batch is written (a smal
 bounded queue between them gives backpressure). Readers use cursors of the same
 database instance through :attr:`Recorder.connection` from any thread.
 
-Sandbox: after migrations the instance is set to ``enable_external_access=false`` and
-``lock_configuration=true``. Both apply to the whole instance, so SQL that users run on
-its cursors cannot read or write files, attach databases, load extensions or change
-settings (Arrow ``register`` inserts keep working).
+Snapshots: user SQL never runs on this instance. :meth:`Recorder.snapshot` checkpoints
+and copies the file (in the writer thread, between batches, so the copy is consistent);
+:class:`commhub.core.sqlapi.LiveSandbox` opens such copies in instances of their own.
+The writer instance is locked down anyway (``enable_external_access=false``,
+``lock_configuration=true`` after migrating), so nothing that reaches it through
+:attr:`Recorder.connection` can touch files either.
+
+Catching up: every fetched batch says how many records are still pending on its stream
+(from the ack subject, no extra request). While more than a batch is pending, a log
+line every ``progress_seconds`` shows the backlog, the share done and the rate, and one
+line says when the recorder caught up.
 """
 
 from __future__ import annotations
@@ -47,6 +56,8 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -60,8 +71,9 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from .bus import Bus
-from .recorder_rows import Batch
-from .schema import migrate
+from .progress import Progress
+from .recorder_rows import Batch, num_pending
+from .schema import REFRESH_CONVERSATIONS, REFRESH_RUNS, migrate
 
 __all__ = ["Recorder", "RecorderStats"]
 
@@ -90,20 +102,32 @@ class RecorderStats:
     """Batches DuckDB refused; their records were nak'd for redelivery."""
     last_commit: float | None = None
     """Epoch seconds of the last commit."""
+    pending: int = 0
+    """Records not yet committed: waiting on the streams (as of the last fetch) plus
+    fetched and not yet written."""
 
 class Recorder:
     """Writes every record of both streams into the DuckDB file at ``db_path``.
 
     ``batch`` is the most records fetched from a stream at once and written in one
     transaction (a little more when both streams deliver together); ``flush_seconds``
-    bounds how long a record waits for its batch to fill.
+    bounds how long a record waits for its batch to fill. ``consumer`` names the durable
+    of a stream (default: :meth:`Subjects.recorder_consumer`; ``commhub rebuild`` uses
+    its own). ``progress_seconds`` is the interval of the catch-up log lines (None: none).
     """
 
     #: First and largest redelivery delay after a failed write, in seconds.
     retry_delay: tuple[float, float] = (0.5, 30.0)
 
     def __init__(
-        self, bus: Bus, db_path: Path, batch: int = 1000, flush_seconds: float = 0.2
+        self,
+        bus: Bus,
+        db_path: Path,
+        batch: int = 1000,
+        flush_seconds: float = 0.2,
+        *,
+        consumer: Callable[[str], str] | None = None,
+        progress_seconds: float | None = 5.0,
     ) -> None:
         if batch < 1:
             raise ValueError("batch must be at least 1")
@@ -113,7 +137,11 @@ class Recorder:
         self.db_path = Path(db_path)
         self.batch = batch
         self.flush_seconds = flush_seconds
+        self.consumer = consumer or bus.subjects.recorder_consumer
+        self.progress_seconds = progress_seconds
         self.stats = RecorderStats()
+        self._pending: dict[str, int] = {}
+        self._in_flight = 0  # fetched, not yet committed or nak'd
         self._executor: ThreadPoolExecutor | None = None
         self._con: duckdb.DuckDBPyConnection | None = None
         self._readers: duckdb.DuckDBPyConnection | None = None
@@ -128,11 +156,11 @@ class Recorder:
     # -- public ---------------------------------------------------------------------
     @property
     def connection(self) -> duckdb.DuckDBPyConnection:
-        """A connection of the recorder's database instance, for readers.
+        """A connection of the recorder's database instance, for in-process readers.
 
-        Call ``.cursor()`` on it for each query (as :class:`commhub.core.sqlapi.SqlSandbox`
-        does); the instance is sandboxed (no external access, configuration locked).
-        Valid between :meth:`start` and :meth:`stop`.
+        Call ``.cursor()`` on it for each query (tests and tools do). User SQL goes to
+        snapshots instead (:meth:`snapshot`), never here. The instance has no external
+        access and a locked configuration. Valid between :meth:`start` and :meth:`stop`.
         """
         if self._readers is None:
             raise RuntimeError("the recorder is not running")
@@ -171,6 +199,11 @@ class Recorder:
             for stream, sub in self._subs
         ]
         self._writer = asyncio.create_task(self._write_loop(), name="recorder-writer")
+        if self.progress_seconds:
+            self._tasks.append(
+                asyncio.create_task(self._progress_loop(self.progress_seconds),
+                                    name="recorder-progress")
+            )
         log.info("recorder writing %s from %s", self.db_path, [s for s, _ in self._subs])
 
     async def stop(self) -> None:
@@ -200,6 +233,37 @@ class Recorder:
                 log.warning("recorder: could not flush acks: %s", exc)
         await self._unsubscribe()
         await self._close_db()
+
+    async def snapshot(self, dest: Path) -> None:
+        """Write a consistent copy of the database to ``dest`` (replacing it atomically).
+
+        Runs in the writer thread between batches: ``CHECKPOINT`` folds the write-ahead
+        log into the file, which is then copied (and the log too, if DuckDB kept one) to
+        a temporary name and renamed. Costs a copy of the file; raises if the recorder is
+        not running or the copy fails (``dest`` is then left as it was).
+        """
+        if self._con is None:
+            raise RuntimeError("the recorder is not running")
+        await self._in_thread(self._snapshot, Path(dest))
+
+    def _snapshot(self, dest: Path) -> None:
+        con = self._con
+        if con is None:
+            raise RuntimeError("the recorder is not running")
+        con.execute("CHECKPOINT")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".tmp")
+        wal = Path(f"{self.db_path}.wal")
+        dest_wal = Path(f"{dest}.wal")
+        try:
+            shutil.copyfile(self.db_path, tmp)
+            if wal.exists() and wal.stat().st_size:
+                shutil.copyfile(wal, dest_wal)  # a checkpoint skipped: keep the log
+            else:
+                dest_wal.unlink(missing_ok=True)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     async def _unsubscribe(self) -> None:
         for _stream, sub in self._subs:
@@ -247,7 +311,7 @@ class Recorder:
         # recorder held are rewound and come back now; ON CONFLICT DO NOTHING skips
         # those it had already written.
         config = ConsumerConfig(
-            durable_name=self.bus.subjects.recorder_consumer(stream),
+            durable_name=self.consumer(stream),
             description="commhub recorder: every record into DuckDB",
             deliver_policy=DeliverPolicy.ALL,
             ack_policy=AckPolicy.EXPLICIT,
@@ -265,6 +329,7 @@ class Recorder:
             try:
                 msgs = await sub.fetch(self.batch, timeout=self.flush_seconds)
             except TimeoutError:  # nats.errors.TimeoutError too: nothing pending
+                self._set_pending(stream, 0)
                 continue
             except Exception as exc:  # reconnecting, server restart, ...
                 if self._stopping:
@@ -273,7 +338,37 @@ class Recorder:
                 await asyncio.sleep(1.0)
                 continue
             if msgs:
+                pending = num_pending(msgs[-1])
+                self._in_flight += len(msgs)
+                if pending is not None:
+                    self._set_pending(stream, pending)
                 await self._queue.put((stream, msgs))
+
+    def _set_pending(self, stream: str, pending: int) -> None:
+        self._pending[stream] = pending
+        self.stats.pending = sum(self._pending.values()) + self._in_flight
+
+    async def _progress_loop(self, interval: float) -> None:
+        """Log the backlog while the recorder is behind by more than a batch."""
+        progress: Progress | None = None
+        start = 0
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_event.wait(), interval)
+            if self._stopping:
+                break
+            pending = self.stats.pending
+            done = self.stats.records - start
+            if pending > self.batch:
+                if progress is None:
+                    progress, start, done = Progress(pending), self.stats.records, 0
+                progress.update(done, done + pending)
+                log.info("%s", progress.line("recorder catching up"))
+            elif progress is not None:
+                progress.update(done, done + pending)
+                log.info("recorder caught up: %s records written at %s records/s",
+                         f"{done:,}", f"{progress.rate:,.0f}")
+                progress = None
 
     async def _write_loop(self) -> None:
         last = False
@@ -309,6 +404,8 @@ class Recorder:
 
     async def _commit(self, pending: Sequence[tuple[str, list[Msg]]]) -> bool:
         msgs = [msg for _stream, batch in pending for msg in batch]
+        self._in_flight -= len(msgs)  # committed or nak'd below: either way, not held
+        self.stats.pending = sum(self._pending.values()) + self._in_flight
         try:
             inserted, invalid = await self._in_thread(self._write, pending)
         except Exception as exc:  # any write failure: redeliver, keep running
@@ -347,6 +444,7 @@ class Recorder:
         con = self._con
         assert con is not None
         inserted = 0
+        new_rows: dict[str, int] = {}
         con.execute("BEGIN TRANSACTION")
         try:
             for name, table in tables.items():
@@ -358,7 +456,11 @@ class Recorder:
                     ).fetchone()
                 finally:
                     con.unregister(view)
-                inserted += int(row[0]) if row else 0
+                new_rows[name] = int(row[0]) if row else 0
+                inserted += new_rows[name]
+            # Only new rows change a derived row; a replayed batch skips the recompute.
+            if new_rows.get("messages") or new_rows.get("workflow_events"):
+                self._refresh_derived(con, batch)
             con.execute("COMMIT")
         except BaseException:
             # The failed statement may already have ended the transaction.
@@ -366,3 +468,20 @@ class Recorder:
                 con.execute("ROLLBACK")
             raise
         return inserted, batch.invalid
+
+    @staticmethod
+    def _refresh_derived(con: duckdb.DuckDBPyConnection, batch: Batch) -> None:
+        """Recompute the workflow_runs and conversations rows the batch touched."""
+        conversations, runs = batch.touched_keys()
+        for view, keys, statement, column in (
+            ("_recorder_touched_runs", runs, REFRESH_RUNS, "runs"),
+            ("_recorder_touched_conversations", conversations, REFRESH_CONVERSATIONS,
+             "conversations"),
+        ):
+            if not keys.num_rows:
+                continue
+            con.register(view, keys)
+            try:
+                con.execute(statement.format(**{column: f"SELECT * FROM {view}"}))
+            finally:
+                con.unregister(view)

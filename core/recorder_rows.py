@@ -36,7 +36,7 @@ from .envelope import (
 )
 from .subjects import Subjects
 
-__all__ = ["MAX_INVALID_DATA", "Batch"]
+__all__ = ["MAX_INVALID_DATA", "Batch", "num_pending"]
 
 # The recorder's logger: building rows is part of its work.
 log = logging.getLogger("commhub.core.recorder")
@@ -169,6 +169,23 @@ def _stream_seq(msg: Msg) -> int | None:
             return int(tokens[5])
         if len(tokens) >= 11:
             return int(tokens[7])
+    except ValueError:
+        pass
+    return None
+
+
+def num_pending(msg: Msg) -> int | None:
+    """Records still pending on the consumer after ``msg``, from its ack subject.
+
+    ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>`` (9 tokens)
+    or, with a domain and account hash, 12 tokens with ``<pending>`` at index 10.
+    """
+    tokens = (msg.reply or "").split(".")
+    try:
+        if len(tokens) == 9:
+            return int(tokens[8])
+        if len(tokens) >= 11:
+            return int(tokens[10])
     except ValueError:
         pass
     return None
@@ -309,6 +326,22 @@ class Batch:
         if record.id not in self.rows[table]:
             self.rows[table][record.id] = row
             self.sources[record.id] = (msg, stream)
+
+    def touched_keys(self) -> tuple[pa.Table, pa.Table]:
+        """The conversations and the workflow run ids this batch's rows belong to.
+
+        Their rows of the derived tables (``conversations``, ``workflow_runs``) are the
+        ones to recompute after the batch is inserted.
+        """
+        conversations = {row[1] for row in self.rows["messages"].values()}
+        runs = set()
+        for row in self.rows["workflow_events"].values():
+            runs.add(row[1])
+            conversations.add(row[2])
+        return (
+            pa.table({"conversation": pa.array(sorted(conversations), type=_S)}),
+            pa.table({"run_id": pa.array(sorted(runs), type=_S)}),
+        )
 
     def arrow_tables(self) -> dict[str, pa.Table]:
         """One Arrow table per table with rows; rows Arrow refuses move to invalid_records."""

@@ -22,6 +22,18 @@ input cannot overtake it; a revision conflict (another router wrote the conversa
 or this router's cache is stale) is retried at once on the bucket's state. An input
 still failing after a few attempts is nak'd and comes back later.
 
+Around the workflow steps the router also
+
+* answers nothing while a conversation is handed off to a human agent (the user's
+  messages are only recorded; the agent answers on ``{p}.out...`` and ends the handoff
+  with the event ``handoff.end``);
+* applies the cancel and restart phrases in any workflow;
+* asks "Did you mean A or B?" when the top two candidates are within
+  ``clarify_margin`` of each other;
+* publishes due timeouts and idle expiries through its :class:`TimerScheduler`;
+* makes the service requests of ``ask`` states after their step committed (see
+  :meth:`Router._ask`): at least once, with a stable ``Commhub-Request-Id``.
+
 Concurrency: one durable pull consumer shared by every router process (scale out by
 running more); inside a process, one conversation's inputs run in order and different
 conversations in parallel, at most ``concurrency`` inputs at once.
@@ -44,9 +56,11 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from .bus import Bus
 from .classify import BatchingClassifier
+from .config import DEFAULT_CANCEL_PHRASES, DEFAULT_RESTART_PHRASES
 from .envelope import (
     Alternative,
     Classification,
+    ClassificationDecision,
     EnvelopeError,
     Message,
     Record,
@@ -57,12 +71,32 @@ from .envelope import (
     derived_id,
     now,
 )
-from .fsm import Engine
+from .fsm import Engine, matches_phrase
 from .plugins import Plugins
 from .serial import KeyedSerialRunner
-from .state import ConversationState, StepEvent, StepResult, Trigger
+from .state import (
+    EXPIRE_EVENT,
+    REPLY_EVENT,
+    TIMEOUT_EVENT,
+    ConversationState,
+    PendingAsk,
+    Reply,
+    StepEvent,
+    StepResult,
+    Trigger,
+)
+from .timers import TimerScheduler
 
-__all__ = ["BOT", "OutboxEntry", "Router", "RouterStats", "StoredState"]
+__all__ = [
+    "BOT",
+    "DEFAULT_CANCEL_PHRASES",
+    "DEFAULT_RESTART_PHRASES",
+    "REQUEST_ID_HEADER",
+    "OutboxEntry",
+    "Router",
+    "RouterStats",
+    "StoredState",
+]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +106,10 @@ BOT = Sender(id="commhub", kind="bot", name="commhub")
 ACK_WAIT_SECONDS = 10
 STATE_CACHE_SIZE = 50_000  # conversations whose last written state this router keeps
 RETRIES_IN_PLACE = 6  # about 1.5 s of backoff before an input is handed back with a nak
+RECENT_INPUTS = 16  # earlier input ids a state keeps to recognise late redeliveries
+# The header that carries an ``ask`` request's stable id, for services to dedupe on.
+REQUEST_ID_HEADER = "Commhub-Request-Id"
+ASK_SENDER = Sender(id="commhub-ask", kind="service", name="ask")
 
 
 class OutboxEntry(msgspec.Struct, array_like=True):
@@ -102,6 +140,9 @@ class RouterStats:
     invalid: int = 0
     classified: int = 0
     fallbacks: int = 0
+    clarified: int = 0
+    asked: int = 0
+    ask_failures: int = 0
 
 
 class Router:
@@ -117,6 +158,10 @@ class Router:
         concurrency: int = 64,
         model: tuple[str, str] = ("", ""),
         exclusive: bool = False,
+        clarify_margin: float = 0.1,
+        idle_expiry: float = 3600.0,
+        cancel_phrases: tuple[str, ...] | list[str] = DEFAULT_CANCEL_PHRASES,
+        restart_phrases: tuple[str, ...] | list[str] = DEFAULT_RESTART_PHRASES,
     ) -> None:
         self.bus = bus
         self.engine = engine
@@ -126,6 +171,10 @@ class Router:
         self.concurrency = concurrency
         self.model_name, self.model_version = model
         self.exclusive = exclusive  # the only router on this stream: may rewind on start
+        self.clarify_margin = clarify_margin
+        self.cancel_phrases = tuple(cancel_phrases)
+        self.restart_phrases = tuple(restart_phrases)
+        self.timers = TimerScheduler(bus, idle_expiry)
         self.stats = RouterStats()
         self._slots = asyncio.Semaphore(concurrency)
         self._runner = KeyedSerialRunner()
@@ -152,11 +201,13 @@ class Router:
         self._sub = await self.bus.bind_durable(
             s.messages_stream, config, rewind_unacked=self.exclusive
         )
+        await self.timers.start()
         self._fetch_task = asyncio.create_task(self._fetch_loop(), name="router-fetch")
 
     async def stop(self) -> None:
         """Stop fetching, let the inputs in hand finish (and ack), then unbind."""
         self._stopping.set()
+        await self.timers.stop()
         if self._fetch_task is not None:
             await self._fetch_task
             self._fetch_task = None
@@ -224,7 +275,11 @@ class Router:
         # after a failure between publish and commit re-publishes the same ids.
         for attempt in range(RETRIES_IN_PLACE):
             try:
-                done = await self._route(record, conversation)
+                done, state = await self._route(record, conversation)
+                if state.asking is not None and state.asking.id == _ask_id(record.id, state):
+                    # This input's step entered an ``ask`` state: ask now, after the
+                    # commit, and before the ack, so that a crash asks again.
+                    await self._ask(msg, conversation, state.asking)
             except KeyWrongLastSequenceError:
                 self.stats.conflicts += 1  # another router wrote it: recompute on its state
             except Exception:
@@ -248,14 +303,21 @@ class Router:
         await self.bus.publish_invalid(msg.subject, msg.data, reason, "router")
         await msg.term()  # redelivering it would not make it valid
 
-    async def _route(self, record: Message | WorkflowInput, conversation: str) -> bool:
-        """Run one step; False when the state shows the input was already handled."""
+    async def _route(
+        self, record: Message | WorkflowInput, conversation: str
+    ) -> tuple[bool, ConversationState]:
+        """Run one step; returns whether it ran (False when the state shows the input
+        was already handled) and the conversation's committed state."""
         kv = await self.bus.state_bucket()
         stored, revision = await self._load_state(kv, conversation)
         if stored is not None and stored.state.last_input == record.id:
             # Committed before, maybe not published: publish again (same ids: no copies).
             await self.bus.publish_all([(o.subject, o.record) for o in stored.outbox])
-            return False
+            return False, stored.state
+        if stored is not None and record.id in stored.state.recent_inputs:
+            # Handled before later inputs, whose steps published after it: its outputs
+            # went out then. Only its ack was lost.
+            return False, stored.state
         state = stored.state if stored is not None else ConversationState(
             conversation=conversation
         )
@@ -268,6 +330,9 @@ class Router:
         if result is None:  # dropped by middleware or ignored: still remember it
             new_state = msgspec.structs.replace(state, last_input=record.id, updated=now())
             result = StepResult(state=new_state)
+        if state.last_input is not None and result.state.last_input != state.last_input:
+            recent = [*state.recent_inputs, state.last_input][-RECENT_INPUTS:]
+            result.state = msgspec.structs.replace(result.state, recent_inputs=recent)
         await self._step_outputs(record, revision, result, outputs)
         new = StoredState(
             state=result.state, outbox=[OutboxEntry(subject, rec) for subject, rec in outputs]
@@ -284,7 +349,7 @@ class Router:
         self._remember(conversation, new, new_revision)
         await self.bus.publish_all(outputs)
         self.stats.handled += 1
-        return True
+        return True, result.state
 
     async def _load_state(
         self, kv: Any, conversation: str
@@ -328,6 +393,11 @@ class Router:
             state = msgspec.structs.replace(
                 state, channel=message.channel, user=message.sender.id
             )
+        if state.handoff:
+            # A human agent has the conversation: the bot stays silent. The message is
+            # on the bus and recorded, and counts as activity (idle expiry).
+            return StepResult(state=msgspec.structs.replace(
+                state, last_input=message.id, updated=now(), turns=state.turns + 1))
         ts = message.ts
         payload = message.payload or {}
         start = payload.get("start")
@@ -339,9 +409,18 @@ class Router:
             ts=ts,
         )
         if isinstance(start, str) and start in self.engine.definitions:
-            # A "start" button (the fallback offers them) picks the workflow outright.
-            outputs.append(self._classification(message, start, 1.0, [], "button"))
+            # A "start" button (the fallback and clarifying questions offer them)
+            # picks the workflow outright.
+            outputs.append(self._classification(message, start, 1.0, [], "button",
+                                                decision="button"))
             return self._restart(state, start, trigger, revision)
+        if state.active and message.text and not self.engine.offers(state, message.text):
+            # Phrases that work in any workflow; a state's own button of that name wins.
+            if matches_phrase(message.text, self.cancel_phrases):
+                return self.engine.cancel(state, trigger, ts)
+            if matches_phrase(message.text, self.restart_phrases):
+                run_id = derived_id(trigger.id, revision, "run")
+                return self.engine.restart(state, trigger, run_id, ts)
         clarifying = state.workflow == self.engine.fallback
         if state.active and not clarifying:
             return self.engine.step(state, trigger, ts)
@@ -354,25 +433,114 @@ class Router:
         else:
             self.stats.fallbacks += 1
             workflow, confidence = None, best.confidence if best else 0.0
+        close = self._too_close(alternatives)
+        if close is not None:
+            self.stats.clarified += 1
+            outputs.append(self._classification(message, None, confidence, alternatives,
+                                                decision="clarify"))
+            return self._clarify(state, trigger, close, ts)
+        decision: ClassificationDecision = "fallback" if workflow is None else "workflow"
         if clarifying:
             if workflow is None:  # still unclear: the fallback goes on (and hands over)
                 return self.engine.step(state, trigger, ts)
             # The user said something clear while being asked to clarify: leave the
             # fallback run and start the workflow they asked for.
-            outputs.append(self._classification(message, workflow, confidence, alternatives))
+            outputs.append(self._classification(message, workflow, confidence, alternatives,
+                                                decision=decision))
             return self._restart(state, workflow, trigger, revision)
-        outputs.append(self._classification(message, workflow, confidence, alternatives))
+        outputs.append(self._classification(message, workflow, confidence, alternatives,
+                                            decision=decision))
         return self._start(state, workflow or self.engine.fallback, trigger, revision)
+
+    def _too_close(self, alternatives: list[Alternative]) -> list[str] | None:
+        """The top two workflows when both reach the threshold and are within
+        ``clarify_margin`` of each other (too close to guess), else None."""
+        if len(alternatives) < 2 or self.clarify_margin <= 0:
+            return None
+        first, second = alternatives[0], alternatives[1]
+        if second.confidence < self.threshold:
+            return None
+        if first.confidence - second.confidence >= self.clarify_margin:
+            return None
+        names = [first.workflow, second.workflow]
+        if any(n not in self.engine.definitions or n == self.engine.fallback for n in names):
+            return None
+        return names
+
+    def _clarify(
+        self, state: ConversationState, trigger: Trigger, names: list[str], ts: float
+    ) -> StepResult:
+        """Ask "Did you mean A or B?" with a start button for each; the state stays as
+        it was (a run in progress, such as the fallback's, goes on if the user types)."""
+        titles = [self.engine.definitions[n].description or n for n in names]
+        buttons = [{"title": title, "payload": {"start": name}}
+                   for name, title in zip(names, titles, strict=True)]
+        reply = Reply(text=f'Did you mean "{titles[0]}" or "{titles[1]}"?', buttons=buttons)
+        moved = msgspec.structs.replace(state, last_input=trigger.id, updated=ts,
+                                        turns=state.turns + 1)
+        return StepResult(state=moved, replies=[reply])
 
     def _on_input(self, record: WorkflowInput, state: ConversationState) -> StepResult | None:
         if not state.active:
             log.info("workflow input %s for idle conversation %s ignored", record.id,
                      record.conversation)
             return None
+        if record.event == EXPIRE_EVENT:
+            trigger = Trigger(id=record.id, kind="event", event=record.event,
+                              data=record.data, ts=record.ts)
+            return self.engine.expire(state, trigger, record.ts)
+        kind = {TIMEOUT_EVENT: "timeout", REPLY_EVENT: "reply"}.get(record.event, "event")
         trigger = Trigger(
-            id=record.id, kind="event", event=record.event, data=record.data, ts=record.ts
+            id=record.id, kind=kind, event=record.event,  # type: ignore[arg-type]
+            data=record.data, ts=record.ts,
         )
         return self.engine.step(state, trigger, record.ts)
+
+    async def _ask(self, msg: Msg, conversation: str, ask: PendingAsk) -> None:
+        """Make an ``ask`` state's request and publish the outcome as a ``reply``
+        WorkflowInput on ``{p}.wf.{conversation}``, which steps the run like any input.
+
+        At least once: the request goes out after the step committed and before the
+        input is acked, so a crash in between asks again, with the same
+        ``Commhub-Request-Id`` header (services that must not act twice dedupe on it).
+        The reply input's id is derived from the request id, so JetStream's duplicate
+        window keeps one copy, and the engine ignores a reply for a request the run no
+        longer waits for. Failures (timeout, no responders, a reply that is not a JSON
+        object, or one with an ``error`` key) become ``ok: false`` with the reason.
+        """
+        headers = {REQUEST_ID_HEADER: ask.id, "Commhub-Conversation": conversation}
+        beat = asyncio.create_task(_heartbeat(msg))  # a slow service must not cause redelivery
+        body: Any = None
+        error: str | None = None
+        self.stats.asked += 1
+        try:
+            response = await self.bus.nc.request(
+                ask.subject, msgspec.json.encode(ask.data), timeout=ask.timeout, headers=headers
+            )
+            body = msgspec.json.decode(response.data)
+            if not isinstance(body, dict):
+                error, body = "bad_reply", None
+            elif "error" in body:
+                error = "error"
+        except nats.errors.NoRespondersError:
+            error = "no_responders"
+        except (TimeoutError, nats.errors.TimeoutError):
+            error = "timeout"
+        except msgspec.DecodeError:
+            error = "bad_reply"
+        finally:
+            beat.cancel()
+        if error is not None:
+            self.stats.ask_failures += 1
+        outcome = WorkflowInput(
+            id=derived_id(ask.id, "reply"),
+            conversation=conversation,
+            event=REPLY_EVENT,
+            data={"id": ask.id, "subject": ask.subject, "ok": error is None, "error": error,
+                  "reply": body},
+            sender=ASK_SENDER,
+        )
+        await self.bus.publish(self.bus.subjects.workflow_input(conversation), outcome)
 
     def _start(
         self, state: ConversationState, workflow: str, trigger: Trigger, revision: int | None
@@ -400,6 +568,7 @@ class Router:
         confidence: float,
         alternatives: list[Alternative],
         model: str | None = None,
+        decision: ClassificationDecision | None = None,
     ) -> tuple[str, Record]:
         record = Classification(
             id=derived_id(message.id, "classification"),
@@ -413,6 +582,7 @@ class Router:
             model=model or self.model_name,
             model_version="" if model else self.model_version,
             ts=now(),
+            decision=decision,
         )
         return self.bus.subjects.classified(message.conversation), record
 
@@ -441,6 +611,7 @@ class Router:
                 slots_changed=step_event.slots_changed,
                 message_id=record.id,
                 ts=ts,
+                data=step_event.data,
             )
             outputs.append((s.workflow_event(step_event.workflow, step_event.kind), event))
         channel = state.channel or (record.channel if isinstance(record, Message) else None)
@@ -487,6 +658,20 @@ class Router:
         if result.events:
             return result.events[-1].run_id
         return result.state.run_id or ""
+
+
+def _ask_id(input_id: str, state: ConversationState) -> str:
+    """The id the engine gives an ``ask`` made on entering ``state`` because of input
+    ``input_id`` (see ``Engine._enter``): tells whether this input started the ask."""
+    return derived_id(input_id, state.run_id or "", state.state, "ask")
+
+
+async def _heartbeat(msg: Msg) -> None:
+    """Tell JetStream the input is still being worked on, so it is not redelivered."""
+    with contextlib.suppress(Exception):
+        while True:
+            await asyncio.sleep(ACK_WAIT_SECONDS / 3)
+            await msg.in_progress()
 
 
 def _str_or_none(value: object) -> str | None:

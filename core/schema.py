@@ -11,6 +11,14 @@ steps a database has not seen, each in its own transaction together with its row
 ``schema_version``, so a crash mid-migration leaves the database at the previous
 version and the next start retries the step.
 
+Derived tables: ``conversations`` (one row per conversation) and ``workflow_runs`` (one
+row per run) are kept current by the recorder. After inserting a batch it recomputes the
+rows of the conversations and runs the batch touched from the base tables
+(:data:`REFRESH_RUNS`, then :data:`REFRESH_CONVERSATIONS`, ``INSERT OR REPLACE ...
+GROUP BY``), in the batch's transaction. Recomputing rather than adding up keeps them
+exact under redelivery: a record written twice is one row of its base table, so it
+counts once.
+
 Concurrency: :func:`migrate` runs on the writer connection before anything else uses
 the database (the recorder calls it in :meth:`Recorder.start`); it is not meant to run
 concurrently with itself.
@@ -25,7 +33,10 @@ from datetime import UTC, datetime
 import duckdb
 
 __all__ = [
+    "DERIVED_TABLES",
     "MIGRATIONS",
+    "REFRESH_CONVERSATIONS",
+    "REFRESH_RUNS",
     "TABLES",
     "VIEWS",
     "Migration",
@@ -47,8 +58,23 @@ TABLES: tuple[str, ...] = (
     "invalid_records",
 )
 
+#: Tables the recorder derives from the record tables (recomputed per touched key).
+DERIVED_TABLES: tuple[str, ...] = ("workflow_runs", "conversations")
+
 #: Views over the tables, for the questions analysts ask first.
-VIEWS: tuple[str, ...] = ("conversations", "message_volume_daily")
+VIEWS: tuple[str, ...] = (
+    "message_volume_daily",
+    "active_users_daily",
+    "intent_mix",
+    "fallback_rate",
+    "fallback_rate_daily",
+    "confidence_histogram",
+    "workflow_funnel",
+    "workflow_completion",
+    "response_latency",
+    "first_response_latency",
+    "latency_percentiles",
+)
 
 
 class SchemaError(RuntimeError):
@@ -178,8 +204,311 @@ _V1 = Migration(
     ),
 )
 
+# Workflow event kinds that move a run along; any other kind (completed, failed,
+# expired, cancelled, handoff, and kinds added later) ends it, as far as the derived
+# tables are concerned, and names its outcome.
+_PROGRESS_KINDS = "('started', 'transition', 'emitted')"
+
+# Events of one step share a ts; this key orders them: started < transition < emitted <
+# an ending kind < handoff (a handoff says more about the outcome than the completion
+# of the state it happened in). Microseconds times 8 stay inside BIGINT until year 9999.
+_EVENT_ORDER = """
+    epoch_us(ts) * 8 + CASE
+        WHEN kind = 'started' THEN 0
+        WHEN kind = 'transition' THEN 1
+        WHEN kind = 'emitted' THEN 2
+        WHEN kind IN ('handoff', 'handed_off') THEN 4
+        ELSE 3 END"""
+
+# Recompute the workflow_runs rows of the run ids that ``{runs}`` (a query with a
+# ``run_id`` column) yields, from workflow_events. Version 2's shape.
+_V2_REFRESH_RUNS = f"""
+INSERT OR REPLACE INTO workflow_runs
+SELECT
+    run_id,
+    arg_min(workflow, k)                                      AS workflow,
+    arg_min(conversation, k)                                  AS conversation,
+    coalesce(min(ts) FILTER (WHERE kind = 'started'), min(ts)) AS started_ts,
+    arg_max(ts, k) FILTER (WHERE kind NOT IN {_PROGRESS_KINDS}) AS ended_ts,
+    arg_max(coalesce(to_state, from_state), k)
+        FILTER (WHERE kind <> 'emitted' AND coalesce(to_state, from_state) IS NOT NULL)
+                                                              AS last_state,
+    count(*) FILTER (WHERE kind = 'transition')               AS transitions,
+    coalesce(
+        arg_max(CASE WHEN kind = 'handoff' THEN 'handed_off' ELSE kind END, k)
+            FILTER (WHERE kind NOT IN {_PROGRESS_KINDS}),
+        'open')                                               AS outcome
+FROM (
+    SELECT *, {_EVENT_ORDER} AS k
+    FROM workflow_events
+    WHERE run_id <> '' AND run_id IN ({{runs}})
+)
+GROUP BY run_id
+"""
+
+# Recompute the conversations rows of the conversations that ``{conversations}`` (a
+# query with a ``conversation`` column) yields, from messages and workflow_runs (which
+# must be current for them: refresh the runs first). Version 2's shape.
+_V2_REFRESH_CONVERSATIONS = """
+INSERT OR REPLACE INTO conversations
+WITH keys AS (SELECT DISTINCT conversation FROM ({conversations})),
+m AS (
+    SELECT
+        conversation,
+        arg_min(channel, ts)                                  AS channel,
+        arg_min(sender_id, ts) FILTER (WHERE direction = 'in') AS user_id,
+        min(ts)                                               AS first_ts,
+        max(ts)                                               AS last_ts,
+        count(*)                                              AS messages,
+        count(*) FILTER (WHERE direction = 'in')              AS messages_in,
+        count(*) FILTER (WHERE direction = 'out')             AS messages_out
+    FROM messages
+    WHERE conversation IN (FROM keys)
+    GROUP BY conversation
+),
+per_workflow AS (
+    SELECT conversation, workflow, min(started_ts) AS first_started
+    FROM workflow_runs
+    WHERE conversation IN (FROM keys)
+    GROUP BY ALL
+),
+r AS (
+    SELECT
+        conversation,
+        count(*)                                             AS runs,
+        arg_max(workflow, epoch_us(started_ts))              AS last_workflow,
+        arg_max(outcome, epoch_us(started_ts))               AS outcome
+    FROM workflow_runs
+    WHERE conversation IN (FROM keys)
+    GROUP BY conversation
+),
+w AS (
+    SELECT conversation, list(workflow ORDER BY first_started, workflow) AS workflows
+    FROM per_workflow
+    GROUP BY conversation
+)
+SELECT
+    coalesce(m.conversation, r.conversation)                 AS conversation,
+    m.channel,
+    m.user_id,
+    m.first_ts,
+    m.last_ts,
+    coalesce(m.messages, 0)                                  AS messages,
+    coalesce(m.messages_in, 0)                               AS messages_in,
+    coalesce(m.messages_out, 0)                              AS messages_out,
+    coalesce(r.runs, 0)                                      AS runs,
+    coalesce(w.workflows, [])                                AS workflows,
+    r.last_workflow,
+    coalesce(r.outcome, 'open')                              AS outcome
+FROM m
+FULL OUTER JOIN r ON r.conversation = m.conversation
+LEFT JOIN w ON w.conversation = coalesce(m.conversation, r.conversation)
+"""
+
+_V2 = Migration(
+    version=2,
+    description=(
+        "conversations and workflow_runs tables kept by the recorder; views for activity, "
+        "intents, fallbacks, confidence, funnels, completion and response latency"
+    ),
+    statements=(
+        "DROP VIEW conversations",
+        """
+        CREATE TABLE workflow_runs (
+            run_id       VARCHAR PRIMARY KEY,
+            workflow     VARCHAR NOT NULL,
+            conversation VARCHAR NOT NULL,
+            started_ts   TIMESTAMP NOT NULL,  -- its started event (else its first event)
+            ended_ts     TIMESTAMP,           -- its ending event; NULL while open
+            last_state   VARCHAR,
+            transitions  BIGINT NOT NULL,
+            outcome      VARCHAR NOT NULL     -- open, completed, failed, expired, ...
+        )
+        """,
+        """
+        CREATE TABLE conversations (
+            conversation  VARCHAR PRIMARY KEY,
+            channel       VARCHAR,            -- of its first message
+            user_id       VARCHAR,            -- sender of its first inbound message
+            first_ts      TIMESTAMP,
+            last_ts       TIMESTAMP,
+            messages      BIGINT NOT NULL,
+            messages_in   BIGINT NOT NULL,
+            messages_out  BIGINT NOT NULL,
+            runs          BIGINT NOT NULL,
+            workflows     VARCHAR[] NOT NULL, -- distinct, in the order they first started
+            last_workflow VARCHAR,
+            outcome       VARCHAR NOT NULL    -- the latest run's outcome; open without runs
+        )
+        """,
+        _V2_REFRESH_RUNS.format(runs="SELECT run_id FROM workflow_events"),
+        _V2_REFRESH_CONVERSATIONS.format(
+            conversations="SELECT conversation FROM messages "
+            "UNION ALL SELECT conversation FROM workflow_runs"
+        ),
+        """
+        CREATE VIEW active_users_daily AS
+        SELECT
+            CAST(ts AS DATE)                       AS day,
+            coalesce(channel, '(all)')             AS channel,
+            count(DISTINCT sender_id)              AS users,
+            count(DISTINCT conversation)           AS conversations,
+            count(*)                               AS messages_in
+        FROM messages
+        WHERE direction = 'in'
+        GROUP BY GROUPING SETS ((CAST(ts AS DATE), channel), (CAST(ts AS DATE)))
+        """,
+        """
+        CREATE VIEW intent_mix AS
+        SELECT
+            coalesce(workflow, '(none)')           AS workflow,
+            count(*)                               AS classifications,
+            avg(confidence)                        AS mean_confidence,
+            count(*) / sum(count(*)) OVER ()       AS share
+        FROM classifications
+        GROUP BY ALL
+        """,
+        """
+        CREATE VIEW fallback_rate AS
+        SELECT
+            count(*)                                          AS classifications,
+            count(*) FILTER (WHERE workflow IS NULL)          AS fallbacks,
+            count(*) FILTER (WHERE workflow IS NULL) / nullif(count(*), 0) AS fallback_rate
+        FROM classifications
+        """,
+        """
+        CREATE VIEW fallback_rate_daily AS
+        SELECT
+            CAST(c.ts AS DATE)                                AS day,
+            m.channel,
+            count(*)                                          AS classifications,
+            count(*) FILTER (WHERE c.workflow IS NULL)        AS fallbacks,
+            count(*) FILTER (WHERE c.workflow IS NULL) / count(*) AS fallback_rate
+        FROM classifications c
+        LEFT JOIN messages m ON m.id = c.message_id
+        GROUP BY ALL
+        """,
+        """
+        CREATE VIEW confidence_histogram AS
+        WITH buckets AS (SELECT range AS bucket FROM range(10)),
+        counted AS (
+            SELECT
+                CAST(least(greatest(floor(confidence * 10), 0), 9) AS BIGINT) AS bucket,
+                count(*)                                   AS classifications,
+                count(*) FILTER (WHERE workflow IS NULL)   AS fallbacks
+            FROM classifications
+            GROUP BY ALL
+        )
+        SELECT
+            b.bucket,
+            b.bucket / 10                          AS low,
+            (b.bucket + 1) / 10                    AS high,
+            coalesce(c.classifications, 0)         AS classifications,
+            coalesce(c.fallbacks, 0)               AS fallbacks
+        FROM buckets b
+        LEFT JOIN counted c USING (bucket)
+        """,
+        """
+        CREATE VIEW workflow_funnel AS
+        WITH reached AS (
+            SELECT workflow, to_state AS state, count(DISTINCT run_id) AS runs,
+                   min(k) AS first_step
+            FROM (
+                SELECT *, row_number() OVER (
+                    PARTITION BY run_id ORDER BY ts, kind <> 'started'
+                ) AS k
+                FROM workflow_events
+                WHERE to_state IS NOT NULL AND kind <> 'emitted' AND run_id <> ''
+            )
+            GROUP BY ALL
+        ),
+        started AS (SELECT workflow, count(*) AS runs FROM workflow_runs GROUP BY ALL)
+        SELECT
+            r.workflow,
+            r.state,
+            r.runs,
+            r.runs / s.runs                        AS share,
+            r.first_step
+        FROM reached r
+        JOIN started s USING (workflow)
+        """,
+        """
+        CREATE VIEW workflow_completion AS
+        SELECT
+            workflow,
+            count(*)                                         AS runs,
+            count(*) FILTER (WHERE outcome = 'completed')    AS completed,
+            count(*) FILTER (WHERE outcome = 'failed')       AS failed,
+            count(*) FILTER (WHERE outcome = 'expired')      AS expired,
+            count(*) FILTER (WHERE outcome = 'cancelled')    AS cancelled,
+            count(*) FILTER (WHERE outcome = 'handed_off')   AS handed_off,
+            count(*) FILTER (WHERE outcome = 'open')         AS open,
+            count(*) FILTER (WHERE outcome NOT IN (
+                'completed', 'failed', 'expired', 'cancelled', 'handed_off', 'open'
+            ))                                               AS other,
+            count(*) FILTER (WHERE outcome = 'completed') / count(*) AS completion_rate
+        FROM workflow_runs
+        GROUP BY workflow
+        """,
+        """
+        CREATE VIEW response_latency AS
+        WITH i AS (
+            SELECT id, conversation, channel, ts,
+                   row_number() OVER (PARTITION BY conversation ORDER BY ts, id) = 1 AS first
+            FROM messages
+            WHERE direction = 'in'
+        ),
+        o AS (SELECT id, conversation, ts FROM messages WHERE direction = 'out')
+        SELECT
+            i.id                                   AS message_id,
+            i.conversation,
+            i.channel,
+            i.ts                                   AS in_ts,
+            o.id                                   AS reply_id,
+            o.ts                                   AS reply_ts,
+            (epoch_us(o.ts) - epoch_us(i.ts)) / 1e6 AS seconds,
+            i.first
+        FROM i
+        ASOF JOIN o ON o.conversation = i.conversation AND o.ts >= i.ts
+        """,
+        """
+        CREATE VIEW first_response_latency AS
+        SELECT message_id, conversation, channel, in_ts, reply_id, reply_ts, seconds
+        FROM response_latency
+        WHERE first
+        """,
+        """
+        CREATE VIEW latency_percentiles AS
+        WITH measured AS (
+            SELECT 'first_response' AS measure, channel, seconds
+            FROM response_latency WHERE first
+            UNION ALL
+            SELECT 'response' AS measure, channel, seconds FROM response_latency
+        )
+        SELECT
+            measure,
+            coalesce(channel, '(all)')             AS channel,
+            count(*)                               AS responses,
+            quantile_cont(seconds, 0.5)            AS p50_seconds,
+            quantile_cont(seconds, 0.9)            AS p90_seconds,
+            quantile_cont(seconds, 0.95)           AS p95_seconds,
+            quantile_cont(seconds, 0.99)           AS p99_seconds,
+            avg(seconds)                           AS mean_seconds,
+            max(seconds)                           AS max_seconds
+        FROM measured
+        GROUP BY GROUPING SETS ((measure, channel), (measure))
+        """,
+    ),
+)
+
 #: Every schema step, oldest first. Append new steps; never edit a released one.
-MIGRATIONS: tuple[Migration, ...] = (_V1,)
+MIGRATIONS: tuple[Migration, ...] = (_V1, _V2)
+
+#: The recorder's refresh of ``workflow_runs`` for the run ids ``{runs}`` yields (the
+#: latest schema's shape); run it before :data:`REFRESH_CONVERSATIONS`.
+REFRESH_RUNS = _V2_REFRESH_RUNS
+#: The recorder's refresh of ``conversations`` for ``{conversations}``.
+REFRESH_CONVERSATIONS = _V2_REFRESH_CONVERSATIONS
 
 
 def _utcnow() -> datetime:
@@ -203,8 +532,11 @@ def current_version(con: duckdb.DuckDBPyConnection) -> int:
     return int(row[0]) if row else 0
 
 
-def migrate(con: duckdb.DuckDBPyConnection) -> int:
+def migrate(con: duckdb.DuckDBPyConnection, target: int | None = None) -> int:
     """Bring the database up to :func:`latest_version`; return the version it ends at.
+
+    ``target`` stops at an older version (tests use it to build a database as an older
+    commhub left it).
 
     Raises :class:`SchemaError` when the database is newer than this code (a downgrade),
     rather than writing rows a newer schema may not expect. A failing step is rolled
@@ -226,7 +558,7 @@ def migrate(con: duckdb.DuckDBPyConnection) -> int:
             f"understands ({latest_version()}): upgrade commhub or use another data directory"
         )
     for step in MIGRATIONS:
-        if step.version <= version:
+        if step.version <= version or (target is not None and step.version > target):
             continue
         con.execute("BEGIN TRANSACTION")
         try:

@@ -1,16 +1,22 @@
 """SQL on the records: the sandbox for user queries, the bus API, and client helpers.
 
 Only one process can open the DuckDB file while the hub runs, so user SQL reaches the
-records over the bus (``{prefix}.api.sql``, :class:`SqlService`) on cursors of the
-recorder's own database instance; with no hub running, :func:`query_file` opens the
-file read-only. Both paths run the same :class:`SqlSandbox`:
+records over the bus (``{prefix}.api.sql``, :class:`SqlService`). The service never runs
+user SQL on the recorder's instance: ``enable_external_access`` and
+``lock_configuration`` apply to a whole DuckDB instance, so user SQL gets instances of
+its own. :class:`LiveSandbox` asks the recorder for a snapshot (a checkpointed copy of
+the file, taken when the last one is older than ``max_age``, 1 s by default) and opens
+it read-only in a separate instance, configured before any query runs. With no hub
+running, :func:`query_file` opens the file itself the same way. Every path runs the
+same :class:`SqlSandbox`:
 
 1. The text must be exactly one statement of type SELECT (``WITH ... SELECT``,
    ``FROM t``, ``VALUES``, ``DESCRIBE``, ``SHOW``, ``SUMMARIZE`` count as SELECT);
    anything else, or several statements, is refused before it runs.
-2. It runs in a ``READ ONLY`` transaction on a fresh cursor, on an instance whose
-   ``enable_external_access`` is false and whose configuration is locked: no file or
-   network access (``read_csv('/etc/passwd')`` is refused), no settings changes.
+2. It runs in a ``READ ONLY`` transaction on a fresh cursor, on a read-only instance
+   whose ``enable_external_access`` is false and whose configuration is locked: no file
+   or network access (``read_csv('/etc/passwd')`` is refused), no settings changes, no
+   writes; the instance's ``memory_limit`` bounds its memory.
 3. A timer calls ``cursor.interrupt()`` after ``timeout`` seconds.
 4. At most ``max_rows`` rows come back; ``truncated`` says whether there were more.
 
@@ -21,7 +27,7 @@ NaN and infinities as null; JSON columns stay JSON text).
 
 Concurrency: :meth:`SqlSandbox.query` blocks; call it from a worker thread (the
 service does, one thread per query in flight, at most ``concurrency``). Queries do not
-block the recorder: DuckDB's MVCC lets them read while batches commit.
+block the recorder: they read a snapshot; taking one waits for the batch being written.
 """
 
 from __future__ import annotations
@@ -34,7 +40,9 @@ import io
 import json
 import logging
 import math
+import os
 import threading
+import time as _time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +50,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import duckdb
 import msgspec
@@ -57,7 +65,10 @@ from .subjects import Subjects
 
 __all__ = [
     "QUEUE_GROUP",
+    "LiveSandbox",
     "QueryResult",
+    "QueryRunner",
+    "SnapshotSource",
     "SqlBadRequest",
     "SqlError",
     "SqlFailed",
@@ -67,8 +78,11 @@ __all__ = [
     "SqlTimeout",
     "check_select",
     "format_result",
+    "open_sandboxed",
     "query_file",
     "query_over_bus",
+    "snapshot_over_bus",
+    "write_parquet",
 ]
 
 log = logging.getLogger(__name__)
@@ -150,12 +164,30 @@ def check_select(cursor: duckdb.DuckDBPyConnection, sql: str) -> None:
         raise SqlRefused(f"refused: only SELECT statements are allowed, got {kind.name}")
 
 
+def open_sandboxed(
+    path: Path | str, memory_limit: str | None = None, threads: int | None = None
+) -> duckdb.DuckDBPyConnection:
+    """Open a DuckDB file read-only in an instance of its own, locked down before use.
+
+    The instance has ``enable_external_access=false`` and ``lock_configuration=true``
+    from the start (they are connect-time configuration, so no statement ever ran
+    without them), and ``memory_limit``/``threads`` when given. Raises ``duckdb.Error``
+    when the file cannot be opened (missing, locked by another process's writer).
+    """
+    config: dict[str, Any] = {"enable_external_access": False, "lock_configuration": True}
+    if memory_limit:
+        config["memory_limit"] = memory_limit
+    if threads:
+        config["threads"] = threads
+    return duckdb.connect(str(path), read_only=True, config=config)
+
+
 class SqlSandbox:
     """Runs user SQL on new cursors of one DuckDB instance, sandboxed (see the module doc).
 
     ``connection`` must belong to an instance with ``enable_external_access=false`` and
-    ``lock_configuration=true`` (the recorder's, or :func:`query_file`'s); it is used only
-    to create cursors, under a lock, so one sandbox serves any number of threads.
+    ``lock_configuration=true`` (one from :func:`open_sandboxed`); it is used only to
+    create cursors, under a lock, so one sandbox serves any number of threads.
     """
 
     def __init__(self, connection: duckdb.DuckDBPyConnection) -> None:
@@ -178,9 +210,171 @@ class SqlSandbox:
         finally:
             cursor.close()
 
-    async def aquery(self, sql: str, max_rows: int, timeout: float) -> QueryResult:
-        """:meth:`query` in a worker thread."""
-        return await asyncio.to_thread(self.query, sql, max_rows, timeout)
+    async def aquery(
+        self, sql: str, max_rows: int, timeout: float, executor: ThreadPoolExecutor | None = None
+    ) -> QueryResult:
+        """:meth:`query` in a worker thread (of ``executor``, else the loop's default)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(executor, self.query, sql, max_rows, timeout)
+
+
+@runtime_checkable
+class QueryRunner(Protocol):
+    """What :class:`SqlService` runs queries on: a :class:`SqlSandbox` or :class:`LiveSandbox`."""
+
+    async def aquery(
+        self, sql: str, max_rows: int, timeout: float, executor: ThreadPoolExecutor | None = None
+    ) -> QueryResult: ...
+
+
+class SnapshotSource(Protocol):
+    """Writes a consistent copy of a live database (the recorder)."""
+
+    async def snapshot(self, dest: Path) -> None: ...
+
+
+@dataclass(eq=False)
+class _Generation:
+    path: Path
+    taken: float
+    connection: duckdb.DuckDBPyConnection
+    sandbox: SqlSandbox
+    users: int = 0
+    retired: bool = False
+
+
+class LiveSandbox:
+    """User SQL on snapshots of a database that a writer keeps changing.
+
+    A query uses the current snapshot if it is at most ``max_age`` seconds old;
+    otherwise ``source.snapshot`` first writes a new one (one refresh at a time: queries
+    arriving meanwhile wait for it and share it). So a query sees every batch the
+    recorder committed up to ``max_age`` seconds before it arrived, and possibly later
+    ones. Each snapshot is a file in ``directory`` (``sql-N.duckdb``), opened with
+    :func:`open_sandboxed` in an instance of its own; a superseded snapshot is closed
+    and deleted once the queries that use it have finished.
+
+    Concurrency: :meth:`aquery`, :meth:`export_snapshot` and :meth:`close` run on one
+    event loop; the queries themselves run in worker threads. A failed snapshot raises
+    :class:`SqlFailed` for the queries that waited for it; the next query tries again.
+    """
+
+    #: Export snapshots older than this are deleted when the next one is made.
+    export_max_age = 600.0
+
+    def __init__(
+        self,
+        source: SnapshotSource,
+        directory: Path,
+        *,
+        max_age: float = 1.0,
+        memory_limit: str | None = "1GB",
+        threads: int | None = None,
+    ) -> None:
+        self.source = source
+        self.directory = Path(directory)
+        self.max_age = max_age
+        self.memory_limit = memory_limit
+        self.threads = threads
+        self._current: _Generation | None = None
+        self._refresh = asyncio.Lock()
+        self._counter = 0
+        self._closed = False
+        # Parses statements before a snapshot is taken for them (refusals cost nothing).
+        self._parser = duckdb.connect(":memory:", config={"enable_external_access": False})
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for stale in self.directory.glob("sql-*.duckdb*"):  # a crashed hub's
+            stale.unlink(missing_ok=True)
+
+    async def aquery(
+        self, sql: str, max_rows: int, timeout: float, executor: ThreadPoolExecutor | None = None
+    ) -> QueryResult:
+        """Run one sandboxed SELECT on a fresh enough snapshot; raises :class:`SqlError`."""
+        if not isinstance(sql, str):
+            raise SqlBadRequest("sql must be a string")
+        check_select(self._parser, sql)
+        generation = await self._acquire()
+        try:
+            return await generation.sandbox.aquery(sql, max_rows, timeout, executor)
+        finally:
+            self._release(generation)
+
+    async def export_snapshot(self) -> Path:
+        """A new snapshot file for someone else to read (an export); they delete it.
+
+        Export snapshots older than :attr:`export_max_age` are deleted first, so
+        abandoned ones do not pile up.
+        """
+        cutoff = _time.time() - self.export_max_age
+        for old in self.directory.glob("export-*.duckdb*"):
+            with contextlib.suppress(OSError):
+                if old.stat().st_mtime < cutoff:
+                    old.unlink()
+        path = self.directory / f"export-{uuid.uuid4().hex}.duckdb"
+        try:
+            await self.source.snapshot(path)
+        except Exception as exc:
+            raise SqlFailed(f"could not snapshot the database: {exc}") from None
+        return path
+
+    async def close(self) -> None:
+        """Close and delete the current snapshot (after the queries using it finish)."""
+        self._closed = True
+        async with self._refresh:
+            if self._current is not None:
+                self._retire(self._current)
+                self._current = None
+        self._parser.close()
+
+    async def _acquire(self) -> _Generation:
+        async with self._refresh:
+            if self._closed:
+                raise SqlFailed("the SQL service is stopping")
+            current = self._current
+            if current is None or _time.monotonic() - current.taken > self.max_age:
+                current = await self._take()
+            current.users += 1
+            return current
+
+    async def _take(self) -> _Generation:
+        self._counter += 1
+        path = self.directory / f"sql-{self._counter}.duckdb"
+        taken = _time.monotonic()  # the data is at least this fresh
+        try:
+            await self.source.snapshot(path)
+            connection = await asyncio.to_thread(
+                open_sandboxed, path, self.memory_limit, self.threads
+            )
+        except Exception as exc:
+            _remove_database(path)
+            raise SqlFailed(f"could not snapshot the database: {exc}") from None
+        generation = _Generation(path, taken, connection, SqlSandbox(connection))
+        if self._current is not None:
+            self._retire(self._current)
+        self._current = generation
+        return generation
+
+    def _release(self, generation: _Generation) -> None:
+        generation.users -= 1
+        if generation.retired and generation.users == 0:
+            self._dispose(generation)
+
+    def _retire(self, generation: _Generation) -> None:
+        generation.retired = True
+        if generation.users == 0:
+            self._dispose(generation)
+
+    @staticmethod
+    def _dispose(generation: _Generation) -> None:
+        with contextlib.suppress(duckdb.Error):
+            generation.connection.close()
+        _remove_database(generation.path)
+
+
+def _remove_database(path: Path) -> None:
+    for file in (path, Path(f"{path}.wal"), Path(f"{path}.tmp")):
+        with contextlib.suppress(OSError):
+            os.unlink(file)
 
 
 def _run(cursor: duckdb.DuckDBPyConnection, sql: str, max_rows: int, timeout: float) -> QueryResult:
@@ -275,11 +469,6 @@ def _jsonable(value: Any) -> Any:
 
 
 # -- the bus API ----------------------------------------------------------------------
-class _HasConnection(Protocol):
-    @property
-    def connection(self) -> duckdb.DuckDBPyConnection: ...
-
-
 class SqlService:
     """Answers ``{prefix}.api.sql`` requests (queue group ``commhub-sql``).
 
@@ -288,59 +477,95 @@ class SqlService:
     ``{"error": {"code", "message"}}``. A reply that would exceed the server's max
     payload is cut to fewer rows and marked ``truncated``.
 
-    ``source`` is a :class:`SqlSandbox` or anything with a ``connection`` (the
-    :class:`~commhub.core.recorder.Recorder`, read at :meth:`start`).
+    ``runner`` runs the queries: a :class:`LiveSandbox` on the recorder (what the hub
+    uses), or a :class:`SqlSandbox`. With a :class:`LiveSandbox` the service also answers
+    ``{prefix}.api.snapshot`` (queue group ``commhub-snapshot``): it writes an export
+    snapshot and replies ``{"path": "..."}``, the file's absolute path on the hub's
+    machine, which the requester reads and then deletes (``commhub export`` does).
+    In-process callers (the HTTP endpoint) use :meth:`query`.
 
     Concurrency: nats-py runs one subscription's callbacks one at a time, so the callback
     only spawns a task per request; at most ``concurrency`` queries run at once (each in
     its own worker thread), up to ``backlog`` more wait, and beyond that a request is
     answered at once with a ``failed`` error saying the service is busy.
-    Stop: no new requests; queries in flight finish (each within ``timeout``) and reply.
-    Stop the service before the recorder whose connection it uses.
+    Stop: no new requests; queries in flight finish (each within ``timeout``) and reply;
+    then a :class:`LiveSandbox` runner is closed (its snapshot deleted).
     """
 
     def __init__(
         self,
         bus: Bus,
-        source: SqlSandbox | _HasConnection,
+        runner: QueryRunner,
         *,
         max_rows: int = 10_000,
         timeout: float = 10.0,
         concurrency: int = 4,
         backlog: int = 256,
     ) -> None:
+        if not isinstance(runner, QueryRunner):
+            raise TypeError("runner must be a SqlSandbox or a LiveSandbox")
         self.bus = bus
-        self._source = source
+        self.runner = runner
         self.max_rows = max_rows
         self.timeout = timeout
         self.concurrency = concurrency
         self.backlog = backlog
-        self._sandbox: SqlSandbox | None = None
-        self._sub: Subscription | None = None
+        self._subs: list[Subscription] = []
         self._sem = asyncio.Semaphore(concurrency)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._executor: ThreadPoolExecutor | None = None
 
     async def start(self) -> None:
         """Subscribe; from now on requests are answered."""
-        source = self._source
-        self._sandbox = source if isinstance(source, SqlSandbox) else SqlSandbox(source.connection)
         self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="commhub-sql")
-        self._sub = await self.bus.nc.subscribe(
-            self.bus.subjects.api("sql"), queue=QUEUE_GROUP, cb=self._on_request
+        subjects = self.bus.subjects
+        self._subs.append(
+            await self.bus.nc.subscribe(subjects.api("sql"), queue=QUEUE_GROUP,
+                                        cb=self._on_request)
         )
+        if isinstance(self.runner, LiveSandbox):
+            self._subs.append(
+                await self.bus.nc.subscribe(subjects.api("snapshot"), queue="commhub-snapshot",
+                                            cb=self._on_snapshot)
+            )
 
     async def stop(self) -> None:
         """Unsubscribe, let queries in flight reply; safe to call twice."""
-        if self._sub is not None:
+        for sub in self._subs:
             with contextlib.suppress(Exception):  # the connection may be closing
-                await self._sub.unsubscribe()
-            self._sub = None
+                await sub.unsubscribe()
+        self._subs.clear()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+            if isinstance(self.runner, LiveSandbox):
+                await self.runner.close()
+
+    async def query(self, sql: str, max_rows: int | None = None) -> QueryResult:
+        """Run one sandboxed query for an in-process caller, under the same limits.
+
+        ``max_rows`` is capped at the service's ``max_rows``; the time limit is the
+        service's ``timeout``. Raises the :class:`SqlError` subclass for the error code
+        (a ``failed`` one when the service is not started, or busy).
+        """
+        if self._executor is None:
+            raise SqlFailed("the SQL service is not running")
+        if max_rows is not None and (isinstance(max_rows, bool) or max_rows < 1):
+            raise SqlBadRequest("max_rows must be a positive integer")
+        if len(self._tasks) >= self.concurrency + self.backlog:
+            raise SqlFailed("the SQL service is busy, retry later")
+        task = asyncio.create_task(self._run(sql, min(max_rows or self.max_rows, self.max_rows)))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return await task
+
+    async def _run(self, sql: str, max_rows: int) -> QueryResult:
+        async with self._sem:
+            if self._executor is None:
+                raise SqlFailed("the SQL service is stopping")
+            return await self.runner.aquery(sql, max_rows, self.timeout, self._executor)
 
     async def _on_request(self, msg: Msg) -> None:
         if len(self._tasks) >= self.concurrency + self.backlog:
@@ -350,14 +575,27 @@ class SqlService:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _on_snapshot(self, msg: Msg) -> None:
+        task = asyncio.create_task(self._handle_snapshot(msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle_snapshot(self, msg: Msg) -> None:
+        assert isinstance(self.runner, LiveSandbox)
+        try:
+            path = await self.runner.export_snapshot()
+            body = msgspec.json.encode({"path": str(path.resolve())})
+        except SqlError as exc:
+            body = _error_body(exc)
+        except Exception as exc:
+            log.exception("sql api: snapshot failed")
+            body = _error_body(SqlFailed(f"internal error: {exc}"))
+        await self._reply(msg, body)
+
     async def _handle(self, msg: Msg) -> None:
         try:
             sql, max_rows = _parse_request(msg.data, self.max_rows)
-            async with self._sem:
-                assert self._sandbox is not None and self._executor is not None
-                result = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self._sandbox.query, sql, max_rows, self.timeout
-                )
+            result = await self._run(sql, max_rows)
             body = _fit(result, self.bus.nc.max_payload)
         except SqlError as exc:
             body = _error_body(exc)
@@ -447,7 +685,38 @@ async def query_over_bus(
     )
 
 
-def query_file(db_path: Path | str, sql: str, max_rows: int, timeout: float) -> QueryResult:
+async def snapshot_over_bus(nc: NATS, subjects: Subjects, timeout: float = 120.0) -> Path:
+    """Ask a running hub for an export snapshot; returns its path on the hub's machine.
+
+    The caller reads the file and deletes it. Raises :class:`SqlFailed` when no hub
+    answers or the hub could not write it, :class:`SqlTimeout` after ``timeout``.
+    """
+    subject = subjects.api("snapshot")
+    try:
+        reply = await nc.request(subject, b"{}", timeout=timeout)
+    except nats.errors.NoRespondersError:
+        raise SqlFailed(
+            f"no hub answers on {subject}: is `commhub up` running with the recorder?"
+        ) from None
+    except nats.errors.TimeoutError:
+        raise SqlTimeout(f"no snapshot from the hub within {timeout:g} s") from None
+    try:
+        body = json.loads(reply.data)
+    except ValueError:
+        raise SqlFailed(f"the hub sent an unreadable reply: {reply.data[:200]!r}") from None
+    if "error" in body:
+        error = body["error"]
+        raise _ERRORS.get(error.get("code"), SqlError)(error.get("message", "unknown error"))
+    return Path(body["path"])
+
+
+def query_file(
+    db_path: Path | str,
+    sql: str,
+    max_rows: int,
+    timeout: float,
+    memory_limit: str | None = None,
+) -> QueryResult:
     """Query the DuckDB file directly (no hub running), read-only, with the same sandbox.
 
     Blocks. Raises :class:`SqlFailed` when the file is missing or a running hub holds it.
@@ -456,11 +725,7 @@ def query_file(db_path: Path | str, sql: str, max_rows: int, timeout: float) -> 
     if not path.is_file():
         raise SqlFailed(f"no database at {path}")
     try:
-        con = duckdb.connect(
-            str(path),
-            read_only=True,
-            config={"enable_external_access": False, "lock_configuration": True},
-        )
+        con = open_sandboxed(path, memory_limit)
     except duckdb.Error as exc:  # IOException: locked by a running hub
         raise SqlFailed(
             f"cannot open {path}: {str(exc).splitlines()[0]} "
@@ -541,6 +806,28 @@ def _format_csv(result: QueryResult) -> str:
 def _format_json(result: QueryResult) -> str:
     objects = [dict(zip(result.columns, row, strict=True)) for row in result.rows]
     return json.dumps(objects, ensure_ascii=False, indent=2)
+
+
+def write_parquet(result: QueryResult, path: Path | str) -> None:
+    """Write a result to one Parquet file.
+
+    Each column's type is inferred from its JSON values (numbers, strings, booleans,
+    lists, objects); timestamps and dates arrive as ISO strings and stay strings. A
+    column whose values have no common type is written as JSON text.
+    """
+    import pyarrow.parquet as pq
+
+    arrays = []
+    for i in range(len(result.columns)):
+        values = [row[i] for row in result.rows]
+        try:
+            arrays.append(pa.array(values))
+        except (pa.ArrowException, TypeError, ValueError, OverflowError):
+            arrays.append(
+                pa.array([None if v is None else json.dumps(v) for v in values], pa.string())
+            )
+    table = pa.Table.from_arrays(arrays, names=[str(c) for c in result.columns])
+    pq.write_table(table, str(path))
 
 
 _FORMATTERS: dict[str, Callable[[QueryResult], str]] = {

@@ -11,14 +11,59 @@ from typing import Any, Literal
 
 import msgspec
 
-__all__ = ["ConversationState", "Trigger", "Reply", "Emit", "StepEvent", "StepResult"]
+__all__ = [
+    "EXPIRE_EVENT",
+    "HANDOFF_END_EVENT",
+    "REPLY_EVENT",
+    "ROUTER_EVENTS",
+    "TIMEOUT_EVENT",
+    "ConversationState",
+    "PendingAsk",
+    "Trigger",
+    "Reply",
+    "Emit",
+    "StepEvent",
+    "StepResult",
+]
+
+# WorkflowInput events the router itself publishes on ``{prefix}.wf.{conversation}``:
+# a due state timeout, an idle conversation's expiry, a service's answer to ``ask``.
+# Workflows cannot listen for them as ``event:`` triggers.
+TIMEOUT_EVENT = "timeout"
+EXPIRE_EVENT = "expire"
+REPLY_EVENT = "reply"
+ROUTER_EVENTS = (TIMEOUT_EVENT, EXPIRE_EVENT, REPLY_EVENT)
+# The event an agent (any service) publishes to end a handoff.
+HANDOFF_END_EVENT = "handoff.end"
+
+
+class PendingAsk(msgspec.Struct, frozen=True, kw_only=True):
+    """A request to a service that a state's ``ask`` action made and whose answer the
+    run waits for. ``id`` is deterministic (derived from the input that entered the
+    state) and travels as the ``Commhub-Request-Id`` header, so a service can drop a
+    request it already answered when a crash made the router ask again."""
+
+    id: str
+    subject: str
+    data: dict[str, Any] = msgspec.field(default_factory=dict)
+    timeout: float = 5.0
 
 
 class ConversationState(msgspec.Struct, kw_only=True):
     """Where one conversation is. ``workflow`` is None between workflow runs.
 
     ``last_input`` is the id of the last inbound message or workflow input whose step
-    was committed: a redelivered copy of it is recognised and not run twice.
+    was committed: a redelivered copy of it is recognised and not run twice;
+    ``recent_inputs`` holds the few before it, for a redelivery whose ack was lost
+    after later inputs of the conversation were already handled.
+
+    ``handoff`` is true while the current state is a handoff state (a human agent has
+    the conversation; the bot does not answer). ``entered`` is when the current state
+    was entered, ``timeout_at`` when its next ``timeout`` transition is due (None: the
+    state has none left), ``asking`` the service request the run waits for,
+    ``expires`` whether the current state is subject to idle expiry. The
+    router's timer scheduler reads ``timeout_at`` and ``updated`` (idle expiry) from
+    the bucket, so timers survive restarts and every router knows them.
     """
 
     conversation: str
@@ -32,17 +77,28 @@ class ConversationState(msgspec.Struct, kw_only=True):
     updated: float = 0.0
     turns: int = 0
     handoff: bool = False
+    entered: float = 0.0
+    timeout_at: float | None = None
+    asking: PendingAsk | None = None
+    expires: bool = True
+    recent_inputs: list[str] = msgspec.field(default_factory=list)
 
     @property
     def active(self) -> bool:
         return self.workflow is not None
 
 
-TriggerKind = Literal["message", "button", "event", "timeout"]
+TriggerKind = Literal["message", "button", "event", "timeout", "reply"]
 
 
 class Trigger(msgspec.Struct, frozen=True, kw_only=True):
-    """What moves a workflow: a user's text, a pressed button, a service event, a timeout.
+    """What moves a workflow: a user's text, a pressed button, a service event, a timeout,
+    or the answer to a state's ``ask`` (``reply``).
+
+    For ``timeout``, ``data`` holds what the timer was scheduled for (``run_id``,
+    ``state``, ``entered``, ``at``); for ``reply``, the request ``id``, ``ok``, the
+    failure ``error`` (``timeout``, ``no_responders``, ``bad_reply``, ``error``) and the
+    service's ``reply`` object.
 
     ``id`` is the id of the inbound message or workflow input; derived ids of the step's
     outputs are built from it, so a re-run step yields the same ids.
@@ -74,13 +130,16 @@ class Emit(msgspec.Struct, frozen=True, kw_only=True):
 class StepEvent(msgspec.Struct, frozen=True, kw_only=True):
     """A workflow event the step caused, before the router gives it an id and a ts."""
 
-    kind: Literal["started", "transition", "completed", "failed", "expired", "cancelled"]
+    kind: Literal[
+        "started", "transition", "completed", "failed", "expired", "cancelled", "handoff"
+    ]
     workflow: str
     run_id: str
     from_state: str | None = None
     to_state: str | None = None
     trigger: str | None = None
     slots_changed: dict[str, Any] = msgspec.field(default_factory=dict)
+    data: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 class StepResult(msgspec.Struct, kw_only=True):

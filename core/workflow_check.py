@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from .state import HANDOFF_END_EVENT, ROUTER_EVENTS
 from .workflow_model import (
     SLOT_TYPES,
     Path_,
@@ -32,9 +33,11 @@ __all__ = ["check_workflow"]
 # Workflow-event kinds share the subject space ``evt.workflow.{wf}.{kind}`` with emits.
 _RESERVED_EMITS = {
     "started", "transition", "completed", "failed", "expired", "cancelled", "emitted",
+    "handoff",
 }
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _DOTTED_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+_SUBJECT_RE = re.compile(r"^[^.*>\s]+(\.[^.*>\s]+)*$")
 
 
 def check_workflow(defn: WorkflowDef) -> None:
@@ -144,6 +147,35 @@ def _check_state(defn: WorkflowDef, name: str, state: StateDef) -> None:
                          "no transitions")
     for i, transition in enumerate(state.on):
         _check_transition(defn, (*base, "on", i), what, transition)
+    _check_ask(defn, base, what, state)
+    if state.handoff:
+        if state.final:
+            raise defn.error((*base, "handoff"), f"{what}: a handoff state cannot be final "
+                             "(the run waits there until the agent ends the handoff)")
+        if not any(t.event == HANDOFF_END_EVENT for t in state.on):
+            raise defn.error((*base, "handoff"), f"{what}: a handoff state needs a transition "
+                             f"on 'event: {HANDOFF_END_EVENT}' (how the agent hands back)")
+
+
+def _check_ask(defn: WorkflowDef, base: Path_, what: str, state: StateDef) -> None:
+    replies = [t for t in state.on if t.reply is not None]
+    if state.ask is None:
+        if replies:
+            raise defn.error((*base, "on"), f"{what}: 'reply' transitions need an 'ask' in "
+                             "the same state")
+        return
+    path = (*base, "ask")
+    if state.final:
+        raise defn.error(path, f"{what}: a final state ends the run, so it cannot wait for "
+                         "an 'ask'")
+    if not _SUBJECT_RE.match(state.ask.subject):
+        raise defn.error((*path, "subject"), f"{what}: ask subject {state.ask.subject!r} must "
+                         "be dot-separated NATS subject tokens without wildcards")
+    for tpath, template in _templates_in(state.ask.data, (*path, "data")):
+        _check_template(defn, tpath, what, template)
+    if not any(t.reply == "error" for t in replies):
+        raise defn.error(path, f"{what}: a state that asks a service needs a 'reply: error' "
+                         "transition (taken when the service fails or does not answer)")
 
 
 def _check_transition(defn: WorkflowDef, path: Path_, what: str, t: TransitionDef) -> None:
@@ -157,6 +189,10 @@ def _check_transition(defn: WorkflowDef, path: Path_, what: str, t: TransitionDe
     if t.event is not None and not _DOTTED_RE.match(t.event):
         raise defn.error((*path, "event"), f"{what}: event name {t.event!r} must be "
                          "dot-separated letters, digits, '-' or '_'")
+    if t.event in ROUTER_EVENTS:
+        raise defn.error((*path, "event"), f"{what}: event name {t.event!r} is the router's "
+                         f"own ({', '.join(ROUTER_EVENTS)}); use a 'timeout:' or 'reply:' "
+                         "trigger instead")
     if t.if_ is not None:
         _check_slot_ref(defn, (*path, "if", "slot"), f"{what}: guard", t.if_.slot)
     if t.invalid is not None:

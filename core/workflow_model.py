@@ -29,8 +29,10 @@ from pydantic import (
 )
 
 __all__ = [
+    "REPLY_OUTCOMES",
     "SLOT_TYPES",
     "WORKFLOW_FILE_SUFFIXES",
+    "AskDef",
     "ButtonDef",
     "EmitDef",
     "Guard",
@@ -46,6 +48,9 @@ __all__ = [
 ]
 
 SLOT_TYPES = ("text", "number", "email", "choice", "regex", "date")
+# What a ``reply:`` trigger can wait for: ``error`` is any failure, ``timeout`` only a
+# service that did not answer in time.
+REPLY_OUTCOMES = ("ok", "error", "timeout")
 WORKFLOW_FILE_SUFFIXES = (".yaml", ".yml", ".toml")
 _EMAIL_RE = re.compile(r"[^@\s<>(),;:\"']+@[^@\s<>(),;:\"']+\.[A-Za-z]{2,}")
 _NUMBER_RE = re.compile(r"-?\d+(?:[.,]\d+)?")
@@ -272,6 +277,20 @@ class EmitDef(_Model):
     data: dict[str, Any] = Field(default_factory=dict)
 
 
+class AskDef(_Model):
+    """Ask a service over NATS request/reply on entering the state.
+
+    ``subject`` is any NATS subject the service listens on; ``data`` (templates, as in
+    ``emit``) is the JSON request body; the run waits in the state until the answer or
+    ``timeout`` seconds, then a ``reply: ok`` / ``reply: error`` / ``reply: timeout``
+    transition fires. Keys of the reply object that are slot names fill those slots.
+    """
+
+    subject: str
+    data: dict[str, Any] = Field(default_factory=dict)
+    timeout: float = Field(default=5.0, gt=0, le=300)
+
+
 class MessageTrigger(_Model):
     """A user's message: optionally it must match ``match`` (a regex, searched,
     case-insensitive) and/or it fills ``slot`` (validated by the slot's type)."""
@@ -306,18 +325,23 @@ class Guard(_Model):
         return bool(value == self.equals)
 
 
+TRIGGER_KINDS = ("message", "button", "event", "timeout", "reply")
+
+
 class TransitionDef(_Model):
     """One way out of a state: exactly one trigger, a target, an optional guard.
 
     Triggers: ``message`` (``{}``/``any``, or ``{match, slot}``), ``button`` (a value),
     ``event`` (a service event name; its ``data`` keys that are slots fill them),
-    ``timeout`` (seconds in this state; the router schedules it).
+    ``timeout`` (seconds in this state; the router schedules it), ``reply`` (the
+    outcome of the state's ``ask``: ``ok``, ``error`` or ``timeout``).
     """
 
     message: MessageTrigger | None = None
     button: str | None = None
     event: str | None = None
     timeout: float | None = Field(default=None, gt=0)
+    reply: Literal["ok", "error", "timeout"] | None = None
     to: str
     if_: Guard | None = Field(default=None, alias="if")
     invalid: str | None = None
@@ -334,19 +358,19 @@ class TransitionDef(_Model):
 
     @model_validator(mode="after")
     def _one_trigger(self) -> TransitionDef:
-        kinds = ("message", "button", "event", "timeout")
-        given = [k for k in kinds if getattr(self, k) is not None]
+        given = [k for k in TRIGGER_KINDS if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(
-                "a transition needs exactly one trigger of message, button, event, timeout"
+                "a transition needs exactly one trigger of message, button, event, timeout, "
+                "reply"
                 + (f" (got {', '.join(given)})" if given else "")
             )
         return self
 
     @property
     def kind(self) -> str:
-        """``message``, ``button``, ``event`` or ``timeout``."""
-        for kind in ("message", "button", "event", "timeout"):
+        """``message``, ``button``, ``event``, ``timeout`` or ``reply``."""
+        for kind in TRIGGER_KINDS:
             if getattr(self, kind) is not None:
                 return kind
         raise AssertionError("unreachable: validated to have one trigger")
@@ -363,11 +387,15 @@ def _as_list(value: Any) -> Any:
 
 
 class StateDef(_Model):
-    """A state. On entry: ``set`` slots, then ``say`` replies, then ``emit`` events.
+    """A state. On entry: ``set`` slots, then ``say`` replies, then ``emit`` events,
+    then ``ask`` a service.
 
     ``final: true`` ends the run on entry. ``reprompt`` replaces the default "Sorry, I
-    didn't get that." answer to a message no transition takes. ``handoff: true`` marks
-    the conversation for a human agent.
+    didn't get that." answer to a message no transition takes. ``handoff: true`` hands
+    the conversation to human agents while the run is in this state: the bot does not
+    answer the user, and an agent ends it with the service event ``handoff.end``.
+    ``expires: false`` keeps a run waiting in this state from idle expiry (for a state
+    that waits for a back office for days).
     """
 
     say: list[SayDef] = Field(default_factory=list)
@@ -377,6 +405,8 @@ class StateDef(_Model):
     final: bool = False
     reprompt: str | None = None
     handoff: bool = False
+    ask: AskDef | None = None
+    expires: bool = True
 
     @field_validator("say", mode="before")
     @classmethod
@@ -399,6 +429,12 @@ class StateDef(_Model):
         router schedules on entering it."""
         timeouts = [t.timeout for t in self.on if t.timeout is not None]
         return min(timeouts) if timeouts else None
+
+    def next_timeout(self, elapsed: float) -> float | None:
+        """The shortest ``timeout`` longer than ``elapsed`` seconds, or None: what is
+        still to come after the timers up to ``elapsed`` fired."""
+        later = [t.timeout for t in self.on if t.timeout is not None and t.timeout > elapsed]
+        return min(later) if later else None
 
 
 class WorkflowDef(_Model):

@@ -62,6 +62,14 @@ class HubProcess:
         raise AssertionError(f"no websocket endpoint in {self.info}")
 
     @property
+    def http_url(self) -> str:
+        """``http://127.0.0.1:PORT`` of the hub's HTTP server."""
+        for line in self.info["endpoints"]:
+            if line.startswith("http: http://"):
+                return line.split(" ", 2)[1]
+        raise AssertionError(f"no http endpoint in {self.info}")
+
+    @property
     def nats_url(self) -> str:
         return str(self.info["nats_url"])
 

@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from commhub.core.fsm import DIDNT_GET_THAT, LOST_TRACK, Engine
+from commhub.core.fsm import DIDNT_GET_THAT, LOST_TRACK, Engine, matches_phrase
 from commhub.core.state import ConversationState, Reply, StepResult, Trigger
 from commhub.core.workflow import WorkflowDef, check_workflow, load_workflows
 from commhub.workflows.builtin import DEFINITIONS
@@ -148,15 +148,26 @@ def test_pressed_button_fills_a_choice_slot(engine: Engine) -> None:
     assert result.state.slots["urgency"] == "urgent"
 
 
-def test_support_request_files_a_ticket(engine: Engine) -> None:
-    """support_request collects, confirms and emits request.created with its slots."""
+def test_support_request_files_a_ticket_then_follows_the_back_office(engine: Engine) -> None:
+    """support_request collects, confirms and emits request.created with its slots, then
+    tells the user each progress report and completes on request.resolved."""
     confirm = run(engine, "support_request", "I was charged twice", "Normal", "me@example.com")
     assert confirm.state.state == "confirm"
-    done = engine.step(confirm.state, msg("yes", 9), 9.0)
-    assert done.emits[0].name == "request.created"
-    assert done.emits[0].data == {"description": "I was charged twice", "urgency": "normal",
-                                  "email": "me@example.com"}
-    assert "filed" in texts(done)[0] and "me@example.com" in texts(done)[0]
+    filed = engine.step(confirm.state, msg("yes", 9), 9.0)
+    assert filed.emits[0].name == "request.created"
+    assert filed.emits[0].data == {"description": "I was charged twice", "urgency": "normal",
+                                   "email": "me@example.com"}
+    assert "filed" in texts(filed)[0]
+    assert filed.state.state == "filed" and filed.state.expires is False
+    progress = Trigger(id="e1", kind="event", event="request.progress",
+                       data={"status": "assigned to Kim", "note": "We are on it."})
+    working = engine.step(filed.state, progress, 10.0)
+    assert texts(working) == ["Update on your support request: assigned to Kim. We are on it."]
+    resolved = Trigger(id="e2", kind="event", event="request.resolved",
+                       data={"resolution": "The double charge was refunded."})
+    done = engine.step(working.state, resolved, 11.0)
+    assert "refunded" in texts(done)[0]
+    assert [e.kind for e in done.events] == ["transition", "completed"]
     assert not done.state.active
 
 
@@ -195,16 +206,43 @@ def test_unexpected_event_is_ignored_silently() -> None:
 
 
 def test_timeout_trigger_and_stale_timeout() -> None:
-    """A timeout takes the timeout transition; one scheduled for another state is ignored."""
+    """Entering a state arms its timeout in the state; the timer takes the timeout
+    transition; one scheduled for another state, run or entry is ignored."""
     eng = make(EVENTS, slots={"status": "text"})
     started = eng.start(idle(), "t", msg("go"), "r", 1.0)
     assert eng.definitions["t"].states["wait"].timeout == 600
-    stale = Trigger(id="t1", kind="timeout", data={"state": "elsewhere", "run_id": "r"})
-    assert eng.step(started.state, stale, 700.0).state.state == "wait"
-    fired = eng.step(started.state, Trigger(id="t2", kind="timeout",
-                                            data={"state": "wait", "run_id": "r"}), 700.0)
+    assert (started.state.entered, started.state.timeout_at) == (1.0, 601.0)
+    due = {"state": "wait", "run_id": "r", "entered": 1.0, "at": 601.0}
+    for stale_data in ({**due, "state": "elsewhere"}, {**due, "run_id": "old"},
+                       {**due, "entered": 0.5}, {**due, "at": 300.0}):
+        stale = eng.step(started.state, Trigger(id="t1", kind="timeout", data=stale_data), 700.0)
+        assert stale.state.state == "wait" and stale.events == [] and stale.replies == []
+        assert stale.state.updated == started.state.updated  # a stale timer is no activity
+    fired = eng.step(started.state, Trigger(id="t2", kind="timeout", data=due), 700.0)
     assert texts(fired) == ["Still waiting, sorry."]
     assert fired.events[0].trigger == "timeout"
+    assert not fired.state.active and fired.state.timeout_at is None
+
+
+def test_several_timeouts_fire_in_turn() -> None:
+    """A state with a reminder and a give-up timeout: the first timer takes the reminder
+    only if it loops elsewhere; one that matches nothing arms the next longer one."""
+    eng = make({
+        "wait": {"say": "Waiting.", "on": [
+            {"timeout": 60, "if": {"slot": "n", "filled": True}, "to": "late"},
+            {"timeout": 300, "to": "late"},
+            {"message": "any", "to": "late"},
+        ]},
+        "late": {"final": True, "say": "Giving up."},
+    }, slots={"n": "number"})
+    started = eng.start(idle(), "t", msg("go"), "r", 0.0)
+    assert started.state.timeout_at == 60.0
+    first = {"state": "wait", "run_id": "r", "entered": 0.0, "at": 60.0}
+    nothing = eng.step(started.state, Trigger(id="t1", kind="timeout", data=first), 61.0)
+    assert nothing.state.state == "wait" and nothing.state.timeout_at == 300.0
+    second = {**first, "at": 300.0}
+    done = eng.step(nothing.state, Trigger(id="t2", kind="timeout", data=second), 301.0)
+    assert texts(done) == ["Giving up."]
 
 
 def test_first_matching_transition_wins_and_guards_branch() -> None:
@@ -259,25 +297,110 @@ def test_initial_final_state_completes_at_once() -> None:
 
 
 def test_fallback_offers_other_workflows_then_hands_off(engine: Engine) -> None:
-    """The fallback offers a start button per other workflow, then hands over to a person."""
+    """The fallback offers a start button per other workflow, then hands over to a
+    person (a handoff event for agents) until an agent ends the handoff."""
     result = engine.start(idle(), "fallback", msg("qwerty"), "r", 1.0)
     [reply] = result.replies
     assert reply.text == "Sorry, I'm not sure what you mean. I can help with:"
     assert reply.buttons == [
         {"title": "Book a table at the restaurant", "payload": {"start": "book_table"}},
+        {"title": "Check the status of an order", "payload": {"start": "order_status"}},
         {"title": "Report a problem to customer support",
          "payload": {"start": "support_request"}},
     ]
     handed = engine.step(result.state, msg("still confused", 2), 2.0)
     assert "hand you over" in texts(handed)[0]
-    assert handed.state.handoff is True and not handed.state.active
+    assert [e.kind for e in handed.events] == ["transition", "handoff"]
+    assert handed.events[1].data == {"channel": "ws", "user": "u1", "slots": {}}
+    assert handed.state.handoff is True and handed.state.active
+    accepted = engine.step(handed.state, Trigger(id="a1", kind="event",
+                                                 event="handoff.accepted"), 3.0)
+    assert accepted.state.state == "with_agent" and accepted.state.handoff
+    assert [e.kind for e in accepted.events] == ["transition"]  # announced once
+    back = engine.step(accepted.state, Trigger(id="a2", kind="event", event="handoff.end"), 4.0)
+    assert "back with the assistant" in texts(back)[0]
+    assert not back.state.active and back.state.handoff is False
 
 
 def test_examples_exclude_fallback_and_empty(engine: Engine) -> None:
     """examples() lists training phrases of every workflow except the fallback."""
     examples = engine.examples()
-    assert sorted(examples) == ["book_table", "support_request"]
+    assert sorted(examples) == ["book_table", "order_status", "support_request"]
     assert "I'd like to book a table" in examples["book_table"]
+
+
+def test_cancel_restart_and_expire(engine: Engine) -> None:
+    """cancel ends the run with a cancelled event; restart cancels and starts the same
+    workflow afresh; expire ends it only if nothing happened since it was scheduled."""
+    state = run(engine, "book_table", "3").state
+    cancelled = engine.cancel(state, msg("stop", 5), 9.0)
+    assert [(e.kind, e.trigger) for e in cancelled.events] == [("cancelled", "cancel")]
+    assert not cancelled.state.active and texts(cancelled)
+    restarted = engine.restart(state, msg("start over", 5), "run2", 9.0)
+    assert [(e.kind, e.trigger) for e in restarted.events] == [
+        ("cancelled", "restart"), ("started", "restart")]
+    assert restarted.state.run_id == "run2" and restarted.state.slots == {}
+    assert restarted.state.state == "ask_party_size"
+    due = {"run_id": "run1", "updated": state.updated}
+    expired = engine.expire(state, Trigger(id="x1", kind="event", data=due), 9.0)
+    assert [e.kind for e in expired.events] == ["expired"] and not expired.state.active
+    stale = engine.expire(state, Trigger(id="x2", kind="event",
+                                         data={**due, "updated": 0.5}), 9.0)
+    assert stale.events == [] and stale.state.active
+
+
+def test_a_states_own_cancel_button_is_offered(engine: Engine) -> None:
+    """offers() is true for a value or title of a button the current state takes, so
+    the state's own "cancel" wins over the global phrase."""
+    confirm = run(engine, "book_table", "3", "tomorrow", "19:30", "Ann", "a@example.com").state
+    assert confirm.state == "confirm"
+    assert engine.offers(confirm, "Cancel!") and engine.offers(confirm, "yes, book it")
+    assert not engine.offers(confirm, "stop")
+    assert not engine.offers(run(engine, "book_table").state, "cancel")
+
+
+def test_matches_phrase_takes_whole_messages_only() -> None:
+    """Phrases match the whole message, ignoring case and punctuation."""
+    assert matches_phrase("Start over!", ["start over"])
+    assert matches_phrase("  STOP. ", ["stop"])
+    assert not matches_phrase("please stop the emails", ["stop"])
+    assert not matches_phrase("", ["stop"]) and not matches_phrase(None, ["stop"])
+
+
+ASKING = {
+    "lookup": {"say": "Looking.", "ask": {"subject": "svc.lookup", "data": {"q": "{q}"},
+                                          "timeout": 2},
+               "on": [{"reply": "ok", "to": "found"}, {"reply": "timeout", "to": "slow"},
+                      {"reply": "error", "to": "broken"}]},
+    "found": {"final": True, "say": "Found {answer}."},
+    "slow": {"final": True, "say": "Too slow."},
+    "broken": {"final": True, "say": "Broken."},
+}
+
+
+def test_ask_records_the_request_and_the_reply_takes_its_branch() -> None:
+    """Entering an ask state stores the pending request (rendered data, stable id); the
+    reply fills slots on ok, and timeout and other errors take their branches; a reply
+    for another request is stale."""
+    eng = make(ASKING, slots={"q": "text", "answer": "text"})
+    begun = idle()
+    started = eng.start(begun, "t", msg("go"), "r", 1.0)
+    asking = started.state.asking
+    assert asking is not None and asking.subject == "svc.lookup" and asking.timeout == 2
+    again = eng.start(begun, "t", msg("go"), "r", 1.0).state.asking
+    assert again is not None and again.id == asking.id  # deterministic
+
+    def reply(**data: Any) -> StepResult:
+        return eng.step(started.state, Trigger(id="r1", kind="reply",
+                                               data={"id": asking.id, **data}), 2.0)
+
+    ok = reply(ok=True, reply={"answer": "42", "other": 1})
+    assert texts(ok) == ["Found 42."] and ok.events[0].trigger == "reply.ok"
+    assert texts(reply(ok=False, error="timeout")) == ["Too slow."]
+    assert texts(reply(ok=False, error="no_responders")) == ["Broken."]
+    stale = eng.step(started.state, Trigger(id="r2", kind="reply",
+                                            data={"id": "other", "ok": True}), 2.0)
+    assert stale.events == [] and stale.state.state == "lookup"
 
 
 def test_engine_is_deterministic(engine: Engine) -> None:

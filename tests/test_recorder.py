@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import threading
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from pathlib import Path
@@ -326,7 +328,8 @@ async def test_restart_resumes_the_durable_and_writes_nothing_twice(
     second = Recorder(bus, db_path, flush_seconds=0.05)
     await second.start()
     try:
-        await wait_until(lambda: count(second, "messages") >= 10, "ten messages")
+        # The stats follow the commit (the rows may be visible a moment earlier).
+        await wait_until(lambda: second.stats.records >= 5, "the five it missed")
         assert fetch(second, "SELECT count(*), count(DISTINCT id) FROM messages") == [(10, 10)]
         assert second.stats.records == 5, "records acked by the first recorder came back"
     finally:
@@ -408,18 +411,197 @@ async def test_the_recorder_instance_is_sandboxed(recorder: Recorder) -> None:
 
 
 def test_migrate_is_versioned_and_refuses_a_newer_database(tmp_path: Path) -> None:
-    """migrate() creates version 1 once, is a no-op after, and refuses a newer schema."""
+    """migrate() applies every version once, is a no-op after, and refuses a newer schema."""
     con = duckdb.connect(str(tmp_path / "m.duckdb"))
     try:
-        assert schema.migrate(con) == schema.latest_version() == 1
-        assert schema.migrate(con) == 1
-        assert con.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        assert schema.migrate(con) == schema.latest_version() == 2
+        assert schema.migrate(con) == 2
+        assert con.execute("SELECT version FROM schema_version ORDER BY 1").fetchall() == [
+            (1,),
+            (2,),
+        ]
         tables = {
             r[0] for r in con.sql("SELECT table_name FROM information_schema.tables").fetchall()
         }
-        assert set(schema.TABLES) | set(schema.VIEWS) | {"schema_version"} <= tables
+        everything = set(schema.TABLES) | set(schema.DERIVED_TABLES) | set(schema.VIEWS)
+        assert everything | {"schema_version"} <= tables
+        for view in schema.VIEWS:  # every view runs on an empty database
+            con.sql(f"SELECT * FROM {view}").fetchall()
         con.execute("INSERT INTO schema_version VALUES (99, 'from the future', now()::TIMESTAMP)")
         with pytest.raises(schema.SchemaError, match="version 99"):
             schema.migrate(con)
+    finally:
+        con.close()
+
+
+def test_a_version_1_database_migrates_and_fills_the_derived_tables(tmp_path: Path) -> None:
+    """A file an older commhub left at version 1 gets version 2, with its rows summarized."""
+    path = tmp_path / "v1.duckdb"
+    con = duckdb.connect(str(path))
+    try:
+        assert schema.migrate(con, target=1) == 1
+        con.execute(
+            "INSERT INTO messages (id, conversation, channel, direction, sender_id, sender_kind,"
+            " ts) VALUES ('m1', 'c1', 'ws', 'in', 'ann', 'user', '2024-05-01 10:00:00'),"
+            " ('m2', 'c1', 'ws', 'out', 'bot', 'bot', '2024-05-01 10:00:02'),"
+            " ('m3', 'c2', 'sms', 'in', 'bob', 'user', '2024-05-02 09:00:00')"
+        )
+        con.execute(
+            "INSERT INTO workflow_events (id, run_id, conversation, workflow, kind, from_state,"
+            " to_state, ts) VALUES"
+            " ('e1', 'r1', 'c1', 'booking', 'started', NULL, 'ask', '2024-05-01 10:00:01'),"
+            " ('e2', 'r1', 'c1', 'booking', 'transition', 'ask', 'done', '2024-05-01 10:00:05'),"
+            " ('e3', 'r1', 'c1', 'booking', 'completed', 'done', NULL, '2024-05-01 10:00:05')"
+        )
+    finally:
+        con.close()
+    con = duckdb.connect(str(path))
+    try:
+        assert schema.migrate(con) == 2
+        rows = con.execute(
+            "SELECT conversation, channel, user_id, messages, messages_in, messages_out, runs,"
+            " workflows, last_workflow, outcome FROM conversations ORDER BY 1"
+        ).fetchall()
+        assert rows == [
+            ("c1", "ws", "ann", 2, 1, 1, 1, ["booking"], "booking", "completed"),
+            ("c2", "sms", "bob", 1, 1, 0, 0, [], None, "open"),
+        ]
+        assert con.execute(
+            "SELECT run_id, workflow, conversation, started_ts, ended_ts, last_state,"
+            " transitions, outcome FROM workflow_runs"
+        ).fetchall() == [
+            (
+                "r1",
+                "booking",
+                "c1",
+                datetime(2024, 5, 1, 10, 0, 1),
+                datetime(2024, 5, 1, 10, 0, 5),
+                "done",
+                1,
+                "completed",
+            )
+        ]
+    finally:
+        con.close()
+
+
+def run_event(id_: str, run: str, kind: str, ts: float, **kw: Any) -> WorkflowEvent:
+    return WorkflowEvent(
+        id=id_, run_id=run, conversation=kw.pop("conversation", "c1"), workflow="booking",
+        kind=kind, ts=ts, **kw,  # type: ignore[arg-type]
+    )
+
+
+async def test_conversations_and_runs_stay_exact_under_redelivery(
+    bus: Bus, db_path: Path
+) -> None:
+    """One row per conversation and per run, kept current batch by batch; a full replay of
+    the streams into the same file changes none of them."""
+    s = bus.subjects
+    first = Recorder(bus, db_path, flush_seconds=0.05)
+    await first.start()
+    await bus.publish_all(
+        [
+            (subject_of(bus, message("a1", ts=TS)), message("a1", ts=TS)),
+            (s.workflow_event("booking", "started"),
+             run_event("w1", "r1", "started", TS + 1, to_state="ask")),
+        ]
+    )
+    await wait_until(lambda: first.stats.records >= 2, "the first two records")
+    assert fetch(first, "SELECT runs, outcome, messages FROM conversations") == [(1, "open", 1)]
+    assert fetch(first, "SELECT outcome, last_state, ended_ts FROM workflow_runs") == [
+        ("open", "ask", None)
+    ]
+
+    later = [
+        (subject_of(bus, message("a2", direction="out", ts=TS + 2)),
+         message("a2", direction="out", ts=TS + 2)),
+        (s.workflow_event("booking", "transition"),
+         run_event("w2", "r1", "transition", TS + 3, from_state="ask", to_state="confirm")),
+        (s.workflow_event("booking", "cancelled"),
+         run_event("w3", "r1", "cancelled", TS + 4, from_state="confirm")),
+        (s.workflow_event("booking", "started"),
+         run_event("w4", "r2", "started", TS + 4, to_state="ask")),
+        (s.workflow_event("booking", "failed"),
+         run_event("w5", "r2", "failed", TS + 5, from_state="ask")),
+        (s.workflow_event("booking", "started"),
+         run_event("w6", "r3", "started", TS + 6, to_state="ask", conversation="c2")),
+    ]
+    await bus.publish_all(later)
+    await wait_until(lambda: first.stats.records >= 8, "all eight records")
+    await first.stop()
+    for stream in (s.messages_stream, s.events_stream):
+        await bus.js.delete_consumer(stream, s.recorder_consumer(stream))
+
+    second = Recorder(bus, db_path, flush_seconds=0.05)
+    await second.start()
+    try:
+        await wait_until(lambda: second.stats.records >= 8, "the replay")
+        assert second.stats.inserted == 0
+        assert fetch(
+            second,
+            "SELECT conversation, messages, messages_in, messages_out, runs, workflows,"
+            " outcome FROM conversations ORDER BY 1",
+        ) == [
+            ("c1", 2, 1, 1, 2, ["booking"], "failed"),
+            ("c2", 0, 0, 0, 1, ["booking"], "open"),
+        ]
+        assert fetch(
+            second,
+            "SELECT run_id, outcome, last_state, transitions FROM workflow_runs ORDER BY 1",
+        ) == [("r1", "cancelled", "confirm", 1), ("r2", "failed", "ask", 0), ("r3", "open", "ask", 0)]
+    finally:
+        await second.stop()
+
+
+async def test_catching_up_logs_progress_until_it_caught_up(
+    bus: Bus, db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While more than a batch is pending, the recorder logs the backlog; then that it caught up."""
+    records = [message(f"p{i}") for i in range(600)]
+    await bus.publish_all([(subject_of(bus, m), m) for m in records])
+    recorder = Recorder(bus, db_path, batch=50, flush_seconds=0.05, progress_seconds=0.05)
+    real_write = recorder._write
+    gate = threading.Event()
+
+    def held(pending: Any) -> tuple[int, int]:
+        gate.wait(30)  # the writer waits until the test saw the recorder behind
+        return real_write(pending)
+
+    recorder._write = held  # type: ignore[method-assign]
+    caplog.set_level(logging.INFO, logger="commhub.core.recorder")
+    await recorder.start()
+    try:
+        await wait_until(
+            lambda: any("recorder catching up" in r.getMessage() for r in caplog.records),
+            "a catching-up line",
+        )
+        line = next(r.getMessage() for r in caplog.records if "catching up" in r.getMessage())
+        assert "of" in line and "records" in line and "%" in line
+        assert recorder.stats.pending > 50
+        gate.set()
+        await wait_until(
+            lambda: any("recorder caught up" in r.getMessage() for r in caplog.records),
+            "the caught-up line",
+        )
+        await wait_until(lambda: recorder.stats.records >= 600, "every record")
+        assert count(recorder, "messages") == 600
+        assert recorder.stats.pending == 0
+    finally:
+        gate.set()
+        await recorder.stop()
+
+
+async def test_a_snapshot_is_a_consistent_copy(bus: Bus, recorder: Recorder, tmp_path: Path) -> None:
+    """snapshot() writes a file another DuckDB instance opens, holding every committed row."""
+    records = [message(f"s{i}") for i in range(30)]
+    await bus.publish_all([(subject_of(bus, m), m) for m in records])
+    await wait_until(lambda: recorder.stats.records >= 30, "thirty records")
+    dest = tmp_path / "snap" / "copy.duckdb"
+    await recorder.snapshot(dest)
+    con = duckdb.connect(str(dest), read_only=True)
+    try:
+        assert con.execute("SELECT count(*) FROM messages").fetchall() == [(30,)]
+        assert con.execute("SELECT messages FROM conversations").fetchall() == [(30,)]
     finally:
         con.close()

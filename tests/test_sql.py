@@ -15,6 +15,7 @@ from commhub.core.bus import Bus
 from commhub.core.envelope import Message, Sender
 from commhub.core.recorder import Recorder
 from commhub.core.sqlapi import (
+    LiveSandbox,
     QueryResult,
     SqlBadRequest,
     SqlFailed,
@@ -23,8 +24,11 @@ from commhub.core.sqlapi import (
     SqlService,
     SqlTimeout,
     format_result,
+    open_sandboxed,
     query_file,
     query_over_bus,
+    snapshot_over_bus,
+    write_parquet,
 )
 
 N_MESSAGES = 12
@@ -62,13 +66,20 @@ async def recorder(bus: Bus, db_path: Path) -> AsyncIterator[Recorder]:
 
 
 @pytest.fixture
-def sandbox(recorder: Recorder) -> SqlSandbox:
-    return SqlSandbox(recorder.connection)
+async def sandbox(recorder: Recorder, tmp_path: Path) -> AsyncIterator[SqlSandbox]:
+    """A sandbox on a snapshot of the recorder's database, in an instance of its own."""
+    path = tmp_path / "snapshot.duckdb"
+    await recorder.snapshot(path)
+    connection = open_sandboxed(path, memory_limit="256MB")
+    yield SqlSandbox(connection)
+    connection.close()
 
 
 @pytest.fixture
-async def service(bus: Bus, recorder: Recorder) -> AsyncIterator[SqlService]:
-    service = SqlService(bus, recorder, max_rows=5, timeout=2.0)
+async def service(bus: Bus, recorder: Recorder, tmp_path: Path) -> AsyncIterator[SqlService]:
+    """The bus API as the hub runs it: on snapshots that are at most 0.2 s old."""
+    live = LiveSandbox(recorder, tmp_path / "snapshots", max_age=0.2, memory_limit="256MB")
+    service = SqlService(bus, live, max_rows=5, timeout=2.0)
     await service.start()
     yield service
     await service.stop()

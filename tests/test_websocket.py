@@ -31,6 +31,7 @@ from commhub.core.bus import Bus
 from commhub.core.channel import ChannelContext
 from commhub.core.config import Settings
 from commhub.core.envelope import ChannelEvent, Message, Sender, decode_as, new_id
+from commhub.core.tokens import TokenAuthority, mint
 
 ID1 = "5f0c7e1e-2b1d-4c55-9a43-0d8f6b1f9b21"  # client ids must look unique (a UUID)
 WAIT = 5  # seconds: a safety net against hangs, never an assertion about speed
@@ -469,17 +470,32 @@ def test_registered_through_the_channel_hook() -> None:
 # -- sans-I/O units -----------------------------------------------------------------------
 def test_admission_rules() -> None:
     """admit() parses the query and applies the token and anonymity rules."""
-    ok = admit("/ws?conversation=c1&user=u&after=7", tokens=[], anonymous_allowed=True)
+    anon_ok = TokenAuthority(anonymous_allowed=True)
+    ok = admit("/ws?conversation=c1&user=u&after=7", authority=anon_ok)
     assert ok == Admitted(conversation="c1", user="u", after=7, anonymous=True)
-    anon = admit("/ws?conversation=c1", tokens=[], anonymous_allowed=True)
+    anon = admit("/ws?conversation=c1", authority=anon_ok)
     assert isinstance(anon, Admitted) and anon.user.startswith("anon-") and anon.after is None
-    with_token = admit("/ws?conversation=c1&token=t", tokens=["t"], anonymous_allowed=False)
+    with_token = admit("/ws?conversation=c1&token=t", authority=TokenAuthority(["t"]))
     assert isinstance(with_token, Admitted) and not with_token.anonymous
-    wrong = admit("/ws?conversation=c1&token=x", tokens=["t"], anonymous_allowed=True)
+    wrong = admit(
+        "/ws?conversation=c1&token=x", authority=TokenAuthority(["t"], anonymous_allowed=True)
+    )
     assert isinstance(wrong, Refused) and wrong.code == 4401
-    assert admit("/ws?conversation=c1&after=abc", tokens=[], anonymous_allowed=True) == (
+    assert admit("/ws?conversation=c1&after=abc", authority=anon_ok) == (
         Refused(4400, "invalid after: use a cursor from a message frame", "c1")
     )
+
+
+def test_admission_signed_token_binds_user() -> None:
+    """A signed token admits its own user (taken when the URL names none), nobody else."""
+    authority = TokenAuthority(secret="k")
+    token = mint("k", "alice", 60)
+    taken = admit(f"/ws?conversation=c1&token={token}", authority=authority)
+    assert isinstance(taken, Admitted) and taken.user == "alice" and not taken.anonymous
+    other = admit(f"/ws?conversation=c1&user=bob&token={token}", authority=authority)
+    assert other == Refused(4401, "token is for another user", "c1", "bob")
+    expired = admit(f"/ws?conversation=c1&token={mint('k', 'alice', -1)}", authority=authority)
+    assert isinstance(expired, Refused) and expired.reason == "token expired"
 
 
 def test_decode_frame_units() -> None:

@@ -69,8 +69,8 @@ def line_of(text: str, needle: str) -> int:
 def test_builtin_definitions_load_and_check() -> None:
     """The shipped workflows load, pass every check and are realistic (>= 3 states + final)."""
     defs = load_workflows([builtin.DEFINITIONS])
-    assert list(defs) == ["book_table", "fallback", "support_request"]
-    for name in ("book_table", "support_request"):
+    assert list(defs) == ["book_table", "fallback", "order_status", "support_request"]
+    for name in ("book_table", "order_status", "support_request"):
         defn = defs[name]
         assert defn.source is not None and defn.source.endswith(f"{name}.yaml")
         assert len([s for s in defn.states.values() if not s.final]) >= 3
@@ -92,10 +92,9 @@ def test_builtin_plugin_registers_the_definitions_folder() -> None:
 
 
 def test_support_request_emits_request_created_with_slots() -> None:
-    """support_request's final state emits request.created carrying its slots."""
+    """support_request's filed state emits request.created carrying its slots."""
     defn = load_workflows([builtin.DEFINITIONS])["support_request"]
-    finals = [s for s in defn.states.values() if s.final]
-    emits = [e for s in finals for e in s.emit]
+    emits = [e for s in defn.states.values() for e in s.emit]
     assert [e.name for e in emits] == ["request.created"]
     assert set(emits[0].data) == {"description", "urgency", "email"}
 

@@ -1,0 +1,167 @@
+"""The hub's HTTP server: one aiohttp application that channels and the hub mount routes on.
+
+Why aiohttp: it is a mature asyncio HTTP server *and* client in one package (the HTTP
+channel's callbacks and the Telegram webhook need both), streams responses (server-sent
+events), and enforces a request size limit itself. One server per hub process serves the
+HTTP channel (``/v1/...``, ``/webhooks/rest/webhook``), webhook channels such as
+Telegram's, the dashboard and SQL endpoint, and ``/healthz`` / ``/readyz``.
+
+Life cycle (driven by :class:`commhub.core.hub.Hub`):
+
+1. :meth:`WebServer.bind` opens the listening socket, so the real port is known (port 0
+   picks a free one) before any channel starts and can print its URL.
+2. Channels and the hub add routes with :meth:`add_routes` (aiohttp freezes the router
+   once serving starts, so every route is added before step 3).
+3. :meth:`start` serves; :meth:`stop` stops accepting, lets in-flight requests finish
+   for ``shutdown_timeout`` seconds, then closes.
+
+Errors: every 4xx/5xx leaves as JSON ``{"error": {"code": ..., "message": ...}}``, also
+aiohttp's own (unknown path, wrong method, body over ``max_body_bytes``), so a client
+never has to parse HTML. An exception in a handler is logged and answered with 500;
+it never stops the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from aiohttp import web
+
+__all__ = ["WebServer", "json_error"]
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = web.AppKey("max_body_bytes", int)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "timeout",
+    409: "conflict",
+    413: "too_large",
+    415: "unsupported_media_type",
+    422: "invalid",
+    429: "rate_limited",
+    500: "internal",
+    502: "bad_gateway",
+    503: "unavailable",
+    504: "timeout",
+}
+
+
+def json_error(
+    status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None
+) -> web.Response:
+    """A JSON error response: ``{"error": {"code": code, "message": message}}``."""
+    body = {"error": {"code": code or _CODES.get(status, "error"), "message": message}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        message = exc.reason
+        if exc.status == 413:
+            message = f"request body too large (limit {request.app[MAX_BODY]} bytes)"
+        elif exc.status == 404:
+            message = f"no such endpoint: {request.path}"
+        elif exc.status == 405:
+            message = f"{request.method} is not allowed on {request.path}"
+        return json_error(exc.status, message, headers=_kept_headers(exc))
+    except Exception:
+        log.exception("HTTP %s %s failed", request.method, request.path)
+        return json_error(500, "internal error; the hub log has the details")
+
+
+def _kept_headers(exc: web.HTTPException) -> dict[str, str]:
+    keep = ("Allow", "Retry-After", "WWW-Authenticate")
+    return {name: exc.headers[name] for name in keep if name in exc.headers}
+
+
+class WebServer:
+    """One aiohttp server. ``bind``, ``add_routes`` and ``start`` are called in order from
+    one task at start; handlers then run concurrently, one task per request."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        max_body_bytes: int = 1024 * 1024,
+        shutdown_timeout: float = 5.0,
+    ) -> None:
+        self.host = host
+        self.requested_port = port
+        self.shutdown_timeout = shutdown_timeout
+        self.app = web.Application(client_max_size=max_body_bytes, middlewares=[_json_errors])
+        self.app[MAX_BODY] = max_body_bytes
+        self.port: int | None = None
+        self._sock: socket.socket | None = None
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        """``http://host:port``, once bound."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def bind(self) -> int:
+        """Open the listening socket; return the port (a free one when asked for 0)."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.requested_port))
+        except OSError as exc:
+            sock.close()
+            raise OSError(
+                exc.errno, f"HTTP server cannot listen on {self.host}:{self.requested_port}: "
+                f"{exc.strerror}"
+            ) from None
+        sock.listen(512)
+        sock.setblocking(False)
+        self._sock = sock
+        self.port = int(sock.getsockname()[1])
+        return self.port
+
+    def add_routes(self, routes: Iterable[web.AbstractRouteDef]) -> None:
+        """Mount routes; only before :meth:`start` (aiohttp freezes the router then)."""
+        self.app.add_routes(list(routes))
+
+    def add_get(self, path: str, handler: Handler, **kwargs: Any) -> None:
+        self.app.router.add_get(path, handler, **kwargs)
+
+    def add_post(self, path: str, handler: Handler, **kwargs: Any) -> None:
+        self.app.router.add_post(path, handler, **kwargs)
+
+    async def start(self) -> None:
+        """Serve on the bound socket (binding now if :meth:`bind` was not called)."""
+        if self._sock is None:
+            self.bind()
+        assert self._sock is not None
+        self._runner = web.AppRunner(
+            self.app, access_log=None, shutdown_timeout=self.shutdown_timeout
+        )
+        await self._runner.setup()
+        await web.SockSite(self._runner, self._sock).start()
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (bounded), close; idempotent."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+        elif self._sock is not None:
+            self._sock.close()
+        self._sock = None
+
