@@ -6,7 +6,8 @@ It starts its own nats-server (port 0, temporary storage), publishes N Messages 
 ``publish_async``, then times, on the same stored records:
 
 1. baseline: a pull consumer that only fetches and acks (no decoding, no DuckDB);
-2. the recorder: fetch, decode, Arrow batches into DuckDB, commit, ack.
+2. the recorder: fetch, decode, Arrow batches into DuckDB, recompute the touched rows of
+   ``conversations`` (500 conversations here), commit, ack.
 
 Everything lives in a temporary directory that is removed at the end. Each phase is
 bounded by a deadline, so a broken build fails instead of hanging.

@@ -5,6 +5,13 @@
   :mod:`~commhub.channels.frames` (frame codec), :mod:`~commhub.channels.admission`
   (connect URL and token rules), :mod:`~commhub.channels.outbox` (bounded outbound
   queue) and :mod:`~commhub.channels.ratelimit` (token bucket).
+* :mod:`commhub.channels.http`: a native JSON API (post, long-poll read, server-sent
+  events), a Rasa-compatible REST endpoint and signed, retried callbacks, on the hub's
+  HTTP server (reference in ``docs/http.md``), with :mod:`~commhub.channels.http_api`
+  (native routes), :mod:`~commhub.channels.http_rasa` (Rasa's shape),
+  :mod:`~commhub.channels.http_turn` (one request, one turn's replies),
+  :mod:`~commhub.channels.http_callbacks` (callback store and durable deliverer) and
+  :mod:`~commhub.channels.http_request` (auth, validation, JSON errors).
 
 A built-in channel uses nothing an outside plugin could not: a
 :class:`commhub.core.channel.Channel` subclass and its

@@ -179,7 +179,7 @@ class HttpChannel(Channel):
 
     async def _refused(self, request: web.Request, error: ApiError) -> None:
         """Record a refused request: ``rejected`` for auth, ``error`` for the rest."""
-        kind = "rejected" if error.status in (401, 403) else "error"
+        kind = "rejected" if error.status == 401 else "error"
         conversation = request.match_info.get("conversation")
         await self.ctx.publish_event(
             kind, connection=new_id()[:16],
@@ -191,6 +191,7 @@ class HttpChannel(Channel):
     # -- Rasa REST --------------------------------------------------------------------------
     async def _rasa(self, request: web.Request) -> web.Response:
         """Rasa's ``POST /webhooks/rest/webhook``: the replies of this turn as a list."""
+        authorize(self.ctx.tokens, request, user=None, conversation=None)  # before the body
         rasa = parse_request(await read_json_object(request))
         authorize(self.ctx.tokens, request, user=rasa.user, conversation=rasa.conversation)
         meta: dict[str, Any] = {"rasa_sender": rasa.sender}

@@ -87,9 +87,13 @@ class NativeApi:
     # -- POST messages ------------------------------------------------------------------
     async def post_message(self, request: web.Request) -> web.Response:
         conversation = check_conversation(request.match_info["conversation"])
+        # The token first, so a client without one learns that before anything about
+        # its body; then again with the body's user, which a signed token must match.
+        identity = authorize(self.ctx.tokens, request, user=None, conversation=conversation)
         body = await read_json_object(request)
         user = check_user(body.get("user"))
-        identity = authorize(self.ctx.tokens, request, user=user, conversation=conversation)
+        if user is not None:
+            identity = authorize(self.ctx.tokens, request, user=user, conversation=conversation)
         client_id = message_id(body.get("id"))
         text, payload = text_and_payload(body)
         # Without a user, the token's; else one per conversation, so a client that never
@@ -143,13 +147,18 @@ class NativeApi:
                     timeout = deadline - loop.time()  # nothing yet: wait for a live one
                     if timeout <= 0:
                         break
+                    item = await next_item(items, timeout, self.channel.stopping)
+                    if item is None:
+                        break
                 else:
                     # Stored messages come at once; the bound only guards against a
-                    # record the iterator skips (undecodable) being the last one.
-                    timeout = max(deadline - loop.time(), self.config.backlog_timeout_seconds)
-                item = await next_item(items, timeout, self.channel.stopping)
-                if item is None:
-                    break
+                    # record the iterator skips (undecodable) being the last one. No
+                    # task per message here: this is the hot path of a paged read.
+                    try:
+                        async with asyncio.timeout(self.config.backlog_timeout_seconds):
+                            item = await anext(items)
+                    except TimeoutError:
+                        break
                 found.append(item)
                 if item[0] > last:  # a live one arrived: take the rest stored with it
                     last = await self._last_cursor(conversation)
@@ -194,8 +203,8 @@ class NativeApi:
     # -- callback registration ----------------------------------------------------------
     async def put_callback(self, request: web.Request) -> web.Response:
         conversation = check_conversation(request.match_info["conversation"])
-        body = await read_json_object(request)
         authorize(self.ctx.tokens, request, user=None, conversation=conversation)
+        body = await read_json_object(request)
         store = self.channel.callback_store()
         url = body.get("url")
         if not isinstance(url, str) or not _is_http_url(url):
@@ -280,10 +289,15 @@ async def stream_events(
     pump = asyncio.ensure_future(outbox.run(items, send))
     pinger = asyncio.ensure_future(keep_alive())
     stop = asyncio.ensure_future(stopping.wait())
+    tasks = {pump, pinger, stop}
     try:
-        done, _ = await asyncio.wait({pump, pinger, stop}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        await cancel_and_wait(pump, pinger, stop)
+        # One cancel each, no re-cancel: Outbox.run cleans up its own reader (re-cancelling
+        # it as needed) in its finally, which a second cancel here would cut short.
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
     if stop in done:
         return "channel stopping"
     for task in (pump, pinger):
@@ -291,7 +305,7 @@ async def stream_events(
             exc = task.exception()
             if isinstance(exc, SlowConsumer):
                 with contextlib.suppress(Exception):  # the client may be gone already
-                    await write(b"event: error\ndata: {\"code\":\"slow_consumer\",\"cursor\":%d}\n\n"
+                    await write(b'event: error\ndata: {"code":"slow_consumer","cursor":%d}\n\n'
                                 % (exc.last_cursor or 0))
                 return f"slow consumer: resume after {exc.last_cursor or 0}"
             if isinstance(exc, ConnectionError | RuntimeError):

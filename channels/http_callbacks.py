@@ -47,6 +47,7 @@ import aiohttp
 import msgspec
 import nats.errors
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, StorageType
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
@@ -161,6 +162,8 @@ class Deliverer:
         self._runner = KeyedSerialRunner()
         self._held: set[int] = set()  # stream sequences fetched and not yet acked
         self._room = asyncio.Event()
+        self._stopping = False
+        self._sub: JetStreamContext.PullSubscription | None = None
         self._jobs: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -186,29 +189,44 @@ class Deliverer:
             timeout=aiohttp.ClientTimeout(total=s.callback_timeout_seconds),
             headers={"User-Agent": "commhub-callbacks"},
         )
+        self._sub = sub
         self._task = asyncio.create_task(self._run(sub), name=f"{self.ctx.channel}-callbacks")
 
     async def stop(self) -> None:
+        """Stop fetching and hand back what is held, so that it is delivered at once by
+        the next process (or another one sharing the durable) instead of after the ack
+        wait. The pull request in flight is let finish (at most ``FETCH_TIMEOUT``): a
+        cancelled one would leave the server sending messages to an inbox nobody reads."""
         task, self._task = self._task, None
+        self._stopping = True
+        self._room.set()
         if task is not None:
-            await cancel_and_wait(task, *self._jobs)
+            try:
+                await asyncio.wait_for(asyncio.shield(task), FETCH_TIMEOUT + 5)
+            except TimeoutError:
+                await cancel_and_wait(task)
+        await cancel_and_wait(*self._jobs)  # each hands its message back (nak)
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):  # the connection may be closing
+                await sub.unsubscribe()
         if self._session is not None:
             await self._session.close()
             self._session = None
 
-    async def _run(self, sub: object) -> None:
+    async def _run(self, sub: JetStreamContext.PullSubscription) -> None:
         """Fetch as many messages as there is room for; hand each to its conversation's
         queue. A redelivery of a message still held here (it waited in its
         conversation's queue past the ack wait) is ignored: the held copy acks it."""
         room = self.settings.callback_concurrency
-        while True:
+        while not self._stopping:
             free = room - len(self._held)
             if free <= 0:
                 self._room.clear()
                 await self._room.wait()
                 continue
             try:
-                msgs = await sub.fetch(min(free, FETCH_BATCH), timeout=FETCH_TIMEOUT)  # type: ignore[attr-defined]
+                msgs = await sub.fetch(min(free, FETCH_BATCH), timeout=FETCH_TIMEOUT)
             except (TimeoutError, nats.errors.TimeoutError):
                 continue  # nothing pending
             except Exception as exc:  # the bus is reconnecting; try again shortly
@@ -217,11 +235,12 @@ class Deliverer:
                 continue
             for msg in msgs:
                 seq = int(msg.metadata.sequence.stream)
-                if seq in self._held:
-                    continue
-                self._held.add(seq)
-                conversation = msg.subject.rsplit(".", 1)[-1]
-                self._runner.submit(conversation, self._job(msg, seq))
+                if self._stopping:
+                    await _nak(msg)
+                elif seq not in self._held:
+                    self._held.add(seq)
+                    conversation = msg.subject.rsplit(".", 1)[-1]
+                    self._runner.submit(conversation, self._job(msg, seq))
 
     def _job(self, msg: Msg, seq: int) -> Callable[[], Awaitable[None]]:
         async def job() -> None:
@@ -229,7 +248,13 @@ class Deliverer:
             assert task is not None
             self._jobs.add(task)
             try:
-                await self._deliver(msg)
+                if self._stopping:
+                    await _nak(msg)
+                else:
+                    await self._deliver(msg)
+            except asyncio.CancelledError:
+                await asyncio.shield(_nak(msg))
+                raise
             finally:
                 self._jobs.discard(task)
                 self._held.discard(seq)
@@ -306,6 +331,12 @@ class Deliverer:
         retry = status >= 500 or status == 429
         return _Outcome(ok=False, retry=retry, reason=f"HTTP {status}",
                         retry_after=retry_after if status == 429 else None)
+
+
+async def _nak(msg: Msg) -> None:
+    """Hand a message back for redelivery now; best effort (the ack wait is the backstop)."""
+    with contextlib.suppress(Exception):
+        await msg.nak()
 
 
 def _seconds(value: str | None) -> float | None:

@@ -105,21 +105,17 @@ def bearer_token(request: web.Request) -> str | None:
 
 
 def authorize(
-    authority: TokenAuthority, request: web.Request, *, user: str | None, conversation: str
+    authority: TokenAuthority, request: web.Request, *, user: str | None, conversation: str | None
 ) -> Identity:
-    """Check the request's token for ``user`` in ``conversation``; same rules as the
-    WebSocket channel. A missing, unknown or expired token is 401 (with
-    ``WWW-Authenticate``); a valid signed token bound to another user or conversation
-    is 403."""
+    """Check the request's token for ``user`` in ``conversation``; same rules and
+    reasons as the WebSocket channel (``docs/channels.md``). Every refusal is 401 with
+    ``WWW-Authenticate`` and the reason as the message."""
     token = bearer_token(request)
     try:
         return authority.check(token, user=user, conversation=conversation)
     except TokenRefused as exc:
-        reason = str(exc)
-        if reason.startswith("token is for another"):
-            raise ApiError(403, "forbidden", reason) from None
         error = "invalid_token" if token else "invalid_request"
-        raise ApiError(401, "unauthorized", reason,
+        raise ApiError(401, "unauthorized", str(exc),
                        {"WWW-Authenticate": f'{CHALLENGE}, error="{error}"'}) from None
 
 

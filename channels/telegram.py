@@ -61,7 +61,6 @@ from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from telegram import Bot, Update
 from telegram.error import Conflict, InvalidToken, TelegramError
-from telegram.request import HTTPXRequest
 
 from commhub.core.channel import Channel, ChannelContext
 from commhub.core.envelope import Message, Sender
@@ -70,7 +69,7 @@ from commhub.core.web import json_error
 
 from .telegram_outbound import OutboundConsumer
 from .telegram_pacing import Pacer
-from .telegram_send import Backoff, keyboard, send_reply
+from .telegram_send import Backoff, keyboard, make_bot, send_reply
 from .telegram_text import TELEGRAM_TEXT_LIMIT, split_text
 from .telegram_updates import (
     ParsedUpdate,
@@ -194,23 +193,17 @@ class TelegramChannel(Channel):
         cfg = self.config
         if cfg.token is None:
             return ["telegram: off (set COMMHUB_TELEGRAM_TOKEN to enable)"]
-        token = cfg.token.get_secret_value()
         api = cfg.api_url.rstrip("/")
-        timeout = cfg.request_timeout
-        self.bot = Bot(
-            token,
-            base_url=f"{api}/bot",
-            base_file_url=f"{api}/file/bot",
-            # Sends to many chats run at once; waiting for a free connection is pacing,
-            # not an error, hence no pool timeout.
-            request=HTTPXRequest(
-                connection_pool_size=64, read_timeout=timeout, write_timeout=timeout,
-                connect_timeout=timeout, pool_timeout=None,
-            ),
-            get_updates_request=HTTPXRequest(
-                connection_pool_size=1, read_timeout=timeout, connect_timeout=timeout
-            ),
-        )
+        self.bot = make_bot(cfg.token.get_secret_value(), api, cfg.request_timeout)
+        try:
+            return await self._connect(api)
+        except BaseException:
+            await self.stop()  # the hub only stops channels whose start returned
+            raise
+
+    async def _connect(self, api: str) -> list[str]:
+        assert self.bot is not None
+        cfg = self.config
         try:
             await self.bot.initialize()  # getMe
         except InvalidToken as exc:

@@ -33,11 +33,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dtm
+import json
 import logging
 import random
 import warnings
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from telegram import Bot, InlineKeyboardButton, InlineKeyboardMarkup
 from telegram.error import (
@@ -48,11 +50,21 @@ from telegram.error import (
     RetryAfter,
     TelegramError,
 )
+from telegram.request import HTTPXRequest
 from telegram.warnings import PTBDeprecationWarning
 
 from .telegram_pacing import Pacer
 
-__all__ = ["Backoff", "Delivery", "keyboard", "retry_after_seconds", "send_reply"]
+__all__ = [
+    "Backoff",
+    "Delivery",
+    "FloodWait",
+    "FloodAwareRequest",
+    "keyboard",
+    "make_bot",
+    "retry_after_seconds",
+    "send_reply",
+]
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +94,66 @@ class Delivery:
     reason: str | None = None
 
 
+class FloodWait(TelegramError):
+    """Telegram's flood control: wait ``seconds`` before the next request to that chat."""
+
+    def __init__(self, seconds: float, description: str) -> None:
+        super().__init__(description)
+        self.seconds = seconds
+
+
+class FloodAwareRequest(HTTPXRequest):
+    """python-telegram-bot's HTTP transport, with ``retry_after`` answers read here.
+
+    python-telegram-bot 22 builds its ``RetryAfter`` by reading its own deprecated
+    ``retry_after`` attribute, which warns (PTBDeprecationWarning) on every 429. This
+    transport recognises an error answer that carries ``parameters.retry_after`` and
+    raises :class:`FloodWait` with the seconds as a float instead, before the library
+    parses it; every other answer goes through unchanged. (A ``TelegramError`` raised
+    here passes through the library's error handling as it is.)
+    """
+
+    async def do_request(self, *args: Any, **kwargs: Any) -> tuple[int, bytes]:
+        code, payload = await super().do_request(*args, **kwargs)
+        if code >= 400 and b"retry_after" in payload:
+            try:
+                body = json.loads(payload)
+                seconds = float(body["parameters"]["retry_after"])
+            except (ValueError, KeyError, TypeError):
+                return code, payload  # not the shape we know: the library decides
+            raise FloodWait(seconds, str(body.get("description") or "Too Many Requests"))
+        return code, payload
+
+
+def make_bot(token: str, api_url: str, timeout: float = 10.0, pool: int = 64) -> Bot:
+    """A :class:`telegram.Bot` for ``api_url`` (``https://api.telegram.org`` or a fake).
+
+    Sends to many chats run at once over up to ``pool`` connections; waiting for a free
+    connection is pacing, not an error, hence no pool timeout. ``getUpdates`` has its
+    own connection, so a long poll never holds up a reply.
+    """
+    api = api_url.rstrip("/")
+    return Bot(
+        token,
+        base_url=f"{api}/bot",
+        base_file_url=f"{api}/file/bot",
+        request=FloodAwareRequest(
+            connection_pool_size=pool, read_timeout=timeout, write_timeout=timeout,
+            connect_timeout=timeout, pool_timeout=None,
+        ),
+        get_updates_request=FloodAwareRequest(
+            connection_pool_size=1, read_timeout=timeout, connect_timeout=timeout
+        ),
+    )
+
+
 def retry_after_seconds(exc: RetryAfter) -> float:
     """``retry_after`` in seconds, whichever type this python-telegram-bot gives.
 
-    python-telegram-bot 22 warns (PTBDeprecationWarning) when the attribute is read as
-    an int while it migrates to ``timedelta``; the value is the same either way, so the
-    warning is silenced here, for this one read.
+    Only a fallback: :class:`FloodAwareRequest` turns 429s into :class:`FloodWait`
+    first. python-telegram-bot 22 warns (PTBDeprecationWarning) when the attribute is
+    read as an int while it migrates to ``timedelta``; the value is the same either
+    way, so the warning is silenced here, for this one read.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PTBDeprecationWarning)
@@ -131,8 +197,8 @@ async def send_reply(
             try:
                 await bot.send_message(chat_id, text, reply_markup=markup if last else None)
                 break
-            except RetryAfter as exc:
-                seconds = retry_after_seconds(exc)
+            except (FloodWait, RetryAfter) as exc:
+                seconds = exc.seconds if isinstance(exc, FloodWait) else retry_after_seconds(exc)
                 log.info("telegram: 429 for chat %s; retrying after %.1f s", chat_id, seconds)
                 pacer.penalize(chat_id, seconds)
             except Forbidden as exc:

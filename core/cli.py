@@ -1,7 +1,9 @@
 """The ``commhub`` command.
 
 ``commhub up`` runs a hub; ``commhub sql`` queries its records (over the bus while it
-runs, from the DuckDB file when it is stopped); ``commhub schema`` prints the envelope's
+runs, from the DuckDB file when it is stopped); ``commhub export`` writes them as
+day-partitioned Parquet; ``commhub rebuild`` replays the streams into a fresh DuckDB
+file (hub stopped); ``commhub schema`` prints the envelope's
 JSON Schema; ``commhub token`` mints a signed client token; ``commhub plugins`` lists
 plugins; ``commhub workflows check|list`` checks workflow files. Every error a user can
 cause ends in one ``commhub: error: ...`` line and exit status 1; bad command-line usage
@@ -52,9 +54,20 @@ def _build_parser() -> argparse.ArgumentParser:
     sql = sub.add_parser("sql", help="run a read-only SQL query on the records")
     _settings_flags(sql)
     sql.add_argument("query", help='one SELECT statement, e.g. "SELECT * FROM messages"')
-    sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    sql.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
+    sql.add_argument("--output", type=Path, help="write to FILE instead of stdout "
+                     "(needed for parquet)")
     sql.add_argument("--max-rows", type=int, default=None)
     sql.add_argument("--timeout", type=float, default=None, help="seconds")
+
+    rebuild = sub.add_parser("rebuild", help="replay the streams into a fresh DuckDB file "
+                             "and swap it in (the hub must be stopped)")
+    _settings_flags(rebuild)
+
+    export = sub.add_parser("export", help="export the records as Parquet, partitioned by day")
+    _settings_flags(export)
+    export.add_argument("directory", type=Path, help="where to write <table>/day=.../*.parquet")
+    export.add_argument("--format", choices=["parquet"], default="parquet")
 
     sub.add_parser("schema", help="print the JSON Schema of the bus envelope")
 
@@ -70,6 +83,11 @@ def _build_parser() -> argparse.ArgumentParser:
     check = wf_sub.add_parser("check", help="check workflow files or folders")
     check.add_argument("paths", type=Path, nargs="+")
     wf_sub.add_parser("list", help="list the installed workflows")
+    graph = wf_sub.add_parser("graph", help="print a workflow's state graph (Mermaid or DOT)")
+    graph.add_argument("name", help="an installed workflow, or one from --workflows")
+    graph.add_argument("--format", choices=["mermaid", "dot"], default="mermaid")
+    graph.add_argument("--workflows", type=Path, action="append", dest="workflow_paths",
+                       default=[], help="also load this workflow file or folder (repeatable)")
     return parser
 
 
@@ -113,8 +131,10 @@ def _fast_loop_factory() -> Any:
 
 def cmd_sql(args: argparse.Namespace) -> int:
     from .lock import hub_is_running, read_hub_info
-    from .sqlapi import format_result, query_file
+    from .sqlapi import format_result, query_file, write_parquet
 
+    if args.format == "parquet" and args.output is None:
+        raise _UserError("--format parquet writes a file: add --output FILE")
     settings = _load_settings(args)
     max_rows = args.max_rows or settings.sql_max_rows
     timeout = args.timeout or settings.sql_timeout_seconds
@@ -129,9 +149,71 @@ def cmd_sql(args: argparse.Namespace) -> int:
         if not settings.duckdb_path.exists():
             raise _UserError(f"no records yet: {settings.duckdb_path} does not exist "
                              "(start the hub with `commhub up` first)")
-        result = query_file(settings.duckdb_path, args.query, max_rows, timeout)
-    print(format_result(result, args.format))
+        result = query_file(settings.duckdb_path, args.query, max_rows, timeout,
+                            memory_limit=settings.sql_memory_limit)
+    if args.format == "parquet":
+        write_parquet(result, args.output)
+        print(f"{len(result.rows)} rows written to {args.output}", file=sys.stderr)
+    elif args.output is not None:
+        args.output.write_text(format_result(result, args.format) + "\n")
+    else:
+        print(format_result(result, args.format))
     return 0
+
+
+def cmd_rebuild(args: argparse.Namespace) -> int:
+    from .progress import Progress, ProgressBar
+    from .rebuild import rebuild
+
+    settings = _load_settings(args)
+    bar = ProgressBar(sys.stderr, "rebuild", Progress(0))
+    report = asyncio.run(rebuild(settings, progress=lambda done, total: bar.show(done, total)))
+    bar.finish(report.records)
+    rows = ", ".join(f"{table} {n:,}" for table, n in report.rows.items() if n)
+    print(f"rebuilt {report.path} from {report.records:,} records in {report.seconds:.1f} s"
+          f" ({rows or 'no rows'})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_parquet
+    from .lock import hub_is_running, read_hub_info
+
+    settings = _load_settings(args)
+    url, prefix = settings.nats_url, settings.prefix
+    if url is None and hub_is_running(settings.data_dir):
+        info = read_hub_info(settings.data_dir) or {}
+        url, prefix = info.get("nats_url"), info.get("prefix", prefix)
+
+    def done(table: str, rows: int) -> None:
+        print(f"  {table}: {rows:,} rows", file=sys.stderr)
+
+    if url is None:  # no hub: the file itself
+        counts = export_parquet(settings.duckdb_path, args.directory, on_table=done)
+    else:  # a running hub writes a snapshot for us to read
+        path = asyncio.run(_snapshot_over_bus(url, prefix))
+        if not path.is_file():
+            raise _UserError(f"the hub wrote its snapshot to {path}, which is not on this "
+                             "machine: run commhub export where the hub runs")
+        try:
+            counts = export_parquet(path, args.directory, on_table=done)
+        finally:
+            path.unlink(missing_ok=True)
+    print(f"exported {sum(counts.values()):,} rows of {len(counts)} tables to {args.directory}")
+    return 0
+
+
+async def _snapshot_over_bus(url: str, prefix: str) -> Path:
+    import nats
+
+    from .sqlapi import snapshot_over_bus
+    from .subjects import Subjects
+
+    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+    try:
+        return await snapshot_over_bus(nc, Subjects(prefix))
+    finally:
+        await nc.close()
 
 
 async def _sql_over_bus(url: str, prefix: str, query: str, max_rows: int, timeout: float) -> Any:
@@ -185,6 +267,14 @@ def cmd_workflows(args: argparse.Namespace) -> int:
     from .plugins import Plugins
     from .workflow import load_workflows
 
+    if args.workflows_command == "graph":
+        from .graph import render_graph
+
+        found = load_workflows([*Plugins.load().workflow_sources(), *args.workflow_paths])
+        if args.name not in found:
+            raise _UserError(f"no workflow named {args.name!r}; known: {', '.join(sorted(found))}")
+        print(render_graph(found[args.name], args.format), end="")
+        return 0
     if args.workflows_command == "check":
         definitions = load_workflows(args.paths)
         for name, definition in sorted(definitions.items()):
@@ -212,6 +302,8 @@ class _UserError(Exception):
 COMMANDS = {
     "up": cmd_up,
     "sql": cmd_sql,
+    "rebuild": cmd_rebuild,
+    "export": cmd_export,
     "schema": cmd_schema,
     "token": cmd_token,
     "plugins": cmd_plugins,
@@ -248,16 +340,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _is_user_error(exc: Exception) -> bool:
     """Errors whose message is the whole story for a user (no traceback needed)."""
+    from .export import ExportError
     from .hub import HubError
     from .lock import HubAlreadyRunning
     from .natsserver import NatsServerError
     from .plugins import PluginError
+    from .rebuild import RebuildError
     from .schema import SchemaError
     from .sqlapi import SqlError
     from .workflow import WorkflowError
 
     known = (_UserError, HubError, HubAlreadyRunning, NatsServerError, PluginError,
-             SqlError, SchemaError, WorkflowError, OSError, TimeoutError)
+             SqlError, SchemaError, WorkflowError, OSError, TimeoutError, RebuildError,
+             ExportError)
     return isinstance(exc, known)
 
 

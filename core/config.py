@@ -25,11 +25,11 @@ from pydantic_settings import (
 )
 
 from .subjects import Subjects
+from .tokens import TokenAuthority
 
-# The defaults of ``cancel_phrases``/``restart_phrases`` (kept in sync with the router's).
+# The defaults of ``cancel_phrases``/``restart_phrases`` (the router imports them).
 DEFAULT_CANCEL_PHRASES = ("cancel", "stop", "quit", "never mind", "nevermind", "abort")
 DEFAULT_RESTART_PHRASES = ("restart", "start over", "start again", "begin again")
-from .tokens import TokenAuthority
 
 __all__ = ["Settings", "Role", "load_settings"]
 

@@ -119,10 +119,8 @@ class SqlAccess:
     @classmethod
     def from_settings(cls, settings: Settings) -> SqlAccess:
         """The rules described in the module docstring, for these settings."""
-        return cls(
-            settings.sql_tokens,
-            open_without_tokens=_is_loopback(settings.host) and settings.allow_anonymous is not False,
-        )
+        local = _is_loopback(settings.host) and settings.allow_anonymous is not False
+        return cls(settings.sql_tokens, open_without_tokens=local)
 
     def check(self, authorization: str | None) -> SqlRefusal | None:
         """None when the request may run SQL, else the refusal to answer with."""

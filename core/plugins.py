@@ -27,12 +27,15 @@ from .channel import Channel
 from .classify import Classifier
 from .envelope import Message
 from .subjects import valid_token
+from .workflow_class import Workflow
 
 __all__ = ["DEFAULT_PLUGINS", "Plugins", "PluginInfo", "PluginError", "build_plugin_manager"]
 
 # commhub's own features, registered exactly like a third party's.
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "commhub.channels.websocket",
+    "commhub.channels.http",
+    "commhub.channels.telegram",
     "commhub.plugins.tfidf",
     "commhub.workflows.builtin",
 )
@@ -149,10 +152,15 @@ class Plugins:
         return found
 
     def workflow_sources(self) -> list[Any]:
-        """Everything plugins registered as workflows: paths or definitions, in order."""
+        """Everything plugins registered as workflows, in order: paths (a string becomes a
+        :class:`Path`), definitions, and :class:`Workflow` classes compiled to definitions.
+
+        Raises :class:`~commhub.core.workflow.WorkflowError` naming the file and line for a
+        broken :class:`Workflow` class; files and definitions are checked when loaded.
+        """
         found: list[Any] = []
         self._contribute("register_workflows", lambda _plugin, item: found.append(item))
-        return [Path(item) if isinstance(item, str) else item for item in found]
+        return [_workflow_source(item) for item in found]
 
     def _contribute(self, hook_name: str, register: Callable[[str, Any], None]) -> None:
         """Call each implementation of a ``register_*`` hook in pluggy's order, with a
@@ -209,6 +217,14 @@ class Plugins:
             hooks = sorted(impl.name for impl in _impls_of(self.pm, plugin))
             infos.append(PluginInfo(name, version, origin, hooks))
         return infos
+
+
+def _workflow_source(item: Any) -> Any:
+    if isinstance(item, str):
+        return Path(item)
+    if inspect.isclass(item) and issubclass(item, Workflow):
+        return item.compile()
+    return item
 
 
 def _plugin_label(impl: Any) -> str:

@@ -1,19 +1,22 @@
 """Workflow definitions: the public face of the model, the checks and the loader.
 
-A workflow is declared in a YAML or TOML file, or built in Python as a
-:class:`WorkflowDef`; all three become one validated model. This module gathers the
-names flow authors and the hub use; the work is done in three modules with one job each:
+A workflow is declared in a YAML or TOML file, as a :class:`Workflow` subclass, or built
+in Python as a :class:`WorkflowDef`; all become one validated model. This module gathers
+the names flow authors and the hub use; the work is done in modules with one job each:
 
 * ``workflow_model``: the definition model (slots, states, transitions, templates) and
   :class:`WorkflowError`, whose text reads ``FILE:LINE: problem``;
 * ``workflow_check``: the checks run on every definition at load (targets, reachability,
   ways out, slots, templates);
-* ``workflow_load``: reading YAML and TOML with line numbers, folders, duplicates.
+* ``workflow_load``: reading YAML and TOML with line numbers, folders, duplicates;
+* ``workflow_class``: workflows as Python classes (:class:`Workflow`, :class:`State`,
+  :func:`on`, :func:`slot`), compiled through the same validation and checks.
 """
 
 from __future__ import annotations
 
 from .workflow_check import check_workflow
+from .workflow_class import State, Workflow, on, slot
 from .workflow_load import load_workflow_file, load_workflows
 from .workflow_model import (
     SLOT_TYPES,
@@ -41,13 +44,17 @@ __all__ = [
     "MessageTrigger",
     "SayDef",
     "SlotDef",
+    "State",
     "StateDef",
     "TransitionDef",
+    "Workflow",
     "WorkflowDef",
     "WorkflowError",
     "check_workflow",
     "load_workflow_file",
     "load_workflows",
+    "on",
     "render_template",
+    "slot",
     "template_fields",
 ]

@@ -45,8 +45,11 @@ def check_workflow(defn: WorkflowDef) -> None:
 
     Checks, in order: the name is a subject token; slot types and their options; the
     initial state exists; each state's transitions (targets exist, slots known, regexes
-    compile, event names valid, no transitions out of a final state); every template
-    and ``set``/``emit`` names a declared slot; no state is unreachable from ``initial``;
+    compile, event names valid and not the router's own, no transitions out of a final
+    state; an ``ask`` has a valid subject and a ``reply: error`` transition, ``reply``
+    triggers only where there is an ``ask``; a handoff state is not final and takes
+    ``event: handoff.end``); every template and ``set``/``emit``/``ask`` names a declared
+    slot; no state is unreachable from ``initial``;
     every non-final state has a way out, and a final state can be reached from it.
     """
     if not _TOKEN_RE.match(defn.name):

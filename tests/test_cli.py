@@ -114,3 +114,18 @@ def test_sql_on_a_stopped_hub_reads_the_file_and_refuses_writes(tmp_path: Path) 
     still = commhub("sql", "SELECT count(*) AS n FROM channel_events", "--format", "json",
                     "--data-dir", str(tmp_path))
     assert json.loads(still.stdout) == [{"n": 1}]
+
+
+def test_workflows_graph_prints_mermaid_and_dot(tmp_path: Path) -> None:
+    """`commhub workflows graph NAME` prints the state graph; --workflows adds files;
+    an unknown name is an error naming the known ones."""
+    result = commhub("workflows", "graph", "support_request")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("stateDiagram-v2\n")
+    assert "filed --> in_progress : event request.progress" in result.stdout
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: mine\ninitial: a\nstates:\n  a: {final: true}\n")
+    dot = commhub("workflows", "graph", "mine", "--format", "dot", "--workflows", str(path))
+    assert dot.returncode == 0 and dot.stdout.startswith('digraph "mine" {'), dot.stderr
+    missing = commhub("workflows", "graph", "nope")
+    assert missing.returncode == 1 and "no workflow named 'nope'" in missing.stderr

@@ -227,7 +227,7 @@ def test_disable_plugins_env_skips_an_outside_plugin(
     monkeypatch.setenv("COMMHUB_DISABLE_PLUGINS", "lines")
     plugins = Plugins.load()
     assert "lines" not in plugin_names(plugins)
-    assert sorted(plugins.channels()) == ["websocket"]
+    assert sorted(plugins.channels()) == ["http", "telegram", "websocket"]
     assert not [s for s in plugins.workflow_sources() if isinstance(s, WorkflowDef)]
 
 
@@ -237,13 +237,13 @@ def test_disable_plugins_skips_a_builtin(settings: Settings,
     monkeypatch.setenv("COMMHUB_DISABLE_PLUGINS", "commhub.channels.websocket")
     plugins = Plugins.load()
     assert "commhub.channels.websocket" not in plugin_names(plugins)
-    assert plugins.channels() == {}
+    assert "websocket" not in plugins.channels() and "http" in plugins.channels()
     assert "tfidf" in plugins.classifiers()
 
     monkeypatch.delenv("COMMHUB_DISABLE_PLUGINS")
     assert "websocket" in Plugins.load().channels()
     hub = Hub(settings.model_copy(update={"disable_plugins": ["commhub.channels.websocket"]}))
-    assert hub.plugins.channels() == {}
+    assert "websocket" not in hub.plugins.channels()
 
 
 # -- every hook ---------------------------------------------------------------------------

@@ -112,3 +112,110 @@ async def test_sigkill_mid_conversation_resumes_where_it_was(hub_process: HubPro
         "--format", "json",
     )
     assert [row["kind"] for row in json.loads(events.stdout)] == ["started", "completed"]
+    # No step ran twice: each of the six transitions of the booking is recorded once.
+    steps = hub_process.run(
+        "sql",
+        "SELECT count(*) AS n, count(DISTINCT from_state || '>' || to_state) AS moves "
+        "FROM workflow_events WHERE conversation = 'crash1' AND kind = 'transition'",
+        "--format", "json",
+    )
+    assert json.loads(steps.stdout) == [{"n": 6, "moves": 6}]
+
+
+async def _stream_message_ids(url: str, prefix: str) -> list[str]:
+    """The id of every Message the messages stream holds, read with a throwaway consumer."""
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+    from commhub.core.bus import Bus
+    from commhub.core.envelope import EnvelopeError, Message, decode_tagged
+    from commhub.core.subjects import Subjects
+
+    subjects = Subjects(prefix)
+    bus = await Bus.connect(url, subjects)
+    try:
+        sub = await bus.js.pull_subscribe(
+            f"{prefix}.>", stream=subjects.messages_stream,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE),
+        )
+        info = await bus.js.stream_info(subjects.messages_stream)
+        ids, seen = [], 0
+        while seen < info.state.messages:
+            for msg in await sub.fetch(1000, timeout=10):
+                seen += 1
+                try:
+                    record = decode_tagged(msg.data, subjects.record_tag(msg.subject))
+                except EnvelopeError:
+                    continue
+                if isinstance(record, Message):
+                    ids.append(record.id)
+        await sub.unsubscribe()
+        return ids
+    finally:
+        await bus.close()
+
+
+async def test_sigkill_during_a_burst_loses_and_doubles_no_record(
+    hub_process: HubProcess,
+) -> None:
+    """SIGKILL while a burst is being published and recorded, then restart: DuckDB holds
+    every message the stream holds, exactly once."""
+    from commhub.core.bus import Bus
+    from commhub.core.envelope import Message, Sender
+    from commhub.core.subjects import Subjects
+
+    hub_process.start()
+    prefix = hub_process.info["prefix"]
+    bus = await Bus.connect(hub_process.nats_url, Subjects(prefix))
+    acked = 0
+    halfway = asyncio.Event()
+
+    async def burst() -> None:
+        # Mostly agent messages (recorded, not routed) and some user messages (routed
+        # too, so the router's replies are part of the burst), 100 per pipelined chunk.
+        nonlocal acked
+        for chunk in range(60):
+            records = []
+            for i in range(100):
+                n = chunk * 100 + i
+                direction = "in" if n % 10 == 0 else "out"
+                conversation = f"burst-{n % 40}"
+                message = Message(
+                    id=f"burst-{n:05d}", conversation=conversation, channel="sms",
+                    direction=direction,  # type: ignore[arg-type]
+                    sender=Sender(id=f"u{n % 40}") if direction == "in"
+                    else Sender(id="agent-7", kind="agent"),
+                    text=f"burst message {n}",
+                )
+                subject = (bus.subjects.inbound if direction == "in" else bus.subjects.outbound)(
+                    "sms", conversation
+                )
+                records.append((subject, message))
+            await bus.publish_all(records)
+            acked += len(records)
+            if acked >= 2000:
+                halfway.set()
+
+    publisher = asyncio.create_task(burst())
+    await asyncio.wait_for(halfway.wait(), 120)  # a safety net, not a timing claim
+    hub_process.kill()
+    publisher.cancel()
+    await asyncio.gather(publisher, return_exceptions=True)
+    await bus.nc.close()
+    assert acked >= 2000
+
+    hub_process.start()
+    ids = await _stream_message_ids(hub_process.nats_url, prefix)
+    assert len(ids) == len(set(ids)) >= acked
+    deadline = time.monotonic() + 120
+    while True:
+        (count,) = sql_json(hub_process, "SELECT count(*) AS n FROM messages")
+        if count["n"] >= len(ids) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.5)
+    result = hub_process.run("sql", "SELECT id FROM messages ORDER BY id", "--format", "json",
+                             "--max-rows", "100000")
+    assert result.returncode == 0, result.stderr
+    recorded = [row["id"] for row in json.loads(result.stdout)]
+    assert len(recorded) == len(set(recorded))
+    assert sorted(recorded) == sorted(ids)
+    assert hub_process.terminate() == 0

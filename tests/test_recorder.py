@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import threading
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
@@ -549,7 +550,11 @@ async def test_conversations_and_runs_stay_exact_under_redelivery(
         assert fetch(
             second,
             "SELECT run_id, outcome, last_state, transitions FROM workflow_runs ORDER BY 1",
-        ) == [("r1", "cancelled", "confirm", 1), ("r2", "failed", "ask", 0), ("r3", "open", "ask", 0)]
+        ) == [
+            ("r1", "cancelled", "confirm", 1),
+            ("r2", "failed", "ask", 0),
+            ("r3", "open", "ask", 0),
+        ]
     finally:
         await second.stop()
 
@@ -592,7 +597,9 @@ async def test_catching_up_logs_progress_until_it_caught_up(
         await recorder.stop()
 
 
-async def test_a_snapshot_is_a_consistent_copy(bus: Bus, recorder: Recorder, tmp_path: Path) -> None:
+async def test_a_snapshot_is_a_consistent_copy(
+    bus: Bus, recorder: Recorder, tmp_path: Path
+) -> None:
     """snapshot() writes a file another DuckDB instance opens, holding every committed row."""
     records = [message(f"s{i}") for i in range(30)]
     await bus.publish_all([(subject_of(bus, m), m) for m in records])
@@ -605,3 +612,30 @@ async def test_a_snapshot_is_a_consistent_copy(bus: Bus, recorder: Recorder, tmp
         assert con.execute("SELECT messages FROM conversations").fetchall() == [(30,)]
     finally:
         con.close()
+
+
+def test_every_table_view_and_column_is_documented(tmp_path: Path) -> None:
+    """docs/records.md has a section per table and view of the schema, listing every column."""
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "records.md").read_text()
+    sections = dict(
+        (m.group(1), m.group(2))
+        for m in re.finditer(r"^### `(\w+)`\n(.*?)(?=^#{2,3} |\Z)", docs, flags=re.M | re.S)
+    )
+    con = duckdb.connect(str(tmp_path / "doc.duckdb"))
+    try:
+        schema.migrate(con)
+        columns = con.execute(
+            "SELECT table_name, column_name FROM information_schema.columns "
+            "WHERE table_schema = 'main' ORDER BY table_name, ordinal_position"
+        ).fetchall()
+    finally:
+        con.close()
+    assert {table for table, _ in columns} == {
+        *schema.TABLES, *schema.DERIVED_TABLES, *schema.VIEWS, "schema_version"
+    }
+    missing = [
+        f"{table}.{column}"
+        for table, column in columns
+        if f"| `{column}` |" not in sections.get(table, "")
+    ]
+    assert not missing, f"undocumented in docs/records.md: {missing}"

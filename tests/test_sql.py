@@ -9,6 +9,7 @@ import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import duckdb
 import pytest
 
 from commhub.core.bus import Bus
@@ -265,3 +266,118 @@ def test_bad_arguments_are_bad_requests(sandbox: SqlSandbox) -> None:
     """A non-positive row limit is refused as a bad request before anything runs."""
     with pytest.raises(SqlBadRequest):
         sandbox.query("SELECT 1", 0, 5.0)
+
+
+REFUSED_OVER_THE_BUS = [
+    ("SELECT * FROM read_csv('/etc/passwd')", "cannot access files"),
+    ("COPY messages TO '{tmp}/x.csv'", "got COPY"),
+    ("COPY (SELECT 1) TO '{tmp}/x.parquet' (FORMAT parquet)", "got COPY"),
+    ("ATTACH '{tmp}/x.db' AS x", "got ATTACH"),
+    ("INSTALL httpfs", "got LOAD"),
+    ("LOAD httpfs", "got LOAD"),
+    ("SET enable_external_access = true", "got SET"),
+    ("DROP TABLE messages", "got DROP"),
+    ("SELECT 1; SELECT 2", "exactly one SELECT statement is allowed, got 2"),
+]
+
+
+async def test_live_sql_refuses_each_escape_and_still_answers(
+    bus: Bus, service: SqlService, tmp_path: Path
+) -> None:
+    """Over the bus, on the hub's snapshot sandbox, every escape is refused with a clear
+    message, nothing reaches the file system, and a normal query still works after each."""
+    out = tmp_path / "escape"
+    out.mkdir()
+    for sql, says in REFUSED_OVER_THE_BUS:
+        with pytest.raises(SqlRefused, match=r"^refused: ") as refused:
+            await query_over_bus(bus.nc, bus.subjects, sql.format(tmp=out), timeout=10)
+        assert says in refused.value.message, sql
+        result = await query_over_bus(bus.nc, bus.subjects, "SELECT count(*) FROM messages", 10)
+        assert result.rows == [[N_MESSAGES]]
+    assert not list(out.iterdir()), "a refused statement touched the file system"
+
+
+async def test_live_sql_runs_in_its_own_locked_instance(
+    bus: Bus, service: SqlService, recorder: Recorder, db_path: Path, tmp_path: Path
+) -> None:
+    """User SQL reads a snapshot in an instance of its own with external access off, the
+    configuration locked and a memory limit, never the recorder's writer instance."""
+    result = await service.query(
+        "SELECT current_setting('enable_external_access') AS external, "
+        "current_setting('lock_configuration') AS locked, "
+        "current_setting('memory_limit') AS memory, "
+        "(SELECT list(path) FROM duckdb_databases() WHERE path IS NOT NULL) AS files"
+    )
+    external, locked, memory, files = result.rows[0]
+    assert (external, locked) == (False, True)
+    assert memory.endswith("MiB") and float(memory.split()[0]) < 300
+    assert len(files) == 1
+    assert Path(files[0]).parent == tmp_path / "snapshots"
+    assert Path(files[0]) != db_path
+    # The writer was untouched by all this and keeps writing.
+    more = Message(id="late", conversation="c1", channel="ws", direction="in",
+                   sender=Sender(id="u1"), text="late")
+    await bus.publish(bus.subjects.inbound("ws", "c1"), more)
+    await _wait_for(recorder, N_MESSAGES + 1)
+
+
+async def test_live_sql_sees_new_records_once_the_snapshot_ages(
+    bus: Bus, service: SqlService, recorder: Recorder, tmp_path: Path
+) -> None:
+    """Records committed after a snapshot show up in a later snapshot; superseded snapshot
+    files are deleted, and stopping the service deletes the last one."""
+    query = "SELECT count(*) FROM messages"
+    assert (await service.query(query)).rows == [[N_MESSAGES]]
+    records = [
+        Message(id=f"new{i}", conversation="c2", channel="ws", direction="in",
+                sender=Sender(id="u2"), text="more")
+        for i in range(3)
+    ]
+    await bus.publish_all([(bus.subjects.inbound("ws", "c2"), m) for m in records])
+    await _wait_for(recorder, N_MESSAGES + 3)
+    deadline = asyncio.get_running_loop().time() + 20  # a safety net, not a timing claim
+    while (await service.query(query)).rows != [[N_MESSAGES + 3]]:
+        assert asyncio.get_running_loop().time() < deadline, "new records never showed"
+        await asyncio.sleep(0.05)
+    snapshots = tmp_path / "snapshots"
+    assert len(list(snapshots.glob("sql-*.duckdb"))) == 1
+    await service.stop()
+    assert list(snapshots.glob("sql-*")) == []
+
+
+async def test_an_export_snapshot_over_the_bus(bus: Bus, service: SqlService) -> None:
+    """api.snapshot writes a fresh copy of the records and replies with its path."""
+    path = await snapshot_over_bus(bus.nc, bus.subjects, timeout=20)
+    assert path.is_file()
+    con = open_sandboxed(path)
+    try:
+        assert con.execute("SELECT count(*) FROM messages").fetchall() == [(N_MESSAGES,)]
+    finally:
+        con.close()
+    path.unlink()
+
+
+async def test_the_in_process_api_applies_the_same_rules(service: SqlService) -> None:
+    """SqlService.query caps rows at the service limit and refuses what the bus refuses."""
+    result = await service.query("SELECT id FROM messages ORDER BY id", max_rows=100)
+    assert (len(result.rows), result.truncated) == (5, True)
+    with pytest.raises(SqlRefused, match="got DROP"):
+        await service.query("DROP TABLE messages")
+    with pytest.raises(SqlBadRequest):
+        await service.query("SELECT 1", max_rows=0)
+
+
+def test_write_parquet_round_trips_through_duckdb(tmp_path: Path) -> None:
+    """A result written as Parquet reads back with its columns, values and nulls."""
+    result = QueryResult(
+        columns=["name", "n", "score", "tags", "mixed"],
+        rows=[["ann", 3, 0.5, ["a"], 1], ["bob", None, 1.25, [], "x"]],
+    )
+    path = tmp_path / "out.parquet"
+    write_parquet(result, path)
+    con = duckdb.connect()
+    try:
+        rows = con.execute(f"SELECT * FROM read_parquet('{path}')").fetchall()
+    finally:
+        con.close()
+    assert rows == [("ann", 3, 0.5, ["a"], "1"), ("bob", None, 1.25, [], '"x"')]

@@ -8,6 +8,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from pydantic import SecretStr
 from inproc import ws_port
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
@@ -74,7 +75,7 @@ async def test_a_port_in_use_is_a_clear_error() -> None:
 
 @pytest.fixture
 def signed_settings(settings: Settings) -> Settings:
-    return settings.model_copy(update={"token_secret": "web-secret", "allow_anonymous": False})
+    return settings.model_copy(update={"token_secret": SecretStr("web-secret"), "allow_anonymous": False})
 
 
 async def test_websocket_accepts_a_signed_token_as_its_user(signed_settings: Settings) -> None:

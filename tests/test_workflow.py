@@ -446,3 +446,71 @@ def test_docs_examples_load(tmp_path: Path) -> None:
     broken = complete[0][1].replace("  thanks:\n", "  thank_you:\n")
     err = load_error(tmp_path, broken, "feedback.yaml")
     assert f"feedback.yaml:{err.line}: {err.problem}" in doc
+
+
+# --------------------------------------------------------------------------- new actions
+def test_handoff_state_needs_a_way_back(tmp_path: Path) -> None:
+    """A handoff state must listen for handoff.end (how the agent hands back)."""
+    text = """\
+    name: ho
+    initial: wait
+    states:
+      wait:
+        handoff: true
+        on:
+          - timeout: 60
+            to: done
+      done: {final: true}
+    """
+    error = load_error(tmp_path, text)
+    assert error.line == line_of(text, "handoff: true")
+    assert "handoff.end" in error.problem
+
+
+def test_ask_needs_an_error_branch_and_a_valid_subject(tmp_path: Path) -> None:
+    """An ask state needs 'reply: error'; a 'reply' without 'ask' and a wildcard
+    subject are errors with their lines."""
+    text = """\
+    name: asks
+    initial: look
+    states:
+      look:
+        ask: {subject: orders.status}
+        on:
+          - reply: ok
+            to: done
+      done: {final: true}
+    """
+    error = load_error(tmp_path, text)
+    assert error.line == line_of(text, "ask:") and "reply: error" in error.problem
+    wildcard = text.replace("orders.status", "orders.*").replace("reply: ok", "reply: error")
+    error = load_error(tmp_path, wildcard)
+    assert "subject 'orders.*'" in error.problem and error.line == line_of(wildcard, "ask:")
+    orphan = text.replace("        ask: {subject: orders.status}\n", "")
+    assert "need an 'ask'" in load_error(tmp_path, orphan).problem
+
+
+def test_router_event_names_are_reserved(tmp_path: Path) -> None:
+    """'event: timeout' is refused: timeouts and replies have their own triggers."""
+    text = GOOD.replace("- message: {slot: size}", "- event: timeout")
+    error = load_error(tmp_path, text)
+    assert "router's own" in error.problem
+    assert error.line == line_of(text, "event: timeout")
+
+
+def test_graph_in_mermaid_and_dot() -> None:
+    """The graph names every state and transition with its trigger, in both formats."""
+    from commhub.core.graph import render_graph
+
+    defn = load_workflows([builtin.DEFINITIONS])["order_status"]
+    mermaid = render_graph(defn, "mermaid")
+    assert mermaid.startswith("stateDiagram-v2\n    [*] --> ask_order\n")
+    assert "    looking_up --> not_found : reply ok if status = unknown\n" in mermaid
+    assert "    looking_up : ask shop.orders.status\n" in mermaid
+    assert "    found --> [*]\n" in mermaid
+    dot = render_graph(defn, "dot")
+    assert dot.startswith('digraph "order_status" {')
+    assert '"ask_order" -> "looking_up" [label="message slot=order_id"];' in dot
+    assert '"found" [label="found", shape=doublecircle];' in dot
+    with pytest.raises(ValueError, match="unknown graph format"):
+        render_graph(defn, "svg")

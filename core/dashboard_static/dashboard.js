@@ -1,0 +1,711 @@
+// commhub dashboard: charts and a SQL box over the hub's records, in plain JavaScript.
+//
+// Every number on the page comes from one SQL query sent to POST /v1/sql (the hub's
+// sandboxed, read-only SQL). Each chart shows the exact query under "Data and SQL", so an
+// analyst can run it anywhere else (`commhub sql`, the bus API, DuckDB on an export).
+//
+// Safety: recorded text is user input. It only ever reaches the page through textContent
+// and setAttribute, never innerHTML, and the page's Content-Security-Policy allows no
+// inline script, so a message that contains markup stays text.
+//
+// The SQL token (when the hub needs one) comes from `?token=` once, or from the token
+// field, and is kept in sessionStorage: it lives as long as the browser tab and is removed
+// from the address bar at once, so it does not end up in bookmarks or shared links.
+"use strict";
+
+(() => {
+  const TOKEN_KEY = "commhub.sqlToken";
+  const SVG_NS = "http://www.w3.org/2000/svg";
+  // Okabe-Ito: distinguishable with the common kinds of colour blindness.
+  const PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00",
+    "#8C6D1F", "#000000"];
+  const FALLBACK_COLOR = "#D55E00";
+  const ROUTED_COLOR = "#0072B2";
+
+  // ---------------------------------------------------------------- the SQL endpoint
+  class SqlError extends Error {
+    constructor(status, code, message) {
+      super(message);
+      this.status = status;
+      this.code = code;
+    }
+    get needsToken() { return this.status === 401 || this.status === 403; }
+    toString() { return `${this.code}: ${this.message}`; }
+  }
+
+  function token() { return sessionStorage.getItem(TOKEN_KEY) || ""; }
+
+  function setToken(value) {
+    if (value) sessionStorage.setItem(TOKEN_KEY, value);
+    else sessionStorage.removeItem(TOKEN_KEY);
+  }
+
+  // Take ?token= from the address once, then drop it from the address bar and history.
+  function adoptUrlToken() {
+    const url = new URL(window.location.href);
+    if (!url.searchParams.has("token")) return;
+    setToken(url.searchParams.get("token"));
+    url.searchParams.delete("token");
+    window.history.replaceState(null, "", url.pathname + url.search + url.hash);
+  }
+
+  // Run one query; resolves to {columns, rows, truncated}, rejects with a SqlError.
+  async function runSql(sql, maxRows) {
+    const headers = { "Content-Type": "application/json" };
+    if (token()) headers.Authorization = `Bearer ${token()}`;
+    const request = { sql };
+    if (maxRows) request.max_rows = maxRows;
+    let response;
+    try {
+      // Relative to /dashboard, so the page also works behind a path-prefixing proxy.
+      response = await fetch("v1/sql", {
+        method: "POST", headers, body: JSON.stringify(request), cache: "no-store",
+      });
+    } catch (error) {
+      throw new SqlError(0, "network", `the hub did not answer (${error.message})`);
+    }
+    let body = null;
+    try { body = await response.json(); } catch (_) { /* not JSON: reported below */ }
+    if (!response.ok || !body || body.error) {
+      const error = (body && body.error) || {};
+      throw new SqlError(response.status, error.code || `http_${response.status}`,
+        error.message || response.statusText || "no readable answer");
+    }
+    return body;
+  }
+
+  function objects(result) {
+    return result.rows.map((row) => Object.fromEntries(result.columns.map((c, i) => [c, row[i]])));
+  }
+
+  // ---------------------------------------------------------------- filters as SQL
+  const filters = { channel: "", from: "", to: "" };
+  const DATE = /^\d{4}-\d{2}-\d{2}$/;
+
+  function quote(text) { return `'${String(text).replace(/'/g, "''")}'`; }
+
+  // Conditions on a timestamp (or date) column and a channel column; [] when unset.
+  function dayConditions(column) {
+    const out = [];
+    if (DATE.test(filters.from)) out.push(`CAST(${column} AS DATE) >= DATE ${quote(filters.from)}`);
+    if (DATE.test(filters.to)) out.push(`CAST(${column} AS DATE) <= DATE ${quote(filters.to)}`);
+    return out;
+  }
+  function channelConditions(column) {
+    return filters.channel ? [`${column} = ${quote(filters.channel)}`] : [];
+  }
+  function where(conditions, keyword = "WHERE") {
+    return conditions.length ? `${keyword} ${conditions.join("\n  AND ")}` : "";
+  }
+  function sqlText(lines) { return lines.filter((line) => line !== "").join("\n"); }
+
+  // The queries behind the page. docs/dashboard.md shows each of them.
+  const QUERIES = {
+    channels: () => "SELECT DISTINCT channel FROM messages ORDER BY channel",
+
+    totals: () => sqlText([
+      "SELECT",
+      "  count(*) AS messages,",
+      "  count(DISTINCT conversation) AS conversations,",
+      "  count(DISTINCT sender_id) FILTER (WHERE direction = 'in') AS active_users",
+      "FROM messages",
+      where([...dayConditions("ts"), ...channelConditions("channel")]),
+    ]),
+
+    volume: () => sqlText([
+      "SELECT day, channel, messages_in, messages_out, conversations",
+      "FROM message_volume_daily",
+      where([...dayConditions("day"), ...channelConditions("channel")]),
+      "ORDER BY day, channel",
+    ]),
+
+    intents: () => sqlText([
+      "SELECT",
+      "  coalesce(c.workflow, '(none)') AS workflow,",
+      "  count(*) AS classifications,",
+      "  avg(c.confidence) AS mean_confidence",
+      "FROM classifications c",
+      "LEFT JOIN messages m ON m.id = c.message_id",
+      where([...dayConditions("c.ts"), ...channelConditions("m.channel")]),
+      "GROUP BY ALL",
+      "ORDER BY classifications DESC, workflow",
+    ]),
+
+    fallback: () => sqlText([
+      "SELECT",
+      "  day,",
+      "  CAST(sum(classifications) AS BIGINT) AS classifications,",
+      "  CAST(sum(fallbacks) AS BIGINT) AS fallbacks,",
+      "  sum(fallbacks) / sum(classifications) AS fallback_rate",
+      "FROM fallback_rate_daily",
+      where([...dayConditions("day"), ...channelConditions("channel")]),
+      "GROUP BY day",
+      "ORDER BY day",
+    ]),
+
+    confidence: () => sqlText([
+      "SELECT",
+      "  CAST(least(greatest(floor(c.confidence * 10), 0), 9) AS INTEGER) AS bucket,",
+      "  count(*) FILTER (WHERE c.workflow IS NOT NULL) AS routed,",
+      "  count(*) FILTER (WHERE c.workflow IS NULL) AS fallbacks",
+      "FROM classifications c",
+      "LEFT JOIN messages m ON m.id = c.message_id",
+      where([...dayConditions("c.ts"), ...channelConditions("m.channel")]),
+      "GROUP BY ALL",
+      "ORDER BY bucket",
+    ]),
+
+    latency: () => sqlText([
+      "SELECT",
+      "  coalesce(channel, '(all)') AS channel,",
+      "  count(*) AS responses,",
+      "  quantile_cont(seconds, 0.5) AS p50_seconds,",
+      "  quantile_cont(seconds, 0.95) AS p95_seconds",
+      "FROM first_response_latency",
+      where([...dayConditions("in_ts"), ...channelConditions("channel")]),
+      "GROUP BY GROUPING SETS ((channel), ())",
+      "ORDER BY grouping(channel) DESC, channel",
+    ]),
+
+    // Runs started in the range (in conversations on the channel), and per state how many
+    // of them reached it; states are ordered by the earliest step that reached them.
+    funnel: () => sqlText([
+      "WITH runs AS (",
+      "  SELECT DISTINCT run_id",
+      "  FROM workflow_events",
+      where([
+        "kind = 'started'",
+        ...dayConditions("ts"),
+        ...(filters.channel
+          ? [`conversation IN (SELECT conversation FROM messages WHERE channel = ${quote(filters.channel)})`]
+          : []),
+      ], "  WHERE"),
+      "),",
+      "steps AS (",
+      "  SELECT workflow, run_id, kind, to_state,",
+      "    row_number() OVER (PARTITION BY run_id ORDER BY ts, kind <> 'started') AS step",
+      "  FROM workflow_events",
+      "  WHERE run_id IN (SELECT run_id FROM runs) AND kind <> 'emitted'",
+      "),",
+      "outcomes AS (",
+      "  SELECT workflow,",
+      "    count(DISTINCT run_id) FILTER (WHERE kind = 'started') AS started,",
+      "    count(DISTINCT run_id) FILTER (WHERE kind = 'completed') AS completed",
+      "  FROM steps",
+      "  GROUP BY workflow",
+      ")",
+      "SELECT",
+      "  s.workflow,",
+      "  s.to_state AS state,",
+      "  count(DISTINCT s.run_id) AS runs,",
+      "  min(s.step) AS first_step,",
+      "  o.started,",
+      "  o.completed",
+      "FROM steps s",
+      "JOIN outcomes o ON o.workflow = s.workflow",
+      "WHERE s.to_state IS NOT NULL",
+      "GROUP BY s.workflow, s.to_state, o.started, o.completed",
+      "ORDER BY s.workflow, first_step, state",
+    ]),
+  };
+
+  // ---------------------------------------------------------------- DOM and SVG helpers
+  function h(tag, attrs = {}, ...children) {
+    const node = document.createElement(tag);
+    for (const [name, value] of Object.entries(attrs)) {
+      if (value !== undefined && value !== null) node.setAttribute(name, String(value));
+    }
+    for (const child of children.flat()) {
+      if (child === null || child === undefined) continue;
+      node.append(child instanceof Node ? child : String(child));
+    }
+    return node;
+  }
+
+  function s(tag, attrs = {}, ...children) {
+    const node = document.createElementNS(SVG_NS, tag);
+    for (const [name, value] of Object.entries(attrs)) {
+      if (value !== undefined && value !== null) node.setAttribute(name, String(value));
+    }
+    for (const child of children.flat()) {
+      if (child === null || child === undefined) continue;
+      node.append(child instanceof Node ? child : String(child));
+    }
+    return node;
+  }
+
+  // data-* attributes from {key: value}: carried on every mark so the numbers behind a
+  // picture can be read by tools (and by the browser test).
+  function data(values) {
+    const out = {};
+    for (const [key, value] of Object.entries(values)) out[`data-${key}`] = value;
+    return out;
+  }
+
+  const integer = new Intl.NumberFormat("en-US", { maximumFractionDigits: 0 });
+  function fmtInt(n) { return integer.format(n); }
+  function fmtPct(x) {
+    if (x === null || x === undefined) return "–";
+    return `${(100 * x).toFixed(x > 0 && x < 0.1 ? 1 : 0)}%`;
+  }
+  function fmtConf(x) { return x === null || x === undefined ? "–" : x.toFixed(2); }
+  function fmtSeconds(x) {
+    if (x === null || x === undefined) return "–";
+    if (x < 1) return `${Math.round(x * 1000)} ms`;
+    return `${x.toFixed(x < 10 ? 2 : 1)} s`;
+  }
+  function fmtCell(value) {
+    if (value === null || value === undefined) return "NULL";
+    if (typeof value === "object") return JSON.stringify(value);
+    return String(value);
+  }
+
+  // A round upper bound for an axis, and its tick step (1, 2 or 5 times a power of ten).
+  function niceScale(max, ticks = 4) {
+    if (!(max > 0)) return { max: 1, step: 0.25 };
+    const raw = max / ticks;
+    const power = 10 ** Math.floor(Math.log10(raw));
+    const step = [1, 2, 5, 10].map((m) => m * power).find((m) => m >= raw);
+    return { max: Math.ceil(max / step) * step, step };
+  }
+
+  function colorFor(key, keys) {
+    const i = keys.indexOf(key);
+    return PALETTE[(i < 0 ? keys.length : i) % PALETTE.length];
+  }
+
+  function legend(items) {
+    // An SVG swatch: its fill is an attribute, which the page's CSP allows (inline styles
+    // it does not).
+    return h("ul", { class: "legend" }, items.map(([label, color]) =>
+      h("li", {}, s("svg", { class: "swatch", viewBox: "0 0 12 12", "aria-hidden": "true" },
+        s("rect", { width: 12, height: 12, rx: 2, fill: color })), label)));
+  }
+
+  // Columns over categories, each column a stack of series. values(category, series)
+  // returns {value, attrs, title} or null. Used for volume, fallback and confidence.
+  function columnChart({ categories, series, values, label, yFormat, yMax, xFormat, width = 640 }) {
+    const height = 240;
+    const m = { top: 12, right: 12, bottom: 42, left: 52 };
+    const plotW = width - m.left - m.right;
+    const plotH = height - m.top - m.bottom;
+    let top = 0;
+    for (const category of categories) {
+      let sum = 0;
+      for (const serie of series) sum += (values(category, serie.key) || { value: 0 }).value || 0;
+      top = Math.max(top, sum);
+    }
+    const scale = yMax ? { max: yMax, step: yMax / 4 } : niceScale(top);
+    const y = (v) => m.top + plotH - (v / scale.max) * plotH;
+    const band = plotW / Math.max(categories.length, 1);
+    const barW = Math.max(2, Math.min(48, band * 0.7));
+    const svg = s("svg", { viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": label });
+    svg.append(s("title", {}, label));
+    const axis = s("g", { class: "axis", "aria-hidden": "true" });
+    for (let v = 0; v <= scale.max + scale.step / 2; v += scale.step) {
+      axis.append(s("line", { x1: m.left, x2: width - m.right, y1: y(v), y2: y(v), class: "grid" }));
+      axis.append(s("text", { x: m.left - 6, y: y(v) + 4, "text-anchor": "end" }, yFormat(v)));
+    }
+    // Label at most about 10 categories, evenly, so long ranges stay readable.
+    const every = Math.max(1, Math.ceil(categories.length / 10));
+    categories.forEach((category, i) => {
+      if (i % every !== 0) return;
+      const x = m.left + band * i + band / 2;
+      axis.append(s("text", { x, y: height - m.bottom + 16, "text-anchor": "middle" },
+        xFormat ? xFormat(category) : category));
+    });
+    svg.append(axis);
+    const marks = s("g", { class: "marks" });
+    categories.forEach((category, i) => {
+      let base = 0;
+      const x = m.left + band * i + (band - barW) / 2;
+      for (const serie of series) {
+        const point = values(category, serie.key);
+        if (!point || !(point.value > 0)) continue;
+        const rect = s("rect", {
+          class: "bar", x, width: barW, y: y(base + point.value),
+          height: Math.max(1, y(base) - y(base + point.value)), fill: serie.color,
+          ...point.attrs,
+        }, s("title", {}, point.title));
+        marks.append(rect);
+        base += point.value;
+      }
+    });
+    svg.append(marks);
+    return svg;
+  }
+
+  // Horizontal bars with a label on the left and the value text on the right.
+  function barList({ rows, max, label, width = 640 }) {
+    const rowH = 26;
+    const labelW = 170;
+    const textW = 120;
+    const height = rows.length * rowH + 8;
+    const plotW = width - labelW - textW;
+    const top = max || Math.max(...rows.map((r) => r.value), 0) || 1;
+    const svg = s("svg", { viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": label });
+    svg.append(s("title", {}, label));
+    rows.forEach((row, i) => {
+      const yTop = 4 + i * rowH;
+      const w = Math.max(row.value > 0 ? 2 : 0, (row.value / top) * plotW);
+      const g = s("g", { class: "row" });
+      g.append(s("text", { x: labelW - 8, y: yTop + rowH / 2 + 4, "text-anchor": "end", class: "label" },
+        row.label));
+      g.append(s("rect", {
+        class: "bar", x: labelW, y: yTop + 4, width: w, height: rowH - 8,
+        fill: row.color || ROUTED_COLOR, ...row.attrs,
+      }, s("title", {}, `${row.label}: ${row.text}`)));
+      g.append(s("text", { x: labelW + w + 6, y: yTop + rowH / 2 + 4, class: "value" }, row.text));
+      svg.append(g);
+    });
+    return svg;
+  }
+
+  function resultTable(result, caption) {
+    const numeric = result.columns.map((_, i) => result.rows.length > 0 &&
+      result.rows.every((row) => row[i] === null || typeof row[i] === "number"));
+    return h("table", {},
+      caption ? h("caption", {}, caption) : null,
+      h("thead", {}, h("tr", {}, result.columns.map((c) => h("th", { scope: "col" }, c)))),
+      h("tbody", {}, result.rows.map((row) => h("tr", {}, row.map((value, i) =>
+        h("td", { class: [numeric[i] ? "num" : "", value === null ? "null" : ""].join(" ").trim() || null },
+          fmtCell(value)))))));
+  }
+
+  function details(results) {
+    return h("details", { class: "data" }, h("summary", {}, "Data and SQL"),
+      results.map(([sql, result]) => [h("pre", { class: "sql" }, h("code", {}, sql)),
+        result ? resultTable(result) : null]));
+  }
+
+  function chartBox(section) { return document.querySelector(`#${section} .chart`); }
+
+  function show(section, ...content) {
+    chartBox(section).replaceChildren(...content.flat().filter(Boolean));
+  }
+
+  function empty() { return h("p", { class: "empty" }, "No data for these filters."); }
+
+  function failure(error) {
+    return h("p", { class: "error", role: "alert" }, `Could not load: ${error}`);
+  }
+
+  // ---------------------------------------------------------------- the charts
+  let allChannels = [];
+
+  const CHARTS = {
+    "chart-volume": {
+      queries: ["volume"],
+      render([result], width) {
+        const rows = objects(result);
+        if (!rows.length) return [empty()];
+        const days = [...new Set(rows.map((r) => r.day))];
+        const channels = [...new Set(rows.map((r) => r.channel))].sort();
+        const byKey = new Map(rows.map((r) => [`${r.day}|${r.channel}`, r]));
+        const svg = columnChart({
+          width,
+          categories: days,
+          series: channels.map((c) => ({ key: c, color: colorFor(c, allChannels) })),
+          values(day, channel) {
+            const r = byKey.get(`${day}|${channel}`);
+            if (!r) return null;
+            const total = r.messages_in + r.messages_out;
+            return {
+              value: total,
+              attrs: data({ day, channel, in: r.messages_in, out: r.messages_out, value: total }),
+              title: `${day}, ${channel}: ${fmtInt(total)} messages (${fmtInt(r.messages_in)} in, ${fmtInt(r.messages_out)} out)`,
+            };
+          },
+          label: `Messages per day and channel, ${days.length} day(s), ${channels.length} channel(s)`,
+          yFormat: fmtInt,
+          xFormat: (day) => day.slice(5),
+        });
+        return [svg, legend(channels.map((c) => [c, colorFor(c, allChannels)]))];
+      },
+    },
+
+    "chart-intents": {
+      queries: ["intents"],
+      render([result], width) {
+        const rows = objects(result);
+        if (!rows.length) return [empty()];
+        return [barList({
+          width,
+          rows: rows.map((r) => ({
+            label: r.workflow,
+            value: r.classifications,
+            text: `${fmtInt(r.classifications)} · conf ${fmtConf(r.mean_confidence)}`,
+            color: r.workflow === "(none)" ? FALLBACK_COLOR : ROUTED_COLOR,
+            attrs: data({ workflow: r.workflow, value: r.classifications, confidence: r.mean_confidence }),
+          })),
+          label: `Intent mix: ${rows.map((r) => `${r.workflow} ${r.classifications}`).join(", ")}`,
+        })];
+      },
+    },
+
+    "chart-fallback": {
+      queries: ["fallback"],
+      render([result], width) {
+        const rows = objects(result);
+        if (!rows.length) return [empty()];
+        const total = rows.reduce((n, r) => n + r.classifications, 0);
+        const fallbacks = rows.reduce((n, r) => n + r.fallbacks, 0);
+        const rate = total ? fallbacks / total : null;
+        const summary = h("p", { class: "summary", ...data({ rate, fallbacks, classifications: total }) },
+          `Overall ${fmtPct(rate)}: ${fmtInt(fallbacks)} of ${fmtInt(total)} classifications went to the fallback.`);
+        const byDay = new Map(rows.map((r) => [r.day, r]));
+        const svg = columnChart({
+          width,
+          categories: rows.map((r) => r.day),
+          series: [{ key: "rate", color: FALLBACK_COLOR }],
+          values(day) {
+            const r = byDay.get(day);
+            return {
+              value: r.fallback_rate || 0,
+              attrs: data({ day, value: r.fallback_rate, fallbacks: r.fallbacks, classifications: r.classifications }),
+              title: `${day}: ${fmtPct(r.fallback_rate)} (${r.fallbacks} of ${r.classifications})`,
+            };
+          },
+          label: `Fallback rate per day; overall ${fmtPct(rate)}`,
+          yFormat: (v) => `${Math.round(v * 100)}%`,
+          yMax: 1,
+          xFormat: (day) => day.slice(5),
+        });
+        return [summary, svg];
+      },
+    },
+
+    "chart-confidence": {
+      queries: ["confidence"],
+      render([result], width) {
+        const rows = objects(result);
+        if (!rows.length) return [empty()];
+        const byBucket = new Map(rows.map((r) => [r.bucket, r]));
+        const buckets = [...Array(10).keys()];
+        const name = (b) => `${(b / 10).toFixed(1)}–${((b + 1) / 10).toFixed(1)}`;
+        const svg = columnChart({
+          width,
+          categories: buckets,
+          series: [{ key: "routed", color: ROUTED_COLOR }, { key: "fallbacks", color: FALLBACK_COLOR }],
+          values(bucket, key) {
+            const r = byBucket.get(bucket);
+            if (!r) return null;
+            return {
+              value: r[key],
+              attrs: data({ bucket, series: key, value: r[key] }),
+              title: `confidence ${name(bucket)}: ${r[key]} ${key === "routed" ? "routed to a workflow" : "to the fallback"}`,
+            };
+          },
+          label: "Classifications by confidence, in tenths",
+          yFormat: fmtInt,
+          xFormat: (b) => (b / 10).toFixed(1),
+        });
+        return [svg, legend([["routed to a workflow", ROUTED_COLOR], ["fallback", FALLBACK_COLOR]])];
+      },
+    },
+
+    "chart-latency": {
+      queries: ["latency"],
+      render([result], width) {
+        const rows = objects(result);
+        if (!rows.length || !rows.some((r) => r.responses > 0)) return [empty()];
+        const bars = [];
+        for (const r of rows) {
+          for (const [measure, value] of [["p50", r.p50_seconds], ["p95", r.p95_seconds]]) {
+            bars.push({
+              label: `${r.channel} ${measure}`,
+              value: value || 0,
+              text: `${fmtSeconds(value)} (${fmtInt(r.responses)})`,
+              color: measure === "p50" ? ROUTED_COLOR : "#56B4E9",
+              attrs: data({ channel: r.channel, measure, value, responses: r.responses }),
+            });
+          }
+        }
+        return [barList({ rows: bars, label: "First-response latency, p50 and p95 seconds per channel" })];
+      },
+    },
+
+    "chart-funnel": {
+      queries: ["funnel"],
+      render([result], width) {
+        const rows = objects(result);
+        if (!rows.length) return [empty()];
+        const workflows = [...new Set(rows.map((r) => r.workflow))];
+        return workflows.map((workflow) => {
+          const states = rows.filter((r) => r.workflow === workflow);
+          const { started, completed } = states[0];
+          const heading = h("h3", { ...data({ workflow, started, completed }) },
+            `${workflow}: ${fmtInt(started)} run${started === 1 ? "" : "s"}, ${fmtInt(completed)} completed (${fmtPct(started ? completed / started : null)})`);
+          const chart = barList({
+            width,
+            rows: states.map((r) => ({
+              label: r.state,
+              value: r.runs,
+              text: `${fmtInt(r.runs)} (${fmtPct(started ? r.runs / started : null)})`,
+              attrs: data({ workflow, state: r.state, value: r.runs }),
+            })),
+            max: Math.max(started, ...states.map((r) => r.runs)),
+            label: `Funnel of ${workflow}: ${states.map((r) => `${r.state} ${r.runs}`).join(", ")}`,
+          });
+          return h("div", { class: "funnel", ...data({ workflow }) }, heading, chart);
+        });
+      },
+    },
+  };
+
+  // ---------------------------------------------------------------- refreshing
+  let generation = 0;
+  const $ = (id) => document.getElementById(id);
+
+  function setStatus(text) { $("status").textContent = text; }
+
+  function askForToken(error) {
+    $("token-note").textContent = error.status === 403
+      ? error.message
+      : "This hub needs a SQL token: enter it above (it is kept for this tab only).";
+    $("token-input").focus();
+  }
+
+  function updateChannels(result) {
+    allChannels = result.rows.map((row) => row[0]);
+    const select = $("filter-channel");
+    const chosen = filters.channel;
+    const options = [h("option", { value: "" }, "All channels"),
+      ...allChannels.map((c) => h("option", { value: c }, c))];
+    if (chosen && !allChannels.includes(chosen)) options.push(h("option", { value: chosen }, chosen));
+    select.replaceChildren(...options);
+    select.value = chosen;
+  }
+
+  function updateTiles(results) {
+    const [totals, fallback, latency] = results;
+    const t = totals ? objects(totals)[0] : null;
+    $("tile-messages").textContent = t ? fmtInt(t.messages) : "–";
+    $("tile-conversations").textContent = t ? fmtInt(t.conversations) : "–";
+    $("tile-users").textContent = t ? fmtInt(t.active_users) : "–";
+    let rate = null;
+    if (fallback) {
+      const rows = objects(fallback);
+      const total = rows.reduce((n, r) => n + r.classifications, 0);
+      rate = total ? rows.reduce((n, r) => n + r.fallbacks, 0) / total : null;
+    }
+    $("tile-fallback").textContent = fmtPct(rate);
+    const all = latency ? objects(latency).find((r) => r.channel === "(all)") : null;
+    $("tile-latency").textContent = all && all.responses
+      ? `${fmtSeconds(all.p50_seconds)} / ${fmtSeconds(all.p95_seconds)}` : "–";
+  }
+
+  // Run every query of the page (in parallel) and redraw. A refresh that a newer one has
+  // overtaken draws nothing, so quick filter changes never leave older numbers behind.
+  async function refresh() {
+    const mine = ++generation;
+    document.body.dataset.state = "loading";
+    setStatus("Loading…");
+    const names = ["channels", "totals", ...new Set(Object.values(CHARTS).flatMap((c) => c.queries))];
+    const texts = Object.fromEntries(names.map((name) => [name, QUERIES[name]()]));
+    const settled = await Promise.allSettled(names.map((name) => runSql(texts[name], 10000)));
+    if (mine !== generation) return;
+    const results = {};
+    const errors = {};
+    names.forEach((name, i) => {
+      if (settled[i].status === "fulfilled") results[name] = settled[i].value;
+      else errors[name] = settled[i].reason;
+    });
+    if (results.channels) updateChannels(results.channels);
+    updateTiles([results.totals, results.fallback, results.latency]);
+    for (const [id, chart] of Object.entries(CHARTS)) {
+      const failed = chart.queries.map((q) => errors[q]).find(Boolean);
+      let content;
+      if (failed) {
+        content = [failure(failed)];
+      } else {
+        try {
+          // Draw at the box's own width, so one SVG unit is one pixel and text keeps
+          // its size in narrow and wide cards alike.
+          const width = Math.max(320, Math.round(chartBox(id).clientWidth) || 640);
+          content = chart.render(chart.queries.map((q) => results[q]), width);
+        } catch (error) {  // a drawing bug must not blank the rest of the page
+          content = [failure(error.message)];
+        }
+      }
+      show(id, content, details(chart.queries.map((q) => [texts[q], results[q]])));
+    }
+    const problems = Object.values(errors);
+    const authProblem = problems.find((e) => e instanceof SqlError && e.needsToken);
+    if (authProblem) askForToken(authProblem);
+    else $("token-note").textContent = token() ? "Using the token kept for this tab." : "";
+    setStatus(problems.length
+      ? `${problems.length} of ${names.length} queries failed: ${problems[0]}`
+      : `Updated ${new Date().toLocaleTimeString()}.`);
+    document.body.dataset.state = problems.length ? "error" : "ready";
+    document.body.dataset.refreshes = String(Number(document.body.dataset.refreshes) + 1);
+  }
+
+  // ---------------------------------------------------------------- the SQL box
+  async function runBox() {
+    const sql = $("sql-input").value;
+    const maxRows = Number.parseInt($("sql-max-rows").value, 10) || undefined;
+    const error = $("sql-error");
+    const result = $("sql-result");
+    error.hidden = true;
+    error.replaceChildren();
+    $("sql-status").textContent = "Running…";
+    $("sql-run").disabled = true;
+    try {
+      const body = await runSql(sql, maxRows);
+      result.replaceChildren(resultTable(body));
+      const n = body.rows.length;
+      $("sql-status").textContent = `${fmtInt(n)} row${n === 1 ? "" : "s"}` +
+        (body.truncated ? ", truncated at the row limit" : "");
+    } catch (failure) {
+      result.replaceChildren();
+      $("sql-status").textContent = "";
+      error.append(h("strong", {}, failure.code || "error"), " ", h("span", { class: "message" }, failure.message));
+      error.dataset.code = failure.code || "error";
+      error.hidden = false;
+      if (failure instanceof SqlError && failure.needsToken) askForToken(failure);
+    } finally {
+      $("sql-run").disabled = false;
+    }
+  }
+
+  // ---------------------------------------------------------------- wiring
+  function readFilters() {
+    filters.channel = $("filter-channel").value;
+    filters.from = $("filter-from").value;
+    filters.to = $("filter-to").value;
+  }
+
+  function init() {
+    adoptUrlToken();
+    $("filters").addEventListener("submit", (event) => {
+      event.preventDefault();
+      readFilters();
+      refresh();
+    });
+    $("filters").addEventListener("reset", () => {
+      // After the browser has cleared the fields.
+      setTimeout(() => { readFilters(); refresh(); }, 0);
+    });
+    $("token-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      setToken($("token-input").value.trim());
+      $("token-input").value = "";
+      refresh();
+    });
+    $("sql-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      runBox();
+    });
+    $("sql-input").addEventListener("keydown", (event) => {
+      if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
+        event.preventDefault();
+        $("sql-form").requestSubmit();
+      }
+    });
+    refresh();
+  }
+
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", init);
+  else init();
+})();
