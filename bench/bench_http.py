@@ -102,7 +102,11 @@ async def run(messages: int, concurrency: int, data_dir: Path) -> None:
     await bus.ensure_streams()
     web_server = WebServer("127.0.0.1", 0)
     web_server.bind()
-    channel = HttpChannel(ChannelContext("http", bus, settings, web_server), HttpSettings())
+    channel = HttpChannel(
+        ChannelContext("http", bus, settings, web_server),
+        # Per-conversation limits out of the way: the bench measures throughput.
+        HttpSettings(max_messages_per_second=1e6, rate_burst=1_000_000),
+    )
     baseline = await baseline_server()
     try:
         await channel.start()

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -42,12 +44,14 @@ from .http_callbacks import CallbackStore, Deliverer
 from .http_rasa import parse_request, rasa_replies
 from .http_request import ApiError, Handler, api_handler, authorize, read_json_object
 from .http_turn import run_turn
+from .ratelimit import TokenBucket
 
 __all__ = ["HttpChannel", "HttpSettings", "RASA_WEBHOOK", "register_channels"]
 
 log = logging.getLogger(__name__)
 
 RASA_WEBHOOK = "/webhooks/rest/webhook"
+_MAX_BUCKETS = 100_000  # rate-limit state for this many recent conversations, at most
 
 
 class HttpSettings(BaseModel):
@@ -76,6 +80,13 @@ class HttpSettings(BaseModel):
         default=256, ge=1,
         description="Messages waiting for one event stream before it is ended (resume with "
         "Last-Event-ID).",
+    )
+    max_messages_per_second: float = Field(
+        default=20.0, gt=0,
+        description="Average messages a second one conversation may post (native and Rasa).",
+    )
+    rate_burst: int = Field(
+        default=40, ge=1, description="Messages a conversation may post at once."
     )
     callback_url: str | None = Field(
         default=None,
@@ -126,6 +137,7 @@ class HttpChannel(Channel):
         self.handler: Callable[[Handler], Handler] = api_handler(self._refused)
         self.deliverer: Deliverer | None = None
         self._store: CallbackStore | None = None
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> list[str]:
@@ -168,6 +180,26 @@ class HttpChannel(Channel):
         return self._store
 
     # -- shared by the handlers -------------------------------------------------------------
+    def check_rate(self, conversation: str) -> None:
+        """Refuse a post over the conversation's rate with 429 and ``Retry-After``.
+
+        One token bucket per conversation (like one per WebSocket connection), kept for
+        the most recently active ``_MAX_BUCKETS`` conversations; handlers run on one
+        event loop, so the dictionary needs no lock.
+        """
+        bucket = self._buckets.pop(conversation, None) or TokenBucket(
+            self.config.max_messages_per_second, self.config.rate_burst
+        )
+        self._buckets[conversation] = bucket  # most recent last
+        if len(self._buckets) > _MAX_BUCKETS:
+            self._buckets.popitem(last=False)
+        if not bucket.take():
+            wait = max(1, math.ceil(1 / self.config.max_messages_per_second))
+            raise ApiError(429, "rate_limited",
+                           f"over {self.config.max_messages_per_second:g} messages a second "
+                           "for this conversation; retry later with the same id",
+                           {"Retry-After": str(wait)})
+
     async def publish(self, message: Message, request: web.Request) -> int:
         """Store a user's message; a bus failure is 503 (retry with the same id)."""
         try:
@@ -194,6 +226,7 @@ class HttpChannel(Channel):
         authorize(self.ctx.tokens, request, user=None, conversation=None)  # before the body
         rasa = parse_request(await read_json_object(request))
         authorize(self.ctx.tokens, request, user=rasa.user, conversation=rasa.conversation)
+        self.check_rate(rasa.conversation)
         meta: dict[str, Any] = {"rasa_sender": rasa.sender}
         if rasa.metadata is not None:
             meta["metadata"] = rasa.metadata

@@ -108,6 +108,7 @@ class NativeApi:
             text=text,
             payload=payload,
         )
+        self.channel.check_rate(conversation)
         cursor = await self.channel.publish(message, request)
         return web.json_response(
             {"id": message.id, "conversation": conversation, "cursor": cursor}, status=202

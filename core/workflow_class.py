@@ -41,6 +41,7 @@ __all__ = ["TOP_LEVEL_KEYS", "State", "Workflow", "on", "slot"]
 # The keys of a workflow file that are class attributes (``states`` are State attributes).
 TOP_LEVEL_KEYS = ("name", "description", "examples", "slots", "initial")
 _RESERVED = (*TOP_LEVEL_KEYS, "states", "source")
+_LIST_KEYS = ("say", "emit", "on")  # state keys whose single item stands for a list of one
 
 
 def _given(**keys: Any) -> dict[str, Any]:
@@ -181,7 +182,7 @@ class Workflow:
                 problem = (path, f"{attr}: not a workflow key (expected one of "
                            f"{', '.join(TOP_LEVEL_KEYS)}) nor a State")
         if problem is None and not states:
-            problem = (("states",), f"workflow class {cls.__qualname__} has no State attribute")
+            problem = (("states",), f"workflow class {cls.__name__} has no State attribute")
         if problem is not None:
             probe = WorkflowDef.model_construct(name=name if isinstance(name, str) else "",
                                                 source=file)
@@ -279,3 +280,6 @@ def _walk(node: ast.expr, path: Path_, lines: dict[Path_, int]) -> None:
     for key, line, value in items:
         lines[(*path, key)] = line
         _walk(value, (*path, key), lines)
+    if (len(path) == 3 and path[0] == "states" and path[2] in _LIST_KEYS
+            and not isinstance(node, ast.List | ast.Tuple)):
+        _walk(node, (*path, 0), lines)  # one item without the list: it is item 0

@@ -317,6 +317,27 @@ async def test_oversize_body_gets_413(bus: Bus, settings: Settings) -> None:
         assert status == 202
 
 
+async def test_posts_over_the_rate_get_429_and_store_nothing(
+    bus: Bus, settings: Settings
+) -> None:
+    """Past the per-conversation burst a post is 429 with Retry-After and an error event;
+    other conversations are not affected."""
+    async with http_channel(bus, settings, max_messages_per_second=0.001,
+                            rate_burst=2) as channel:
+        url = messages_url(channel, "c20")
+        for i in range(2):
+            status, _, _ = await call("POST", url, json_body={"text": f"m{i}"})
+            assert status == 202
+        status, body, headers = await call("POST", url, json_body={"text": "one too many"})
+        assert (status, body["error"]["code"]) == (429, "rate_limited")
+        assert int(headers["Retry-After"]) >= 1
+        event = await wait_event(bus, "error", conversation="c20")
+        assert event.code == 429
+        status, _, _ = await call("POST", messages_url(channel, "c21"), json_body={"text": "x"})
+        assert status == 202
+    assert [m.text for m in await inbound_of(bus, "c20")] == ["m0", "m1"]
+
+
 def test_settings_refuse_unsigned_callbacks() -> None:
     """A callback URL without a secret to sign with is a settings error."""
     with pytest.raises(ValidationError, match="callback_secret"):

@@ -4,7 +4,7 @@ registered by a plugin running a conversation in a real hub."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from inproc import ws_port
@@ -43,8 +43,8 @@ class OrderPizza(Workflow):  # MARK: pizza-class
     """
 
     name = "order_pizza"  # MARK: pizza-name
-    examples = ["I want a pizza", "order a pizza", "pizza delivery please"]
-    slots = {
+    examples: ClassVar[list[str]] = ["I want a pizza", "order a pizza", "pizza delivery please"]
+    slots: ClassVar[dict[str, Any]] = {
         "size": slot("choice", choices=["small", "large"]),
         "count": slot("number", min=1, max=9, integer=True),
         "address": slot(),
@@ -230,7 +230,7 @@ def test_wrong_types_and_keys_name_the_line_of_the_value() -> None:
 def test_class_level_mistakes_name_the_attribute_or_the_class() -> None:
     class Typo(Workflow):
         name = "typo"
-        exampels = ["hello"]  # MARK: typo
+        exampels = ("hello",)  # MARK: typo
         done = State(final=True)
 
     class StateNamedLikeAKey(Workflow):
