@@ -53,6 +53,13 @@ class Classifier:
         """For each text, the ``top`` best workflows, best first, confidences in [0, 1]."""
         raise NotImplementedError
 
+    def add_background(self, phrases: Sequence[str]) -> bool:
+        """Offer out-of-scope phrases (text no workflow should take) to learn from in the
+        next :meth:`fit`. Return True if the classifier uses them; the default ignores
+        them and returns False. ``commhub bench classifier`` offers a data set's
+        ``oos_train`` split this way."""
+        return False
+
 
 class BatchingClassifier:
     """Collects concurrent ``classify`` calls into one ``rank`` call per loop turn.

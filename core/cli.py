@@ -88,6 +88,15 @@ def _build_parser() -> argparse.ArgumentParser:
     graph.add_argument("--format", choices=["mermaid", "dot"], default="mermaid")
     graph.add_argument("--workflows", type=Path, action="append", dest="workflow_paths",
                        default=[], help="also load this workflow file or folder (repeatable)")
+
+    bench = sub.add_parser("bench", help="measure a component")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    classifier = bench_sub.add_parser(
+        "classifier", help="evaluate a classifier plugin on a CLINC150-format JSON data set")
+    classifier.add_argument("--config", help="TOML config file ([plugins.NAME] settings)")
+    from .bench_classifier import add_arguments
+
+    add_arguments(classifier)
     return parser
 
 
@@ -295,6 +304,15 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench_classifier import BenchDataError, run_cli
+
+    try:
+        return run_cli(args, _load_settings(args))
+    except BenchDataError as exc:
+        raise _UserError(str(exc)) from None
+
+
 class _UserError(Exception):
     pass
 
@@ -308,6 +326,7 @@ COMMANDS = {
     "token": cmd_token,
     "plugins": cmd_plugins,
     "workflows": cmd_workflows,
+    "bench": cmd_bench,
 }
 
 

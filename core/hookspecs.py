@@ -53,7 +53,8 @@ def register_classifiers(register: Callable[[type], None]) -> None:
 @hookspec
 def register_workflows(register: Callable[[Any], None]) -> None:
     """Contribute workflows: ``register(path)`` for a YAML/TOML file or folder of them,
-    or ``register(definition)`` for a :class:`commhub.core.workflow.WorkflowDef`.
+    ``register(definition)`` for a :class:`commhub.core.workflow.WorkflowDef`, or
+    ``register(SomeWorkflow)`` for a :class:`commhub.core.workflow.Workflow` subclass.
 
     Definitions are checked when registered; a broken one stops the hub with the
     file, line and problem.

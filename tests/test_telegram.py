@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -40,6 +41,21 @@ async def fake() -> AsyncIterator[FakeBotAPI]:
     """A fake Bot API on a free port."""
     async with FakeBotAPI() as api:
         yield api
+
+
+@pytest.fixture(scope="module")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One classifier cache for this module's hubs: the model is trained once, not per test
+    (the cache is keyed on the workflows' examples, which are the same everywhere here)."""
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture
+def settings(settings: Settings, model_cache: Path) -> Settings:
+    models = settings.data_dir / "models"
+    models.parent.mkdir(parents=True, exist_ok=True)
+    models.symlink_to(model_cache, target_is_directory=True)
+    return settings
 
 
 def telegram_settings(settings: Settings, fake: FakeBotAPI, **extra: Any) -> Settings:
@@ -101,7 +117,7 @@ async def converse(fake: FakeBotAPI, chat: int = CHAT) -> None:
     texts = await fake.wait_sent(chat, len(BOOKING) + 2)
     assert texts[-1] == "How many people is the table for?"
     assert len(texts) == len(BOOKING) + 2
-    assert [s for s, in [(c.status,) for c in fake.calls_of("sendMessage")]].count(429) == 1
+    assert [c.status for c in fake.calls_of("sendMessage")].count(429) == 1
 
 
 async def inbound_on_bus(hub: Hub, conversation: str) -> list[Message]:

@@ -224,7 +224,7 @@ def test_wrong_types_and_keys_name_the_line_of_the_value() -> None:
     with pytest.raises(WorkflowError) as caught:
         BadButton.compile()
     assert caught.value.line == marked_line("bad-button")
-    assert "tittle: Extra inputs are not permitted" in caught.value.problem
+    assert "states.ask.say[0].buttons[0].title: Field required" in caught.value.problem
 
 
 def test_class_level_mistakes_name_the_attribute_or_the_class() -> None:
