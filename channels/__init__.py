@@ -12,6 +12,12 @@
   :mod:`~commhub.channels.http_turn` (one request, one turn's replies),
   :mod:`~commhub.channels.http_callbacks` (callback store and durable deliverer) and
   :mod:`~commhub.channels.http_request` (auth, validation, JSON errors).
+* :mod:`commhub.channels.telegram`: a Telegram bot by long polling or a secret-checked
+  webhook (guide in ``docs/telegram.md``), with :mod:`~commhub.channels.telegram_updates`
+  (update parsing, ids, button data, dedupe), :mod:`~commhub.channels.telegram_text`
+  (splitting by UTF-16 units), :mod:`~commhub.channels.telegram_pacing` (per-chat and
+  per-bot pacing), :mod:`~commhub.channels.telegram_send` (sending with retries) and
+  :mod:`~commhub.channels.telegram_outbound` (the durable outbound consumer).
 
 A built-in channel uses nothing an outside plugin could not: a
 :class:`commhub.core.channel.Channel` subclass and its

@@ -101,35 +101,53 @@ class TelegramSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="COMMHUB_TELEGRAM_", extra="forbid")
 
     token: SecretStr | None = Field(
-        None, description="The bot token from @BotFather; unset: the channel is off."
+        default=None, description="The bot token from @BotFather; unset: the channel is off."
     )
     api_url: str = Field(
-        "https://api.telegram.org",
+        default="https://api.telegram.org",
         description="Bot API base URL (methods are at {api_url}/bot{token}/{method}).",
     )
-    mode: Literal["polling", "webhook"] = Field("polling", description="How updates arrive.")
+    mode: Literal["polling", "webhook"] = Field(
+        default="polling", description="How updates arrive.",
+    )
     webhook_url: str | None = Field(
-        None,
+        default=None,
         description="Public URL Telegram calls in webhook mode; default: the hub's own "
         "HTTP URL plus webhook_path (reachable only from a local Bot API server or a tunnel).",
     )
-    webhook_path: str = Field("/telegram/webhook", pattern=r"^/[A-Za-z0-9_/.-]*$")
+    webhook_path: str = Field(default="/telegram/webhook", pattern=r"^/[A-Za-z0-9_/.-]*$")
     webhook_secret: SecretStr | None = Field(
-        None, description="secret_token for setWebhook; required in webhook mode."
+        default=None, description="secret_token for setWebhook; required in webhook mode."
     )
-    edited_messages: bool = Field(True, description="Pass edited messages on as new messages.")
-    poll_timeout: int = Field(30, ge=0, le=600, description="Seconds a getUpdates long poll waits.")
-    poll_limit: int = Field(100, ge=1, le=100, description="Updates fetched per getUpdates.")
-    chat_rate: float = Field(1.0, gt=0, description="Messages a second to one chat, on average.")
-    chat_burst: int = Field(3, ge=1, description="Messages to one chat sent at once.")
-    global_rate: float = Field(30.0, gt=0, description="Messages a second for the whole bot.")
-    global_burst: int = Field(30, ge=1)
-    retry_base: float = Field(1.0, gt=0, description="First backoff after a network error or 5xx.")
-    retry_max: float = Field(60.0, gt=0, description="Longest backoff between retries.")
-    request_timeout: float = Field(10.0, gt=0, description="Seconds one Bot API request may take.")
-    max_in_flight: int = Field(256, ge=1, description="Replies held for sending at once.")
-    ack_wait: float = Field(60.0, ge=1, description="JetStream ack wait of the outbound consumer.")
-    stop_grace: float = Field(5.0, ge=0, description="Seconds stop() lets replies finish.")
+    edited_messages: bool = Field(
+        default=True, description="Pass edited messages on as new messages.",
+    )
+    poll_timeout: int = Field(
+        default=30, ge=0, le=600, description="Seconds a getUpdates long poll waits.",
+    )
+    poll_limit: int = Field(
+        default=100, ge=1, le=100, description="Updates fetched per getUpdates.",
+    )
+    chat_rate: float = Field(
+        default=1.0, gt=0, description="Messages a second to one chat, on average.",
+    )
+    chat_burst: int = Field(default=3, ge=1, description="Messages to one chat sent at once.")
+    global_rate: float = Field(
+        default=30.0, gt=0, description="Messages a second for the whole bot.",
+    )
+    global_burst: int = Field(default=30, ge=1)
+    retry_base: float = Field(
+        default=1.0, gt=0, description="First backoff after a network error or 5xx.",
+    )
+    retry_max: float = Field(default=60.0, gt=0, description="Longest backoff between retries.")
+    request_timeout: float = Field(
+        default=10.0, gt=0, description="Seconds one Bot API request may take.",
+    )
+    max_in_flight: int = Field(default=256, ge=1, description="Replies held for sending at once.")
+    ack_wait: float = Field(
+        default=60.0, ge=1, description="JetStream ack wait of the outbound consumer.",
+    )
+    stop_grace: float = Field(default=5.0, ge=0, description="Seconds stop() lets replies finish.")
 
     @model_validator(mode="after")
     def _webhook_needs_secret(self) -> TelegramSettings:

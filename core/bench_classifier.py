@@ -129,6 +129,7 @@ class BenchReport:
     background_messages: int
     train_seconds: float
     in_scope_accuracy: float
+    top1_accuracy: float = 0.0
     oos_recall: float | None = None
     oos_precision: float | None = None
     threshold: float | None = None
@@ -195,7 +196,8 @@ def evaluate(
 ) -> BenchReport:
     """Train ``classifier`` on ``data.train``, tune the threshold on validation data (unless
     ``threshold`` is given), and score the test splits. ``margin`` also reports how often
-    the top two candidates of an accepted test message are closer than ``margin``.
+    the top two candidates of a test message both reach the threshold and are closer than
+    ``margin`` (the router would ask which one).
 
     The classifier must be new (not yet fitted); give it no ``cache_dir`` to time training.
     Exceptions from the classifier propagate.
@@ -223,6 +225,7 @@ def evaluate(
         background_messages=len(background) if used_background else 0,
         train_seconds=train_seconds,
         in_scope_accuracy=100.0 * float(test_correct.mean()),
+        top1_accuracy=100.0 * float(test_correct.mean()),
     )
     cut = 0.0
     if data.has_oos:
@@ -254,8 +257,9 @@ def evaluate(
         report.margin = margin
         accepted_rows = [(r, t) for r, t in zip(test_ranked, test_truth, strict=True)
                          if r and r[0].confidence >= cut]
-        close = [(r, t) for r, t in accepted_rows
-                 if len(r) > 1 and r[0].confidence - r[1].confidence < margin]
+        # As the router: both candidates reach the threshold and are closer than the margin.
+        close = [(r, t) for r, t in accepted_rows if len(r) > 1 and r[1].confidence >= cut
+                 and r[0].confidence - r[1].confidence < margin]
         report.clarify_rate = 100.0 * len(close) / max(1, len(accepted_rows))
         hits = sum(1 for r, t in close if t in (r[0].workflow, r[1].workflow))
         report.clarify_top2_accuracy = 100.0 * hits / len(close) if close else None
@@ -301,6 +305,8 @@ def format_report(report: BenchReport) -> list[str]:
                               f"{report.background_messages} background"),
         line("in-scope accuracy", f"{report.in_scope_accuracy:.2f}%"),
     ]
+    if report.threshold is not None:
+        lines.append(line("top-1 accuracy", f"{report.top1_accuracy:.2f}% (no threshold)"))
     if report.oos_recall is not None and report.oos_precision is not None:
         lines += [
             line("out-of-scope recall", f"{report.oos_recall:.2f}%"),

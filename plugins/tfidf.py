@@ -1,8 +1,10 @@
-"""The default classifier: TF-IDF n-grams and logistic regression, with a background class.
+"""The default classifier: TF-IDF n-grams and a linear SVM, with a background class.
 
-Features are word 1-2-grams and character 2-5-grams within word boundaries (robust to
-typos and inflection), each TF-IDF weighted with sublinear term frequency. A multinomial
-logistic regression ranks the classes; confidences are ``softmax(decision / T)``.
+Features are word 1-2-grams (one-letter words included) and character 1-4-grams within
+word boundaries (robust to typos and inflection), each TF-IDF weighted with sublinear
+term frequency. A one-vs-rest linear SVM (liblinear) scores the classes: on CLINC150 it is
+as accurate as a multinomial logistic regression and ten times faster to train.
+Confidences are ``softmax(decision / T)``.
 
 **Honest confidence with few workflows.** A softmax over two workflows gives one of them
 at least 0.5 even for nonsense. So the model also learns a hidden *background* class from
@@ -11,8 +13,9 @@ returned as a workflow, but it takes its share of the mass, so text unlike every
 workflow's examples gets low confidences and the router falls back.
 
 **Temperature.** With ``temperature: null`` (the default) ``T`` is fitted on held-out
-data: out-of-fold decision scores from stratified k-fold cross-validation, then the ``T``
-of a fixed grid with the lowest negative log-likelihood. Too few examples for the folds
+data: out-of-fold decision scores from stratified k-fold cross-validation (only the first
+fold from 3,000 examples on), then the ``T`` of a fixed grid with the lowest negative
+log-likelihood. Too few examples for the folds
 means ``T = 1``. A number fixes ``T``.
 
 **Cache.** With ``cache_dir`` set, the trained model is pickled to
@@ -37,9 +40,9 @@ import numpy as np
 import sklearn
 from pydantic import BaseModel, ConfigDict, Field
 from sklearn.feature_extraction.text import TfidfVectorizer
-from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import FeatureUnion
+from sklearn.svm import LinearSVC
 
 from commhub.core.classify import Classifier, examples_key
 from commhub.core.envelope import Alternative
@@ -49,7 +52,8 @@ __all__ = ["BACKGROUND", "TfidfClassifier", "TfidfSettings", "load_background"]
 
 # A label no workflow can have: workflow names are subject tokens, which have no spaces.
 BACKGROUND = " background"
-_TEMPERATURES = np.geomspace(0.05, 5.0, 61)
+_TEMPERATURES = np.geomspace(0.01, 5.0, 91)
+_ONE_FOLD_FROM = 3000
 
 
 class TfidfSettings(BaseModel):
@@ -57,14 +61,15 @@ class TfidfSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    C: float = Field(default=10.0, gt=0, description="Inverse regularisation of the regression.")
+    C: float = Field(default=1.0, gt=0, description="Inverse regularisation of the linear SVM.")
     temperature: float | None = Field(
         default=None, gt=0, description="Softmax temperature; null fits it by cross-validation."
     )
     folds: int = Field(default=3, ge=2, description="Cross-validation folds for the temperature.")
     background: bool = Field(default=True, description="Train the hidden out-of-scope class.")
     word_ngrams: tuple[int, int] = (1, 2)
-    char_ngrams: tuple[int, int] = (2, 5)
+    char_ngrams: tuple[int, int] = (1, 4)
+    min_df: int = Field(default=1, ge=1, description="Drop n-grams seen in fewer phrases.")
 
 
 def load_background() -> list[str]:
@@ -77,7 +82,7 @@ def load_background() -> list[str]:
 class _Model:
     """What is trained and cached: the feature union, the regression, the temperature."""
 
-    def __init__(self, features: FeatureUnion, regression: LogisticRegression, temperature: float):
+    def __init__(self, features: FeatureUnion, regression: LinearSVC, temperature: float):
         self.features = features
         self.regression = regression
         self.temperature = temperature
@@ -99,14 +104,14 @@ def _softmax(scores: np.ndarray) -> np.ndarray:
 
 
 class TfidfClassifier(Classifier):
-    """TF-IDF + logistic regression with a background class; see the module docstring.
+    """TF-IDF + linear SVM with a background class; see the module docstring.
 
     After :meth:`fit`, ``trained`` tells whether this instance trained the model (False
     when it came from the cache). :meth:`rank` is safe to call from one thread at a time.
     """
 
     name: ClassVar[str] = "tfidf"
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"
     Settings: ClassVar[type[BaseModel] | None] = TfidfSettings
 
     def __init__(self, settings: BaseModel | None = None, cache_dir: Path | None = None) -> None:
@@ -116,6 +121,15 @@ class TfidfClassifier(Classifier):
         self.trained = False
         self._model: _Model | None = None
         self._classes: list[str] = []
+
+    def add_background(self, phrases: Sequence[str]) -> bool:
+        """Add out-of-scope phrases to the background class of the next :meth:`fit` (they
+        become part of the cache fingerprint). Returns True; with ``background: false``
+        they are ignored and it returns False."""
+        if not self.options.background:
+            return False
+        self.background = [*self.background, *phrases]
+        return True
 
     # ------------------------------------------------------------------ fit
     def fit(self, examples: Mapping[str, Sequence[str]]) -> None:
@@ -165,15 +179,18 @@ class TfidfClassifier(Classifier):
     def _build(self, texts: Sequence[str], labels: Sequence[str], temperature: float) -> _Model:
         o = self.options
         features = FeatureUnion([
+            # Words of one letter count too ("i", "a", "2").
             ("word", TfidfVectorizer(ngram_range=o.word_ngrams, sublinear_tf=True,
-                                     strip_accents="unicode")),
+                                     strip_accents="unicode", token_pattern=r"(?u)\b\w+\b",
+                                     min_df=o.min_df)),
             ("char", TfidfVectorizer(analyzer="char_wb", ngram_range=o.char_ngrams,
-                                     sublinear_tf=True, strip_accents="unicode")),
+                                     sublinear_tf=True, strip_accents="unicode",
+                                     min_df=o.min_df)),
         ])
         matrix = features.fit_transform(list(texts))
         # Balanced weights: the background list is larger than a workflow's examples and
         # must not outvote them merely by count.
-        regression = LogisticRegression(C=o.C, max_iter=2000, class_weight="balanced")
+        regression = LinearSVC(C=o.C, class_weight="balanced")
         regression.fit(matrix, list(labels))
         return _Model(features, regression, temperature)
 
@@ -225,7 +242,9 @@ def _fit_temperature(
     folds: int,
 ) -> float:
     """The grid temperature minimising held-out negative log-likelihood (1.0 when some
-    class has fewer examples than folds)."""
+    class has fewer examples than folds). Above ``_ONE_FOLD_FROM`` examples only the first
+    fold is held out: a few thousand scores fix one number well, and training stays at two
+    fits instead of ``folds + 1``."""
     label_array = np.asarray(labels)
     _, counts = np.unique(label_array, return_counts=True)
     if counts.min() < folds:
@@ -233,8 +252,12 @@ def _fit_temperature(
     text_array = np.asarray(texts, dtype=object)
     classes = sorted(set(labels))
     scores = np.zeros((len(texts), len(classes)))
+    held_out = np.zeros(len(texts), dtype=bool)
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=0)
-    for train, test in splitter.split(text_array, label_array):
+    for number, (train, test) in enumerate(splitter.split(text_array, label_array)):
+        if number and len(texts) >= _ONE_FOLD_FROM:
+            break
+        held_out[test] = True
         model = build(list(text_array[train]), list(label_array[train]), 1.0)
         fold_classes = [str(c) for c in model.regression.classes_]
         decision = model.decision(list(text_array[test]))
@@ -243,7 +266,8 @@ def _fit_temperature(
         for column, name in enumerate(fold_classes):
             fold_scores[:, classes.index(name)] = decision[:, column]
         scores[test] = fold_scores
-    truth = np.asarray([classes.index(label) for label in labels])
+    scores = scores[held_out]
+    truth = np.asarray([classes.index(label) for label in label_array[held_out]])
     best, best_loss = 1.0, float("inf")
     for temperature in _TEMPERATURES:
         probabilities = _softmax(scores / temperature)

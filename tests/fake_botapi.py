@@ -157,9 +157,7 @@ class FakeBotAPI:
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
-        server = site._server
-        assert server is not None
-        self.port = int(server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+        self.port = int(self._runner.addresses[0][1])
         self._session = aiohttp.ClientSession()
         return self.api_url
 
@@ -533,7 +531,7 @@ class FakeBotAPI:
     async def _api_sendmessage(self, params: dict[str, Any]) -> Any:
         chat_id = params.get("chat_id")
         chat = self._chats.get(chat_id) if isinstance(chat_id, int) else None
-        if chat is None:
+        if chat is None or not isinstance(chat_id, int):
             raise ApiError(400, "Bad Request: chat not found")
         if chat_id in self.blocked:
             raise ApiError(403, "Forbidden: bot was blocked by the user")

@@ -67,12 +67,16 @@ def test_out_of_scope_phrases_fall_below_threshold(fitted: TfidfClassifier) -> N
         assert alternatives[0].confidence < THRESHOLD, (text, alternatives)
 
 
-def test_rank_shape_order_and_hidden_background(fitted: TfidfClassifier) -> None:
+def test_rank_shape_order_and_hidden_background(
+    fitted: TfidfClassifier, examples: dict[str, list[str]]
+) -> None:
     """rank returns top-n workflows best first, confidences in [0, 1], never the background."""
     [one, two] = fitted.rank(["book a table", "hello"], top=1)
     assert len(one) == 1 and len(two) == 1
-    [full] = fitted.rank(["book a table"], top=5)
-    assert [a.workflow for a in full] == ["book_table", "support_request"]
+    [full] = fitted.rank(["book a table"], top=len(examples) + 2)
+    assert full[0].workflow == "book_table"
+    assert sorted(a.workflow for a in full) == sorted(examples)
+    assert [a.confidence for a in full] == sorted((a.confidence for a in full), reverse=True)
     assert all(0.0 <= a.confidence <= 1.0 for a in full)
     assert full[0].confidence >= full[1].confidence
     assert sum(a.confidence for a in full) < 1.0  # the background keeps its share
@@ -139,7 +143,7 @@ def test_cache_second_fit_loads_without_training(
     first.fit(examples)
     assert first.trained
     key = first.model_id.removeprefix("tfidf-")
-    assert [p.name for p in tmp_path.iterdir()] == [f"tfidf-{key}-v1.pkl"]
+    assert [p.name for p in tmp_path.iterdir()] == [f"tfidf-{key}-v{TfidfClassifier.version}.pkl"]
 
     def no_training(*args: object, **kwargs: object) -> None:
         raise AssertionError("trained although a cached model exists")
@@ -178,3 +182,17 @@ def test_plugin_registers_the_classifier() -> None:
     pm.hook.register_classifiers(register=found.append)
     assert found == [TfidfClassifier]
     assert TfidfClassifier.name == "tfidf" and TfidfClassifier.Settings is TfidfSettings
+
+
+def test_add_background_teaches_out_of_scope(examples: dict[str, list[str]]) -> None:
+    """Phrases offered with add_background join the hidden class and end up below threshold."""
+    offered = ["book a table for my cat at the vet", "book a table tennis lesson"]
+    plain = TfidfClassifier(TfidfSettings(temperature=1.0))
+    plain.fit(examples)
+    taught = TfidfClassifier(TfidfSettings(temperature=1.0))
+    assert taught.add_background(offered)
+    taught.fit(examples)
+    before = [r[0].confidence for r in plain.rank(offered)]
+    after = [r[0].confidence for r in taught.rank(offered)]
+    assert all(a < b for a, b in zip(after, before, strict=True)), (before, after)
+    assert not TfidfClassifier(TfidfSettings(background=False)).add_background(offered)

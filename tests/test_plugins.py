@@ -276,8 +276,8 @@ async def test_hook_register_channels(settings: Settings) -> None:
     """A channel class from ``register_channels`` is started with its own context and
     validated settings beside the built-in one, and stopped with the hub."""
     plugins = Plugins.load(extra=[ProbeChannelPlugin()])
-    assert plugins.channels() == {"websocket": plugins.channels()["websocket"],
-                                  "probe": ProbeChannel}
+    assert plugins.channels()["probe"] is ProbeChannel
+    assert sorted(plugins.channels()) == ["http", "probe", "telegram", "websocket"]
     hub = Hub(settings.model_copy(update={"plugins": {"probe": {"greeting": "hello"}}}),
               plugins=plugins)
     async with running(hub):
@@ -426,7 +426,7 @@ async def test_hook_startup(settings: Settings) -> None:
     sync, async_ = SyncLifecycle(), AsyncLifecycle()
     hub = Hub(settings, plugins=Plugins.load(extra=[sync, async_]))
     async with running(hub):
-        expected = ("startup", hub, True, ["websocket"])
+        expected = ("startup", hub, True, ["http", "telegram", "websocket"])
         assert sync.calls == [expected]
         assert async_.calls == [expected]
 

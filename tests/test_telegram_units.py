@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from fake_botapi import FakeBotAPI
 from telegram import Bot, Update
 from telegram.error import Conflict
 
+from commhub.channels.telegram import TelegramSettings
 from commhub.channels.telegram_pacing import Pacer, RateCell
 from commhub.channels.telegram_send import Backoff, keyboard, make_bot, send_reply
 from commhub.channels.telegram_text import split_text, utf16_len
@@ -337,3 +339,10 @@ async def test_fake_refuses_getupdates_while_a_webhook_is_set(fake: FakeBotAPI, 
         await bot.get_updates()
     await bot.delete_webhook()
     assert await bot.get_updates() == ()
+
+
+def test_every_setting_is_in_the_telegram_doc() -> None:
+    """docs/telegram.md documents every field of TelegramSettings."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "telegram.md").read_text()
+    missing = [name for name in TelegramSettings.model_fields if f"`{name}`" not in doc]
+    assert not missing, missing
