@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
+from commhub.core.aio import cancel_and_wait
 from commhub.core.channel import OutboundItem
 from commhub.core.envelope import Message
 
@@ -85,22 +85,3 @@ class Outbox:
             # while waiting for the socket to drain, the frame goes out ahead of any close.
             self.last_cursor = cursor
             await send(cursor, message)
-
-
-async def cancel_and_wait(*tasks: asyncio.Task[Any], recancel_every: float = 0.5) -> None:
-    """Cancel ``tasks`` and return once all of them have ended.
-
-    A task that is still running ``recancel_every`` seconds later is cancelled again:
-    on Python 3.11, ``asyncio.wait_for`` (which nats-py uses for its requests) swallows
-    a cancellation that races with its inner future completing, so one ``cancel()`` can
-    be lost and the task would wait on its subscription forever. Their exceptions are
-    retrieved (not raised); callers that care look at the tasks themselves.
-    """
-    pending = {task for task in tasks if not task.done()}
-    while pending:
-        for task in pending:
-            task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=recancel_every)
-    for task in tasks:
-        if not task.cancelled():
-            task.exception()  # mark as retrieved

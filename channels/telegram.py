@@ -62,6 +62,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from telegram import Bot, Update
 from telegram.error import Conflict, InvalidToken, TelegramError
 
+from commhub.core.aio import cancel_and_wait
 from commhub.core.channel import Channel, ChannelContext
 from commhub.core.envelope import Message, Sender
 from commhub.core.hookspecs import hookimpl
@@ -261,18 +262,14 @@ class TelegramChannel(Channel):
     async def stop(self) -> None:
         """Stop polling, let replies in progress finish (``stop_grace``), close the client."""
         if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
+            await cancel_and_wait(self._poller)  # re-cancels a swallowed cancel
             self._poller = None
         if self._outbound is not None:
             await self._outbound.stop(self.config.stop_grace)
             self._outbound = None
         if self._background:
             _, pending = await asyncio.wait(self._background, timeout=self.config.stop_grace)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            await cancel_and_wait(*pending)
         if self.bot is not None:
             with contextlib.suppress(Exception):
                 await self.bot.shutdown()

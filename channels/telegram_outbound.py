@@ -38,6 +38,7 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from commhub.core.aio import cancel_and_wait
 from commhub.core.channel import ChannelContext
 from commhub.core.envelope import EnvelopeError, Message, decode_as
 
@@ -107,16 +108,13 @@ class OutboundConsumer:
         Cancelled records stay unacked and come back after ``ack_wait``.
         """
         if self._fetcher is not None:
-            self._fetcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._fetcher
+            # Re-cancelled until it ends: a fetch can swallow one cancel (core/aio.py).
+            await cancel_and_wait(self._fetcher)
             self._fetcher = None
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), grace)
-        for task in list(self._workers):
-            task.cancel()
         if self._workers:
-            await asyncio.gather(*self._workers, return_exceptions=True)
+            await cancel_and_wait(*self._workers)
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()

@@ -34,6 +34,7 @@ from typing import Any
 
 import msgspec
 
+from .aio import cancel_and_wait
 from .bus import Bus
 from .envelope import Sender, WorkflowInput, derived_id
 from .state import EXPIRE_EVENT, TIMEOUT_EVENT
@@ -128,11 +129,8 @@ class TimerScheduler:
     async def stop(self) -> None:
         """Stop watching and firing; timers not yet published stay in the bucket's
         states, for this or another router to publish."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # Re-cancelled until they end: the KV watcher can swallow one cancel (core/aio.py).
+        await cancel_and_wait(*self._tasks)
         self._tasks = []
         if self._watcher is not None:
             with contextlib.suppress(Exception):
