@@ -8,8 +8,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from pydantic import SecretStr
 from inproc import ws_port
+from pydantic import SecretStr
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -75,7 +75,9 @@ async def test_a_port_in_use_is_a_clear_error() -> None:
 
 @pytest.fixture
 def signed_settings(settings: Settings) -> Settings:
-    return settings.model_copy(update={"token_secret": SecretStr("web-secret"), "allow_anonymous": False})
+    return settings.model_copy(
+        update={"token_secret": SecretStr("web-secret"), "allow_anonymous": False}
+    )
 
 
 async def test_websocket_accepts_a_signed_token_as_its_user(signed_settings: Settings) -> None:
