@@ -664,22 +664,8 @@ async def query_over_bus(
     request: dict[str, Any] = {"sql": sql}
     if max_rows is not None:
         request["max_rows"] = max_rows
-    subject = subjects.api("sql")
-    try:
-        reply = await nc.request(subject, msgspec.json.encode(request), timeout=timeout)
-    except nats.errors.NoRespondersError:
-        raise SqlFailed(
-            f"no hub answers on {subject}: is `commhub up` running with the recorder?"
-        ) from None
-    except nats.errors.TimeoutError:
-        raise SqlTimeout(f"no reply from the hub within {timeout:g} s") from None
-    try:
-        body = json.loads(reply.data)
-    except ValueError:
-        raise SqlFailed(f"the hub sent an unreadable reply: {reply.data[:200]!r}") from None
-    if "error" in body:
-        error = body["error"]
-        raise _ERRORS.get(error.get("code"), SqlError)(error.get("message", "unknown error"))
+    body = await _api_request(nc, subjects.api("sql"), msgspec.json.encode(request), timeout,
+                              "no reply from the hub")
     return QueryResult(
         columns=body["columns"], rows=body["rows"], truncated=bool(body.get("truncated"))
     )
@@ -691,15 +677,23 @@ async def snapshot_over_bus(nc: NATS, subjects: Subjects, timeout: float = 120.0
     The caller reads the file and deletes it. Raises :class:`SqlFailed` when no hub
     answers or the hub could not write it, :class:`SqlTimeout` after ``timeout``.
     """
-    subject = subjects.api("snapshot")
+    body = await _api_request(nc, subjects.api("snapshot"), b"{}", timeout,
+                              "no snapshot from the hub")
+    return Path(body["path"])
+
+
+async def _api_request(
+    nc: NATS, subject: str, data: bytes, timeout: float, late: str
+) -> dict[str, Any]:
+    """One request to a hub API; its JSON body, or the SqlError its error code names."""
     try:
-        reply = await nc.request(subject, b"{}", timeout=timeout)
+        reply = await nc.request(subject, data, timeout=timeout)
     except nats.errors.NoRespondersError:
         raise SqlFailed(
             f"no hub answers on {subject}: is `commhub up` running with the recorder?"
         ) from None
     except nats.errors.TimeoutError:
-        raise SqlTimeout(f"no snapshot from the hub within {timeout:g} s") from None
+        raise SqlTimeout(f"{late} within {timeout:g} s") from None
     try:
         body = json.loads(reply.data)
     except ValueError:
@@ -707,7 +701,7 @@ async def snapshot_over_bus(nc: NATS, subjects: Subjects, timeout: float = 120.0
     if "error" in body:
         error = body["error"]
         raise _ERRORS.get(error.get("code"), SqlError)(error.get("message", "unknown error"))
-    return Path(body["path"])
+    return dict(body)
 
 
 def query_file(
