@@ -31,7 +31,7 @@ from .tokens import TokenAuthority
 DEFAULT_CANCEL_PHRASES = ("cancel", "stop", "quit", "never mind", "nevermind", "abort")
 DEFAULT_RESTART_PHRASES = ("restart", "start over", "start again", "begin again")
 
-__all__ = ["Settings", "Role", "load_settings"]
+__all__ = ["Settings", "Role", "is_loopback", "load_settings"]
 
 Role = Literal["all", "channels", "router", "recorder"]
 
@@ -167,7 +167,7 @@ class Settings(BaseSettings):
         """Anonymous clients are the default only when nobody else can reach the hub."""
         if self.allow_anonymous is not None:
             return self.allow_anonymous
-        return _is_loopback(self.host)
+        return is_loopback(self.host)
 
     def token_authority(self) -> TokenAuthority:
         """The checker every built-in channel uses for client tokens."""
@@ -182,7 +182,8 @@ class Settings(BaseSettings):
         return self.plugins.get(name, {})
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (nobody else can reach them)."""
     if host == "localhost":
         return True
     try:

@@ -37,8 +37,6 @@ wait; the query itself still finishes, bounded by its time limit, in the SQL ser
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 import json
 import logging
 from collections.abc import Sequence
@@ -51,7 +49,8 @@ import nats.errors
 from aiohttp import web
 
 from .bus import Bus
-from .config import Settings
+from .config import Settings, is_loopback
+from .tokens import TokenAuthority, TokenRefused
 from .web import WebServer, json_error
 
 __all__ = ["SqlAccess", "SqlRefusal", "mount_dashboard"]
@@ -111,15 +110,17 @@ class SqlAccess:
     """
 
     def __init__(self, tokens: Sequence[str], open_without_tokens: bool) -> None:
-        self._tokens = [token.encode() for token in tokens if token]
+        tokens = [token for token in tokens if token]
+        # The chat channels' checker, with only the SQL tokens: no secret, no anonymity.
+        self._authority = TokenAuthority(tokens)
         #: True when no token is needed (no sql_tokens, loopback host, anonymous allowed).
-        self.open = not self._tokens and open_without_tokens
-        self.enabled = bool(self._tokens) or self.open
+        self.open = not tokens and open_without_tokens
+        self.enabled = bool(tokens) or self.open
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SqlAccess:
         """The rules described in the module docstring, for these settings."""
-        local = _is_loopback(settings.host) and settings.allow_anonymous is not False
+        local = is_loopback(settings.host) and settings.allow_anonymous is not False
         return cls(settings.sql_tokens, open_without_tokens=local)
 
     def check(self, authorization: str | None) -> SqlRefusal | None:
@@ -143,22 +144,11 @@ class SqlAccess:
             return SqlRefusal(
                 401, "unauthorized", "malformed Authorization header: use 'Bearer <token>'"
             )
-        given = token.encode()
-        found = False
-        for candidate in self._tokens:  # constant time over every candidate
-            found |= hmac.compare_digest(given, candidate)
-        if not found:
-            return SqlRefusal(401, "unauthorized", "invalid token")
+        try:
+            self._authority.check(token)
+        except TokenRefused as exc:
+            return SqlRefusal(401, "unauthorized", str(exc))
         return None
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _load_assets() -> dict[str, tuple[bytes, str]]:

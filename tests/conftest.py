@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from hubproc import HubProcess
 
 from commhub.core.bus import Bus
 from commhub.core.config import Settings
@@ -64,6 +65,16 @@ def settings(nats_url: str, prefix: str, tmp_path: Path) -> Settings:
 def db_path(tmp_path: Path) -> Path:
     """A DuckDB file of this test's own."""
     return tmp_path / "records.duckdb"
+
+
+@pytest.fixture
+def hub_process(tmp_path: Path) -> Iterator[HubProcess]:
+    """A ``commhub up`` subprocess on this test's data directory (not started); killed
+    at the end if the test left it running."""
+    process = HubProcess(tmp_path / "data")
+    yield process
+    if process.process is not None and process.process.poll() is None:
+        process.kill()
 
 
 @pytest.fixture

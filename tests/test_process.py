@@ -5,21 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from pathlib import Path
 
 import pytest
 from hubproc import HubProcess, pid_alive, wait_dead
 from wschat import Chat
 
 pytestmark = pytest.mark.timeout(240)
-
-
-@pytest.fixture
-def hub_process(tmp_path: Path):
-    process = HubProcess(tmp_path / "data")
-    yield process
-    if process.process is not None and process.process.poll() is None:
-        process.kill()
 
 
 def sql_json(hub: HubProcess, query: str) -> list[dict]:

@@ -19,14 +19,6 @@ pytestmark = pytest.mark.timeout(240)
 DAYS = (1_714_557_600.0, 1_714_644_000.0)  # 2024-05-01 10:00 and 2024-05-02 10:00 UTC
 
 
-@pytest.fixture
-def hub_process(tmp_path: Path):
-    process = HubProcess(tmp_path / "data")
-    yield process
-    if process.process is not None and process.process.poll() is None:
-        process.kill()
-
-
 async def publish_records(hub: HubProcess) -> int:
     """Agent messages on two days and a workflow run; returns how many messages."""
     bus = await Bus.connect(hub.nats_url, Subjects(hub.info["prefix"]))

@@ -8,21 +8,11 @@ live replies.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from hubproc import HubProcess
 from wschat import Chat
 
 pytestmark = pytest.mark.timeout(240)
-
-
-@pytest.fixture
-def hub_process(tmp_path: Path):
-    process = HubProcess(tmp_path / "data")
-    yield process
-    if process.process is not None and process.process.poll() is None:
-        process.kill()
 
 
 async def test_reconnect_after_absence_and_restart_gets_every_reply_once_in_order(
