@@ -37,6 +37,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "commhub.channels.http",
     "commhub.channels.telegram",
     "commhub.plugins.tfidf",
+    "commhub.plugins.minilm",
     "commhub.workflows.builtin",
 )
 

@@ -1,10 +1,19 @@
-"""The default classifier: TF-IDF n-grams and a linear SVM, with a background class.
+"""The default classifier: TF-IDF n-grams and a linear SVM, plus static embeddings.
 
-Features are word 1-2-grams (one-letter words included) and character 1-4-grams within
-word boundaries (robust to typos and inflection), each TF-IDF weighted with sublinear
-term frequency. A one-vs-rest linear SVM (liblinear) scores the classes: on CLINC150 it is
-as accurate as a multinomial logistic regression and ten times faster to train.
-Confidences are ``softmax(decision / T)``.
+Two experts score every class and their scores add up:
+
+- **Words.** Word 1-2-grams (one-letter words included) and character 1-4-grams within
+  word boundaries (robust to typos and inflection), each TF-IDF weighted with sublinear
+  term frequency, scored by a one-vs-rest linear SVM (liblinear): on CLINC150 as accurate
+  as a multinomial logistic regression and ten times faster to train.
+- **Meaning.** A multinomial logistic regression on static sentence embeddings
+  (:mod:`commhub.plugins.static_embeddings`: word-piece vectors distilled from
+  all-MiniLM-L6-v2, shipped with commhub). It knows that "reserve" is near "book", which
+  no n-gram does. Its log-probabilities, times ``embedding_weight``, are added to the SVM's
+  decision scores. On CLINC150 the pair is right 94.3% of the time where the SVM alone is
+  right 92.9% (``commhub bench classifier``).
+
+Confidences are ``softmax(score / T)``.
 
 **Honest confidence with few workflows.** A softmax over two workflows gives one of them
 at least 0.5 even for nonsense. So the model also learns a hidden *background* class from
@@ -31,6 +40,7 @@ import hashlib
 import os
 import pickle
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
@@ -39,7 +49,9 @@ from typing import Any, ClassVar
 import numpy as np
 import sklearn
 from pydantic import BaseModel, ConfigDict, Field
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import FeatureUnion
 from sklearn.svm import LinearSVC
@@ -48,7 +60,11 @@ from commhub.core.classify import Classifier, examples_key
 from commhub.core.envelope import Alternative
 from commhub.core.hookspecs import hookimpl
 
+from .static_embeddings import shipped
+
 __all__ = ["BACKGROUND", "TfidfClassifier", "TfidfSettings", "load_background"]
+
+Embedder = Callable[[Sequence[str]], np.ndarray]
 
 # A label no workflow can have: workflow names are subject tokens, which have no spaces.
 BACKGROUND = " background"
@@ -70,6 +86,15 @@ class TfidfSettings(BaseModel):
     word_ngrams: tuple[int, int] = (1, 2)
     char_ngrams: tuple[int, int] = (1, 4)
     min_df: int = Field(default=1, ge=1, description="Drop n-grams seen in fewer phrases.")
+    embeddings: bool = Field(
+        default=True, description="Add the expert on static sentence embeddings."
+    )
+    embedding_weight: float = Field(
+        default=0.2, ge=0, description="Weight of the embedding expert's log-probabilities."
+    )
+    embedding_C: float = Field(
+        default=20.0, gt=0, description="Inverse regularisation of the embedding expert."
+    )
 
 
 def load_background() -> list[str]:
@@ -80,22 +105,32 @@ def load_background() -> list[str]:
 
 
 class _Model:
-    """What is trained and cached: the feature union, the regression, the temperature."""
+    """What is trained and cached: the n-gram features and their SVM, the embedding
+    expert (None when off) and its weight, the temperature. The embedding table itself is
+    not part of it (nor of the pickle): it is the shipped one, named in the fingerprint."""
 
-    def __init__(self, features: FeatureUnion, regression: LinearSVC, temperature: float):
+    def __init__(self, features: FeatureUnion, regression: LinearSVC, temperature: float,
+                 meaning: LogisticRegression | None = None, meaning_weight: float = 0.0):
         self.features = features
         self.regression = regression
         self.temperature = temperature
+        self.meaning = meaning
+        self.meaning_weight = meaning_weight
 
-    def decision(self, texts: Sequence[str]) -> np.ndarray:
-        """One column of scores per class in ``regression.classes_`` order."""
-        scores = self.regression.decision_function(self.features.transform(list(texts)))
+    def decision(self, texts: Sequence[str], embed: Embedder) -> np.ndarray:
+        """One column of scores per class in ``regression.classes_`` order; ``embed`` gives
+        the embedding expert its inputs."""
+        texts = list(texts)
+        scores = self.regression.decision_function(self.features.transform(texts))
         if scores.ndim == 1:  # binary: sklearn returns the positive class's score only
             scores = np.column_stack([np.zeros_like(scores), scores])
+        if self.meaning is not None:
+            # Both experts were fitted on the same labels, so their columns line up.
+            scores = scores + self.meaning_weight * self.meaning.predict_log_proba(embed(texts))
         return np.asarray(scores)
 
-    def probabilities(self, texts: Sequence[str]) -> np.ndarray:
-        return _softmax(self.decision(texts) / self.temperature)
+    def probabilities(self, texts: Sequence[str], embed: Embedder) -> np.ndarray:
+        return _softmax(self.decision(texts, embed) / self.temperature)
 
 
 def _softmax(scores: np.ndarray) -> np.ndarray:
@@ -111,7 +146,7 @@ class TfidfClassifier(Classifier):
     """
 
     name: ClassVar[str] = "tfidf"
-    version: ClassVar[str] = "2"
+    version: ClassVar[str] = "3"
     Settings: ClassVar[type[BaseModel] | None] = TfidfSettings
 
     def __init__(self, settings: BaseModel | None = None, cache_dir: Path | None = None) -> None:
@@ -138,7 +173,7 @@ class TfidfClassifier(Classifier):
         empty lists. One workflow without a background: it always gets confidence 1."""
         examples = {name: list(phrases) for name, phrases in examples.items() if phrases}
         key = examples_key(examples)
-        self.model_id = f"tfidf-{key}"
+        self.model_id = f"{self.name}-{key}"
         self._classes = sorted(examples)
         self.trained = False
         self._model = None
@@ -160,11 +195,21 @@ class TfidfClassifier(Classifier):
         """Where the model for examples with ``key`` is cached, or None without a cache."""
         if self.cache_dir is None:
             return None
-        return Path(self.cache_dir) / f"tfidf-{key}-v{self.version}.pkl"
+        return Path(self.cache_dir) / f"{self.name}-{key}-v{self.version}.pkl"
+
+    # ------------------------------------------------------------------ embeddings
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """The embedding expert's inputs: one row per text. Here the shipped static
+        embeddings; a subclass may use another sentence encoder."""
+        return shipped().transform(texts)
+
+    def embedding_id(self) -> str:
+        """Names the embeddings in the cache fingerprint: other embeddings, other model."""
+        return f"static-{shipped().digest}"
 
     def _fingerprint(self) -> str:
         parts = [self.version, self.options.model_dump_json(), "\n".join(self.background),
-                 sklearn.__version__]
+                 sklearn.__version__, self.embedding_id() if self.options.embeddings else ""]
         return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
 
     def _train(self, examples: Mapping[str, Sequence[str]]) -> _Model | None:
@@ -173,7 +218,8 @@ class TfidfClassifier(Classifier):
             return None  # one class, nothing to tell apart: rank() answers 1.0
         temperature = self.options.temperature
         if temperature is None:
-            temperature = _fit_temperature(texts, labels, self._build, self.options.folds)
+            temperature = _fit_temperature(texts, labels, self._build, self.options.folds,
+                                           self.embed)
         return self._build(texts, labels, temperature)
 
     def _build(self, texts: Sequence[str], labels: Sequence[str], temperature: float) -> _Model:
@@ -192,7 +238,14 @@ class TfidfClassifier(Classifier):
         # must not outvote them merely by count.
         regression = LinearSVC(C=o.C, class_weight="balanced")
         regression.fit(matrix, list(labels))
-        return _Model(features, regression, temperature)
+        meaning = None
+        if o.embeddings and o.embedding_weight > 0:
+            meaning = LogisticRegression(C=o.embedding_C, max_iter=500, class_weight="balanced")
+            with warnings.catch_warnings():
+                # Not converging to the last digit within max_iter changes no ranking.
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                meaning.fit(self.embed(list(texts)), list(labels))
+        return _Model(features, regression, temperature, meaning, o.embedding_weight)
 
     # ------------------------------------------------------------------ rank
     def rank(self, texts: Sequence[str], top: int = 3) -> list[list[Alternative]]:
@@ -206,7 +259,7 @@ class TfidfClassifier(Classifier):
             return [[Alternative(self._classes[0], 1.0)][:top] for _ in texts]
         if not texts:
             return []
-        probabilities = self._model.probabilities(texts)
+        probabilities = self._model.probabilities(texts, self.embed)
         classes = [str(c) for c in self._model.regression.classes_]
         ranked = []
         for row in probabilities:
@@ -240,6 +293,7 @@ def _fit_temperature(
     labels: Sequence[str],
     build: Callable[[Sequence[str], Sequence[str], float], _Model],
     folds: int,
+    embed: Embedder,
 ) -> float:
     """The grid temperature minimising held-out negative log-likelihood (1.0 when some
     class has fewer examples than folds). Above ``_ONE_FOLD_FROM`` examples only the first
@@ -260,7 +314,7 @@ def _fit_temperature(
         held_out[test] = True
         model = build(list(text_array[train]), list(label_array[train]), 1.0)
         fold_classes = [str(c) for c in model.regression.classes_]
-        decision = model.decision(list(text_array[test]))
+        decision = model.decision(list(text_array[test]), embed)
         # A class absent from a training fold keeps a very low score for that fold.
         fold_scores = np.full((len(test), len(classes)), -1e3)
         for column, name in enumerate(fold_classes):

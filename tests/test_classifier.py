@@ -196,3 +196,26 @@ def test_add_background_teaches_out_of_scope(examples: dict[str, list[str]]) -> 
     after = [r[0].confidence for r in taught.rank(offered)]
     assert all(a < b for a, b in zip(after, before, strict=True)), (before, after)
     assert not TfidfClassifier(TfidfSettings(background=False)).add_background(offered)
+
+
+MEANING_EXAMPLES = {
+    "book_table": ["book a table", "i want a table for four tonight", "table for two at 8pm"],
+    "check_balance": ["what is my balance", "how much is in my account",
+                      "show my account balance"],
+    "weather": ["what's the weather", "will it rain tomorrow", "is it cold outside"],
+    "play_music": ["play a song", "put on some tunes", "play my playlist"],
+}
+# No word of these is in the right workflow's examples (nor a telling character n-gram).
+PARAPHRASES = {"any chance of snow": "weather", "do i have money left": "check_balance"}
+
+
+def test_the_embedding_expert_ranks_paraphrases_that_share_no_words() -> None:
+    classifier = TfidfClassifier()
+    classifier.fit(MEANING_EXAMPLES)
+    ranked = classifier.rank(list(PARAPHRASES), 1)
+    assert [r[0].workflow for r in ranked] == list(PARAPHRASES.values())
+    # The same texts with the expert off: n-grams alone get them wrong.
+    words_only = TfidfClassifier(TfidfSettings(embeddings=False))
+    words_only.fit(MEANING_EXAMPLES)
+    wrong = words_only.rank(list(PARAPHRASES), 1)
+    assert [r[0].workflow for r in wrong] != list(PARAPHRASES.values())

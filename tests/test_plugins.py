@@ -316,7 +316,7 @@ async def test_hook_register_classifiers(settings: Settings) -> None:
     is trained on the workflows' examples, routes messages and names itself in the
     Classification."""
     plugins = Plugins.load(extra=[ConstantClassifierPlugin()])
-    assert set(plugins.classifiers()) == {"tfidf", "constant"}
+    assert set(plugins.classifiers()) == {"tfidf", "minilm", "constant"}
     hub = Hub(settings.model_copy(update={"classifier": "constant"}), plugins=plugins)
     async with running(hub):
         assert isinstance(hub.classifier, ConstantClassifier)
