@@ -167,7 +167,12 @@ class Hub:
         cls = classes[s.classifier]
         settings = _plugin_settings(cls, s.plugin_settings(s.classifier), f"classifier {cls.name}")
         self.classifier = cls(settings, cache_dir=s.data_dir / "models")
-        await asyncio.to_thread(self.classifier.fit, self.engine.examples())
+        try:
+            await asyncio.to_thread(self.classifier.fit, self.engine.examples())
+        except (RuntimeError, ValueError, OSError) as exc:
+            # A missing model file or a broken install: the message is the story; a bug
+            # in a plugin raises something else and keeps its traceback.
+            raise HubError(f"classifier {cls.name} cannot be trained: {exc}") from exc
         self.router = Router(
             self.bus,
             self.engine,

@@ -106,8 +106,9 @@ def load_background() -> list[str]:
 
 class _Model:
     """What is trained and cached: the n-gram features and their SVM, the embedding
-    expert (None when off) and its weight, the temperature. The embedding table itself is
-    not part of it (nor of the pickle): it is the shipped one, named in the fingerprint."""
+    expert (None when off) and its weight, the temperature. Where the embeddings come from
+    is not part of it (nor of the pickle): the classifier passes its ``embed`` to every call
+    and names the source in the cache fingerprint."""
 
     def __init__(self, features: FeatureUnion, regression: LinearSVC, temperature: float,
                  meaning: LogisticRegression | None = None, meaning_weight: float = 0.0):
@@ -139,7 +140,8 @@ def _softmax(scores: np.ndarray) -> np.ndarray:
 
 
 class TfidfClassifier(Classifier):
-    """TF-IDF + linear SVM with a background class; see the module docstring.
+    """TF-IDF + linear SVM plus an embedding expert, with a background class; see the
+    module docstring.
 
     After :meth:`fit`, ``trained`` tells whether this instance trained the model (False
     when it came from the cache). :meth:`rank` is safe to call from one thread at a time.

