@@ -28,7 +28,7 @@ from .wordpiece import WordPiece
 
 __all__ = ["Encoder", "read_safetensors", "write_safetensors"]
 
-_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None, "I64": np.int64}
+_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64}  # BF16: converted below
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:

@@ -98,13 +98,13 @@ class MinilmClassifier(TfidfClassifier):
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         texts = list(texts)
-        if self._memo is None:
+        if self._memo is None or not texts:
             return self.encoder().encode(texts, self.minilm.batch_size)
         missing = list(dict.fromkeys(t for t in texts if t not in self._memo))
         if missing:
             rows = self.encoder().encode(missing, self.minilm.batch_size)
             self._memo.update(zip(missing, rows, strict=True))
-        return np.stack([self._memo[t] for t in texts]) if texts else np.zeros((0, 1))
+        return np.stack([self._memo[t] for t in texts])
 
     def fit(self, examples: Mapping[str, Sequence[str]]) -> None:
         """As :meth:`TfidfClassifier.fit`; RuntimeError first if the weights are missing
