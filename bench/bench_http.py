@@ -30,7 +30,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from commhub.channels.http import HttpChannel, HttpSettings
+from commhub.channels.http.channel import HttpChannel, HttpSettings
 from commhub.core.bus import Bus
 from commhub.core.channel import ChannelContext
 from commhub.core.config import Settings

@@ -26,7 +26,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from commhub.core.bus import Bus
 from commhub.core.envelope import Message, Sender
 from commhub.core.natsserver import EmbeddedNats
-from commhub.core.recorder import Recorder
+from commhub.core.records.recorder import Recorder
 from commhub.core.subjects import Subjects
 
 DEADLINE_SECONDS = 300.0

@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from fake_botapi import FakeBotAPI
 
-from commhub.channels.telegram import TelegramChannel, TelegramSettings
-from commhub.channels.telegram_send import make_bot
+from commhub.channels.telegram.channel import TelegramChannel, TelegramSettings
+from commhub.channels.telegram.send import make_bot
 from commhub.core.bus import Bus
 from commhub.core.channel import ChannelContext
 from commhub.core.config import Settings

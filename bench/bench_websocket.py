@@ -28,7 +28,7 @@ from pathlib import Path
 
 from websockets.asyncio.client import connect
 
-from commhub.channels.websocket import WebSocketChannel, WebSocketSettings
+from commhub.channels.websocket.channel import WebSocketChannel, WebSocketSettings
 from commhub.core.bus import Bus
 from commhub.core.channel import ChannelContext
 from commhub.core.config import Settings

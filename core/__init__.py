@@ -9,6 +9,6 @@ Plugins mark their hook implementations with :data:`hookimpl`::
         register(MyChannel)
 """
 
-from .hookspecs import hookimpl
+from commhub.core.hookspecs import hookimpl
 
 __all__ = ["hookimpl"]

@@ -34,8 +34,8 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
-from .envelope import InvalidRecord, Record, encode, new_id
-from .subjects import Subjects
+from commhub.core.envelope import InvalidRecord, Record, encode, new_id
+from commhub.core.subjects import Subjects
 
 __all__ = ["Bus", "DUPLICATE_WINDOW_SECONDS"]
 

@@ -33,12 +33,19 @@ from typing import TYPE_CHECKING, ClassVar
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from pydantic import BaseModel
 
-from .envelope import ChannelEvent, ChannelEventKind, EnvelopeError, Message, decode_as, new_id
+from commhub.core.envelope import (
+    ChannelEvent,
+    ChannelEventKind,
+    EnvelopeError,
+    Message,
+    decode_as,
+    new_id,
+)
 
 if TYPE_CHECKING:
-    from .bus import Bus
-    from .config import Settings
-    from .web import WebServer
+    from commhub.core.bus import Bus
+    from commhub.core.config import Settings
+    from commhub.core.web import WebServer
 
 __all__ = ["Channel", "ChannelContext", "OutboundItem"]
 

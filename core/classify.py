@@ -18,7 +18,7 @@ from typing import ClassVar
 
 from pydantic import BaseModel
 
-from .envelope import Alternative
+from commhub.core.envelope import Alternative
 
 __all__ = ["Classifier", "BatchingClassifier", "examples_key"]
 

@@ -94,14 +94,14 @@ def _build_parser() -> argparse.ArgumentParser:
     classifier = bench_sub.add_parser(
         "classifier", help="evaluate a classifier plugin on a CLINC150-format JSON data set")
     classifier.add_argument("--config", help="TOML config file ([plugins.NAME] settings)")
-    from .bench_classifier import add_arguments
+    from commhub.plugins.evaluate import add_arguments
 
     add_arguments(classifier)
     return parser
 
 
 def _load_settings(args: argparse.Namespace) -> Any:
-    from .config import load_settings
+    from commhub.core.config import load_settings
 
     keys = ("data_dir", "nats_url", "prefix", "role", "host", "nats_port", "ws_port",
             "http_port", "workflow_paths")
@@ -111,7 +111,7 @@ def _load_settings(args: argparse.Namespace) -> Any:
 
 # -- commands -------------------------------------------------------------------------
 def cmd_up(args: argparse.Namespace) -> int:
-    from .hub import Hub
+    from commhub.core.hub import Hub
 
     settings = _load_settings(args)
     hub = Hub(settings)
@@ -139,8 +139,9 @@ def _fast_loop_factory() -> Any:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    from .lock import hub_is_running, read_hub_info
-    from .sqlapi import format_result, query_file, write_parquet
+    from commhub.core.lock import hub_is_running, read_hub_info
+    from commhub.core.records.formats import format_result, write_parquet
+    from commhub.core.records.sqlclient import query_file
 
     if args.format == "parquet" and args.output is None:
         raise _UserError("--format parquet writes a file: add --output FILE")
@@ -171,8 +172,8 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
-    from .progress import Progress, ProgressBar
-    from .rebuild import rebuild
+    from commhub.core.records.progress import Progress, ProgressBar
+    from commhub.core.records.rebuild import rebuild
 
     settings = _load_settings(args)
     bar = ProgressBar(sys.stderr, "rebuild", Progress(0))
@@ -185,8 +186,8 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_parquet
-    from .lock import hub_is_running, read_hub_info
+    from commhub.core.lock import hub_is_running, read_hub_info
+    from commhub.core.records.export import export_parquet
 
     settings = _load_settings(args)
     url, prefix = settings.nats_url, settings.prefix
@@ -215,8 +216,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 async def _snapshot_over_bus(url: str, prefix: str) -> Path:
     import nats
 
-    from .sqlapi import snapshot_over_bus
-    from .subjects import Subjects
+    from commhub.core.records.sqlclient import snapshot_over_bus
+    from commhub.core.subjects import Subjects
 
     nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
     try:
@@ -228,8 +229,8 @@ async def _snapshot_over_bus(url: str, prefix: str) -> Path:
 async def _sql_over_bus(url: str, prefix: str, query: str, max_rows: int, timeout: float) -> Any:
     import nats
 
-    from .sqlapi import query_over_bus
-    from .subjects import Subjects
+    from commhub.core.records.sqlclient import query_over_bus
+    from commhub.core.subjects import Subjects
 
     nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
     try:
@@ -240,15 +241,15 @@ async def _sql_over_bus(url: str, prefix: str, query: str, max_rows: int, timeou
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from .envelope import json_schema
+    from commhub.core.envelope import json_schema
 
     print(json.dumps(json_schema(), indent=2))
     return 0
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    from .subjects import valid_token
-    from .tokens import mint
+    from commhub.core.subjects import valid_token
+    from commhub.core.tokens import mint
 
     settings = _load_settings(args)
     if settings.token_secret is None:
@@ -264,7 +265,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from .plugins import Plugins
+    from commhub.core.plugins import Plugins
 
     plugins = Plugins.load()
     rows = [(p.name, p.version, p.origin, ", ".join(p.hooks)) for p in plugins.describe()]
@@ -273,11 +274,11 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_workflows(args: argparse.Namespace) -> int:
-    from .plugins import Plugins
-    from .workflow import load_workflows
+    from commhub.core.plugins import Plugins
+    from commhub.core.workflow import load_workflows
 
     if args.workflows_command == "graph":
-        from .graph import render_graph
+        from commhub.core.engine.graph import render_graph
 
         found = load_workflows([*Plugins.load().workflow_sources(), *args.workflow_paths])
         if args.name not in found:
@@ -305,7 +306,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench_classifier import BenchDataError, run_cli
+    from commhub.plugins.evaluate import BenchDataError, run_cli
 
     try:
         return run_cli(args, _load_settings(args))
@@ -359,15 +360,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _is_user_error(exc: Exception) -> bool:
     """Errors whose message is the whole story for a user (no traceback needed)."""
-    from .export import ExportError
-    from .hub import HubError
-    from .lock import HubAlreadyRunning
-    from .natsserver import NatsServerError
-    from .plugins import PluginError
-    from .rebuild import RebuildError
-    from .schema import SchemaError
-    from .sqlapi import SqlError
-    from .workflow import WorkflowError
+    from commhub.core.hub import HubError
+    from commhub.core.lock import HubAlreadyRunning
+    from commhub.core.natsserver import NatsServerError
+    from commhub.core.plugins import PluginError
+    from commhub.core.records.export import ExportError
+    from commhub.core.records.rebuild import RebuildError
+    from commhub.core.records.sandbox import SqlError
+    from commhub.core.records.schema import SchemaError
+    from commhub.core.workflow import WorkflowError
 
     known = (_UserError, HubError, HubAlreadyRunning, NatsServerError, PluginError,
              SqlError, SchemaError, WorkflowError, OSError, TimeoutError, RebuildError,

@@ -24,8 +24,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from .subjects import Subjects
-from .tokens import TokenAuthority
+from commhub.core.subjects import Subjects
+from commhub.core.tokens import TokenAuthority
 
 # The defaults of ``cancel_phrases``/``restart_phrases`` (the router imports them).
 DEFAULT_CANCEL_PHRASES = ("cancel", "stop", "quit", "never mind", "nevermind", "abort")

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from .envelope import Message
+    from commhub.core.envelope import Message
 
 __all__ = ["hookspec", "hookimpl", "PROJECT"]
 

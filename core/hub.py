@@ -26,20 +26,21 @@ from aiohttp.web import Request, Response, json_response
 from nats.js.errors import KeyNotFoundError
 from pydantic import ValidationError
 
-from .bus import Bus
-from .channel import Channel, ChannelContext
-from .classify import BatchingClassifier, Classifier
-from .config import Settings
-from .dashboard import mount_dashboard
-from .fsm import Engine
-from .lock import DataDirLock
-from .natsserver import EmbeddedNats
-from .plugins import Plugins
-from .recorder import Recorder
-from .router import Router, StoredState
-from .sqlapi import LiveSandbox, SqlService
-from .web import WebServer, json_error
-from .workflow import load_workflows
+from commhub.core.bus import Bus
+from commhub.core.channel import Channel, ChannelContext
+from commhub.core.classify import BatchingClassifier, Classifier
+from commhub.core.config import Settings
+from commhub.core.engine.fsm import Engine
+from commhub.core.lock import DataDirLock
+from commhub.core.natsserver import EmbeddedNats
+from commhub.core.plugins import Plugins
+from commhub.core.records.dashboard import mount_dashboard
+from commhub.core.records.recorder import Recorder
+from commhub.core.records.sandbox import LiveSandbox
+from commhub.core.records.sqlservice import SqlService
+from commhub.core.routing.router import Router, StoredState
+from commhub.core.web import WebServer, json_error
+from commhub.core.workflow import load_workflows
 
 __all__ = ["Hub", "HubError"]
 

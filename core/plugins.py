@@ -22,12 +22,12 @@ from typing import Any, TypeVar
 
 import pluggy
 
-from . import hookspecs
-from .channel import Channel
-from .classify import Classifier
-from .envelope import Message
-from .subjects import valid_token
-from .workflow_class import Workflow
+from commhub.core import hookspecs
+from commhub.core.channel import Channel
+from commhub.core.classify import Classifier
+from commhub.core.engine.classes import Workflow
+from commhub.core.envelope import Message
+from commhub.core.subjects import valid_token
 
 __all__ = ["DEFAULT_PLUGINS", "Plugins", "PluginInfo", "PluginError", "build_plugin_manager"]
 

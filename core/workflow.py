@@ -15,10 +15,10 @@ the names flow authors and the hub use; the work is done in modules with one job
 
 from __future__ import annotations
 
-from .workflow_check import check_workflow
-from .workflow_class import State, Workflow, on, slot
-from .workflow_load import load_workflow_file, load_workflows
-from .workflow_model import (
+from commhub.core.engine.check import check_workflow
+from commhub.core.engine.classes import State, Workflow, on, slot
+from commhub.core.engine.load import load_workflow_file, load_workflows
+from commhub.core.engine.model import (
     SLOT_TYPES,
     WORKFLOW_FILE_SUFFIXES,
     ButtonDef,

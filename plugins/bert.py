@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from scipy.special import erf
 
-from .wordpiece import WordPiece
+from commhub.plugins.wordpiece import WordPiece
 
 __all__ = ["Encoder", "read_safetensors", "write_safetensors"]
 

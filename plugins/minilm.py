@@ -32,9 +32,8 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from commhub.core.hookspecs import hookimpl
-
-from .bert import Encoder
-from .tfidf import TfidfClassifier, TfidfSettings
+from commhub.plugins.bert import Encoder
+from commhub.plugins.tfidf import TfidfClassifier, TfidfSettings
 
 __all__ = ["MinilmClassifier", "MinilmSettings", "default_model_dir"]
 

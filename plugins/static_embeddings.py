@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .wordpiece import WordPiece
+from commhub.plugins.wordpiece import WordPiece
 
 __all__ = ["StaticEmbeddings", "shipped"]
 

@@ -59,8 +59,7 @@ from sklearn.svm import LinearSVC
 from commhub.core.classify import Classifier, examples_key
 from commhub.core.envelope import Alternative
 from commhub.core.hookspecs import hookimpl
-
-from .static_embeddings import shipped
+from commhub.plugins.static_embeddings import shipped
 
 __all__ = ["BACKGROUND", "TfidfClassifier", "TfidfSettings", "load_background"]
 

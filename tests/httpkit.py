@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 
-from commhub.channels.http import HttpChannel, HttpSettings
+from commhub.channels.http.channel import HttpChannel, HttpSettings
 from commhub.core.bus import Bus
 from commhub.core.channel import ChannelContext
 from commhub.core.config import Settings

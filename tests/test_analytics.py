@@ -30,7 +30,8 @@ from commhub.core.envelope import (
     new_id,
 )
 from commhub.core.hub import Hub
-from commhub.core.sqlapi import QueryResult, query_over_bus
+from commhub.core.records.sandbox import QueryResult
+from commhub.core.records.sqlclient import query_over_bus
 
 pytestmark = pytest.mark.timeout(180)
 

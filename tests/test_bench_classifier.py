@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from commhub.core.bench_classifier import (
+from commhub.core.cli import main
+from commhub.plugins.evaluate import (
     BenchDataError,
     evaluate,
     format_report,
     load_dataset,
     tune_threshold,
 )
-from commhub.core.cli import main
 from commhub.plugins.tfidf import TfidfClassifier
 
 # Three intents, each with its own words: a perfectly separable data set.

@@ -9,7 +9,7 @@ import pytest
 
 from commhub.core import hookspecs
 from commhub.core.config import Settings
-from commhub.core.fsm import Engine
+from commhub.core.engine.fsm import Engine
 from commhub.core.workflow import load_workflows
 from commhub.plugins import tfidf
 from commhub.plugins.tfidf import BACKGROUND, TfidfClassifier, TfidfSettings, load_background

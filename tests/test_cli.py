@@ -10,7 +10,7 @@ from pathlib import Path
 
 import duckdb
 
-from commhub.core.schema import migrate
+from commhub.core.records.schema import migrate
 
 BROKEN = """name: broken
 description: A workflow with a bad target

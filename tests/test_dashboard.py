@@ -13,8 +13,8 @@ import pytest
 
 from commhub.core.bus import Bus
 from commhub.core.config import Settings
-from commhub.core.dashboard import SqlAccess, mount_dashboard
 from commhub.core.hub import Hub
+from commhub.core.records.dashboard import SqlAccess, mount_dashboard
 from commhub.core.web import WebServer
 
 ENDLESS = "SELECT count(*) FROM range(10000000000000) a, range(1000) b"

@@ -25,7 +25,7 @@ from wschat import Chat
 from commhub.core.config import Settings
 from commhub.core.envelope import Message, Sender, encode, new_id
 from commhub.core.hub import Hub
-from commhub.core.sqlapi import query_over_bus
+from commhub.core.records.sqlclient import query_over_bus
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

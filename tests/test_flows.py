@@ -21,7 +21,7 @@ from commhub.core.classify import BatchingClassifier, Classifier
 from commhub.core.config import Settings
 from commhub.core.envelope import Alternative
 from commhub.core.hub import Hub
-from commhub.core.router import REQUEST_ID_HEADER, Router
+from commhub.core.routing.router import REQUEST_ID_HEADER, Router
 
 pytestmark = pytest.mark.timeout(180)
 

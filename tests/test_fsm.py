@@ -8,8 +8,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from commhub.core.fsm import DIDNT_GET_THAT, LOST_TRACK, Engine, matches_phrase
-from commhub.core.state import ConversationState, Reply, StepResult, Trigger
+from commhub.core.engine.fsm import DIDNT_GET_THAT, LOST_TRACK, Engine, matches_phrase
+from commhub.core.routing.state import ConversationState, Reply, StepResult, Trigger
 from commhub.core.workflow import WorkflowDef, check_workflow, load_workflows
 from commhub.workflows.builtin import DEFINITIONS
 

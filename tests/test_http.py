@@ -25,7 +25,7 @@ from httpkit import (
 )
 from pydantic import SecretStr, ValidationError
 
-from commhub.channels.http import HttpSettings
+from commhub.channels.http.channel import HttpSettings
 from commhub.core.bus import Bus
 from commhub.core.config import Settings
 from commhub.core.hub import Hub

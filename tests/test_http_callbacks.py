@@ -183,7 +183,7 @@ async def test_registration_needs_callbacks_on_and_a_url(bus: Bus, settings: Set
 def test_the_documented_verify_recipe_accepts_commhub_signatures() -> None:
     """The Python recipe in docs/http.md accepts what commhub signs and refuses a changed
     body, another secret and an old timestamp."""
-    from commhub.channels.http_callbacks import signature
+    from commhub.channels.http.callbacks import signature
 
     text = (Path(__file__).resolve().parent.parent / "docs" / "http.md").read_text()
     recipe = next(block for block in re.findall(r"```python\n(.*?)```", text, re.S)

@@ -19,20 +19,20 @@ import pytest
 from httpkit import base, http_channel, inbound_of, reply
 from inproc import hub_state
 
-from commhub.channels.http_rasa import (
+from commhub.channels.http.rasa import (
     button_payload,
     conversation_for,
     parse_request,
     rasa_replies,
 )
-from commhub.channels.http_request import ApiError
-from commhub.channels.http_turn import run_turn
+from commhub.channels.http.request import ApiError
+from commhub.channels.http.turn import run_turn
 from commhub.core.bus import Bus
 from commhub.core.config import Settings
 from commhub.core.envelope import Message, Sender, new_id
 from commhub.core.hub import Hub
-from commhub.core.router import OutboxEntry, StoredState
-from commhub.core.state import ConversationState
+from commhub.core.routing.router import OutboxEntry, StoredState
+from commhub.core.routing.state import ConversationState
 from commhub.core.subjects import valid_token
 
 WAIT = 30  # seconds: a safety net against hangs, never an assertion about speed

@@ -22,7 +22,7 @@ from commhub.core.envelope import (
     decode,
 )
 from commhub.core.hub import Hub
-from commhub.core.sqlapi import query_file, query_over_bus
+from commhub.core.records.sqlclient import query_file, query_over_bus
 from commhub.core.workflow import WorkflowError
 
 BOOKING = ["4", "tomorrow", "19:30", "Ann", "ann@example.com"]

@@ -15,7 +15,6 @@ from typing import Any
 import duckdb
 import pytest
 
-from commhub.core import schema
 from commhub.core.bus import Bus
 from commhub.core.envelope import (
     Alternative,
@@ -26,7 +25,8 @@ from commhub.core.envelope import (
     WorkflowEvent,
     WorkflowInput,
 )
-from commhub.core.recorder import Recorder
+from commhub.core.records import schema
+from commhub.core.records.recorder import Recorder
 
 TS = 1_700_000_000.25  # 2023-11-14 22:13:20.25 UTC
 TS_UTC = datetime(2023, 11, 14, 22, 13, 20, 250000)
@@ -574,7 +574,7 @@ async def test_catching_up_logs_progress_until_it_caught_up(
         return real_write(pending)
 
     recorder._write = held  # type: ignore[method-assign]
-    caplog.set_level(logging.INFO, logger="commhub.core.recorder")
+    caplog.set_level(logging.INFO, logger="commhub.core.records.recorder")
     await recorder.start()
     try:
         await wait_until(

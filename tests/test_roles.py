@@ -12,7 +12,7 @@ from wschat import Chat
 
 from commhub.core.config import Settings
 from commhub.core.hub import Hub
-from commhub.core.sqlapi import query_over_bus
+from commhub.core.records.sqlclient import query_over_bus
 
 
 @pytest.fixture

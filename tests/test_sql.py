@@ -14,23 +14,20 @@ import pytest
 
 from commhub.core.bus import Bus
 from commhub.core.envelope import Message, Sender
-from commhub.core.recorder import Recorder
-from commhub.core.sqlapi import (
+from commhub.core.records.formats import format_result, write_parquet
+from commhub.core.records.recorder import Recorder
+from commhub.core.records.sandbox import (
     LiveSandbox,
     QueryResult,
     SqlBadRequest,
     SqlFailed,
     SqlRefused,
     SqlSandbox,
-    SqlService,
     SqlTimeout,
-    format_result,
     open_sandboxed,
-    query_file,
-    query_over_bus,
-    snapshot_over_bus,
-    write_parquet,
 )
+from commhub.core.records.sqlclient import query_file, query_over_bus, snapshot_over_bus
+from commhub.core.records.sqlservice import SqlService
 
 N_MESSAGES = 12
 ENDLESS = "SELECT count(*) FROM range(10000000000000) a, range(1000) b"

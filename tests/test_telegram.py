@@ -17,8 +17,8 @@ import msgspec
 import pytest
 from fake_botapi import FakeBotAPI
 
-from commhub.channels.telegram import SECRET_HEADER, TelegramChannel, TelegramSettings
-from commhub.channels.telegram_text import utf16_len
+from commhub.channels.telegram.channel import SECRET_HEADER, TelegramChannel, TelegramSettings
+from commhub.channels.telegram.text import utf16_len
 from commhub.core.config import Settings
 from commhub.core.envelope import ChannelEvent, Message, Sender, decode, new_id
 from commhub.core.hub import Hub

@@ -15,11 +15,11 @@ from fake_botapi import FakeBotAPI
 from telegram import Bot, Update
 from telegram.error import Conflict
 
-from commhub.channels.telegram import TelegramSettings
-from commhub.channels.telegram_pacing import Pacer, RateCell
-from commhub.channels.telegram_send import Backoff, keyboard, make_bot, send_reply
-from commhub.channels.telegram_text import split_text, utf16_len
-from commhub.channels.telegram_updates import (
+from commhub.channels.telegram.channel import TelegramSettings
+from commhub.channels.telegram.pacing import Pacer, RateCell
+from commhub.channels.telegram.send import Backoff, keyboard, make_bot, send_reply
+from commhub.channels.telegram.text import split_text, utf16_len
+from commhub.channels.telegram.updates import (
     RecentUpdates,
     callback_data_for,
     chat_id_of,

@@ -20,13 +20,14 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError
 
-from commhub.channels import websocket as websocket_plugin
-from commhub.channels.admission import Admitted, Refused, admit
-from commhub.channels.frames import FrameError, MessageFrame, PingFrame, decode_frame
-from commhub.channels.outbox import Outbox, SlowConsumer, cancel_and_wait
 from commhub.channels.ratelimit import TokenBucket
-from commhub.channels.websocket import WebSocketChannel, WebSocketSettings
+from commhub.channels.sendqueue import SendQueue, SlowConsumer
+from commhub.channels.websocket import channel as websocket_plugin
+from commhub.channels.websocket.admission import Admitted, Refused, admit
+from commhub.channels.websocket.channel import WebSocketChannel, WebSocketSettings
+from commhub.channels.websocket.frames import FrameError, MessageFrame, PingFrame, decode_frame
 from commhub.core import hookspecs
+from commhub.core.aio import cancel_and_wait
 from commhub.core.bus import Bus
 from commhub.core.channel import ChannelContext
 from commhub.core.config import Settings
@@ -525,7 +526,7 @@ def test_token_bucket_units() -> None:
     assert [bucket.take(), bucket.take()] == [True, False]
 
 
-async def test_outbox_overflow_raises_slow_consumer_with_last_cursor() -> None:
+async def test_sendqueue_overflow_raises_slow_consumer_with_last_cursor() -> None:
     """With a stalled sender, the queue overflows and names the last cursor handed over."""
     sent: list[int] = []
     stall = asyncio.Event()
@@ -544,17 +545,17 @@ async def test_outbox_overflow_raises_slow_consumer_with_last_cursor() -> None:
         sent.append(cursor)
         await stall.wait()  # the client never reads
 
-    outbox = Outbox(max_queue=2, start=None)
+    queue = SendQueue(max_queue=2, start=None)
     iterator = items()
     with pytest.raises(SlowConsumer) as info:
-        await asyncio.wait_for(outbox.run(iterator, send), WAIT)
+        await asyncio.wait_for(queue.run(iterator, send), WAIT)
     await iterator.aclose()
     assert sent == [1]
-    assert info.value.last_cursor == 1 and outbox.last_cursor == 1
+    assert info.value.last_cursor == 1 and queue.last_cursor == 1
     assert closed.is_set()
 
 
-async def test_outbox_cancel_stops_both_sides() -> None:
+async def test_sendqueue_cancel_stops_both_sides() -> None:
     """Cancelling run() cancels the reader of the bus iterator, whose finally runs."""
     closed = asyncio.Event()
     started = asyncio.Event()
@@ -571,7 +572,7 @@ async def test_outbox_cancel_stops_both_sides() -> None:
     async def send(cursor: int, message: Message) -> None:
         raise AssertionError("nothing to send")
 
-    task = asyncio.create_task(Outbox(4).run(items(), send))
+    task = asyncio.create_task(SendQueue(4).run(items(), send))
     await asyncio.wait_for(started.wait(), WAIT)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

@@ -500,7 +500,7 @@ def test_router_event_names_are_reserved(tmp_path: Path) -> None:
 
 def test_graph_in_mermaid_and_dot() -> None:
     """The graph names every state and transition with its trigger, in both formats."""
-    from commhub.core.graph import render_graph
+    from commhub.core.engine.graph import render_graph
 
     defn = load_workflows([builtin.DEFINITIONS])["order_status"]
     mermaid = render_graph(defn, "mermaid")

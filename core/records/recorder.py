@@ -1,0 +1,487 @@
+"""The recorder: every record on the bus into DuckDB, in batches, idempotent, acked after commit.
+
+One durable pull consumer per stream (``{stream}_recorder``, deliver policy ALL, so a
+fresh database catches up from the whole stream) feeds one writer. The writer decodes
+each record with :func:`commhub.core.envelope.decode`, routes it by type to its table
+(:mod:`commhub.core.records.schema`), and writes the batch as Arrow tables with
+``INSERT ... BY NAME ... ON CONFLICT DO NOTHING``: one transaction for the whole batch,
+across all tables. Bytes that do not decode become a row of ``invalid_records`` (the
+reason, the subject and the raw data), so a bad publisher never blocks the stream.
+Turning messages into rows and Arrow tables is :mod:`commhub.core.records.rows`; this
+module fetches, writes, commits and acks. In the same transaction it recomputes the
+derived rows (``workflow_runs``, then ``conversations``) of the runs and conversations
+the batch touched, from the base tables, so they are exact under redelivery too.
+
+Failure contract:
+
+- **Acks follow commits.** A record is acked only after the transaction holding it
+  committed. A crash between commit and ack means redelivery, and redelivery writes
+  nothing twice: every table is keyed on the envelope id (undecodable input on a
+  deterministic id from its stream and sequence), and the insert skips existing ids.
+- **A failed write loses nothing.** When DuckDB refuses a batch (disk full, a bug), the
+  transaction rolls back, the error is logged, every record of the batch is nak'd with
+  a delay that doubles up to 30 s, and the recorder keeps running; the records come back
+  and are retried until they commit. Nothing is ever dropped or terminated.
+- **One bad record does not poison a batch.** A record that decodes but cannot be
+  stored (a ``ts`` outside years 1-9999, a close code too big for its column) becomes an
+  ``invalid_records`` row with the reason, like bytes that do not decode.
+- **Acks are explicit, one per record** (``AckPolicy.EXPLICIT``). ``AckPolicy.ALL``
+  would save the per-record ack (a buffered core publish, a few microseconds), but then
+  a nak'd failed batch followed by a committed later batch would ack the failed records
+  too; explicit acks keep "acked implies committed" true record by record.
+
+Concurrency: :meth:`start` and :meth:`stop` run on the event loop; one fetch task per
+stream and one writer task. Every DuckDB call on the writer connection runs in a single
+dedicated worker thread, so the event loop never blocks on DuckDB and the connection is
+never used from two threads. Fetching continues while a batch is written (a small
+bounded queue between them gives backpressure). Readers use cursors of the same
+database instance through :attr:`Recorder.connection` from any thread.
+
+Snapshots: user SQL never runs on this instance. :meth:`Recorder.snapshot` checkpoints
+and copies the file (in the writer thread, between batches, so the copy is consistent);
+:class:`commhub.core.records.sandbox.LiveSandbox` opens such copies in instances of their own.
+The writer instance is locked down anyway (``enable_external_access=false``,
+``lock_configuration=true`` after migrating), so nothing that reaches it through
+:attr:`Recorder.connection` can touch files either.
+
+Catching up: every fetched batch says how many records are still pending on its stream
+(from the ack subject, no extra request). While more than a batch is pending, a log
+line every ``progress_seconds`` shows the backlog, the share done and the rate, and one
+line says when the recorder caught up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import duckdb
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from commhub.core.bus import Bus
+from commhub.core.records.progress import Progress
+from commhub.core.records.rows import Batch, num_pending
+from commhub.core.records.schema import REFRESH_CONVERSATIONS, REFRESH_RUNS, migrate
+
+__all__ = ["Recorder", "RecorderStats"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# How long JetStream waits for an ack before redelivering. Far above a batch's commit
+# time; a redelivery that does happen is harmless (idempotent inserts).
+ACK_WAIT_SECONDS = 60.0
+
+
+@dataclass
+class RecorderStats:
+    """Counters since start; read them from the event loop."""
+
+    records: int = 0
+    """Records in committed batches (a redelivered record counts again)."""
+    inserted: int = 0
+    """New rows written (records already stored are skipped, not counted)."""
+    invalid: int = 0
+    """Records the recorder itself wrote to ``invalid_records`` (undecodable, unstorable)."""
+    batches: int = 0
+    """Committed batches."""
+    failures: int = 0
+    """Batches DuckDB refused; their records were nak'd for redelivery."""
+    last_commit: float | None = None
+    """Epoch seconds of the last commit."""
+    pending: int = 0
+    """Records not yet committed: waiting on the streams (as of the last fetch) plus
+    fetched and not yet written."""
+
+class Recorder:
+    """Writes every record of both streams into the DuckDB file at ``db_path``.
+
+    ``batch`` is the most records fetched from a stream at once and written in one
+    transaction (a little more when both streams deliver together); ``flush_seconds``
+    bounds how long a record waits for its batch to fill. ``consumer`` names the durable
+    of a stream (default: :meth:`Subjects.recorder_consumer`; ``commhub rebuild`` uses
+    its own). ``progress_seconds`` is the interval of the catch-up log lines (None: none).
+    """
+
+    #: First and largest redelivery delay after a failed write, in seconds.
+    retry_delay: tuple[float, float] = (0.5, 30.0)
+
+    def __init__(
+        self,
+        bus: Bus,
+        db_path: Path,
+        batch: int = 1000,
+        flush_seconds: float = 0.2,
+        *,
+        consumer: Callable[[str], str] | None = None,
+        progress_seconds: float | None = 5.0,
+    ) -> None:
+        if batch < 1:
+            raise ValueError("batch must be at least 1")
+        if flush_seconds <= 0:
+            raise ValueError("flush_seconds must be positive")
+        self.bus = bus
+        self.db_path = Path(db_path)
+        self.batch = batch
+        self.flush_seconds = flush_seconds
+        self.consumer = consumer or bus.subjects.recorder_consumer
+        self.progress_seconds = progress_seconds
+        self.stats = RecorderStats()
+        self._pending: dict[str, int] = {}
+        self._in_flight = 0  # fetched, not yet committed or nak'd
+        self._executor: ThreadPoolExecutor | None = None
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._readers: duckdb.DuckDBPyConnection | None = None
+        self._subs: list[tuple[str, JetStreamContext.PullSubscription]] = []
+        self._queue: asyncio.Queue[tuple[str, list[Msg]] | None] = asyncio.Queue(maxsize=4)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._stop_event = asyncio.Event()
+        self._delay = self.retry_delay[0]
+
+    # -- public ---------------------------------------------------------------------
+    @property
+    def connection(self) -> duckdb.DuckDBPyConnection:
+        """A connection of the recorder's database instance, for in-process readers.
+
+        Call ``.cursor()`` on it for each query (tests and tools do). User SQL goes to
+        snapshots instead (:meth:`snapshot`), never here. The instance has no external
+        access and a locked configuration. Valid between :meth:`start` and :meth:`stop`.
+        """
+        if self._readers is None:
+            raise RuntimeError("the recorder is not running")
+        return self._readers
+
+    @property
+    def running(self) -> bool:
+        """True between :meth:`start` and :meth:`stop`."""
+        return self._writer is not None and not self._writer.done()
+
+    def stats_dict(self) -> dict[str, Any]:
+        """:attr:`stats` as a JSON-ready dict (for the health API)."""
+        return dataclasses.asdict(self.stats)
+
+    async def start(self) -> None:
+        """Open and migrate the database, bind the durable consumers, start consuming.
+
+        Raises if the database cannot be opened (another process holds the file, a
+        newer schema) or a stream does not exist (run :meth:`Bus.ensure_streams` first);
+        nothing keeps running in that case.
+        """
+        if self._executor is not None:
+            raise RuntimeError("the recorder was already started")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commhub-recorder")
+        try:
+            await self._in_thread(self._open)
+            subjects = self.bus.subjects
+            for stream in (subjects.messages_stream, subjects.events_stream):
+                self._subs.append((stream, await self._bind(stream)))
+        except BaseException:
+            await self._unsubscribe()
+            await self._close_db()
+            raise
+        self._tasks = [
+            asyncio.create_task(self._fetch_loop(stream, sub), name=f"recorder-fetch-{stream}")
+            for stream, sub in self._subs
+        ]
+        self._writer = asyncio.create_task(self._write_loop(), name="recorder-writer")
+        if self.progress_seconds:
+            self._tasks.append(
+                asyncio.create_task(self._progress_loop(self.progress_seconds),
+                                    name="recorder-progress")
+            )
+        log.info("recorder writing %s from %s", self.db_path, [s for s, _ in self._subs])
+
+    async def stop(self) -> None:
+        """Stop fetching, commit and ack what was fetched, close the database.
+
+        Takes about ``flush_seconds`` plus committing what was fetched. Safe to call twice
+        and after a failed start. Records fetched but not committed (a failing final
+        write) are nak'd and come back to the next recorder on this durable.
+        """
+        if self._executor is None:
+            return
+        self._stopping = True
+        self._stop_event.set()
+        if self._writer is not None and self._writer.done():
+            for task in self._tasks:  # nobody drains the queue: do not wait on a full one
+                task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._writer is not None:
+            if not self._writer.done():
+                await self._queue.put(None)
+            await asyncio.gather(self._writer, return_exceptions=True)
+        if not self.bus.nc.is_closed:
+            try:
+                await self.bus.nc.flush(timeout=5)  # the last acks reach the server
+            except Exception as exc:  # unacked records are redelivered
+                log.warning("recorder: could not flush acks: %s", exc)
+        await self._unsubscribe()
+        await self._close_db()
+
+    async def snapshot(self, dest: Path) -> None:
+        """Write a consistent copy of the database to ``dest`` (replacing it atomically).
+
+        Runs in the writer thread between batches: ``CHECKPOINT`` folds the write-ahead
+        log into the file, which is then copied (and the log too, if DuckDB kept one) to
+        a temporary name and renamed. Costs a copy of the file; raises if the recorder is
+        not running or the copy fails (``dest`` is then left as it was).
+        """
+        if self._con is None:
+            raise RuntimeError("the recorder is not running")
+        await self._in_thread(self._snapshot, Path(dest))
+
+    def _snapshot(self, dest: Path) -> None:
+        con = self._con
+        if con is None:
+            raise RuntimeError("the recorder is not running")
+        con.execute("CHECKPOINT")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".tmp")
+        wal = Path(f"{self.db_path}.wal")
+        dest_wal = Path(f"{dest}.wal")
+        try:
+            shutil.copyfile(self.db_path, tmp)
+            if wal.exists() and wal.stat().st_size:
+                shutil.copyfile(wal, dest_wal)  # a checkpoint skipped: keep the log
+            else:
+                dest_wal.unlink(missing_ok=True)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    async def _unsubscribe(self) -> None:
+        for _stream, sub in self._subs:
+            with contextlib.suppress(Exception):  # the connection may be closing
+                await sub.unsubscribe()
+        self._subs.clear()
+
+    # -- setup ----------------------------------------------------------------------
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        assert self._executor is not None
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _open(self) -> None:
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        con = duckdb.connect(str(self.db_path))
+        try:
+            version = migrate(con)
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
+            self._readers = con.cursor()
+        except BaseException:
+            con.close()
+            raise
+        self._con = con
+        log.debug("recorder database %s at schema version %d", self.db_path, version)
+
+    async def _close_db(self) -> None:
+        if self._executor is None:
+            return
+        if self._con is not None:
+            await self._in_thread(self._close_connections)
+        self._executor.shutdown(wait=True)
+        self._executor = None
+
+    def _close_connections(self) -> None:
+        if self._readers is not None:
+            self._readers.close()
+            self._readers = None
+        if self._con is not None:
+            self._con.close()
+            self._con = None
+
+    async def _bind(self, stream: str) -> JetStreamContext.PullSubscription:
+        # The only writer (the DuckDB file lock guarantees it), so records a crashed
+        # recorder held are rewound and come back now; ON CONFLICT DO NOTHING skips
+        # those it had already written.
+        config = ConsumerConfig(
+            durable_name=self.consumer(stream),
+            description="commhub recorder: every record into DuckDB",
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=ACK_WAIT_SECONDS,
+            max_ack_pending=max(50_000, 10 * self.batch),
+            max_deliver=-1,  # never give up on a record
+        )
+        return await self.bus.bind_durable(stream, config, rewind_unacked=True)
+
+    # -- loops ----------------------------------------------------------------------
+    async def _fetch_loop(self, stream: str, sub: JetStreamContext.PullSubscription) -> None:
+        # Not cancelled on stop: a cancelled fetch can leave a pull request on the server
+        # that captures records for a dead inbox (they would wait ACK_WAIT to come back).
+        while not self._stopping:
+            try:
+                msgs = await sub.fetch(self.batch, timeout=self.flush_seconds)
+            except TimeoutError:  # nats.errors.TimeoutError too: nothing pending
+                self._set_pending(stream, 0)
+                continue
+            except Exception as exc:  # reconnecting, server restart, ...
+                if self._stopping:
+                    break
+                log.warning("recorder: fetch from %s failed, retrying: %s", stream, exc)
+                await asyncio.sleep(1.0)
+                continue
+            if msgs:
+                pending = num_pending(msgs[-1])
+                self._in_flight += len(msgs)
+                if pending is not None:
+                    self._set_pending(stream, pending)
+                await self._queue.put((stream, msgs))
+
+    def _set_pending(self, stream: str, pending: int) -> None:
+        self._pending[stream] = pending
+        self.stats.pending = sum(self._pending.values()) + self._in_flight
+
+    async def _progress_loop(self, interval: float) -> None:
+        """Log the backlog while the recorder is behind by more than a batch."""
+        progress: Progress | None = None
+        start = 0
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_event.wait(), interval)
+            if self._stopping:
+                break
+            pending = self.stats.pending
+            done = self.stats.records - start
+            if pending > self.batch:
+                if progress is None:
+                    progress, start, done = Progress(pending), self.stats.records, 0
+                progress.update(done, done + pending)
+                log.info("%s", progress.line("recorder catching up"))
+            elif progress is not None:
+                progress.update(done, done + pending)
+                log.info("recorder caught up: %s records written at %s records/s",
+                         f"{done:,}", f"{progress.rate:,.0f}")
+                progress = None
+
+    async def _write_loop(self) -> None:
+        last = False
+        while not last:
+            item = await self._queue.get()
+            if item is None:
+                break
+            pending = [item]
+            count = len(item[1])
+            while count < self.batch:
+                try:
+                    more = self._queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    break
+                if more is None:
+                    last = True
+                    break
+                pending.append(more)
+                count += len(more[1])
+            try:
+                committed = await self._commit(pending)
+            except Exception:  # a bug; the records come back after ACK_WAIT_SECONDS
+                log.exception("recorder: unexpected error while writing a batch")
+                committed = False
+            if committed:
+                self._delay = self.retry_delay[0]
+            else:
+                # Back off so that a database that keeps failing is not hammered; the
+                # fetchers wait meanwhile on the full queue.
+                with contextlib.suppress(TimeoutError):  # stop() cuts the pause short
+                    await asyncio.wait_for(self._stop_event.wait(), self._delay)
+                self._delay = min(self._delay * 2, self.retry_delay[1])
+
+    async def _commit(self, pending: Sequence[tuple[str, list[Msg]]]) -> bool:
+        msgs = [msg for _stream, batch in pending for msg in batch]
+        self._in_flight -= len(msgs)  # committed or nak'd below: either way, not held
+        self.stats.pending = sum(self._pending.values()) + self._in_flight
+        try:
+            inserted, invalid = await self._in_thread(self._write, pending)
+        except Exception as exc:  # any write failure: redeliver, keep running
+            self.stats.failures += 1
+            log.error(
+                "recorder: writing a batch of %d records failed, will retry: %s", len(msgs), exc
+            )
+            await self._settle(msgs, ack=False, delay=0.0 if self._stopping else self._delay)
+            return False
+        self.stats.records += len(msgs)
+        self.stats.inserted += inserted
+        self.stats.invalid += invalid
+        self.stats.batches += 1
+        self.stats.last_commit = time.time()
+        await self._settle(msgs, ack=True)
+        return True
+
+    async def _settle(self, msgs: list[Msg], ack: bool, delay: float = 0.0) -> None:
+        try:
+            for msg in msgs:
+                if ack:
+                    await msg.ack()
+                else:
+                    await msg.nak(delay=delay or None)
+        except Exception as exc:  # unsettled records come back after ack_wait
+            log.warning("recorder: could not %s records: %s", "ack" if ack else "nak", exc)
+
+    # -- the worker thread ----------------------------------------------------------
+    def _write(self, pending: Sequence[tuple[str, list[Msg]]]) -> tuple[int, int]:
+        """Decode, route and insert one batch in one transaction; return (inserted, invalid)."""
+        batch = Batch(self.bus.subjects)
+        for stream, msgs in pending:
+            for msg in msgs:
+                batch.add(msg, stream)
+        tables = batch.arrow_tables()
+        con = self._con
+        assert con is not None
+        inserted = 0
+        new_rows: dict[str, int] = {}
+        con.execute("BEGIN TRANSACTION")
+        try:
+            for name, table in tables.items():
+                view = f"_recorder_batch_{name}"
+                con.register(view, table)
+                try:
+                    row = con.execute(
+                        f"INSERT INTO {name} BY NAME SELECT * FROM {view} ON CONFLICT DO NOTHING"
+                    ).fetchone()
+                finally:
+                    con.unregister(view)
+                new_rows[name] = int(row[0]) if row else 0
+                inserted += new_rows[name]
+            # Only new rows change a derived row; a replayed batch skips the recompute.
+            if new_rows.get("messages") or new_rows.get("workflow_events"):
+                self._refresh_derived(con, batch)
+            con.execute("COMMIT")
+        except BaseException:
+            # The failed statement may already have ended the transaction.
+            with contextlib.suppress(duckdb.Error):
+                con.execute("ROLLBACK")
+            raise
+        return inserted, batch.invalid
+
+    @staticmethod
+    def _refresh_derived(con: duckdb.DuckDBPyConnection, batch: Batch) -> None:
+        """Recompute the workflow_runs and conversations rows the batch touched."""
+        conversations, runs = batch.touched_keys()
+        for view, keys, statement, column in (
+            ("_recorder_touched_runs", runs, REFRESH_RUNS, "runs"),
+            ("_recorder_touched_conversations", conversations, REFRESH_CONVERSATIONS,
+             "conversations"),
+        ):
+            if not keys.num_rows:
+                continue
+            con.register(view, keys)
+            try:
+                con.execute(statement.format(**{column: f"SELECT * FROM {view}"}))
+            finally:
+                con.unregister(view)

@@ -1,0 +1,6 @@
+"""Routing: inbound messages and service inputs to workflow steps.
+
+* :mod:`.router`: the consumer of ``in`` and ``wf``: load state, step, commit, publish, ack;
+* :mod:`.state`: a conversation's state and a step's result (plain data);
+* :mod:`.timers`: timeouts and idle expiry, scheduled from the state bucket.
+"""
