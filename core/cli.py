@@ -134,9 +134,10 @@ def _load_plugins(args: argparse.Namespace) -> Any:
 
 # -- commands -------------------------------------------------------------------------
 def cmd_up(args: argparse.Namespace) -> int:
+    settings = _load_settings(args)
+    _try_ports(settings)
     from .hub import Hub
 
-    settings = _load_settings(args)
     hub = Hub(settings)
 
     def ready(lines: list[str]) -> None:
@@ -149,6 +150,21 @@ def cmd_up(args: argparse.Namespace) -> int:
         runner.run(hub.run_until_signalled(ready))
     print("commhub stopped.", flush=True)
     return 0
+
+
+def _try_ports(settings: Any) -> None:
+    """A port in use fails ``commhub up`` at once, naming the setting to change: before
+    the hub is even imported (its plugins import scikit-learn) and before it starts
+    nats-server and trains the classifier. The hub checks again as it starts. A hub that
+    already runs on the data directory is left to the lock to report."""
+    from .lock import hub_is_running
+    from .web import try_port
+
+    if settings.role not in ("all", "channels") or hub_is_running(settings.data_dir):
+        return
+    try_port("HTTP server", settings.host, settings.http_port, "COMMHUB_HTTP_PORT")
+    if "commhub.channels.websocket" not in settings.disable_plugins:
+        try_port("WebSocket channel", settings.host, settings.ws_port, "COMMHUB_WS_PORT")
 
 
 def _fast_loop_factory() -> Any:

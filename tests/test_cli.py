@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from importlib import metadata
@@ -173,6 +174,31 @@ def test_a_wrong_type_in_the_config_file_names_the_file_and_setting(tmp_path: Pa
     assert result.stderr == (
         f"commhub: error: invalid setting http_port = 'eighty' (from {config}, line 2): "
         "Input should be a valid integer, unable to parse string as an integer\n")
+
+
+@pytest.mark.parametrize(("flag", "variable"), [("--ws-port", "COMMHUB_WS_PORT"),
+                                                ("--http-port", "COMMHUB_HTTP_PORT")])
+def test_a_port_in_use_names_its_setting_before_anything_starts(
+    tmp_path: Path, flag: str, variable: str
+) -> None:
+    """`commhub up` on a port in use: one line naming the port and the setting to change,
+    exit 1, and nothing was started first (no nats-server log, no DuckDB file, no trained
+    classifier in the data directory)."""
+    data = tmp_path / "data"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ports = {"--ws-port": "0", "--http-port": "0", flag: str(port)}
+        result = commhub("up", "--data-dir", str(data), "--nats-port", "0",
+                         *(item for pair in ports.items() for item in pair))
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    assert line.startswith("commhub: error: ")
+    assert line.endswith(f"cannot listen on 127.0.0.1:{port}: Address already in use "
+                         f"(to use another port set {variable}, or 0 for any free one)")
+    for started in ("nats-server.log", "commhub.duckdb", "models"):
+        assert not (data / started).exists()
 
 
 @pytest.mark.parametrize("disabled", [
