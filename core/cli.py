@@ -7,7 +7,7 @@ file (hub stopped); ``commhub schema`` prints the envelope's
 JSON Schema; ``commhub token`` mints a signed client token; ``commhub plugins`` lists
 plugins; ``commhub workflows check|list`` checks workflow files. Every error a user can
 cause ends in one ``commhub: error: ...`` line and exit status 1; bad command-line usage
-exits 2.
+and a config file that is missing or not valid TOML exit 2.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="commhub", description="A message hub for conversations over NATS JetStream."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"commhub {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="start the hub (embedded NATS unless --nats-url)")
@@ -76,14 +77,17 @@ def _build_parser() -> argparse.ArgumentParser:
     token.add_argument("--user", required=True, help="the user id the token speaks for")
     token.add_argument("--conversation", help="bind the token to this conversation too")
     token.add_argument("--ttl", type=float, default=3600.0, help="seconds until it expires")
-    sub.add_parser("plugins", help="list plugins, their versions, origins and hooks")
+    plugins = sub.add_parser("plugins", help="list plugins, their versions, origins and hooks")
+    plugins.add_argument("--config", help="TOML config file (its disable_plugins)")
 
     wf = sub.add_parser("workflows", help="check or list workflows")
     wf_sub = wf.add_subparsers(dest="workflows_command", required=True)
     check = wf_sub.add_parser("check", help="check workflow files or folders")
     check.add_argument("paths", type=Path, nargs="+")
-    wf_sub.add_parser("list", help="list the installed workflows")
+    listing = wf_sub.add_parser("list", help="list the installed workflows")
+    listing.add_argument("--config", help="TOML config file (its disable_plugins)")
     graph = wf_sub.add_parser("graph", help="print a workflow's state graph (Mermaid or DOT)")
+    graph.add_argument("--config", help="TOML config file (its disable_plugins)")
     graph.add_argument("name", help="an installed workflow, or one from --workflows")
     graph.add_argument("--format", choices=["mermaid", "dot"], default="mermaid")
     graph.add_argument("--workflows", type=Path, action="append", dest="workflow_paths",
@@ -100,6 +104,15 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("commhub")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
 def _load_settings(args: argparse.Namespace) -> Any:
     from commhub.core.config import load_settings
 
@@ -109,11 +122,22 @@ def _load_settings(args: argparse.Namespace) -> Any:
     return load_settings(getattr(args, "config", None), **overrides)
 
 
+def _load_plugins(args: argparse.Namespace) -> Any:
+    """The plugins, minus the settings' ``disable_plugins`` (environment or config file;
+    ``workflows graph --workflows`` is not the ``workflow_paths`` setting)."""
+    from commhub.core.config import load_settings
+    from commhub.core.plugins import Plugins
+
+    settings = load_settings(getattr(args, "config", None))
+    return Plugins.load(disabled=settings.disable_plugins)
+
+
 # -- commands -------------------------------------------------------------------------
 def cmd_up(args: argparse.Namespace) -> int:
+    settings = _load_settings(args)
+    _try_ports(settings)
     from commhub.core.hub import Hub
 
-    settings = _load_settings(args)
     hub = Hub(settings)
 
     def ready(lines: list[str]) -> None:
@@ -126,6 +150,21 @@ def cmd_up(args: argparse.Namespace) -> int:
         runner.run(hub.run_until_signalled(ready))
     print("commhub stopped.", flush=True)
     return 0
+
+
+def _try_ports(settings: Any) -> None:
+    """A port in use fails ``commhub up`` at once, naming the setting to change: before
+    the hub is even imported (its plugins import scikit-learn) and before it starts
+    nats-server and trains the classifier. The hub checks again as it starts. A hub that
+    already runs on the data directory is left to the lock to report."""
+    from commhub.core.lock import hub_is_running
+    from commhub.core.web import try_port
+
+    if settings.role not in ("all", "channels") or hub_is_running(settings.data_dir):
+        return
+    try_port("HTTP server", settings.host, settings.http_port, "COMMHUB_HTTP_PORT")
+    if "commhub.channels.websocket" not in settings.disable_plugins:
+        try_port("WebSocket channel", settings.host, settings.ws_port, "COMMHUB_WS_PORT")
 
 
 def _fast_loop_factory() -> Any:
@@ -265,22 +304,19 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from commhub.core.plugins import Plugins
-
-    plugins = Plugins.load()
+    plugins = _load_plugins(args)
     rows = [(p.name, p.version, p.origin, ", ".join(p.hooks)) for p in plugins.describe()]
     print(_table(("name", "version", "origin", "hooks"), rows))
     return 0
 
 
 def cmd_workflows(args: argparse.Namespace) -> int:
-    from commhub.core.plugins import Plugins
     from commhub.core.workflow import load_workflows
 
     if args.workflows_command == "graph":
         from commhub.core.engine.graph import render_graph
 
-        found = load_workflows([*Plugins.load().workflow_sources(), *args.workflow_paths])
+        found = load_workflows([*_load_plugins(args).workflow_sources(), *args.workflow_paths])
         if args.name not in found:
             raise _UserError(f"no workflow named {args.name!r}; known: {', '.join(sorted(found))}")
         print(render_graph(found[args.name], args.format), end="")
@@ -290,7 +326,7 @@ def cmd_workflows(args: argparse.Namespace) -> int:
         for name, definition in sorted(definitions.items()):
             print(f"ok  {name}  ({len(definition.states)} states)  {definition.source or ''}")
         return 0
-    definitions = load_workflows(Plugins.load().workflow_sources())
+    definitions = load_workflows(_load_plugins(args).workflow_sources())
     rows = [(name, str(len(d.states)), str(len(d.examples)), d.description)
             for name, d in sorted(definitions.items())]
     print(_table(("workflow", "states", "examples", "description"), rows))
@@ -352,6 +388,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"commhub: error: invalid settings:\n{exc}", file=sys.stderr)
         return 1
     except Exception as exc:
+        from commhub.core.config import ConfigFileError, SettingsError
+
+        if isinstance(exc, ConfigFileError):  # like bad usage: the command cannot even run
+            print(f"commhub: error: {exc}", file=sys.stderr)
+            return 2
+        if isinstance(exc, SettingsError):
+            for problem in exc.problems:
+                print(f"commhub: error: {problem}", file=sys.stderr)
+            return 1
         if _is_user_error(exc):
             print(f"commhub: error: {exc}", file=sys.stderr)
             return 1

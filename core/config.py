@@ -5,23 +5,30 @@ the setting's name and the reason instead of somewhere deep in a channel.
 
 The TOML file is ``--config PATH`` or ``COMMHUB_CONFIG``; its keys are the field names
 below (``ws_port = 9000``); a ``[plugins.NAME]`` table holds a plugin's own settings.
+A file that is missing or not valid TOML is a :class:`ConfigFileError` (one line: file,
+line, problem); :func:`load_settings` turns invalid values into a :class:`SettingsError`
+whose lines name each setting and where its value came from.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
+import re
+import tomllib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
+    InitSettingsSource,
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
 
 from commhub.core.subjects import Subjects
@@ -31,9 +38,81 @@ from commhub.core.tokens import TokenAuthority
 DEFAULT_CANCEL_PHRASES = ("cancel", "stop", "quit", "never mind", "nevermind", "abort")
 DEFAULT_RESTART_PHRASES = ("restart", "start over", "start again", "begin again")
 
-__all__ = ["Settings", "Role", "is_loopback", "load_settings"]
+__all__ = [
+    "ConfigFileError",
+    "Role",
+    "Settings",
+    "SettingsError",
+    "is_loopback",
+    "load_settings",
+    "read_config_file",
+    "split_list",
+]
 
 Role = Literal["all", "channels", "router", "recorder"]
+
+# Settings whose values an error message must not show.
+SECRET_SETTINGS = frozenset({"tokens", "token_secret", "sql_tokens", "plugins"})
+
+
+class ConfigFileError(ValueError):
+    """The config file is missing, unreadable or not valid TOML; the message is one line
+    that names the file (and the line, for a syntax error)."""
+
+
+class SettingsError(ValueError):
+    """Settings that do not validate: one line per problem, each naming the setting and
+    where its value came from (a ``COMMHUB_*`` variable, the config file and line)."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
+def split_list(value: Any) -> Any:
+    """The one parser of a list setting given as text (an environment variable): a JSON
+    list (``'["a", "b"]'``) or comma-separated items (``a, b``). Other values (lists from
+    TOML or flags) pass unchanged."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"not a JSON list: {exc}") from None
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def read_config_file(path: str | Path, origin: str | None = None) -> dict[str, Any]:
+    """The TOML config file as a dict; a :class:`ConfigFileError` if it is missing,
+    unreadable or broken. ``origin`` says where the path came from (``COMMHUB_CONFIG``)."""
+    where = f"{path} (from {origin})" if origin else str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigFileError(f"config file {where} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigFileError(f"config file {where} cannot be read: {reason}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigFileError(_toml_problem(where, text, exc)) from None
+
+
+def _toml_problem(where: str, text: str, exc: tomllib.TOMLDecodeError) -> str:
+    """``FILE:LINE:COLUMN: invalid TOML: problem`` from tomllib's message."""
+    message = str(exc).splitlines()[0]
+    found = re.search(r"\s*\(at line (\d+), column (\d+)\)$", message)
+    if found:
+        problem = message[: found.start()]
+        return f"{where}:{found[1]}:{found[2]}: invalid TOML: {problem}"
+    found = re.search(r"\s*\(at end of document\)$", message)
+    if found:
+        lines = max(len(text.splitlines()), 1)
+        return f"{where}:{lines}: invalid TOML: {message[: found.start()]} at the end of the file"
+    return f"{where}: invalid TOML: {message}"
 
 
 class Settings(BaseSettings):
@@ -42,6 +121,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="COMMHUB_", extra="forbid", validate_default=True
     )
+    # The TOML file load_settings was given (a subclass sets it); None: COMMHUB_CONFIG.
+    config_file: ClassVar[str | None] = None
 
     data_dir: Path = Field(
         Path("commhub-data"), description="JetStream store, DuckDB file, model cache, lock."
@@ -129,12 +210,7 @@ class Settings(BaseSettings):
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         # Environment variables give "a,b" (or a JSON list); TOML and flags give lists.
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                return json.loads(text)
-            return [item.strip() for item in text.split(",") if item.strip()]
-        return value
+        return split_list(value)
 
     @classmethod
     def settings_customise_sources(
@@ -146,11 +222,10 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        config_file = settings_cls.model_config.get("toml_file") or os.environ.get(
-            "COMMHUB_CONFIG"
-        )
+        config_file, origin = _config_file(settings_cls)
         if config_file:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+            data = read_config_file(config_file, origin)
+            sources.append(InitSettingsSource(settings_cls, init_kwargs=data))
         return tuple(sources)
 
     # -- derived ------------------------------------------------------------------
@@ -192,15 +267,87 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _config_file(settings_cls: type[BaseSettings]) -> tuple[str | None, str | None]:
+    """The config file's path and where it was named (None: given to load_settings)."""
+    given = getattr(settings_cls, "config_file", None)
+    if given:
+        return str(given), None
+    return os.environ.get("COMMHUB_CONFIG") or None, "COMMHUB_CONFIG"
+
+
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
     """Build settings from flags (``overrides`` that are not None), env and a TOML file.
 
-    ``config_file`` takes the place of ``COMMHUB_CONFIG``. Raises pydantic's
-    ValidationError, whose message names each bad setting.
+    ``config_file`` takes the place of ``COMMHUB_CONFIG``. Raises
+    :class:`ConfigFileError` for a missing or broken file, and :class:`SettingsError`
+    (from pydantic's ValidationError) naming each bad setting and where it came from.
     """
     cls: type[Settings] = Settings
     if config_file is not None:
         # A subclass that knows its file, rather than a process-wide environment change.
-        config = SettingsConfigDict(**{**Settings.model_config, "toml_file": str(config_file)})
-        cls = type("Settings", (Settings,), {"model_config": config})
-    return cls(**{k: v for k, v in overrides.items() if v is not None})
+        cls = type("Settings", (Settings,), {"config_file": str(config_file)})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return cls(**given)
+    except ValidationError as exc:
+        raise SettingsError(_problems(exc, given, _config_file(cls)[0])) from exc
+
+
+def _problems(exc: ValidationError, given: dict[str, Any], config_file: str | None) -> list[str]:
+    """One line per error: the setting, its value, where it came from, what is wrong.
+
+    The source is the first that gives the setting, in the order settings are layered:
+    flags (``given``), then ``COMMHUB_*`` variables, then the config file.
+    """
+    env = {name.upper(): name for name in os.environ}
+    text, in_file = "", {}
+    if config_file:
+        # The file was read a moment ago: this cannot fail unless it changed meanwhile.
+        with contextlib.suppress(OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            text = Path(config_file).read_text(encoding="utf-8")
+            in_file = tomllib.loads(text)
+    problems = []
+    for error in exc.errors(include_url=False):
+        loc = error["loc"]
+        field = str(loc[0]) if loc else ""
+        setting = _setting_path(loc) or "settings"
+        source = ""
+        if field and field not in given:
+            variable = f"COMMHUB_{field}".upper()
+            if variable in env:
+                source = f" (from {env[variable]})"
+            elif field in in_file:
+                line = _line_of(text, field)
+                source = f" (from {config_file}{f', line {line}' if line else ''})"
+        if error["type"] == "extra_forbidden":
+            problems.append(f"unknown setting {setting}{source}")
+            continue
+        value = ""
+        if "input" in error and field not in SECRET_SETTINGS and len(loc) == 1:
+            shown = repr(error["input"])
+            value = f" = {shown if len(shown) <= 60 else shown[:57] + '...'}"
+        problems.append(f"invalid setting {setting}{value}{source}: {error['msg']}")
+    return problems
+
+
+def _setting_path(loc: tuple[int | str, ...]) -> str:
+    """``workflow_paths[0]``, ``plugins.websocket``: where in the settings an error is."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else part)
+    return path
+
+
+def _line_of(text: str, field: str) -> int | None:
+    """The line of a top-level ``field = ...`` (or of its ``[field...]`` table) in TOML."""
+    key = re.compile(rf"""^\s*(["']?){re.escape(field)}\1\s*=""")
+    table = re.compile(rf"""^\s*\[\s*(["']?){re.escape(field)}\1\s*[.\]]""")
+    top_level = True
+    for number, line in enumerate(text.splitlines(), 1):
+        if table.match(line):
+            return number
+        if line.lstrip().startswith("["):
+            top_level = False  # keys below a table header belong to that table
+        elif top_level and key.match(line):
+            return number
+    return None

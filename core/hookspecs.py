@@ -8,11 +8,17 @@ group. commhub's own channels, classifier and workflows use these same hooks.
 thing they contribute; the manager validates each one where it is registered, so a bad
 contribution fails at start with the plugin's name.
 
+**Calls.** The manager calls every implementation through pluggy, in pluggy's call order
+(last registered first). The contributing and middleware hooks are called one plugin at
+a time (so ``register`` knows its plugin, and each middleware gets the previous one's
+message) inside one pluggy call that their wrappers wrap; see ``core/plugins.py``.
+
 **Async rule.** pluggy is synchronous. The lifecycle and middleware hooks may be written
-``async def``: the manager calls every implementation and awaits each result that is
-awaitable, one implementation after another, in pluggy's call order (last registered
-first). No hook here is ``firstresult``, so an async implementation never short-circuits
-the others by returning a coroutine.
+``async def``: the manager awaits each awaitable result, one implementation after
+another. A hook that has a ``wrapper``/``hookwrapper`` implementation cannot also have
+an ``async def`` one (a wrapper runs in one synchronous call): that is refused at load.
+The middleware hooks are ``firstresult``: each pluggy call of them runs one
+implementation, and a wrapper's ``yield`` gives the chain's outcome itself, not a list.
 """
 
 from __future__ import annotations
@@ -71,17 +77,18 @@ def shutdown(hub: Any) -> Any:
     """Called when the hub stops, before the bus closes; may be async."""
 
 
-@hookspec
+@hookspec(firstresult=True)
 def inbound_message(message: Message) -> Any:
     """Middleware on every inbound message before it is routed; may be async.
 
     Return None to pass the message on unchanged, a :class:`Message` to replace it, or
     ``False`` to drop it (it stays recorded; it is just not routed). Implementations run
-    one after another, each seeing the previous one's result.
+    one after another, each seeing the previous one's result. A wrapper wraps the whole
+    chain: its ``yield`` gives the final Message, or ``False`` if one dropped it.
     """
 
 
-@hookspec
+@hookspec(firstresult=True)
 def outbound_message(message: Message) -> Any:
     """Middleware on every outbound message the router produces, before it is published;
     may be async. Same return rule as :func:`inbound_message`.

@@ -1,11 +1,12 @@
 """The hub: starts every component a role needs, in order, and stops them in reverse.
 
-``Hub.start()`` (embedded defaults): lock the data directory, start nats-server, create
-the streams and the state bucket, load and check the workflows, train (or load) the
-classifier, start the recorder and the bus APIs, the router, then the channels, and
-write ``hub.json``. ``Hub.stop()`` undoes it in reverse: channels stop taking input, the
-router finishes and acks what it holds, the recorder commits and acks its last batch,
-the bus drains, the server stops, the lock is released.
+``Hub.start()`` (embedded defaults): load and check the workflows, lock the data
+directory, bind the HTTP port and check the WebSocket port (so that a port in use fails
+at once, not after the slow steps), start nats-server, create the streams and the state
+bucket, start the recorder and the bus APIs, train (or load) the classifier and start the
+router, then the channels, and write ``hub.json``. ``Hub.stop()`` undoes it in reverse:
+channels stop taking input, the router finishes and acks what it holds, the recorder
+commits and acks its last batch, the bus drains, the server stops, the lock is released.
 
 Roles (``--role``) run a subset against an existing NATS: ``channels``, ``router``,
 ``recorder``, or ``all``. Only ``all`` and ``recorder`` open the DuckDB file.
@@ -39,7 +40,7 @@ from commhub.core.records.recorder import Recorder
 from commhub.core.records.sandbox import LiveSandbox
 from commhub.core.records.sqlservice import SqlService
 from commhub.core.routing.router import Router, StoredState
-from commhub.core.web import WebServer, json_error
+from commhub.core.web import WebServer, json_error, try_port
 from commhub.core.workflow import load_workflows
 
 __all__ = ["Hub", "HubError"]
@@ -110,6 +111,8 @@ class Hub:
         if self._runs("recorder") or s.embedded_nats:
             self.lock = DataDirLock(s.data_dir)
             self.lock.acquire()
+        if self._runs("channels"):
+            self._claim_ports()
         if s.embedded_nats:
             self.nats = EmbeddedNats(s.data_dir, port=s.nats_port, conf=s.nats_conf)
             self.nats_url = await self.nats.start()
@@ -195,16 +198,30 @@ class Hub:
             f"({', '.join(sorted(self.engine.definitions))}), classifier {self.classifier.model_id}"
         )
 
+    def _claim_ports(self) -> None:
+        """Bind the HTTP server's socket and check that the WebSocket port is free, before
+        the slow steps (nats-server, DuckDB, training the classifier): a port in use stops
+        the start at once with a ListenError naming the setting to change.
+
+        The HTTP socket stays bound (the server serves on it later). The WebSocket port is
+        only tried: the ``websocket`` channel binds it itself when it starts, and still
+        names the setting if another process took the port meanwhile.
+        """
+        s = self.settings
+        self.web = WebServer(s.host, s.http_port, max_body_bytes=s.max_body_bytes)
+        self.web.bind()
+        if s.ws_port and "websocket" in self.plugins.channels():
+            try_port("WebSocket channel", s.host, s.ws_port, "COMMHUB_WS_PORT")
+
     async def _start_channels(self) -> None:
-        """Start the HTTP server's socket, then each channel (they mount routes on it).
+        """Mount the hub's routes on the HTTP server (bound by ``_claim_ports``), then
+        start each channel (they mount routes on it too).
 
         The server serves only once ``_start`` has run the startup hooks too, so every
         route is in place before the first request.
         """
-        assert self.bus is not None
+        assert self.bus is not None and self.web is not None
         s = self.settings
-        self.web = WebServer(s.host, s.http_port, max_body_bytes=s.max_body_bytes)
-        self.web.bind()
         self._mount_hub_routes(self.web)
         self.endpoints.append(f"http: {self.web.url} (health: /healthz, readiness: /readyz)")
         self.endpoints.append(f"dashboard: {self.web.url}/dashboard (SQL over HTTP: POST /v1/sql)")

@@ -23,14 +23,16 @@ it never stops the server.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import socket
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from aiohttp import web
 
-__all__ = ["WebServer", "json_error"]
+__all__ = ["ListenError", "WebServer", "json_error", "listen_error", "try_port"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,47 @@ _CODES = {
     503: "unavailable",
     504: "timeout",
 }
+
+
+class ListenError(OSError):
+    """A server cannot listen; the message says on what, why, and which setting to change."""
+
+    def __str__(self) -> str:  # the message alone, without "[Errno 98]"
+        return str(self.strerror)
+
+
+def listen_error(what: str, host: str, port: int, exc: OSError, port_setting: str) -> ListenError:
+    """The error for ``what`` failing to bind ``host:port``, with the setting to change:
+    ``port_setting`` for a port in use or not allowed, ``COMMHUB_HOST`` for an address
+    that is not this machine's."""
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    if exc.errno == errno.EADDRNOTAVAIL:
+        hint = "set COMMHUB_HOST to an address of this machine"
+    else:
+        hint = f"to use another port set {port_setting}, or 0 for any free one"
+    return ListenError(exc.errno, f"{what} cannot listen on {host}:{port}: {reason} ({hint})")
+
+
+def try_port(what: str, host: str, port: int, port_setting: str) -> None:
+    """Bind ``host:port`` the way asyncio's servers do and let go at once: a
+    :class:`ListenError` naming ``port_setting`` if that fails. Port 0 always works, and a
+    host that does not resolve is left to the server's own bind to report."""
+    if port == 0:
+        return
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                raise listen_error(what, host, port, exc, port_setting) from None
 
 
 def json_error(
@@ -100,9 +143,11 @@ class WebServer:
         *,
         max_body_bytes: int = 1024 * 1024,
         shutdown_timeout: float = 5.0,
+        port_setting: str = "COMMHUB_HTTP_PORT",
     ) -> None:
         self.host = host
         self.requested_port = port
+        self.port_setting = port_setting
         self.shutdown_timeout = shutdown_timeout
         self.app = web.Application(client_max_size=max_body_bytes, middlewares=[_json_errors])
         self.app[MAX_BODY] = max_body_bytes
@@ -117,7 +162,10 @@ class WebServer:
         return f"http://{host}:{self.port}"
 
     def bind(self) -> int:
-        """Open the listening socket; return the port (a free one when asked for 0)."""
+        """Open the listening socket; return the port (a free one when asked for 0).
+
+        Raises :class:`ListenError` naming the setting to change (``port_setting``).
+        """
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -125,10 +173,8 @@ class WebServer:
             sock.bind((self.host, self.requested_port))
         except OSError as exc:
             sock.close()
-            raise OSError(
-                exc.errno, f"HTTP server cannot listen on {self.host}:{self.requested_port}: "
-                f"{exc.strerror}"
-            ) from None
+            raise listen_error("HTTP server", self.host, self.requested_port, exc,
+                               self.port_setting) from None
         sock.listen(512)
         sock.setblocking(False)
         self._sock = sock

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import duckdb
+import pytest
 
+from commhub.core.cli import main
 from commhub.core.records.schema import migrate
 
 BROKEN = """name: broken
@@ -129,3 +133,99 @@ def test_workflows_graph_prints_mermaid_and_dot(tmp_path: Path) -> None:
     assert dot.returncode == 0 and dot.stdout.startswith('digraph "mine" {'), dot.stderr
     missing = commhub("workflows", "graph", "nope")
     assert missing.returncode == 1 and "no workflow named 'nope'" in missing.stderr
+
+
+def test_version_prints_the_version() -> None:
+    """`commhub --version` prints `commhub X.Y.Z`."""
+    result = commhub("--version")
+    assert result.returncode == 0
+    assert result.stdout == f"commhub {metadata.version('commhub')}\n"
+
+
+def test_a_broken_config_file_is_one_line_with_file_and_line(tmp_path: Path) -> None:
+    """A TOML syntax error in the config file: one line naming the file, the line and the
+    problem, exit 2, no traceback."""
+    config = tmp_path / "commhub.toml"
+    config.write_text('prefix = "mine"\nws_port = \n')
+    result = commhub("up", "--config", str(config), "--data-dir", str(tmp_path / "data"))
+    assert result.returncode == 2
+    assert result.stderr == f"commhub: error: {config}:2:11: invalid TOML: Invalid value\n"
+
+
+def test_a_missing_config_file_is_an_error(tmp_path: Path) -> None:
+    """A --config or COMMHUB_CONFIG file that does not exist stops the command, exit 2."""
+    missing = tmp_path / "nope.toml"
+    result = commhub("up", "--config", str(missing), "--data-dir", str(tmp_path / "data"))
+    assert result.returncode == 2
+    assert result.stderr == f"commhub: error: config file {missing} does not exist\n"
+    result = commhub("plugins", env={"COMMHUB_CONFIG": str(missing)})
+    assert result.returncode == 2
+    assert result.stderr == (f"commhub: error: config file {missing} (from COMMHUB_CONFIG) "
+                             "does not exist\n")
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_wrong_type_in_the_config_file_names_the_file_and_setting(tmp_path: Path) -> None:
+    """A value of the wrong type in the config file names the file, line and setting."""
+    config = tmp_path / "commhub.toml"
+    config.write_text('prefix = "mine"\nhttp_port = "eighty"\n')
+    result = commhub("up", "--config", str(config), "--data-dir", str(tmp_path / "data"))
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"commhub: error: invalid setting http_port = 'eighty' (from {config}, line 2): "
+        "Input should be a valid integer, unable to parse string as an integer\n")
+
+
+@pytest.mark.parametrize(("flag", "variable"), [("--ws-port", "COMMHUB_WS_PORT"),
+                                                ("--http-port", "COMMHUB_HTTP_PORT")])
+def test_a_port_in_use_names_its_setting_before_anything_starts(
+    tmp_path: Path, flag: str, variable: str
+) -> None:
+    """`commhub up` on a port in use: one line naming the port and the setting to change,
+    exit 1, and nothing was started first (no nats-server log, no DuckDB file, no trained
+    classifier in the data directory)."""
+    data = tmp_path / "data"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ports = {"--ws-port": "0", "--http-port": "0", flag: str(port)}
+        result = commhub("up", "--data-dir", str(data), "--nats-port", "0",
+                         *(item for pair in ports.items() for item in pair))
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    assert line.startswith("commhub: error: ")
+    assert line.endswith(f"cannot listen on 127.0.0.1:{port}: Address already in use "
+                         f"(to use another port set {variable}, or 0 for any free one)")
+    for started in ("nats-server.log", "commhub.duckdb", "models"):
+        assert not (data / started).exists()
+
+
+@pytest.mark.parametrize("disabled", [
+    '["commhub.plugins.tfidf", "commhub.workflows.builtin"]',
+    "commhub.plugins.tfidf, commhub.workflows.builtin",
+], ids=["json-list", "comma-list"])
+def test_disable_plugins_is_honoured_by_plugins_and_workflows_list(
+    disabled: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    """COMMHUB_DISABLE_PLUGINS as a JSON list or a comma list (read by the settings, as
+    `commhub up` reads it) keeps those plugins out of `commhub plugins` and their
+    workflows out of `commhub workflows list`; so does the config file's list."""
+    monkeypatch.delenv("COMMHUB_CONFIG", raising=False)
+    monkeypatch.setenv("COMMHUB_DISABLE_PLUGINS", disabled)
+    assert main(["plugins"]) == 0
+    listed = capsys.readouterr().out
+    assert "commhub.channels.websocket" in listed
+    assert "commhub.plugins.tfidf" not in listed and "commhub.workflows.builtin" not in listed
+    assert main(["workflows", "list"]) == 0
+    workflows = capsys.readouterr().out
+    assert "book_table" not in workflows and "fallback" not in workflows
+
+    monkeypatch.delenv("COMMHUB_DISABLE_PLUGINS")
+    config = tmp_path / "commhub.toml"
+    config.write_text('disable_plugins = ["commhub.workflows.builtin"]\n')
+    assert main(["workflows", "list", "--config", str(config)]) == 0
+    assert "book_table" not in capsys.readouterr().out
+    assert main(["workflows", "list"]) == 0
+    assert "book_table" in capsys.readouterr().out

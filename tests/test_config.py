@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
 
-from commhub.core.config import load_settings
+from commhub.core.config import ConfigFileError, SettingsError, load_settings
 
 
 def test_lists_come_from_the_environment_comma_separated_or_as_json(
@@ -41,10 +40,14 @@ def test_flags_beat_environment_which_beats_the_file(
 
 
 def test_a_bad_value_names_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An invalid value fails validation with the setting's name in the message."""
+    """An invalid value fails validation with the setting's name and the variable it came
+    from in the message."""
     monkeypatch.setenv("COMMHUB_WS_PORT", "70000")
-    with pytest.raises(ValidationError, match="ws_port"):
+    with pytest.raises(SettingsError) as info:
         load_settings()
+    assert info.value.problems == [
+        "invalid setting ws_port = '70000' (from COMMHUB_WS_PORT): "
+        "Input should be less than or equal to 65535"]
 
 
 def test_an_unknown_key_in_the_file_is_an_error(
@@ -54,8 +57,70 @@ def test_an_unknown_key_in_the_file_is_an_error(
     config = tmp_path / "commhub.toml"
     config.write_text("ws_prot = 9001\n")
     monkeypatch.delenv("COMMHUB_CONFIG", raising=False)
-    with pytest.raises(ValidationError, match="ws_prot"):
+    with pytest.raises(SettingsError) as info:
         load_settings(config)
+    assert info.value.problems == [f"unknown setting ws_prot (from {config}, line 1)"]
+
+
+def test_a_wrong_type_in_the_file_names_the_file_line_and_setting(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A value of the wrong type in the TOML file names the file, its line and the
+    setting; a bad value from the environment names its variable instead, and a flag's
+    value is the flag's (it overrides the file)."""
+    config = tmp_path / "commhub.toml"
+    config.write_text('prefix = "ok"\n\nws_port = "lots"\nthreshold = 2\n'
+                      "[plugins.websocket]\nthreshold = 1\n")
+    monkeypatch.delenv("COMMHUB_CONFIG", raising=False)
+    monkeypatch.setenv("COMMHUB_HTTP_PORT", "many")
+    with pytest.raises(SettingsError) as info:
+        load_settings(config)
+    assert info.value.problems == [  # in the order of the settings
+        f"invalid setting ws_port = 'lots' (from {config}, line 3): Input should be a valid "
+        "integer, unable to parse string as an integer",
+        "invalid setting http_port = 'many' (from COMMHUB_HTTP_PORT): Input should be a "
+        "valid integer, unable to parse string as an integer",
+        f"invalid setting threshold = 2 (from {config}, line 4): Input should be less than "
+        "or equal to 1",
+    ]
+    monkeypatch.delenv("COMMHUB_HTTP_PORT")
+    with pytest.raises(SettingsError) as info:
+        load_settings(config, ws_port=70000, threshold=0.5)
+    assert info.value.problems == [
+        "invalid setting ws_port = 70000: Input should be less than or equal to 65535"]
+
+
+def test_a_broken_config_file_names_the_file_and_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A TOML syntax error is one line: file, line, column and tomllib's problem."""
+    config = tmp_path / "commhub.toml"
+    config.write_text("prefix = \"ok\"\nws_port = \n")
+    monkeypatch.delenv("COMMHUB_CONFIG", raising=False)
+    with pytest.raises(ConfigFileError) as info:
+        load_settings(config)
+    assert str(info.value) == f"{config}:2:11: invalid TOML: Invalid value"
+    config.write_text('prefix = "never closed\n')
+    with pytest.raises(ConfigFileError, match=r":1:\d+: invalid TOML: "):
+        load_settings(config)
+
+
+def test_a_missing_config_file_is_an_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A config file that does not exist is an error, whether given to load_settings
+    (--config) or in COMMHUB_CONFIG; an empty COMMHUB_CONFIG means none."""
+    missing = tmp_path / "nope.toml"
+    monkeypatch.delenv("COMMHUB_CONFIG", raising=False)
+    with pytest.raises(ConfigFileError) as info:
+        load_settings(missing)
+    assert str(info.value) == f"config file {missing} does not exist"
+    monkeypatch.setenv("COMMHUB_CONFIG", str(missing))
+    with pytest.raises(ConfigFileError) as info:
+        load_settings()
+    assert str(info.value) == f"config file {missing} (from COMMHUB_CONFIG) does not exist"
+    monkeypatch.setenv("COMMHUB_CONFIG", "")
+    assert load_settings().prefix == "commhub"
 
 
 def test_anonymous_clients_only_on_loopback_by_default() -> None:

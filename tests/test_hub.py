@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 from inproc import hub_state, ws_port
 from wschat import Chat
 
+from commhub.core import hub as hub_module
 from commhub.core.config import Settings
 from commhub.core.envelope import (
     Classification,
@@ -23,6 +25,7 @@ from commhub.core.envelope import (
 )
 from commhub.core.hub import Hub
 from commhub.core.records.sqlclient import query_file, query_over_bus
+from commhub.core.web import ListenError
 from commhub.core.workflow import WorkflowError
 
 BOOKING = ["4", "tomorrow", "19:30", "Ann", "ann@example.com"]
@@ -245,3 +248,41 @@ async def test_the_state_api_answers_unknown_conversations_with_not_found(hub: H
     """`{prefix}.api.state` for a conversation that never spoke says not_found."""
     answer = await hub_state(hub, "never-seen")
     assert answer["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize(("setting", "variable"), [("ws_port", "COMMHUB_WS_PORT"),
+                                                    ("http_port", "COMMHUB_HTTP_PORT")])
+async def test_a_port_in_use_stops_the_start_before_the_slow_steps(
+    settings: Settings, setting: str, variable: str
+) -> None:
+    """A port in use fails the start with a ListenError naming the setting to change,
+    before the recorder opens DuckDB and before the classifier is trained (neither the
+    DuckDB file nor the model cache exists), and leaves nothing running."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        hub = Hub(settings.model_copy(update={setting: port}))
+        with pytest.raises(ListenError) as error:
+            await hub.start()
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in str(error.value)
+    assert f"to use another port set {variable}, or 0 for any free one" in str(error.value)
+    assert not settings.duckdb_path.exists() and not (settings.data_dir / "models").exists()
+    assert hub.bus is None and hub.lock is None and hub.web is None
+
+
+async def test_the_websocket_channel_names_its_port_setting_itself(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the WebSocket port is taken after the hub's early check, the channel's own
+    error names COMMHUB_WS_PORT too."""
+    monkeypatch.setattr(hub_module, "try_port", lambda *args: None)  # skip the early check
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        hub = Hub(settings.model_copy(update={"ws_port": port}))
+        with pytest.raises(ListenError, match=f"WebSocket channel cannot listen on "
+                           f"127.0.0.1:{port}: .*COMMHUB_WS_PORT"):
+            await hub.start()
+    assert hub.bus is None and hub.lock is None

@@ -34,7 +34,7 @@ from commhub.core import hookspecs
 from commhub.core.channel import Channel
 from commhub.core.classify import Classifier
 from commhub.core.config import Settings
-from commhub.core.envelope import Alternative, Classification, Message, decode_as
+from commhub.core.envelope import Alternative, Classification, Message, Sender, decode_as
 from commhub.core.hookspecs import hookimpl
 from commhub.core.hub import Hub, HubError
 from commhub.core.lock import DataDirLock
@@ -525,6 +525,159 @@ async def test_hook_outbound_message(settings: Settings) -> None:
             await chat.close()
     assert reply["text"] == ASK_DAY.upper()
     assert [m for m in chat.messages if m.get("reply_to") == muted] == []
+
+
+class WrapInbound:
+    """A ``wrapper=True`` inbound middleware: records each message and the chain's outcome,
+    and turns an outcome whose text is "xyzzy" into a booking request."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str | None, Any]] = []
+
+    @hookimpl(wrapper=True)
+    def inbound_message(self, message: Message) -> Any:
+        outcome = yield  # the other implementations run here, one after another
+        self.seen.append((message.text, outcome if outcome is False else outcome.text))
+        if outcome is not False and outcome.text == "xyzzy":
+            return msgspec.structs.replace(outcome, text=BOOKING_TEXT)
+        return outcome
+
+
+async def test_a_wrapper_wraps_the_inbound_chain(settings: Settings) -> None:
+    """A ``wrapper=True`` inbound middleware runs in the hub around the other
+    implementations: it sees each message and what the chain made of it (here, a drop),
+    and what it returns is what gets routed."""
+    dropper, wrapper = DropInbound(), WrapInbound()
+    hub = Hub(settings, plugins=Plugins.load(extra=[dropper, wrapper]))
+    async with running(hub):
+        chat = await Chat.open(ws_port(hub), "iw1")
+        try:
+            dropped = await chat.send("drop me")
+            (reply,) = await chat.replies_to(await chat.send("xyzzy"))
+        finally:
+            await chat.close()
+    assert reply["text"] == ASK_PARTY_SIZE
+    assert [m for m in chat.messages if m.get("reply_to") == dropped] == []
+    assert dropper.seen == ["drop me", "xyzzy"]
+    assert wrapper.seen == [("drop me", False), ("xyzzy", "xyzzy")]
+
+
+class CheckOutbound:
+    """An old-style ``hookwrapper=True`` outbound middleware: marks every reply that gets
+    through and records the outcomes it saw."""
+
+    def __init__(self) -> None:
+        self.seen: list[Any] = []
+
+    @hookimpl(hookwrapper=True)
+    def outbound_message(self, message: Message) -> Any:
+        outcome = yield
+        result = outcome.get_result()
+        self.seen.append(result if result is False else result.text)
+        if result is not False:
+            outcome.force_result(msgspec.structs.replace(result, text=f"{result.text} [ok]"))
+
+
+def _reply(text: str, reply_to: str) -> Message:
+    return Message(id=uuid.uuid4().hex, conversation="c1", channel="websocket",
+                   direction="out", sender=Sender(id="commhub", kind="bot"), text=text,
+                   reply_to=reply_to)
+
+
+async def test_a_hookwrapper_wraps_the_outbound_chain() -> None:
+    """A ``hookwrapper=True`` outbound middleware runs around the chain, sees its outcome
+    and can replace it; every implementation is called through pluggy, as its call
+    monitoring shows: one call of the hook with the wrapper, and inside it one call per
+    implementation."""
+    checker = CheckOutbound()
+    plugins = Plugins.load(extra=[MuteOutbound("m1"), checker])
+    calls: list[tuple[str, list[str]]] = []
+    undo = plugins.pm.add_hookcall_monitoring(
+        lambda name, impls, kwargs: calls.append(
+            (name, [type(impl.plugin).__name__ for impl in impls])),
+        lambda outcome, name, impls, kwargs: None,
+    )
+    try:
+        assert await plugins.outbound_message(_reply("hello", "m1")) is None
+        passed = await plugins.outbound_message(_reply("hello", "m2"))
+    finally:
+        undo()
+    assert passed is not None and passed.text == "hello [ok]"
+    assert checker.seen == [False, "hello"]
+    assert calls == 2 * [("outbound_message", ["_Runner", "CheckOutbound"]),
+                         ("outbound_message", ["MuteOutbound"])]
+
+
+class WrapRegisterChannels:
+    """A wrapper of ``register_channels`` that counts the calls it wraps."""
+
+    calls = 0
+
+    @hookimpl(wrapper=True)
+    def register_channels(self, register: Any) -> Any:
+        type(self).calls += 1
+        return (yield)
+
+
+def test_register_hooks_run_through_pluggy_and_name_the_plugin() -> None:
+    """Each plugin's ``register_channels`` is a pluggy call of its own (so a bad
+    contribution names that plugin), and a wrapper wraps the whole hook call once."""
+    WrapRegisterChannels.calls = 0
+    plugins = Plugins.load(extra=[ProbeChannelPlugin(), WrapRegisterChannels()])
+    traced: list[str] = []
+    plugins.pm.trace.root.setwriter(traced.append)
+    undo = plugins.pm.enable_tracing()
+    try:
+        assert sorted(plugins.channels()) == ["http", "probe", "telegram", "websocket"]
+    finally:
+        undo()
+    assert WrapRegisterChannels.calls == 1
+    calls = [line for line in traced if line.strip().startswith("register_channels [hook]")]
+    assert len(calls) == 1 + 4  # the hook, then each of the four plugins
+    assert "register of plugin 'commhub.channels.http'" in "".join(traced)
+    with pytest.raises(PluginError, match=r"plugin <.*NotAChannelPlugin.*not a Channel"):
+        Plugins.load(extra=[WrapRegisterChannels(), NotAChannelPlugin()]).channels()
+
+
+class AsyncRegister:
+    @hookimpl
+    async def register_workflows(self, register: Any) -> None:
+        register(WAVE)
+
+
+class TwiceInbound:
+    @hookimpl
+    def inbound_message(self, message: Message) -> Any:
+        return None
+
+    @hookimpl(specname="inbound_message")
+    def inbound_again(self, message: Message) -> Any:
+        return None
+
+
+def test_what_cannot_be_called_as_documented_is_refused_at_load() -> None:
+    """A wrapper next to an async implementation of the same hook, an async
+    ``register_*`` hook, and a plugin implementing one hook twice are PluginErrors at
+    load that name the plugins."""
+    with pytest.raises(PluginError, match=r"WrapInbound.*wraps inbound_message, but plugin "
+                       r".*RewriteInbound.* implements it with async def"):
+        Plugins.load(extra=[RewriteInbound(), WrapInbound()])
+    with pytest.raises(PluginError, match=r"AsyncRegister.*register_workflows must be a "
+                       "plain function"):
+        Plugins.load(extra=[AsyncRegister()])
+    with pytest.raises(PluginError, match=r"TwiceInbound.*implements inbound_message more "
+                       "than once"):
+        Plugins.load(extra=[TwiceInbound()])
+
+
+def test_disable_plugins_env_takes_a_json_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``COMMHUB_DISABLE_PLUGINS`` is read by the settings' parser: a JSON list works as
+    well as a comma list."""
+    monkeypatch.setenv("COMMHUB_DISABLE_PLUGINS",
+                       '["commhub.channels.websocket", "commhub.workflows.builtin"]')
+    names = plugin_names(Plugins.load())
+    assert "commhub.channels.websocket" not in names
+    assert "commhub.workflows.builtin" not in names and "commhub.channels.http" in names
 
 
 def test_every_hook_has_a_test() -> None:

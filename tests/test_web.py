@@ -69,7 +69,8 @@ async def test_a_port_in_use_is_a_clear_error() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}: .*"
+                           "to use another port set COMMHUB_HTTP_PORT"):
             WebServer("127.0.0.1", port).bind()
 
 

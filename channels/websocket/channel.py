@@ -58,6 +58,7 @@ from commhub.core.aio import cancel_and_wait
 from commhub.core.channel import Channel, ChannelContext
 from commhub.core.envelope import Message, Sender, new_id
 from commhub.core.hookspecs import hookimpl
+from commhub.core.web import listen_error
 
 __all__ = ["WebSocketChannel", "WebSocketSettings", "register_channels"]
 
@@ -144,17 +145,21 @@ class WebSocketChannel(Channel):
             raise RuntimeError("websocket channel already started")
         hub = self.ctx.hub_settings
         cfg = self.config
-        self._server = await serve(
-            self._handle,
-            hub.host,
-            hub.ws_port,
-            process_request=self._process_request,
-            max_size=hub.max_frame_bytes,
-            ping_interval=cfg.ping_interval,
-            ping_timeout=cfg.ping_timeout,
-            close_timeout=cfg.close_timeout,
-            compression="deflate" if cfg.compression else None,
-        )
+        try:
+            self._server = await serve(
+                self._handle,
+                hub.host,
+                hub.ws_port,
+                process_request=self._process_request,
+                max_size=hub.max_frame_bytes,
+                ping_interval=cfg.ping_interval,
+                ping_timeout=cfg.ping_timeout,
+                close_timeout=cfg.close_timeout,
+                compression="deflate" if cfg.compression else None,
+            )
+        except OSError as exc:
+            raise listen_error("WebSocket channel", hub.host, hub.ws_port, exc,
+                               "COMMHUB_WS_PORT") from None
         self.port = int(self._server.sockets[0].getsockname()[1])
         if not hub.anonymous_allowed:
             rule = "token required"
