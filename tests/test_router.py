@@ -11,8 +11,11 @@ import pytest
 from inproc import hub_state, ws_port
 from wschat import Chat
 
+from commhub.core.config import Settings
 from commhub.core.envelope import Message, Sender, encode
+from commhub.core.hookspecs import hookimpl
 from commhub.core.hub import Hub
+from commhub.core.plugins import Plugins
 from commhub.core.routing import router as router_module
 from commhub.core.routing.router import RETRIES_IN_PLACE, retry_delay
 
@@ -174,6 +177,40 @@ async def test_a_late_redelivery_is_acked_without_running_or_publishing_again(
     assert after["turns"] == before["turns"] + 1 and after["state"] == "ask_name"
     assert first in after["recent_inputs"]
     await chat.close()
+
+
+class RewriteToBooking:
+    """Inbound middleware that turns the text "xyzzy" into a booking request."""
+
+    @hookimpl
+    def inbound_message(self, message: Message) -> Any:
+        if message.text != "xyzzy":
+            return None
+        return msgspec.structs.replace(message, text="I'd like to book a table")
+
+
+async def test_the_classification_records_the_message_the_middleware_returned(
+    settings: Settings, nats_url: str
+) -> None:
+    """What the rules classified is what the Classification records: the text as the
+    inbound middleware rewrote it, not the text as it arrived."""
+    hub = Hub(settings, plugins=Plugins.load(extra=[RewriteToBooking()]))
+    await hub.start()
+    try:
+        assert hub.bus is not None
+        nc = await nats.connect(nats_url)
+        sub = await nc.subscribe(hub.bus.subjects.classified("mw1"))
+        await nc.flush()  # the server knows the subscription before the message is sent
+        chat = await Chat.open(ws_port(hub), "mw1")
+        reply = await chat.say("xyzzy")
+        assert "how many" in reply["text"].lower()
+        classified = msgspec.json.decode((await sub.next_msg(timeout=15)).data)
+        assert (classified["text"], classified["workflow"]) == (
+            "I'd like to book a table", "book_table")
+        await chat.close()
+        await nc.close()
+    finally:
+        await hub.stop()
 
 
 class FakeInput:

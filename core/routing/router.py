@@ -294,11 +294,11 @@ class Router:
         state = stored.state if stored is not None else ConversationState(
             conversation=conversation
         )
-        decision = await self._decide(record, state, revision)
+        decision, routed = await self._decide(record, state, revision)
         outputs: list[tuple[str, Record]] = []
         if decision.classification is not None:
-            assert isinstance(record, Message)
-            outputs.append(self._classification(record, decision.classification))
+            assert isinstance(routed, Message)  # only messages are classified
+            outputs.append(self._classification(routed, decision.classification))
         await self._step_outputs(record, revision, decision.result, outputs)
         new = StoredState(
             state=decision.result.state,
@@ -311,19 +311,20 @@ class Router:
 
     async def _decide(
         self, record: Message | WorkflowInput, state: ConversationState, revision: int | None
-    ) -> Decision:
+    ) -> tuple[Decision, Message | WorkflowInput | None]:
         """The I/O the rules need (the inbound middleware, the classifier), then the
-        rules' decision, counted in the stats."""
+        rules' decision, counted in the stats; with the input as the rules saw it (a
+        message as the middleware returned it; None when the middleware dropped it)."""
         if isinstance(record, WorkflowInput):
             decision = rules.decide(state, record, None, self.policy, self.engine, revision,
                                     now())
             if decision.action == "ignore":
                 log.info("workflow input %s for idle conversation %s ignored", record.id,
                          record.conversation)
-            return decision
+            return decision, record
         message = await self.plugins.inbound_message(record)
         if message is None:
-            return rules.dropped(state, record.id, now())
+            return rules.dropped(state, record.id, now()), None
         alternatives = None
         if rules.needs_classification(state, message, self.policy, self.engine):
             alternatives = await self.classifier.classify(message.text or "")
@@ -334,7 +335,7 @@ class Router:
             self.stats.fallbacks += 1
         elif decision.action == "clarify":
             self.stats.clarified += 1
-        return decision
+        return decision, message
 
     async def _ask(self, msg: Msg, conversation: str, ask: PendingAsk) -> None:
         """Make an ``ask`` state's request and publish the outcome as a ``reply``
