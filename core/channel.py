@@ -13,6 +13,9 @@ A channel carries people's messages between a chat network and the bus. It imple
   misses nothing and sees nothing twice.
 * ``await ctx.publish_event(kind, ...)``: a ChannelEvent on the bus (accepted, rejected,
   closed, error, delivery_failed). Never raises.
+* ``await ctx.turn_replies(conversation, message_id, timeout)``: the replies on this
+  channel that an inbound message produced, once the router committed its step (for
+  request/response networks that answer a message with its replies).
 * ``ctx.web``: the hub's HTTP server (:class:`commhub.core.web.WebServer`), for channels
   that serve HTTP (an API, a webhook). Add routes in ``start()``; the hub starts serving
   after every channel has started. ``ctx.web.url`` is known by then.
@@ -28,9 +31,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 from pydantic import BaseModel
 
 from commhub.core.envelope import (
@@ -41,17 +46,34 @@ from commhub.core.envelope import (
     decode_as,
     new_id,
 )
+from commhub.core.routing.store import StateStore
 
 if TYPE_CHECKING:
     from commhub.core.bus import Bus
     from commhub.core.config import Settings
     from commhub.core.web import WebServer
 
-__all__ = ["Channel", "ChannelContext", "OutboundItem"]
+__all__ = ["Channel", "ChannelContext", "OutboundItem", "TurnReplies"]
 
 log = logging.getLogger(__name__)
 
 OutboundItem = tuple[int, Message]
+
+
+@dataclass(frozen=True)
+class TurnReplies:
+    """What :meth:`ChannelContext.turn_replies` found: the replies, in the order the
+    router publishes them, and whether they are known to be all of them.
+
+    ``complete`` is True when the committed step was seen, so ``replies`` are exactly
+    the turn's replies on this channel (maybe none). It is False when the wait ran out
+    before the step committed (``replies`` is empty), or when later inputs of the
+    conversation were handled before the commit was seen (``replies`` are those found
+    on the stream).
+    """
+
+    replies: list[Message]
+    complete: bool
 
 
 class Channel:
@@ -93,6 +115,7 @@ class ChannelContext:
         self.subjects = bus.subjects
         self.tokens = settings.token_authority()
         self._web = web
+        self._states = StateStore(bus, cache_size=0)
 
     @property
     def web(self) -> WebServer:
@@ -138,6 +161,60 @@ class ChannelContext:
             await self.bus.publish(self.subjects.channel_event(self.channel, kind), event)
         except Exception:
             log.exception("could not publish channel event %s", kind)
+
+    async def turn_replies(
+        self, conversation: str, message_id: str, timeout: float, *, after: int | None = None
+    ) -> TurnReplies:
+        """The replies on this channel that inbound message ``message_id`` produced,
+        once its step committed; waits at most ``timeout`` seconds for the commit.
+
+        Call it after :meth:`publish_inbound` returned (``after`` is the sequence it
+        returned; it bounds the stream search below). The router commits a step's new
+        state together with all of its outputs before publishing any, so the commit
+        that names the message ends the turn and lists its replies, whether or not
+        they were published yet (they will be, with these ids). A message that the
+        router ignored, or answered on another channel, gets no replies (complete).
+
+        When later inputs of the conversation were handled before the commit was seen,
+        the replies are read from the stream instead (``complete`` False): those the
+        router published on this channel with ``reply_to`` set to the message.
+
+        Cancelling is safe. Raises on a bus failure; see :class:`TurnReplies`.
+        """
+        found = await self._states.wait_for_input(conversation, message_id, timeout)
+        if found is None:
+            return TurnReplies([], complete=False)
+        subject = self.subjects.outbound(self.channel, conversation)
+        if found.outbox is not None:
+            replies = [entry.record for entry in found.outbox
+                       if entry.subject == subject and isinstance(entry.record, Message)]
+            return TurnReplies(replies, complete=True)
+        return TurnReplies(await self._stored_replies(conversation, message_id, after),
+                           complete=False)
+
+    async def _stored_replies(
+        self, conversation: str, message_id: str, after: int | None
+    ) -> list[Message]:
+        """The outbound messages on this channel after ``after`` that reply to
+        ``message_id``, up to the last one stored now."""
+        subject = self.subjects.outbound(self.channel, conversation)
+        try:
+            last = await self.bus.js.get_last_msg(self.subjects.messages_stream, subject)
+        except NotFoundError:
+            return []
+        replies: list[Message] = []
+        if last.seq is None or last.seq <= (after or 0):
+            return replies
+        items = self.outbound(conversation, after=after)
+        try:
+            async for seq, message in items:
+                if message.reply_to == message_id:
+                    replies.append(message)
+                if seq >= last.seq:
+                    break
+        finally:
+            await items.aclose()  # type: ignore[attr-defined]  # an async generator
+        return replies
 
     async def outbound(
         self, conversation: str, after: int | None = None

@@ -24,7 +24,6 @@ from typing import Any
 
 import msgspec
 from aiohttp.web import Request, Response, json_response
-from nats.js.errors import KeyNotFoundError
 from pydantic import ValidationError
 
 from commhub.core.bus import Bus
@@ -39,7 +38,8 @@ from commhub.core.records.dashboard import mount_dashboard
 from commhub.core.records.recorder import Recorder
 from commhub.core.records.sandbox import LiveSandbox
 from commhub.core.records.sqlservice import SqlService
-from commhub.core.routing.router import Router, StoredState
+from commhub.core.routing.router import Router
+from commhub.core.routing.store import StateStore
 from commhub.core.web import WebServer, json_error, try_port
 from commhub.core.workflow import load_workflows
 
@@ -254,6 +254,7 @@ class Hub:
         """Request/reply APIs any service can call: health and conversation state."""
         assert self.bus is not None
         bus = self.bus
+        states = StateStore(bus, cache_size=0)  # answers from the bucket, never a cache
 
         async def health(msg: Any) -> None:
             body = {
@@ -268,11 +269,9 @@ class Hub:
         async def state(msg: Any) -> None:
             try:
                 conversation = msgspec.json.decode(msg.data)["conversation"]
-                entry = await (await bus.state_bucket()).get(conversation)
-                stored = msgspec.json.decode(entry.value or b"null", type=StoredState | None)
-                body: Any = stored.state if stored is not None else None
-            except KeyNotFoundError:
-                body = {"error": {"code": "not_found", "message": "no such conversation"}}
+                stored = await states.read(conversation)
+                body: Any = stored.state if stored is not None else {
+                    "error": {"code": "not_found", "message": "no such conversation"}}
             except Exception as exc:  # answered, not raised
                 body = {"error": {"code": "bad_request", "message": str(exc)}}
             await msg.respond(msgspec.json.encode(body))

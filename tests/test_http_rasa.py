@@ -14,7 +14,6 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-import msgspec
 import pytest
 from httpkit import base, http_channel, inbound_of, reply
 from inproc import hub_state
@@ -31,8 +30,8 @@ from commhub.core.bus import Bus
 from commhub.core.config import Settings
 from commhub.core.envelope import Message, Sender, new_id
 from commhub.core.hub import Hub
-from commhub.core.routing.router import OutboxEntry, StoredState
 from commhub.core.routing.state import ConversationState
+from commhub.core.routing.store import OutboxEntry, StateStore, StoredState
 from commhub.core.subjects import valid_token
 
 WAIT = 30  # seconds: a safety net against hangs, never an assertion about speed
@@ -95,15 +94,14 @@ async def test_a_turn_ends_when_the_router_commits_it(hub: Hub) -> None:
     channel = hub.channels["http"]
     turn = await run_turn(channel.ctx, _inbound("rest-t1", "I'd like to book a table"),
                           wait=WAIT)
-    assert turn.complete and [m.text for _, m in turn.replies] == [
+    assert turn.complete and [m.text for m in turn.replies] == [
         "How many people is the table for?"]
     invalid = _inbound("rest-t1", "lots")
     turn = await run_turn(channel.ctx, invalid, wait=WAIT)
     assert turn.complete and turn.replies
-    assert turn.replies[0][1].text == (
+    assert turn.replies[0].text == (
         "Please give a number of guests between 1 and 20.")
-    assert all(m.reply_to == invalid.id for _, m in turn.replies)
-    assert [c for c, _ in turn.replies] == sorted(c for c, _ in turn.replies)
+    assert all(m.reply_to == invalid.id for m in turn.replies)
 
 
 async def test_a_turn_follows_the_commit_protocol_not_the_router_itself(
@@ -125,16 +123,42 @@ async def test_a_turn_follows_the_commit_protocol_not_the_router_itself(
                 state=ConversationState(conversation="rest-t2", last_input=message.id),
                 outbox=[OutboxEntry(bus.subjects.outbound("http", "rest-t2"), answer)],
             )
-            await (await bus.state_bucket()).put("rest-t2", msgspec.json.encode(stored))
+            await StateStore(bus).commit("rest-t2", stored, None)
 
         committing = asyncio.create_task(commit())
         turn = await run_turn(channel.ctx, message, wait=WAIT * 2)
         await committing
         assert turn.complete
-        assert [m.text for _, m in turn.replies] == ["an answer"]
+        assert [m.text for m in turn.replies] == ["an answer"]
 
         lonely = await run_turn(channel.ctx, _inbound("rest-t3", "anyone?"), wait=0.2)
         assert (lonely.complete, lonely.replies) == (False, [])
+
+
+async def test_a_turn_whose_commit_was_overtaken_reads_its_replies_from_the_stream(
+    bus: Bus, settings: Settings
+) -> None:
+    """When later inputs of the conversation were handled before the turn looked (the
+    state lists the message among its recent inputs, the outbox is another step's),
+    the replies are the stored messages that answer it, marked not complete."""
+    async with http_channel(bus, settings) as channel:
+        message = _inbound("rest-t4", "first")
+        cursor = await channel.ctx.publish_inbound(message)
+        await reply(bus, "rest-t4", "the answer", reply_to=message.id)
+        later = _inbound("rest-t4", "second")
+        await channel.ctx.publish_inbound(later)
+        other, _ = await reply(bus, "rest-t4", "the later answer", reply_to=later.id)
+        state = ConversationState(conversation="rest-t4", last_input=later.id,
+                                  recent_inputs=[message.id])
+        stored = StoredState(
+            state=state, outbox=[OutboxEntry(bus.subjects.outbound("http", "rest-t4"), other)])
+        await StateStore(bus).commit("rest-t4", stored, None)
+
+        found = await channel.ctx.turn_replies("rest-t4", message.id, WAIT, after=cursor)
+        assert ([m.text for m in found.replies], found.complete) == (["the answer"], False)
+        current = await channel.ctx.turn_replies("rest-t4", later.id, WAIT)
+        assert ([m.text for m in current.replies], current.complete) == (
+            ["the later answer"], True)
 
 
 async def test_bad_webhook_bodies_get_json_errors(bus: Bus, settings: Settings) -> None:

@@ -6,10 +6,18 @@ import asyncio
 from typing import Any
 
 import msgspec
+import nats
+import pytest
 from inproc import hub_state, ws_port
 from wschat import Chat
 
+from commhub.core.config import Settings
+from commhub.core.envelope import Message, Sender, encode
+from commhub.core.hookspecs import hookimpl
 from commhub.core.hub import Hub
+from commhub.core.plugins import Plugins
+from commhub.core.routing import router as router_module
+from commhub.core.routing.router import RETRIES_IN_PLACE, retry_delay
 
 
 async def count_out_messages(hub: Hub, conversation: str) -> int:
@@ -123,6 +131,145 @@ async def test_a_state_written_by_another_router_wins_over_the_cache(hub: Hub) -
     await chat.close()
 
 
+async def test_a_late_redelivery_is_acked_without_running_or_publishing_again(
+    hub: Hub, nats_url: str
+) -> None:
+    """An input handled before later inputs of its conversation, coming back late (its
+    ack was lost), is acked: no step runs and nothing is published, neither its own
+    replies nor the stored outbox of the last input."""
+    assert hub.bus is not None and hub.router is not None
+    chat = await Chat.open(ws_port(hub), "late1")
+    first = await chat.send("I'd like to book a table")
+    await chat.replies_to(first)
+    for text in ("4", "tomorrow"):
+        await chat.say(text)
+    before = await hub_state(hub, "late1")
+    skipped = hub.router.stats.skipped_redeliveries
+    published: list[tuple[str, Any]] = []
+    real_publish_all = hub.bus.publish_all
+
+    async def recording(items: Any) -> Any:
+        items = list(items)
+        published.extend(items)
+        return await real_publish_all(items)
+
+    hub.bus.publish_all = recording  # type: ignore[method-assign]
+    try:
+        copy = Message(id=first, conversation="late1", channel="websocket", direction="in",
+                       sender=Sender(id="u1"), text="I'd like to book a table")
+        nc = await nats.connect(nats_url)
+        # Another Nats-Msg-Id gets it past the duplicate window, as a redelivery of the
+        # stored message would: only the state can tell it was handled.
+        await nc.jetstream().publish(hub.bus.subjects.inbound("websocket", "late1"),
+                                     encode(copy), headers={"Nats-Msg-Id": "late-copy"})
+        await nc.close()
+        marker = await chat.send("19:30")  # handled after the copy (same conversation)
+        await chat.replies_to(marker)
+    finally:
+        hub.bus.publish_all = real_publish_all  # type: ignore[method-assign]
+
+    assert hub.router.stats.skipped_redeliveries == skipped + 1
+    assert [m["reply_to"] for m in chat.messages].count(first) == 1
+    handled = {getattr(r, "reply_to", None) or getattr(r, "message_id", None)
+               for _, r in published}
+    assert handled == {marker}  # the copy published nothing, not even the last outbox
+    after = await hub_state(hub, "late1")
+    assert after["turns"] == before["turns"] + 1 and after["state"] == "ask_name"
+    assert first in after["recent_inputs"]
+    await chat.close()
+
+
+class RewriteToBooking:
+    """Inbound middleware that turns the text "xyzzy" into a booking request."""
+
+    @hookimpl
+    def inbound_message(self, message: Message) -> Any:
+        if message.text != "xyzzy":
+            return None
+        return msgspec.structs.replace(message, text="I'd like to book a table")
+
+
+async def test_the_classification_records_the_message_the_middleware_returned(
+    settings: Settings, nats_url: str
+) -> None:
+    """What the rules classified is what the Classification records: the text as the
+    inbound middleware rewrote it, not the text as it arrived."""
+    hub = Hub(settings, plugins=Plugins.load(extra=[RewriteToBooking()]))
+    await hub.start()
+    try:
+        assert hub.bus is not None
+        nc = await nats.connect(nats_url)
+        sub = await nc.subscribe(hub.bus.subjects.classified("mw1"))
+        await nc.flush()  # the server knows the subscription before the message is sent
+        chat = await Chat.open(ws_port(hub), "mw1")
+        reply = await chat.say("xyzzy")
+        assert "how many" in reply["text"].lower()
+        classified = msgspec.json.decode((await sub.next_msg(timeout=15)).data)
+        assert (classified["text"], classified["workflow"]) == (
+            "I'd like to book a table", "book_table")
+        await chat.close()
+        await nc.close()
+    finally:
+        await hub.stop()
+
+
+class FakeInput:
+    """A delivered input as the router sees it, recording what the router does with it."""
+
+    def __init__(self, subject: str, record: Message, calls: list[Any]) -> None:
+        self.subject = subject
+        self.data = encode(record)
+        self.calls = calls
+
+    async def ack(self) -> None:
+        self.calls.append("ack")
+
+    async def nak(self, delay: float | None = None) -> None:
+        self.calls.append(("nak", delay))
+
+    async def in_progress(self) -> None:
+        self.calls.append("in_progress")
+
+    async def term(self) -> None:
+        self.calls.append("term")
+
+
+def test_the_backoff_in_place_adds_up_to_what_the_comment_says() -> None:
+    """Pauses follow each failed attempt but the last: 1.55 s in all."""
+    delays = [retry_delay(attempt) for attempt in range(RETRIES_IN_PLACE)]
+    assert delays[-1] is None
+    assert sum(d for d in delays if d is not None) == pytest.approx(1.55)
+
+
+async def test_an_input_that_keeps_failing_is_nakd_after_the_last_attempt_at_once(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every attempt fails: the router retries in place, pausing between attempts, and
+    after the last one naks the input straight away (no pause before the nak)."""
+    assert hub.bus is not None and hub.router is not None
+    calls: list[Any] = []
+
+    def no_pause(attempt: int) -> float | None:
+        delay = retry_delay(attempt)
+        calls.append(("pause", delay))
+        return None if delay is None else 0.0
+
+    async def failing(record: Any, conversation: str) -> Any:
+        calls.append("route")
+        raise RuntimeError("simulated failure of every attempt")
+
+    monkeypatch.setattr(router_module, "retry_delay", no_pause)
+    monkeypatch.setattr(hub.router, "_route", failing)
+    message = Message(id="fails1", conversation="fail1", channel="websocket",
+                      direction="in", sender=Sender(id="u1"), text="hello")
+    subject = hub.bus.subjects.inbound("websocket", "fail1")
+    await hub.router.handle(FakeInput(subject, message, calls))  # type: ignore[arg-type]
+    attempt = ["route", "in_progress"]
+    pauses = [("pause", retry_delay(a)) for a in range(RETRIES_IN_PLACE)]
+    expected: list[Any] = []
+    for pause in pauses:
+        expected += [*attempt, pause]
+    assert calls == [*expected, ("nak", 5.0)]
 
 
 async def test_one_conversation_is_handled_in_order(hub: Hub) -> None:

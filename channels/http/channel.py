@@ -251,7 +251,7 @@ class HttpChannel(Channel):
         except Exception as exc:
             log.warning("http: rasa turn failed: %r", exc)
             raise ApiError(503, "unavailable", "the hub could not store the message") from exc
-        return web.json_response(rasa_replies(rasa.sender, [m for _, m in turn.replies]))
+        return web.json_response(rasa_replies(rasa.sender, turn.replies))
 
 
 @hookimpl

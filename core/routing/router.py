@@ -1,15 +1,20 @@
 """The router: inbound messages and service inputs in, workflow steps out.
 
-For each inbound message (``{p}.in.*.*``) or workflow input (``{p}.wf.*``) it
+The router does the I/O; every decision is made by the pure rules of :mod:`.rules`,
+and the state is kept by the :class:`~commhub.core.routing.store.StateStore`. For each
+inbound message (``{p}.in.*.*``) or workflow input (``{p}.wf.*``) it
 
-1. reads the conversation's state and its revision from the KV bucket, or from its own
-   cache of the states it wrote last;
-2. if the state already records this input (a redelivery after commit), re-publishes
-   the outputs stored with it and acks;
-3. classifies the text when no workflow is active, and starts the best workflow, or
-   the fallback below the confidence threshold; otherwise steps the active workflow;
-4. writes the new state together with the step's outputs (its outbox) to the bucket,
-   naming the revision it read (optimistic concurrency);
+1. loads the conversation's state and its revision from the store (from its cache of
+   the states this router wrote last, or the KV bucket);
+2. if the state already records this input (:func:`.rules.already_handled`): for the
+   last input, re-publishes the outputs stored with it; for an earlier one, nothing
+   (its outputs went out before the later inputs' steps); then acks;
+3. runs the inbound middleware, asks the classifier when
+   :func:`.rules.needs_classification` says the rules need it, and gets the step from
+   :func:`.rules.decide` (start, restart, step, cancel, clarify, fallback, silence
+   during a handoff, ignore, expire);
+4. commits the new state together with the step's outputs (its outbox), naming the
+   revision it read (optimistic concurrency);
 5. publishes the outputs (classification, workflow events, replies), pipelined;
 6. acks the input.
 
@@ -24,12 +29,6 @@ still failing after a few attempts is nak'd and comes back later.
 
 Around the workflow steps the router also
 
-* answers nothing while a conversation is handed off to a human agent (the user's
-  messages are only recorded; the agent answers on ``{p}.out...`` and ends the handoff
-  with the event ``handoff.end``);
-* applies the cancel and restart phrases in any workflow;
-* asks "Did you mean A or B?" when the top two candidates are within
-  ``clarify_margin`` of each other;
 * publishes due timeouts and idle expiries through its :class:`TimerScheduler`;
 * makes the service requests of ``ask`` states after their step committed (see
   :meth:`Router._ask`): at least once, with a stable ``Commhub-Request-Id``.
@@ -44,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,16 +50,14 @@ import msgspec
 import nats.errors
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyWrongLastSequenceError
 
 from commhub.core.bus import Bus
 from commhub.core.classify import BatchingClassifier
 from commhub.core.config import DEFAULT_CANCEL_PHRASES, DEFAULT_RESTART_PHRASES
-from commhub.core.engine.fsm import Engine, matches_phrase
+from commhub.core.engine.fsm import Engine
 from commhub.core.envelope import (
-    Alternative,
     Classification,
-    ClassificationDecision,
     EnvelopeError,
     Message,
     Record,
@@ -73,17 +69,10 @@ from commhub.core.envelope import (
     now,
 )
 from commhub.core.plugins import Plugins
-from commhub.core.routing.state import (
-    EXPIRE_EVENT,
-    REPLY_EVENT,
-    TIMEOUT_EVENT,
-    ConversationState,
-    PendingAsk,
-    Reply,
-    StepEvent,
-    StepResult,
-    Trigger,
-)
+from commhub.core.routing import rules
+from commhub.core.routing.rules import Decision, RoutingPolicy
+from commhub.core.routing.state import REPLY_EVENT, ConversationState, PendingAsk, StepResult
+from commhub.core.routing.store import OutboxEntry, StateStore, StoredState
 from commhub.core.routing.timers import TimerScheduler
 from commhub.core.serial import KeyedSerialRunner
 
@@ -92,10 +81,10 @@ __all__ = [
     "DEFAULT_CANCEL_PHRASES",
     "DEFAULT_RESTART_PHRASES",
     "REQUEST_ID_HEADER",
-    "OutboxEntry",
+    "RETRIES_IN_PLACE",
     "Router",
     "RouterStats",
-    "StoredState",
+    "retry_delay",
 ]
 
 log = logging.getLogger(__name__)
@@ -104,31 +93,12 @@ BOT = Sender(id="commhub", kind="bot", name="commhub")
 # An input not acked this long is redelivered. A redelivered copy is harmless (the
 # state records what was handled), so this is short; a long step sends in_progress().
 ACK_WAIT_SECONDS = 10
-STATE_CACHE_SIZE = 50_000  # conversations whose last written state this router keeps
-RETRIES_IN_PLACE = 6  # about 1.5 s of backoff before an input is handed back with a nak
-RECENT_INPUTS = 16  # earlier input ids a state keeps to recognise late redeliveries
+# Attempts at a failing input before it is handed back with a nak. The pauses between
+# them (retry_delay) add up to 1.55 s: 0.05 + 0.1 + 0.2 + 0.4 + 0.8; none after the last.
+RETRIES_IN_PLACE = 6
 # The header that carries an ``ask`` request's stable id, for services to dedupe on.
 REQUEST_ID_HEADER = "Commhub-Request-Id"
 ASK_SENDER = Sender(id="commhub-ask", kind="service", name="ask")
-
-
-class OutboxEntry(msgspec.Struct, array_like=True):
-    """One output of a committed step: where it goes and what it is."""
-
-    subject: str
-    record: Record
-
-
-class StoredState(msgspec.Struct, kw_only=True):
-    """What the state bucket holds per conversation: the state and the last step's
-    outbox, written in one KV update so that a step's outputs exist only if it committed."""
-
-    state: ConversationState
-    outbox: list[OutboxEntry] = msgspec.field(default_factory=list)
-
-
-_stored_decoder = msgspec.json.Decoder(StoredState)
-_stored_encoder = msgspec.json.Encoder()
 
 
 @dataclass
@@ -167,21 +137,24 @@ class Router:
         self.engine = engine
         self.classifier = classifier
         self.plugins = plugins
-        self.threshold = threshold
+        self.policy = RoutingPolicy.for_engine(
+            engine,
+            threshold=threshold,
+            clarify_margin=clarify_margin,
+            cancel_phrases=cancel_phrases,
+            restart_phrases=restart_phrases,
+        )
         self.concurrency = concurrency
         self.model_name, self.model_version = model
         self.exclusive = exclusive  # the only router on this stream: may rewind on start
-        self.clarify_margin = clarify_margin
-        self.cancel_phrases = tuple(cancel_phrases)
-        self.restart_phrases = tuple(restart_phrases)
-        self.timers = TimerScheduler(bus, idle_expiry)
+        self.store = StateStore(bus)
+        self.timers = TimerScheduler(bus, idle_expiry, store=self.store)
         self.stats = RouterStats()
         self._slots = asyncio.Semaphore(concurrency)
         self._runner = KeyedSerialRunner()
         self._fetch_task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._sub: Any = None
-        self._cache: OrderedDict[str, tuple[StoredState, int]] = OrderedDict()
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
@@ -276,19 +249,21 @@ class Router:
         for attempt in range(RETRIES_IN_PLACE):
             try:
                 done, state = await self._route(record, conversation)
-                if state.asking is not None and state.asking.id == _ask_id(record.id, state):
+                asking = rules.pending_ask(state, record.id)
+                if asking is not None:
                     # This input's step entered an ``ask`` state: ask now, after the
                     # commit, and before the ack, so that a crash asks again.
-                    await self._ask(msg, conversation, state.asking)
+                    await self._ask(msg, conversation, asking)
             except KeyWrongLastSequenceError:
                 self.stats.conflicts += 1  # another router wrote it: recompute on its state
             except Exception:
                 self.stats.retries += 1
                 log.exception("routing %s failed (attempt %d)", record.id, attempt + 1)
                 await msg.in_progress()  # keep the server from redelivering meanwhile
-                if self._stopping.is_set():
-                    break
-                await asyncio.sleep(min(2.0, 0.05 * 2**attempt))
+                delay = retry_delay(attempt)
+                if delay is None or self._stopping.is_set():
+                    break  # the last attempt: hand it back at once
+                await asyncio.sleep(delay)
             else:
                 if not done:
                     self.stats.skipped_redeliveries += 1
@@ -308,193 +283,59 @@ class Router:
     ) -> tuple[bool, ConversationState]:
         """Run one step; returns whether it ran (False when the state shows the input
         was already handled) and the conversation's committed state."""
-        kv = await self.bus.state_bucket()
-        stored, revision = await self._load_state(kv, conversation)
-        if stored is not None and stored.state.last_input == record.id:
-            # Committed before, maybe not published: publish again (same ids: no copies).
-            await self.bus.publish_all([(o.subject, o.record) for o in stored.outbox])
-            return False, stored.state
-        if stored is not None and record.id in stored.state.recent_inputs:
-            # Handled before later inputs, whose steps published after it: its outputs
-            # went out then. Only its ack was lost.
+        stored, revision = await self.store.load(conversation)
+        seen = rules.already_handled(stored.state if stored else None, record.id)
+        if stored is not None and seen is not None:
+            if seen == "last":
+                # Committed before, maybe not published: publish again (same ids: no
+                # copies). An earlier input's outputs went out before the later steps.
+                await self.bus.publish_all([(o.subject, o.record) for o in stored.outbox])
             return False, stored.state
         state = stored.state if stored is not None else ConversationState(
             conversation=conversation
         )
-
+        decision, routed = await self._decide(record, state, revision)
         outputs: list[tuple[str, Record]] = []
-        if isinstance(record, Message):
-            result = await self._on_message(record, state, revision, outputs)
-        else:
-            result = self._on_input(record, state)
-        if result is None:  # dropped by middleware or ignored: still remember it
-            new_state = msgspec.structs.replace(state, last_input=record.id, updated=now())
-            result = StepResult(state=new_state)
-        if state.last_input is not None and result.state.last_input != state.last_input:
-            recent = [*state.recent_inputs, state.last_input][-RECENT_INPUTS:]
-            result.state = msgspec.structs.replace(result.state, recent_inputs=recent)
-        await self._step_outputs(record, revision, result, outputs)
+        if decision.classification is not None:
+            assert isinstance(routed, Message)  # only messages are classified
+            outputs.append(self._classification(routed, decision.classification))
+        await self._step_outputs(record, revision, decision.result, outputs)
         new = StoredState(
-            state=result.state, outbox=[OutboxEntry(subject, rec) for subject, rec in outputs]
+            state=decision.result.state,
+            outbox=[OutboxEntry(subject, rec) for subject, rec in outputs],
         )
-        value = _stored_encoder.encode(new)
-        try:
-            if revision is None:
-                new_revision = await kv.create(conversation, value)
-            else:
-                new_revision = await kv.update(conversation, value, last=revision)
-        except KeyWrongLastSequenceError:
-            self._cache.pop(conversation, None)  # someone else wrote it: read it again
-            raise
-        self._remember(conversation, new, new_revision)
+        await self.store.commit(conversation, new, revision)
         await self.bus.publish_all(outputs)
         self.stats.handled += 1
-        return True, result.state
+        return True, decision.result.state
 
-    async def _load_state(
-        self, kv: Any, conversation: str
-    ) -> tuple[StoredState | None, int | None]:
-        """The state and its revision: from this router's cache when it has written the
-        conversation last, else from the bucket.
-
-        The cache is never trusted blindly: every write names the revision it read, so
-        if another router wrote the conversation since, the write fails with a conflict,
-        the entry is dropped, and the retry reads the bucket.
-        """
-        cached = self._cache.get(conversation)
-        if cached is not None:
-            self._cache.move_to_end(conversation)
-            return cached
-        try:
-            entry = await kv.get(conversation)
-        except KeyNotFoundError:
-            return None, None
-        stored = _stored_decoder.decode(entry.value) if entry.value else None
-        return stored, entry.revision
-
-    def _remember(self, conversation: str, stored: StoredState, revision: int) -> None:
-        self._cache[conversation] = (stored, revision)
-        self._cache.move_to_end(conversation)
-        if len(self._cache) > STATE_CACHE_SIZE:
-            self._cache.popitem(last=False)
-
-    async def _on_message(
-        self,
-        message: Message,
-        state: ConversationState,
-        revision: int | None,
-        outputs: list[tuple[str, Record]],
-    ) -> StepResult | None:
-        routed = await self.plugins.inbound_message(message)
-        if routed is None:
-            return None
-        message = routed
-        if state.channel is None or state.user is None:
-            state = msgspec.structs.replace(
-                state, channel=message.channel, user=message.sender.id
-            )
-        if state.handoff:
-            # A human agent has the conversation: the bot stays silent. The message is
-            # on the bus and recorded, and counts as activity (idle expiry).
-            return StepResult(state=msgspec.structs.replace(
-                state, last_input=message.id, updated=now(), turns=state.turns + 1))
-        ts = message.ts
-        payload = message.payload or {}
-        start = payload.get("start")
-        trigger = Trigger(
-            id=message.id,
-            kind="button" if "value" in payload else "message",
-            text=message.text if message.text is not None else _str_or_none(payload.get("value")),
-            payload=payload or None,
-            ts=ts,
-        )
-        if isinstance(start, str) and start in self.engine.definitions:
-            # A "start" button (the fallback and clarifying questions offer them)
-            # picks the workflow outright.
-            outputs.append(self._classification(message, start, 1.0, [], "button",
-                                                decision="button"))
-            return self._restart(state, start, trigger, revision)
-        if state.active and message.text and not self.engine.offers(state, message.text):
-            # Phrases that work in any workflow; a state's own button of that name wins.
-            if matches_phrase(message.text, self.cancel_phrases):
-                return self.engine.cancel(state, trigger, ts)
-            if matches_phrase(message.text, self.restart_phrases):
-                run_id = derived_id(trigger.id, revision, "run")
-                return self.engine.restart(state, trigger, run_id, ts)
-        clarifying = state.workflow == self.engine.fallback
-        if state.active and not clarifying:
-            return self.engine.step(state, trigger, ts)
-        text = message.text or ""
-        alternatives = await self.classifier.classify(text) if text.strip() else []
-        self.stats.classified += 1
-        best = alternatives[0] if alternatives else None
-        if best is not None and best.confidence >= self.threshold:
-            workflow, confidence = best.workflow, best.confidence
-        else:
+    async def _decide(
+        self, record: Message | WorkflowInput, state: ConversationState, revision: int | None
+    ) -> tuple[Decision, Message | WorkflowInput | None]:
+        """The I/O the rules need (the inbound middleware, the classifier), then the
+        rules' decision, counted in the stats; with the input as the rules saw it (a
+        message as the middleware returned it; None when the middleware dropped it)."""
+        if isinstance(record, WorkflowInput):
+            decision = rules.decide(state, record, None, self.policy, self.engine, revision,
+                                    now())
+            if decision.action == "ignore":
+                log.info("workflow input %s for idle conversation %s ignored", record.id,
+                         record.conversation)
+            return decision, record
+        message = await self.plugins.inbound_message(record)
+        if message is None:
+            return rules.dropped(state, record.id, now()), None
+        alternatives = None
+        if rules.needs_classification(state, message, self.policy, self.engine):
+            alternatives = await self.classifier.classify(message.text or "")
+            self.stats.classified += 1
+        decision = rules.decide(state, message, alternatives, self.policy, self.engine,
+                                revision, now())
+        if decision.action == "fallback":
             self.stats.fallbacks += 1
-            workflow, confidence = None, best.confidence if best else 0.0
-        close = self._too_close(alternatives)
-        if close is not None:
+        elif decision.action == "clarify":
             self.stats.clarified += 1
-            outputs.append(self._classification(message, None, confidence, alternatives,
-                                                decision="clarify"))
-            return self._clarify(state, trigger, close, ts)
-        decision: ClassificationDecision = "fallback" if workflow is None else "workflow"
-        if clarifying:
-            if workflow is None:  # still unclear: the fallback goes on (and hands over)
-                return self.engine.step(state, trigger, ts)
-            # The user said something clear while being asked to clarify: leave the
-            # fallback run and start the workflow they asked for.
-            outputs.append(self._classification(message, workflow, confidence, alternatives,
-                                                decision=decision))
-            return self._restart(state, workflow, trigger, revision)
-        outputs.append(self._classification(message, workflow, confidence, alternatives,
-                                            decision=decision))
-        return self._start(state, workflow or self.engine.fallback, trigger, revision)
-
-    def _too_close(self, alternatives: list[Alternative]) -> list[str] | None:
-        """The top two workflows when both reach the threshold and are within
-        ``clarify_margin`` of each other (too close to guess), else None."""
-        if len(alternatives) < 2 or self.clarify_margin <= 0:
-            return None
-        first, second = alternatives[0], alternatives[1]
-        if second.confidence < self.threshold:
-            return None
-        if first.confidence - second.confidence >= self.clarify_margin:
-            return None
-        names = [first.workflow, second.workflow]
-        if any(n not in self.engine.definitions or n == self.engine.fallback for n in names):
-            return None
-        return names
-
-    def _clarify(
-        self, state: ConversationState, trigger: Trigger, names: list[str], ts: float
-    ) -> StepResult:
-        """Ask "Did you mean A or B?" with a start button for each; the state stays as
-        it was (a run in progress, such as the fallback's, goes on if the user types)."""
-        titles = [self.engine.definitions[n].description or n for n in names]
-        buttons = [{"title": title, "payload": {"start": name}}
-                   for name, title in zip(names, titles, strict=True)]
-        reply = Reply(text=f'Did you mean "{titles[0]}" or "{titles[1]}"?', buttons=buttons)
-        moved = msgspec.structs.replace(state, last_input=trigger.id, updated=ts,
-                                        turns=state.turns + 1)
-        return StepResult(state=moved, replies=[reply])
-
-    def _on_input(self, record: WorkflowInput, state: ConversationState) -> StepResult | None:
-        if not state.active:
-            log.info("workflow input %s for idle conversation %s ignored", record.id,
-                     record.conversation)
-            return None
-        if record.event == EXPIRE_EVENT:
-            trigger = Trigger(id=record.id, kind="event", event=record.event,
-                              data=record.data, ts=record.ts)
-            return self.engine.expire(state, trigger, record.ts)
-        kind = {TIMEOUT_EVENT: "timeout", REPLY_EVENT: "reply"}.get(record.event, "event")
-        trigger = Trigger(
-            id=record.id, kind=kind, event=record.event,  # type: ignore[arg-type]
-            data=record.data, ts=record.ts,
-        )
-        return self.engine.step(state, trigger, record.ts)
+        return decision, message
 
     async def _ask(self, msg: Msg, conversation: str, ask: PendingAsk) -> None:
         """Make an ``ask`` state's request and publish the outcome as a ``reply``
@@ -542,47 +383,23 @@ class Router:
         )
         await self.bus.publish(self.bus.subjects.workflow_input(conversation), outcome)
 
-    def _start(
-        self, state: ConversationState, workflow: str, trigger: Trigger, revision: int | None
-    ) -> StepResult:
-        run_id = derived_id(trigger.id, revision, "run")
-        return self.engine.start(state, workflow, trigger, run_id, trigger.ts)
-
-    def _restart(
-        self, state: ConversationState, workflow: str, trigger: Trigger, revision: int | None
-    ) -> StepResult:
-        """Start ``workflow``; a run still active is recorded as cancelled first."""
-        result = self._start(state, workflow, trigger, revision)
-        if state.active and state.workflow is not None and state.run_id is not None:
-            cancelled = StepEvent(
-                kind="cancelled", workflow=state.workflow, run_id=state.run_id,
-                from_state=state.state, trigger=trigger.kind,
-            )
-            result.events.insert(0, cancelled)
-        return result
-
     def _classification(
-        self,
-        message: Message,
-        workflow: str | None,
-        confidence: float,
-        alternatives: list[Alternative],
-        model: str | None = None,
-        decision: ClassificationDecision | None = None,
+        self, message: Message, fields: rules.ClassificationFields
     ) -> tuple[str, Record]:
+        """The Classification record of ``message``, and its subject."""
         record = Classification(
             id=derived_id(message.id, "classification"),
             message_id=message.id,
             conversation=message.conversation,
             text=message.text,
-            workflow=workflow,
-            confidence=round(float(confidence), 6),
-            threshold=self.threshold,
-            alternatives=alternatives,
-            model=model or self.model_name,
-            model_version="" if model else self.model_version,
+            workflow=fields.workflow,
+            confidence=round(float(fields.confidence), 6),
+            threshold=self.policy.threshold,
+            alternatives=fields.alternatives,
+            model=fields.model or self.model_name,
+            model_version="" if fields.model else self.model_version,
             ts=now(),
-            decision=decision,
+            decision=fields.decision,
         )
         return self.bus.subjects.classified(message.conversation), record
 
@@ -660,10 +477,12 @@ class Router:
         return result.state.run_id or ""
 
 
-def _ask_id(input_id: str, state: ConversationState) -> str:
-    """The id the engine gives an ``ask`` made on entering ``state`` because of input
-    ``input_id`` (see ``Engine._enter``): tells whether this input started the ask."""
-    return derived_id(input_id, state.run_id or "", state.state, "ask")
+def retry_delay(attempt: int) -> float | None:
+    """The pause after failed attempt ``attempt`` (from 0) before the next one; None
+    after the last attempt, whose input is nak'd at once (a pause would only delay it)."""
+    if attempt >= RETRIES_IN_PLACE - 1:
+        return None
+    return min(2.0, 0.05 * 2**attempt)
 
 
 async def _heartbeat(msg: Msg) -> None:
@@ -672,7 +491,3 @@ async def _heartbeat(msg: Msg) -> None:
         while True:
             await asyncio.sleep(ACK_WAIT_SECONDS / 3)
             await msg.in_progress()
-
-
-def _str_or_none(value: object) -> str | None:
-    return None if value is None else str(value)

@@ -30,7 +30,6 @@ import heapq
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 import msgspec
 
@@ -38,6 +37,7 @@ from commhub.core.aio import cancel_and_wait
 from commhub.core.bus import Bus
 from commhub.core.envelope import Sender, WorkflowInput, derived_id
 from commhub.core.routing.state import EXPIRE_EVENT, TIMEOUT_EVENT
+from commhub.core.routing.store import StateStore, StateWatch, decode_view
 
 __all__ = ["TIMER_SENDER", "TimerScheduler", "due_timers"]
 
@@ -48,7 +48,8 @@ RETRY_SECONDS = 1.0
 
 
 class _Timing(msgspec.Struct):
-    """The part of a stored state the scheduler needs (the rest is skipped unparsed)."""
+    """The part of a conversation's state the scheduler needs (the rest is skipped
+    unparsed: see :func:`~commhub.core.routing.store.decode_view`)."""
 
     workflow: str | None = None
     state: str | None = None
@@ -57,13 +58,6 @@ class _Timing(msgspec.Struct):
     entered: float = 0.0
     timeout_at: float | None = None
     expires: bool = True
-
-
-class _Stored(msgspec.Struct):
-    state: _Timing
-
-
-_decoder = msgspec.json.Decoder(_Stored)
 
 
 def due_timers(
@@ -97,12 +91,18 @@ class TimerScheduler:
 
     ``idle_expiry`` is in seconds (0: runs never expire). ``clock`` gives epoch seconds
     (the deadlines in the bucket are epoch seconds, comparable across machines).
+    ``store`` is the state store to watch (the router shares its own).
     """
 
     def __init__(
-        self, bus: Bus, idle_expiry: float, clock: Callable[[], float] = time.time
+        self,
+        bus: Bus,
+        idle_expiry: float,
+        clock: Callable[[], float] = time.time,
+        store: StateStore | None = None,
     ) -> None:
         self.bus = bus
+        self.store = store or StateStore(bus, cache_size=0)
         self.idle_expiry = idle_expiry
         self.clock = clock
         self.published = 0
@@ -113,13 +113,12 @@ class TimerScheduler:
         self._seq = 0
         self._wake = asyncio.Event()
         self._ready = asyncio.Event()
-        self._watcher: Any = None
+        self._watcher: StateWatch[_Timing] | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         """Watch the bucket and start firing; returns once the current states are read."""
-        kv = await self.bus.state_bucket()
-        self._watcher = await kv.watchall()
+        self._watcher = await self.store.watch_all(_Timing)
         self._tasks = [
             asyncio.create_task(self._watch(), name="timers-watch"),
             asyncio.create_task(self._fire(), name="timers-fire"),
@@ -133,8 +132,7 @@ class TimerScheduler:
         await cancel_and_wait(*self._tasks)
         self._tasks = []
         if self._watcher is not None:
-            with contextlib.suppress(Exception):
-                await self._watcher.stop()
+            await self._watcher.stop()
             self._watcher = None
 
     def pending(self, conversation: str) -> int:
@@ -143,13 +141,19 @@ class TimerScheduler:
 
     def note(self, conversation: str, value: bytes | None) -> None:
         """Replace the conversation's timers with those its stored ``value`` asks for."""
+        timing = None
+        if value:
+            try:
+                timing = decode_view(value, _Timing)
+            except msgspec.DecodeError:
+                log.warning("state of %s is not readable; no timers for it", conversation)
+        self._schedule(conversation, timing)
+
+    def _schedule(self, conversation: str, timing: _Timing | None) -> None:
+        """Replace the conversation's timers with those ``timing`` asks for (None: the
+        state is gone or unreadable, so none)."""
         self._wanted.pop(conversation, None)
-        if not value:
-            return
-        try:
-            timing = _decoder.decode(value).state
-        except msgspec.DecodeError:
-            log.warning("state of %s is not readable; no timers for it", conversation)
+        if timing is None:
             return
         timers = due_timers(conversation, timing, self.idle_expiry)
         if not timers:
@@ -175,12 +179,12 @@ class TimerScheduler:
         heapq.heappush(self._heap, (at, self._seq, record))
 
     async def _watch(self) -> None:
-        async for entry in self._watcher:
-            if entry is None:  # the watcher's marker: every current value was delivered
+        assert self._watcher is not None
+        async for change in self._watcher:
+            if change is None:  # the watch's marker: every current value was delivered
                 self._ready.set()
                 continue
-            deleted = entry.operation in ("DEL", "PURGE")
-            self.note(entry.key, None if deleted else entry.value)
+            self._schedule(*change)
 
     async def _fire(self) -> None:
         await self._ready.wait()

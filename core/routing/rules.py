@@ -1,0 +1,421 @@
+"""The routing rules: which step an input gets, as pure functions.
+
+The router (:mod:`.router`) does the I/O around them: the inbound middleware, the
+classifier call, loading and committing the state, publishing, acking. Everything it
+decides comes from here:
+
+* :func:`already_handled`: is an input a redelivery of one the state records?
+* :func:`needs_classification`: do the rules need the classifier's ranking for a message?
+* :func:`decide`: the state, the input (a user's :class:`Message` after the inbound
+  middleware, or a :class:`WorkflowInput`), the ranked alternatives (or None when
+  :func:`needs_classification` said no), a :class:`RoutingPolicy`, the :class:`Engine`,
+  the revision the state was read at and the time in; a :class:`Decision` out: what was
+  decided, the step (a :class:`StepResult` from the pure engine), and the fields of the
+  :class:`Classification` to record, if any;
+* :func:`dropped`: the decision for a message the inbound middleware dropped;
+* :func:`pending_ask`: did this input's step enter an ``ask`` state?
+
+A message goes through these rules, the first that applies wins:
+
+1. the conversation is handed off to a person: the bot stays **silent**;
+2. a start button (``payload.start``) naming a workflow **start** s it (a run in
+   progress is cancelled first);
+3. during a run, a whole-message cancel phrase **cancel** s it, and a restart phrase
+   **restart** s it from its initial state, unless the current state has a button of
+   that name (the state's own "cancel" wins);
+4. a run other than the fallback's takes the message as its next **step**;
+5. otherwise the text is classified (empty text counts as unclear): when the top two
+   both reach the threshold and are closer than ``clarify_margin``, the user is asked
+   to **clarify** ("Did you mean A or B?"); when the best reaches the threshold its
+   workflow **start** s (leaving the fallback's run, if the user was in it); else the
+   **fallback** handles it (starts, or its run goes on, which hands over to a person).
+
+A workflow input moves an active run (**step**; the ``expire`` event **expire** s it);
+for an idle conversation it is recorded as handled and otherwise **ignore** d.
+
+No I/O, no clock, no randomness: the same arguments give the same decision, and the
+ids in it (run ids) are derived from the input's id and the revision, so a step
+computed again after a conflict or a crash names everything the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from msgspec.structs import replace
+
+from commhub.core.engine.fsm import Engine, matches_phrase
+from commhub.core.envelope import (
+    Alternative,
+    ClassificationDecision,
+    Message,
+    WorkflowInput,
+    derived_id,
+)
+from commhub.core.routing.state import (
+    EXPIRE_EVENT,
+    REPLY_EVENT,
+    TIMEOUT_EVENT,
+    ConversationState,
+    PendingAsk,
+    Reply,
+    StepEvent,
+    StepResult,
+    Trigger,
+    TriggerKind,
+)
+
+__all__ = [
+    "BUTTON_MODEL",
+    "RECENT_INPUTS",
+    "Action",
+    "ClassificationFields",
+    "Decision",
+    "RoutingPolicy",
+    "already_handled",
+    "clarify_candidates",
+    "decide",
+    "dropped",
+    "message_trigger",
+    "needs_classification",
+    "pending_ask",
+]
+
+RECENT_INPUTS = 16  # earlier input ids a state keeps to recognise late redeliveries
+BUTTON_MODEL = "button"  # the "model" a classification chosen by a start button records
+
+Action = Literal[
+    "start", "restart", "step", "cancel", "clarify", "fallback", "silent", "ignore", "expire"
+]
+
+
+@dataclass(frozen=True)
+class RoutingPolicy:
+    """The settings the rules apply, fixed for a router's lifetime.
+
+    ``workflows`` maps every workflow's name to its description (the title of its
+    start button; the name when empty), the fallback included.
+    """
+
+    threshold: float
+    clarify_margin: float
+    cancel_phrases: tuple[str, ...]
+    restart_phrases: tuple[str, ...]
+    fallback: str
+    workflows: Mapping[str, str]
+
+    @classmethod
+    def for_engine(
+        cls,
+        engine: Engine,
+        *,
+        threshold: float,
+        clarify_margin: float,
+        cancel_phrases: Iterable[str],
+        restart_phrases: Iterable[str],
+    ) -> RoutingPolicy:
+        """The policy for ``engine``'s workflows and fallback."""
+        return cls(
+            threshold=threshold,
+            clarify_margin=clarify_margin,
+            cancel_phrases=tuple(cancel_phrases),
+            restart_phrases=tuple(restart_phrases),
+            fallback=engine.fallback,
+            workflows={name: defn.description for name, defn in engine.definitions.items()},
+        )
+
+    def title(self, workflow: str) -> str:
+        """What a start button for ``workflow`` says."""
+        return self.workflows.get(workflow) or workflow
+
+
+@dataclass(frozen=True)
+class ClassificationFields:
+    """What the :class:`~commhub.core.envelope.Classification` of a message records;
+    the router adds the ids, the threshold, the model and the time.
+
+    ``model`` is None for the router's classifier, :data:`BUTTON_MODEL` when a start
+    button chose the workflow.
+    """
+
+    workflow: str | None
+    confidence: float
+    alternatives: list[Alternative]
+    decision: ClassificationDecision
+    model: str | None = None
+
+
+@dataclass
+class Decision:
+    """What the rules decided for one input: the action, the step it produced (the new
+    state and what to say and publish) and the classification to record, if any."""
+
+    action: Action
+    result: StepResult
+    classification: ClassificationFields | None = field(default=None)
+
+
+# -- redeliveries and asks -------------------------------------------------------------
+def already_handled(
+    state: ConversationState | None, input_id: str
+) -> Literal["last", "earlier"] | None:
+    """Whether ``state`` records ``input_id`` as handled.
+
+    ``"last"``: it is the last input whose step committed; the stored outbox holds that
+    step's outputs, which may not all have gone out (publish them again, then ack).
+    ``"earlier"``: it was handled before later inputs of the conversation, whose steps
+    committed and published after its own: its outputs went out then, only its ack was
+    lost (ack it; running or publishing it again would double or reorder replies).
+    None: not handled yet (or so long ago that the state forgot it).
+    """
+    if state is None:
+        return None
+    if state.last_input == input_id:
+        return "last"
+    if input_id in state.recent_inputs:
+        return "earlier"
+    return None
+
+
+def pending_ask(state: ConversationState, input_id: str) -> PendingAsk | None:
+    """The service request to make because input ``input_id``'s step entered an ``ask``
+    state (the engine derives the request id from the input, run and state), or None
+    when the run waits for no request or waits for one an earlier input made."""
+    asking = state.asking
+    if asking is None or asking.id != derived_id(input_id, state.run_id or "", state.state,
+                                                  "ask"):
+        return None
+    return asking
+
+
+# -- messages ----------------------------------------------------------------------
+def needs_classification(
+    state: ConversationState, message: Message, policy: RoutingPolicy, engine: Engine
+) -> bool:
+    """True when :func:`decide` needs the classifier's ranking of ``message.text``:
+    no earlier rule applies (handoff, start button, phrase, a run taking the message as
+    its step) and the text is not empty (empty text is unclear without asking)."""
+    if state.handoff or _start_button(message, policy) is not None:
+        return False
+    if _phrase(state, message, policy, engine) is not None:
+        return False
+    if state.active and state.workflow != policy.fallback:
+        return False
+    return bool((message.text or "").strip())
+
+
+def decide(
+    state: ConversationState,
+    record: Message | WorkflowInput,
+    alternatives: list[Alternative] | None,
+    policy: RoutingPolicy,
+    engine: Engine,
+    revision: int | None,
+    now: float,
+) -> Decision:
+    """Decide what ``record`` does to ``state`` (see the module docstring for the rules).
+
+    ``alternatives`` is the classifier's ranking of the message's text, best first; pass
+    None when :func:`needs_classification` is False. ``revision`` is the state's KV
+    revision (None for a new conversation): run ids are derived from it and the input's
+    id. ``now`` stamps the state of a step the engine does not take (silence, ignore).
+    Raises ValueError when the rules need alternatives and got None.
+    """
+    if isinstance(record, WorkflowInput):
+        decision = _on_input(state, record, engine, now)
+    else:
+        decision = _on_message(state, record, alternatives, policy, engine, revision, now)
+    decision.result.state = _remember_input(state, decision.result.state)
+    return decision
+
+
+def dropped(state: ConversationState, input_id: str, now: float) -> Decision:
+    """The inbound middleware dropped the message: nothing is said, but the state
+    records it as handled, so a redelivered copy is recognised."""
+    moved = replace(state, last_input=input_id, updated=now)
+    return Decision("ignore", StepResult(state=_remember_input(state, moved)))
+
+
+def message_trigger(message: Message) -> Trigger:
+    """The engine's trigger for a user's message: a ``button`` when the payload has a
+    ``value`` (its text is the value when the message has no text), else a ``message``."""
+    payload = message.payload or {}
+    value = payload.get("value")
+    return Trigger(
+        id=message.id,
+        kind="button" if "value" in payload else "message",
+        text=message.text if message.text is not None else _str_or_none(value),
+        payload=payload or None,
+        ts=message.ts,
+    )
+
+
+def clarify_candidates(
+    alternatives: list[Alternative], policy: RoutingPolicy
+) -> list[str] | None:
+    """The top two workflows when both reach the threshold and are less than
+    ``clarify_margin`` apart (too close to guess), else None. Never the fallback, nor a
+    workflow the router does not know."""
+    if len(alternatives) < 2 or policy.clarify_margin <= 0:
+        return None
+    first, second = alternatives[0], alternatives[1]
+    if second.confidence < policy.threshold:
+        return None
+    if first.confidence - second.confidence >= policy.clarify_margin:
+        return None
+    names = [first.workflow, second.workflow]
+    if any(n not in policy.workflows or n == policy.fallback for n in names):
+        return None
+    return names
+
+
+def _on_message(
+    state: ConversationState,
+    message: Message,
+    alternatives: list[Alternative] | None,
+    policy: RoutingPolicy,
+    engine: Engine,
+    revision: int | None,
+    now: float,
+) -> Decision:
+    if state.channel is None or state.user is None:
+        # The conversation's replies go to the channel it began on.
+        state = replace(state, channel=message.channel, user=message.sender.id)
+    if state.handoff:
+        # A person has the conversation: the message is on the bus and recorded, and
+        # counts as activity (idle expiry), but the bot says nothing.
+        silent = replace(state, last_input=message.id, updated=now, turns=state.turns + 1)
+        return Decision("silent", StepResult(state=silent))
+    trigger = message_trigger(message)
+    ts = message.ts
+    start = _start_button(message, policy)
+    if start is not None:
+        picked = ClassificationFields(start, 1.0, [], "button", model=BUTTON_MODEL)
+        return Decision("start", _start(engine, state, start, trigger, revision), picked)
+    phrase = _phrase(state, message, policy, engine)
+    if phrase == "cancel":
+        return Decision("cancel", engine.cancel(state, trigger, ts))
+    if phrase == "restart":
+        run_id = derived_id(trigger.id, revision, "run")
+        return Decision("restart", engine.restart(state, trigger, run_id, ts))
+    clarifying = state.workflow == policy.fallback
+    if state.active and not clarifying:
+        return Decision("step", engine.step(state, trigger, ts))
+
+    if not (message.text or "").strip():
+        alternatives = []  # nothing to classify: unclear
+    elif alternatives is None:
+        raise ValueError(f"message {message.id!r} needs the classifier's alternatives")
+    best = alternatives[0] if alternatives else None
+    confident = best is not None and best.confidence >= policy.threshold
+    confidence = best.confidence if best is not None else 0.0
+    close = clarify_candidates(alternatives, policy)
+    if close is not None:
+        asked = ClassificationFields(None, confidence, alternatives, "clarify")
+        return Decision("clarify", _clarify(state, trigger, close, policy, ts), asked)
+    if confident:
+        assert best is not None
+        chosen = ClassificationFields(best.workflow, confidence, alternatives, "workflow")
+        # Clear text while the fallback asks what they want: leave its run for this one.
+        return Decision("start", _start(engine, state, best.workflow, trigger, revision),
+                        chosen)
+    if clarifying:
+        # Still unclear: the fallback's run goes on (and hands over to a person). Its
+        # first unclear message was recorded when it started.
+        return Decision("fallback", engine.step(state, trigger, ts))
+    unclear = ClassificationFields(None, confidence, alternatives, "fallback")
+    return Decision("fallback", _start(engine, state, policy.fallback, trigger, revision),
+                    unclear)
+
+
+def _start_button(message: Message, policy: RoutingPolicy) -> str | None:
+    """The workflow a pressed start button names (the fallback and clarifying
+    questions offer them), if the router knows it."""
+    start = (message.payload or {}).get("start")
+    return start if isinstance(start, str) and start in policy.workflows else None
+
+
+def _phrase(
+    state: ConversationState, message: Message, policy: RoutingPolicy, engine: Engine
+) -> Literal["cancel", "restart"] | None:
+    """A cancel or restart phrase said during a run, unless the current state offers a
+    button of that name (then it is the state's own answer)."""
+    text = message.text
+    if not state.active or not text or engine.offers(state, text):
+        return None
+    if matches_phrase(text, policy.cancel_phrases):
+        return "cancel"
+    if matches_phrase(text, policy.restart_phrases):
+        return "restart"
+    return None
+
+
+def _start(
+    engine: Engine,
+    state: ConversationState,
+    workflow: str,
+    trigger: Trigger,
+    revision: int | None,
+) -> StepResult:
+    """Start ``workflow``; a run still active is recorded as cancelled first."""
+    run_id = derived_id(trigger.id, revision, "run")
+    result = engine.start(state, workflow, trigger, run_id, trigger.ts)
+    if state.active and state.workflow is not None and state.run_id is not None:
+        cancelled = StepEvent(
+            kind="cancelled", workflow=state.workflow, run_id=state.run_id,
+            from_state=state.state, trigger=trigger.kind,
+        )
+        result.events.insert(0, cancelled)
+    return result
+
+
+def _clarify(
+    state: ConversationState,
+    trigger: Trigger,
+    names: list[str],
+    policy: RoutingPolicy,
+    ts: float,
+) -> StepResult:
+    """Ask "Did you mean A or B?" with a start button for each; the state stays as it
+    was (a run in progress, such as the fallback's, goes on if the user types)."""
+    titles = [policy.title(n) for n in names]
+    buttons = [{"title": title, "payload": {"start": name}}
+               for name, title in zip(names, titles, strict=True)]
+    reply = Reply(text=f'Did you mean "{titles[0]}" or "{titles[1]}"?', buttons=buttons)
+    moved = replace(state, last_input=trigger.id, updated=ts, turns=state.turns + 1)
+    return StepResult(state=moved, replies=[reply])
+
+
+# -- workflow inputs ---------------------------------------------------------------
+_INPUT_KINDS: dict[str, TriggerKind] = {TIMEOUT_EVENT: "timeout", REPLY_EVENT: "reply"}
+
+
+def _on_input(
+    state: ConversationState, record: WorkflowInput, engine: Engine, now: float
+) -> Decision:
+    if not state.active:
+        # No run to move (it ended, or never began): recorded as handled, nothing else.
+        moved = replace(state, last_input=record.id, updated=now)
+        return Decision("ignore", StepResult(state=moved))
+    kind = _INPUT_KINDS.get(record.event, "event")
+    trigger = Trigger(id=record.id, kind=kind, event=record.event, data=record.data,
+                      ts=record.ts)
+    if record.event == EXPIRE_EVENT:
+        return Decision("expire", engine.expire(state, trigger, record.ts))
+    return Decision("step", engine.step(state, trigger, record.ts))
+
+
+# -- bookkeeping -------------------------------------------------------------------
+def _remember_input(before: ConversationState, after: ConversationState) -> ConversationState:
+    """``after`` with ``before``'s last input added to the recent ones (when the step
+    handled a new input), so that a late redelivery of it is recognised."""
+    if before.last_input is None or after.last_input == before.last_input:
+        return after
+    recent = [*before.recent_inputs, before.last_input][-RECENT_INPUTS:]
+    return replace(after, recent_inputs=recent)
+
+
+def _str_or_none(value: object) -> str | None:
+    return None if value is None else str(value)
