@@ -14,7 +14,11 @@ is *verified* when it entered with a signed token, and the rule keeps two worlds
   clients the hub cannot tell one user from another: their user ids are claims, so they
   are not separated from each other;
 * a signed token that names the conversation (``conv`` claim) enters it whoever owns it:
-  the back end that signed it granted exactly that.
+  the back end that signed it granted exactly that;
+* a channel whose network proves who writes (Telegram: the conversation is derived
+  from the chat id) claims with a ``channel`` identity naming the conversation: it
+  counts as signed and always enters, so it owns the chat's conversation and keeps the
+  clients of other channels, which could name the same id, out of it.
 
 **The record.** The owner has to be known the moment a channel accepts a client, before
 the router has stepped anything, so it is not the conversation state
@@ -100,9 +104,10 @@ def client_of(identity: Identity, user: str, conversation: str) -> tuple[Owner, 
     """The client as the rule sees it: ``(who, granted)``.
 
     ``user`` is the user id the channel settled on (the token's for a signed token,
-    else the one the client named or the channel's default).
+    else the one the client named or the channel's default). A ``channel`` identity (a
+    network that proves its users, like Telegram's chat ids) counts as signed.
     """
-    if identity.kind == "signed" and identity.user is not None:
+    if identity.kind in ("signed", "channel") and identity.user is not None:
         return Owner(identity.user, True), identity.conversation == conversation
     return Owner(user, False), False
 
