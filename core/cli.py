@@ -213,18 +213,21 @@ def cmd_export(args: argparse.Namespace) -> int:
 async def _connect(url: str) -> Any:
     """A connection for one command; refused credentials or no server is one error line
     (the URL shown without its password)."""
-    import nats
+    from nats.aio.client import Client
 
     from commhub.core.natsauth import redact
 
     async def quiet(exc: Exception) -> None:
-        pass  # the failure is raised below; nats-py would log a traceback
+        pass  # raised below as one line; nats-py would log a traceback
 
+    nc = Client()
     try:
-        return await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0,
-                                  allow_reconnect=False, error_cb=quiet)
+        # One attempt: nats-py retries a refused first connect forever otherwise.
+        await nc.connect(url, connect_timeout=5, allow_reconnect=False, error_cb=quiet)
     except Exception as exc:
+        await nc.close()  # a failed first connect leaves its socket open
         raise _UserError(f"cannot connect to NATS at {redact(url)}: {exc}") from None
+    return nc
 
 
 async def _snapshot_over_bus(url: str, prefix: str) -> Path:

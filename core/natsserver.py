@@ -21,6 +21,7 @@ data directory left behind (recorded in ``nats-server.pid``) before starting its
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import json
 import os
@@ -257,6 +258,8 @@ async def _asks_for_credentials(url: str, timeout: float = 5.0) -> bool:
         line = await asyncio.wait_for(reader.readline(), timeout)
     finally:
         writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
     if not line.startswith(b"INFO "):
         raise NatsServerError(f"{redact(url)} did not greet like a nats-server")
     return bool(json.loads(line[5:]).get("auth_required"))
