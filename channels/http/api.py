@@ -15,6 +15,10 @@ the reference with examples is ``docs/http.md``):
 * ``POST|GET|DELETE /v1/conversations/{conversation}/callback``: a conversation's
   callback URL (see :mod:`commhub.channels.http.callbacks`).
 
+Every endpoint lets a request into its conversation through
+:meth:`HttpChannel.enter` (``ctx.claim_conversation``) before it stores, reads or
+registers anything: another user's conversation is 403 ``forbidden``.
+
 Concurrency and failure: every request is its own task; reads use their own ordered
 consumer (:meth:`ChannelContext.outbound`), so readers never wait for each other. A
 client that goes away ends its request's consumer. A bus failure while storing a
