@@ -33,6 +33,7 @@ from pathlib import Path
 import nats
 from websockets.asyncio.client import connect
 
+from commhub.core.natsauth import read_credentials
 from commhub.core.natsserver import EmbeddedNats
 
 # One booking, start to finish: intent, party size, day, time, name, email, confirmation.
@@ -152,7 +153,9 @@ async def running_hub(data_dir: Path, split: bool) -> AsyncIterator[tuple[int, s
         if not split:
             processes.append(start_hub({**env, "COMMHUB_DATA_DIR": str(data_dir)}))
             info = await wait_for_hub(data_dir, processes[0])
-            yield ws_port(info), str(info["nats_url"])
+            credentials = read_credentials(data_dir)  # the hub's embedded server wants them
+            assert credentials is not None
+            yield ws_port(info), credentials.url(str(info["nats_url"]))
             return
         server = EmbeddedNats(data_dir / "nats", port=0)
         url = await server.start()

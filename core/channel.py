@@ -20,6 +20,10 @@ A channel carries people's messages between a chat network and the bus. It imple
   that serve HTTP (an API, a webhook). Add routes in ``start()``; the hub starts serving
   after every channel has started. ``ctx.web.url`` is known by then.
 * ``ctx.tokens``: the hub's client token checker (static and signed tokens).
+* ``await ctx.claim_conversation(conversation, user, identity)``: enter a conversation
+  as a user; the first client a channel accepts into a conversation owns it, and any
+  other user is refused (:mod:`commhub.core.owners`). Call it before serving anything
+  of the conversation: a message, a read, a stream, a connection.
 
 Writing a new channel is one class; see ``examples/commhub-channel-lines`` and
 ``docs/plugins.md``.
@@ -46,11 +50,13 @@ from commhub.core.envelope import (
     decode_as,
     new_id,
 )
+from commhub.core.owners import OwnerBook, client_of
 from commhub.core.routing.store import StateStore
 
 if TYPE_CHECKING:
     from commhub.core.bus import Bus
     from commhub.core.config import Settings
+    from commhub.core.tokens import Identity
     from commhub.core.web import WebServer
 
 __all__ = ["Channel", "ChannelContext", "OutboundItem", "TurnReplies"]
@@ -255,3 +261,27 @@ class ChannelContext:
         finally:
             with contextlib.suppress(Exception):  # the connection may be closing
                 await asyncio.shield(sub.unsubscribe())
+
+    _owners: OwnerBook | None = None  # bound on first claim
+
+    async def claim_conversation(self, conversation: str, user: str, identity: Identity) -> None:
+        """Let a client into ``conversation`` as ``user``, or refuse it.
+
+        ``identity`` is what ``ctx.tokens.check`` admitted the client with; ``user`` is
+        the user id the channel settled on (a signed token's user, else the one the
+        client named, else the channel's default). The first client any channel lets
+        into a conversation becomes its owner; the rule for the others is in
+        :mod:`commhub.core.owners` (a signed token's user enters only its own
+        conversations; clients without one only conversations no signed user owns).
+
+        Raises :class:`~commhub.core.owners.ConversationForbidden`, whose ``str()`` is the
+        reason to show (``forbidden: the conversation belongs to another user``): refuse
+        the client (WebSocket close 4403, HTTP 403) and publish a ``rejected`` event.
+        Raises the bus's error when the owner cannot be read or written: tell the client
+        to retry. Safe from many tasks: of two clients racing into a new conversation,
+        exactly one becomes its owner (a KV create).
+        """
+        if self._owners is None:
+            self._owners = OwnerBook(self.bus)
+        client, granted = client_of(identity, user, conversation)
+        await self._owners.claim(conversation, client, granted=granted)

@@ -3,7 +3,8 @@
 ``commhub up`` runs a hub; ``commhub sql`` queries its records (over the bus while it
 runs, from the DuckDB file when it is stopped); ``commhub export`` writes them as
 day-partitioned Parquet; ``commhub rebuild`` replays the streams into a fresh DuckDB
-file (hub stopped); ``commhub schema`` prints the envelope's
+file (hub stopped); ``commhub nats-url`` prints the running hub's NATS URL with its
+credentials; ``commhub schema`` prints the envelope's
 JSON Schema; ``commhub token`` mints a signed client token; ``commhub plugins`` lists
 plugins; ``commhub workflows check|list`` checks workflow files. Every error a user can
 cause ends in one ``commhub: error: ...`` line and exit status 1; bad command-line usage
@@ -69,6 +70,11 @@ def _build_parser() -> argparse.ArgumentParser:
     _settings_flags(export)
     export.add_argument("directory", type=Path, help="where to write <table>/day=.../*.parquet")
     export.add_argument("--format", choices=["parquet"], default="parquet")
+
+    nats_url = sub.add_parser("nats-url", help="print the running hub's NATS URL with "
+                              "its credentials, for local scripts (keep it secret)")
+    nats_url.add_argument("--config", help="TOML config file (or COMMHUB_CONFIG)")
+    nats_url.add_argument("--data-dir", type=Path, help="data directory (COMMHUB_DATA_DIR)")
 
     sub.add_parser("schema", help="print the JSON Schema of the bus envelope")
 
@@ -178,7 +184,6 @@ def _fast_loop_factory() -> Any:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    from commhub.core.lock import hub_is_running, read_hub_info
     from commhub.core.records.formats import format_result, write_parquet
     from commhub.core.records.sqlclient import query_file
 
@@ -187,11 +192,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
     settings = _load_settings(args)
     max_rows = args.max_rows or settings.sql_max_rows
     timeout = args.timeout or settings.sql_timeout_seconds
-    url = settings.nats_url
-    prefix = settings.prefix
-    if url is None and hub_is_running(settings.data_dir):
-        info = read_hub_info(settings.data_dir) or {}
-        url, prefix = info.get("nats_url"), info.get("prefix", prefix)
+    url, prefix = _hub_bus(settings)
     if url is not None:
         result = asyncio.run(_sql_over_bus(url, prefix, args.query, max_rows, timeout))
     else:
@@ -225,14 +226,10 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from commhub.core.lock import hub_is_running, read_hub_info
     from commhub.core.records.export import export_parquet
 
     settings = _load_settings(args)
-    url, prefix = settings.nats_url, settings.prefix
-    if url is None and hub_is_running(settings.data_dir):
-        info = read_hub_info(settings.data_dir) or {}
-        url, prefix = info.get("nats_url"), info.get("prefix", prefix)
+    url, prefix = _hub_bus(settings)
 
     def done(table: str, rows: int) -> None:
         print(f"  {table}: {rows:,} rows", file=sys.stderr)
@@ -252,13 +249,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _snapshot_over_bus(url: str, prefix: str) -> Path:
-    import nats
+async def _connect(url: str) -> Any:
+    """A connection for one command; refused credentials or no server is one error line
+    (the URL shown without its password)."""
+    from nats.aio.client import Client
 
+    from commhub.core.natsauth import redact
+
+    async def quiet(exc: Exception) -> None:
+        pass  # raised below as one line; nats-py would log a traceback
+
+    nc = Client()
+    try:
+        # One attempt: nats-py retries a refused first connect forever otherwise.
+        await nc.connect(url, connect_timeout=5, allow_reconnect=False, error_cb=quiet)
+    except Exception as exc:
+        await nc.close()  # a failed first connect leaves its socket open
+        raise _UserError(f"cannot connect to NATS at {redact(url)}: {exc}") from None
+    return nc
+
+
+async def _snapshot_over_bus(url: str, prefix: str) -> Path:
     from commhub.core.records.sqlclient import snapshot_over_bus
     from commhub.core.subjects import Subjects
 
-    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+    nc = await _connect(url)
     try:
         return await snapshot_over_bus(nc, Subjects(prefix))
     finally:
@@ -266,17 +281,44 @@ async def _snapshot_over_bus(url: str, prefix: str) -> Path:
 
 
 async def _sql_over_bus(url: str, prefix: str, query: str, max_rows: int, timeout: float) -> Any:
-    import nats
-
     from commhub.core.records.sqlclient import query_over_bus
     from commhub.core.subjects import Subjects
 
-    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+    nc = await _connect(url)
     try:
         return await query_over_bus(nc, Subjects(prefix), query, timeout=timeout + 5,
                                     max_rows=max_rows)
     finally:
         await nc.close()
+
+
+def _hub_bus(settings: Any) -> tuple[str | None, str]:
+    """The NATS URL and prefix to reach the hub over the bus: ``nats_url`` when set, else
+    those of the hub running on the data directory, with its embedded server's
+    credentials; ``(None, prefix)`` when no hub runs there."""
+    from commhub.core.lock import hub_is_running, read_hub_info
+    from commhub.core.natsauth import read_credentials
+
+    if settings.nats_url is not None:
+        return settings.nats_url, settings.prefix
+    if not hub_is_running(settings.data_dir):
+        return None, settings.prefix
+    info = read_hub_info(settings.data_dir) or {}
+    url, prefix = info.get("nats_url"), info.get("prefix", settings.prefix)
+    credentials = read_credentials(settings.data_dir) if info.get("embedded") else None
+    if url is not None and credentials is not None:
+        url = credentials.url(url)
+    return url, prefix
+
+
+def cmd_nats_url(args: argparse.Namespace) -> int:
+    settings = _load_settings(args)
+    url, _ = _hub_bus(settings)
+    if url is None:
+        raise _UserError(f"no hub is running on {settings.data_dir}: start it with "
+                         "`commhub up` (the URL names the port it took)")
+    print(url)
+    return 0
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -359,6 +401,7 @@ COMMANDS = {
     "sql": cmd_sql,
     "rebuild": cmd_rebuild,
     "export": cmd_export,
+    "nats-url": cmd_nats_url,
     "schema": cmd_schema,
     "token": cmd_token,
     "plugins": cmd_plugins,
@@ -407,6 +450,7 @@ def _is_user_error(exc: Exception) -> bool:
     """Errors whose message is the whole story for a user (no traceback needed)."""
     from commhub.core.hub import HubError
     from commhub.core.lock import HubAlreadyRunning
+    from commhub.core.natsauth import NatsAuthError
     from commhub.core.natsserver import NatsServerError
     from commhub.core.plugins import PluginError
     from commhub.core.records.export import ExportError
@@ -417,7 +461,7 @@ def _is_user_error(exc: Exception) -> bool:
 
     known = (_UserError, HubError, HubAlreadyRunning, NatsServerError, PluginError,
              SqlError, SchemaError, WorkflowError, OSError, TimeoutError, RebuildError,
-             ExportError)
+             ExportError, NatsAuthError)
     return isinstance(exc, known)
 
 

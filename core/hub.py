@@ -32,6 +32,7 @@ from commhub.core.classify import BatchingClassifier, Classifier
 from commhub.core.config import Settings
 from commhub.core.engine.fsm import Engine
 from commhub.core.lock import DataDirLock
+from commhub.core.natsauth import load_or_create, redact, without_credentials
 from commhub.core.natsserver import EmbeddedNats
 from commhub.core.plugins import Plugins
 from commhub.core.records.dashboard import mount_dashboard
@@ -97,7 +98,9 @@ class Hub:
 
     async def _start(self) -> None:
         s = self.settings
-        s.data_dir.mkdir(parents=True, exist_ok=True)
+        # A new data directory is private: it holds the records, the JetStream store and
+        # the bus credentials. (An existing one keeps the mode its owner gave it.)
+        s.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         # Check the definitions before anything starts: a broken file stops the hub
         # with its file and line, and nothing is left running.
         if self._runs("router"):
@@ -114,14 +117,21 @@ class Hub:
         if self._runs("channels"):
             self._claim_ports()
         if s.embedded_nats:
-            self.nats = EmbeddedNats(s.data_dir, port=s.nats_port, conf=s.nats_conf)
+            # Only clients with the data directory's credentials get into the server;
+            # the hub's own connection carries them, the URL shown and kept does not.
+            credentials = load_or_create(s.data_dir)
+            self.nats = EmbeddedNats(s.data_dir, port=s.nats_port, conf=s.nats_conf,
+                                     credentials=credentials)
             self.nats_url = await self.nats.start()
-            self.endpoints.append(f"nats: {self.nats_url} (embedded, store in {s.data_dir})")
+            connect_url = credentials.url(self.nats_url)
+            self.endpoints.append(f"nats: {self.nats_url} (embedded, store in {s.data_dir}; "
+                                  "credentials: commhub nats-url)")
         else:
             assert s.nats_url is not None
-            self.nats_url = s.nats_url
-            self.endpoints.append(f"nats: {self.nats_url} (external)")
-        self.bus = await Bus.connect(self.nats_url, s.subjects, name=f"commhub-{self.role}")
+            connect_url = s.nats_url
+            self.nats_url = without_credentials(s.nats_url)
+            self.endpoints.append(f"nats: {redact(s.nats_url)} (external)")
+        self.bus = await Bus.connect(connect_url, s.subjects, name=f"commhub-{self.role}")
         await self.bus.ensure_streams()
         await self._start_apis()
         if self._runs("recorder"):
@@ -154,7 +164,8 @@ class Hub:
         if self.lock is not None:
             self.lock.write_info({
                 "pid": os.getpid(),
-                "nats_url": self.nats_url,
+                "nats_url": self.nats_url,  # never with credentials
+                "embedded": s.embedded_nats,
                 "prefix": s.prefix,
                 "role": self.role,
                 "endpoints": self.endpoints,

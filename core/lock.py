@@ -47,8 +47,12 @@ class DataDirLock:
         self._fd = fd
 
     def write_info(self, info: dict[str, Any]) -> None:
+        """Write ``hub.json`` atomically, readable by its owner only (mode 0600)."""
         tmp = self.info_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(info, indent=2))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # a leftover tmp file keeps its old mode otherwise
+        with os.fdopen(fd, "w") as file:
+            file.write(json.dumps(info, indent=2))
         tmp.replace(self.info_path)
 
     def release(self) -> None:

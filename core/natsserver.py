@@ -5,6 +5,14 @@ JetStream store under the data directory, on 127.0.0.1, and returns once it acce
 clients. Port 0 means any free port; the server writes the port it took to a ports file,
 which is read back.
 
+Credentials: the hub passes its data directory's :class:`NatsCredentials`, and the
+server then takes only clients that present them (see :mod:`commhub.core.natsauth` for
+how they reach the server through ``nats.conf``); before returning, ``start()`` checks
+that the server really asks for them, so a configuration without the hub's user fails
+the start instead of leaving the bus open. Without credentials (tests, benchmarks)
+clients that present none are the hub's user: a generated ``nats-open.conf`` in the
+data directory includes the configuration and sets ``no_auth_user``.
+
 No orphans: on Linux the child asks the kernel to SIGTERM it when its parent dies (even
 by SIGKILL), and every start also takes over a server that an earlier hub on the same
 data directory left behind (recorded in ``nats-server.pid``) before starting its own.
@@ -13,6 +21,7 @@ data directory left behind (recorded in ``nats-server.pid``) before starting its
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import json
 import os
@@ -23,6 +32,8 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+
+from commhub.core.natsauth import HUB_USER, NatsCredentials, new_credentials, redact
 
 __all__ = ["EmbeddedNats", "find_nats_server", "find_nats_conf", "NatsServerError"]
 
@@ -86,10 +97,17 @@ class EmbeddedNats:
     Not thread-safe; used by the hub's main task only. ``stop()`` is idempotent.
     """
 
-    def __init__(self, data_dir: Path, port: int = 4222, conf: Path | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int = 4222,
+        conf: Path | None = None,
+        credentials: NatsCredentials | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.port = port
         self.conf = conf or find_nats_conf()
+        self.credentials = credentials
         self.process: subprocess.Popen[bytes] | None = None
         self.url: str | None = None
 
@@ -149,6 +167,13 @@ class EmbeddedNats:
             self.stop()
             raise NatsServerError(f"nats-server did not start within {timeout:.0f}s")
         assert self.url is not None
+        if self.credentials is not None and not await _asks_for_credentials(self.url):
+            self.stop()
+            raise NatsServerError(
+                f"the embedded nats-server lets clients in without credentials: its "
+                f"configuration {self.conf} has no authorization for the hub's user; keep "
+                "the authorization block of the shipped nats.conf (see docs/security.md)"
+            )
         return self.url
 
     def _last_error(self) -> str:
@@ -162,9 +187,16 @@ class EmbeddedNats:
 
     def _spawn(self, ports_dir: Path) -> subprocess.Popen[bytes]:
         """Fork and exec the server (fast; kept out of the async path on purpose)."""
+        environment = dict(os.environ)
+        if self.credentials is not None:
+            conf = self.conf
+            environment.update(self.credentials.server_environment())
+        else:
+            conf = self._open_conf()
+            environment.update(new_credentials().server_environment())  # never used
         args = [
             find_nats_server(),
-            "-c", str(self.conf),
+            "-c", str(conf),
             "-a", "127.0.0.1",
             "-p", str(self.port if self.port else -1),
             "-sd", str(self.data_dir / "jetstream"),
@@ -174,11 +206,28 @@ class EmbeddedNats:
             return subprocess.Popen(
                 args,
                 stdin=subprocess.DEVNULL,
+                env=environment,  # the credentials: never on the command line
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
                 start_new_session=True,  # Ctrl-C goes to the hub, which then stops us
             )
+
+    def _open_conf(self) -> Path:
+        """A configuration that lets clients without credentials in as the hub's user.
+
+        nats-server resolves an include relative to the including file, hence the
+        relative path.
+        """
+        path = self.data_dir / "nats-open.conf"
+        include = os.path.relpath(self.conf.resolve(), self.data_dir.resolve())
+        path.write_text(
+            "# Written by commhub for an embedded server started without credentials\n"
+            "# (tests, benchmarks): clients that present none are the hub's user.\n"
+            f"include {json.dumps(include)}\n"
+            f"no_auth_user: {json.dumps(HUB_USER)}\n"
+        )
+        return path
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM the server (it shuts down cleanly), SIGKILL it after ``timeout``."""
@@ -193,3 +242,24 @@ class EmbeddedNats:
                 process.kill()
                 process.wait()
         self._pid_file.unlink(missing_ok=True)
+
+
+async def _asks_for_credentials(url: str, timeout: float = 5.0) -> bool:
+    """True when the server at ``url`` says it requires them (``auth_required`` in the
+    INFO line it greets every client with)."""
+    host, _, port = url.split("://", 1)[-1].rpartition("@")[2].rpartition(":")
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host.strip("[]"), int(port)), timeout
+        )
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise NatsServerError(f"cannot reach nats-server at {redact(url)}: {exc}") from exc
+    try:
+        line = await asyncio.wait_for(reader.readline(), timeout)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    if not line.startswith(b"INFO "):
+        raise NatsServerError(f"{redact(url)} did not greet like a nats-server")
+    return bool(json.loads(line[5:]).get("auth_required"))

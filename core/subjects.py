@@ -134,6 +134,11 @@ class Subjects:
         return f"{self.prefix}_state"
 
     @property
+    def owners_bucket(self) -> str:
+        """KV bucket of conversation owners (``core/owners.py``)."""
+        return f"{self.prefix}_owners"
+
+    @property
     def router_consumer(self) -> str:
         return f"{self.prefix}_router"
 

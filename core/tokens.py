@@ -43,7 +43,9 @@ class TokenRefused(Exception):
 class Identity:
     """Who a token admits. ``user``/``conversation`` are None when the token allows any."""
 
-    kind: str  # "static", "signed" or "anonymous"
+    # "static", "signed" or "anonymous"; "channel" when a channel's own network proves
+    # the user (Telegram's chat id), not a token.
+    kind: str
     user: str | None = None
     conversation: str | None = None
     expires: int | None = None

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from commhub.core.natsauth import read_credentials
+
 
 class HubProcess:
     """A ``commhub up`` child on a data directory, with embedded NATS on free ports."""
@@ -71,7 +73,10 @@ class HubProcess:
 
     @property
     def nats_url(self) -> str:
-        return str(self.info["nats_url"])
+        """The hub's NATS URL with its credentials (its embedded server wants them)."""
+        url = str(self.info["nats_url"])
+        credentials = read_credentials(self.data_dir)
+        return credentials.url(url) if credentials is not None else url
 
     def nats_server_pid(self) -> int:
         return int((self.data_dir / "nats-server.pid").read_text())

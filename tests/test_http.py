@@ -239,8 +239,9 @@ async def test_signed_tokens_bind_user_and_conversation(bus: Bus, settings: Sett
 async def test_the_rasa_endpoint_follows_the_same_token_rules(
     bus: Bus, settings: Settings
 ) -> None:
-    """Rasa's REST channel has no auth; here it needs a token like every endpoint, and a
-    signed token speaks only for its own sender."""
+    """Rasa's REST channel has no auth; here it needs a token like every endpoint, a
+    signed token speaks only for its own sender, and a static token (a claim, not a
+    proof) cannot enter the conversation a signed user started."""
     async with http_channel(bus, locked(settings), rest_wait_seconds=0.1) as channel:
         url = f"{base(channel)}/webhooks/rest/webhook"
         rasa = {"sender": "alice", "message": "hi"}
@@ -254,8 +255,12 @@ async def test_the_rasa_endpoint_follows_the_same_token_rules(
                                      headers=alice)
         assert (status, body["error"]["message"]) == (401, "token is for another user")
         status, body, _ = await call("POST", url + "?token=s3cret", json_body=rasa)
+        assert (status, body["error"]["code"]) == (403, "forbidden")
+        status, body, _ = await call("POST", url + "?token=s3cret",
+                                     json_body={**rasa, "sender": "carol"})
         assert status == 200
-    assert [m.text for m in await inbound_of(bus, "rest-alice")] == ["hi", "hi"]
+    assert [m.text for m in await inbound_of(bus, "rest-alice")] == ["hi"]
+    assert [m.text for m in await inbound_of(bus, "rest-carol")] == ["hi"]
 
 
 # -- bad input ---------------------------------------------------------------------------

@@ -16,6 +16,9 @@ import aiohttp
 import msgspec
 import pytest
 from fake_botapi import FakeBotAPI
+from inproc import ws_port
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from commhub.channels.telegram.channel import SECRET_HEADER, TelegramChannel, TelegramSettings
 from commhub.channels.telegram.text import utf16_len
@@ -369,3 +372,22 @@ async def test_unknown_conversation_is_a_delivery_failed_event(
     assert event.conversation == "demo1" and event.code == 400
     await asyncio.sleep(0)
     assert msgspec.json.encode(event)  # a complete record
+
+
+async def test_clients_of_other_channels_cannot_enter_a_telegram_chat(
+    polling_hub: Hub, fake: FakeBotAPI
+) -> None:
+    """A Telegram chat's conversation (tg-<chat id>) is the chat's: a WebSocket client
+    naming the same id is refused with 4403, and the chat goes on as before."""
+    fake.user_says(CHAT, "I'd like to book a table")
+    await fake.wait_sent(CHAT, 1)
+    address = f"ws://127.0.0.1:{ws_port(polling_hub)}/ws?conversation=tg-{CHAT}&user=ann"
+    async with connect(address) as ws:
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 10)
+    assert closed.value.rcvd is not None
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (
+        4403, "forbidden: the conversation belongs to another user")
+    fake.user_says(CHAT, "4")
+    texts = await fake.wait_sent(CHAT, 2)
+    assert texts[-1].startswith("Which day would you like to come?")

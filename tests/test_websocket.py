@@ -32,7 +32,7 @@ from commhub.core.bus import Bus
 from commhub.core.channel import ChannelContext
 from commhub.core.config import Settings
 from commhub.core.envelope import ChannelEvent, Message, Sender, decode_as, new_id
-from commhub.core.tokens import TokenAuthority, mint
+from commhub.core.tokens import Identity, TokenAuthority, mint
 
 ID1 = "5f0c7e1e-2b1d-4c55-9a43-0d8f6b1f9b21"  # client ids must look unique (a UUID)
 WAIT = 5  # seconds: a safety net against hangs, never an assertion about speed
@@ -473,7 +473,8 @@ def test_admission_rules() -> None:
     """admit() parses the query and applies the token and anonymity rules."""
     anon_ok = TokenAuthority(anonymous_allowed=True)
     ok = admit("/ws?conversation=c1&user=u&after=7", authority=anon_ok)
-    assert ok == Admitted(conversation="c1", user="u", after=7, anonymous=True)
+    assert ok == Admitted(conversation="c1", user="u", after=7, anonymous=True,
+                          identity=Identity("anonymous"))
     anon = admit("/ws?conversation=c1", authority=anon_ok)
     assert isinstance(anon, Admitted) and anon.user.startswith("anon-") and anon.after is None
     with_token = admit("/ws?conversation=c1&token=t", authority=TokenAuthority(["t"]))

@@ -15,6 +15,10 @@ the reference with examples is ``docs/http.md``):
 * ``POST|GET|DELETE /v1/conversations/{conversation}/callback``: a conversation's
   callback URL (see :mod:`commhub.channels.http.callbacks`).
 
+Every endpoint lets a request into its conversation through
+:meth:`HttpChannel.enter` (``ctx.claim_conversation``) before it stores, reads or
+registers anything: another user's conversation is 403 ``forbidden``.
+
 Concurrency and failure: every request is its own task; reads use their own ordered
 consumer (:meth:`ChannelContext.outbound`), so readers never wait for each other. A
 client that goes away ends its request's consumer. A bus failure while storing a
@@ -52,6 +56,7 @@ from commhub.channels.sendqueue import SendQueue, SlowConsumer
 from commhub.core.aio import cancel_and_wait
 from commhub.core.channel import OutboundItem
 from commhub.core.envelope import Message, Sender, derived_id, new_id
+from commhub.core.tokens import Identity
 
 if TYPE_CHECKING:
     from commhub.channels.http.channel import HttpChannel
@@ -96,9 +101,8 @@ class NativeApi:
             identity = authorize(self.ctx.tokens, request, user=user, conversation=conversation)
         client_id = message_id(body.get("id"))
         text, payload = text_and_payload(body)
-        # Without a user, the token's; else one per conversation, so a client that never
-        # names itself is still one user across its requests.
-        user = user or identity.user or f"anon-{derived_id(conversation, 'user')[:8]}"
+        user = user or default_user(identity, conversation)
+        await self.channel.enter(conversation, user, identity)
         message = Message(
             id=client_id or new_id(),
             conversation=conversation,
@@ -117,7 +121,8 @@ class NativeApi:
     # -- GET messages (long poll) -------------------------------------------------------
     async def get_messages(self, request: web.Request) -> web.Response:
         conversation = check_conversation(request.match_info["conversation"])
-        authorize(self.ctx.tokens, request, user=None, conversation=conversation)
+        identity = authorize(self.ctx.tokens, request, user=None, conversation=conversation)
+        await self.channel.enter(conversation, default_user(identity, conversation), identity)
         after = cursor_param(request.query.get("after"), "after") or 0
         wait = number_param(request, "wait", 0.0, 0.0, self.config.max_wait_seconds)
         limit = int(number_param(request, "limit", self.config.default_limit, 1,
@@ -178,7 +183,9 @@ class NativeApi:
     async def events(self, request: web.Request) -> web.StreamResponse:
         conversation = check_conversation(request.match_info["conversation"])
         user = check_user(request.query.get("user"))
-        authorize(self.ctx.tokens, request, user=user, conversation=conversation)
+        identity = authorize(self.ctx.tokens, request, user=user, conversation=conversation)
+        await self.channel.enter(conversation, user or default_user(identity, conversation),
+                                 identity)
         resumed = cursor_param(request.headers.get("Last-Event-ID"), "Last-Event-ID")
         after = resumed if resumed is not None else cursor_param(request.query.get("after"),
                                                                   "after")
@@ -204,7 +211,8 @@ class NativeApi:
     # -- callback registration ----------------------------------------------------------
     async def put_callback(self, request: web.Request) -> web.Response:
         conversation = check_conversation(request.match_info["conversation"])
-        authorize(self.ctx.tokens, request, user=None, conversation=conversation)
+        identity = authorize(self.ctx.tokens, request, user=None, conversation=conversation)
+        await self.channel.enter(conversation, default_user(identity, conversation), identity)
         body = await read_json_object(request)
         store = self.channel.callback_store()
         url = body.get("url")
@@ -215,7 +223,8 @@ class NativeApi:
 
     async def get_callback(self, request: web.Request) -> web.Response:
         conversation = check_conversation(request.match_info["conversation"])
-        authorize(self.ctx.tokens, request, user=None, conversation=conversation)
+        identity = authorize(self.ctx.tokens, request, user=None, conversation=conversation)
+        await self.channel.enter(conversation, default_user(identity, conversation), identity)
         registration = await self.channel.callback_store().get(conversation)
         if registration is None:
             raise ApiError(404, "not_found", "no callback registered for this conversation")
@@ -223,10 +232,17 @@ class NativeApi:
 
     async def delete_callback(self, request: web.Request) -> web.Response:
         conversation = check_conversation(request.match_info["conversation"])
-        authorize(self.ctx.tokens, request, user=None, conversation=conversation)
+        identity = authorize(self.ctx.tokens, request, user=None, conversation=conversation)
+        await self.channel.enter(conversation, default_user(identity, conversation), identity)
         if not await self.channel.callback_store().delete(conversation):
             raise ApiError(404, "not_found", "no callback registered for this conversation")
         return web.Response(status=204)
+
+
+def default_user(identity: Identity, conversation: str) -> str:
+    """The user of a request that names none: the signed token's, else one per
+    conversation, so a client that never names itself is one user across its requests."""
+    return identity.user or f"anon-{derived_id(conversation, 'user')[:8]}"
 
 
 async def next_item(

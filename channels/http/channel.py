@@ -16,11 +16,12 @@ so it adds routes in :meth:`HttpChannel.start` and owns no socket. The protocol 
 
 Concurrency and failure: each request runs in its own task and holds its own bus
 consumer, if any; nothing a request does blocks another. A refused request (bad token,
-bad input, a body over ``max_body_bytes``) is a JSON error and a ChannelEvent
-(``rejected`` for tokens, ``error`` otherwise); an exception in a handler is a 500 from
-the hub's server, never a crash. ``stop()`` answers long polls and Rasa turns in flight
-with what they have, ends event streams, and stops the callback deliverer (a delivery
-in flight is not acked, so it is retried after the restart).
+another user's conversation, bad input, a body over ``max_body_bytes``) is a JSON error
+and a ChannelEvent (``rejected`` for tokens and owners, ``error`` otherwise); an
+exception in a handler is a 500 from the hub's server, never a crash. ``stop()``
+answers long polls and Rasa turns in flight with what they have, ends event streams,
+and stops the callback deliverer (a delivery in flight is not acked, so it is retried
+after the restart).
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ from commhub.channels.ratelimit import TokenBucket
 from commhub.core.channel import Channel, ChannelContext
 from commhub.core.envelope import ChannelEventKind, Message, Sender, new_id
 from commhub.core.hookspecs import hookimpl
+from commhub.core.owners import FORBIDDEN_CODE, FORBIDDEN_MESSAGE, ConversationForbidden
+from commhub.core.tokens import Identity
 
 __all__ = ["HttpChannel", "HttpSettings", "RASA_WEBHOOK", "register_channels"]
 
@@ -57,6 +60,8 @@ log = logging.getLogger(__name__)
 
 RASA_WEBHOOK = "/webhooks/rest/webhook"
 _MAX_BUCKETS = 100_000  # rate-limit state for this many recent conversations, at most
+# The conversation a request's body named (Rasa), for the event of its refusal.
+_BODY_CONVERSATION = web.RequestKey("commhub_conversation", str)
 
 
 class HttpSettings(BaseModel):
@@ -205,6 +210,19 @@ class HttpChannel(Channel):
                            "for this conversation; retry later with the same id",
                            {"Retry-After": str(wait)})
 
+    async def enter(self, conversation: str, user: str, identity: Identity) -> None:
+        """Let the request into ``conversation`` (see ``ctx.claim_conversation``): 403
+        ``forbidden`` when it belongs to another user, 503 when the owners record cannot
+        be reached (retry)."""
+        try:
+            await self.ctx.claim_conversation(conversation, user, identity)
+        except ConversationForbidden:
+            raise ApiError(403, FORBIDDEN_CODE, FORBIDDEN_MESSAGE) from None
+        except Exception as exc:
+            log.warning("http: owner check failed: %r", exc)
+            raise ApiError(503, "unavailable",
+                           "the hub could not check the conversation; retry") from exc
+
     async def publish(self, message: Message, request: web.Request) -> int:
         """Store a user's message; a bus failure is 503 (retry with the same id)."""
         try:
@@ -215,9 +233,11 @@ class HttpChannel(Channel):
                            "the hub could not store the message; retry with the same id") from exc
 
     async def _refused(self, request: web.Request, error: ApiError) -> None:
-        """Record a refused request: ``rejected`` for auth, ``error`` for the rest."""
-        kind: ChannelEventKind = "rejected" if error.status == 401 else "error"
-        conversation = request.match_info.get("conversation")
+        """Record a refused request: ``rejected`` for auth and another user's
+        conversation, ``error`` for the rest."""
+        kind: ChannelEventKind = "rejected" if error.status in (401, 403) else "error"
+        # The path names it, or the Rasa body did (kept on the request by _rasa).
+        conversation = request.match_info.get("conversation") or request.get(_BODY_CONVERSATION)
         await self.ctx.publish_event(
             kind, connection=new_id()[:16],
             conversation=conversation if conversation and len(conversation) <= 128 else None,
@@ -230,7 +250,10 @@ class HttpChannel(Channel):
         """Rasa's ``POST /webhooks/rest/webhook``: the replies of this turn as a list."""
         authorize(self.ctx.tokens, request, user=None, conversation=None)  # before the body
         rasa = parse_request(await read_json_object(request))
-        authorize(self.ctx.tokens, request, user=rasa.user, conversation=rasa.conversation)
+        request[_BODY_CONVERSATION] = rasa.conversation
+        identity = authorize(self.ctx.tokens, request, user=rasa.user,
+                             conversation=rasa.conversation)
+        await self.enter(rasa.conversation, rasa.user, identity)
         self.check_rate(rasa.conversation)
         meta: dict[str, Any] = {"rasa_sender": rasa.sender}
         if rasa.metadata is not None:

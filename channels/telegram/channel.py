@@ -80,6 +80,7 @@ from commhub.core.aio import cancel_and_wait
 from commhub.core.channel import Channel, ChannelContext
 from commhub.core.envelope import Message, Sender
 from commhub.core.hookspecs import hookimpl
+from commhub.core.tokens import Identity
 from commhub.core.web import json_error
 
 __all__ = ["TelegramChannel", "TelegramSettings", "register_channels", "SECRET_HEADER"]
@@ -419,6 +420,12 @@ class TelegramChannel(Channel):
             payload=payload,
             meta=meta,
         )
+        # The conversation is derived from the chat id, so on Telegram it is owned by
+        # construction. Recording the chat as its owner keeps clients of other
+        # channels, which could name the same id, out of it; the chat itself is
+        # always let in (the id comes from Telegram, not from a client).
+        chat = message.conversation
+        await self.ctx.claim_conversation(chat, chat, Identity("channel", chat, chat))
         await self.ctx.publish_inbound(message)
         if parsed.callback_id is not None:
             # Stops the client's spinner; after the message is stored, so a failure

@@ -12,6 +12,10 @@ either a :class:`Admitted` (the connection's conversation, user and start cursor
   without ``user`` a signed token's user is taken. A token that is given but wrong is
   refused even when anonymous clients are allowed.
 
+Whether the conversation belongs to another user needs the owners record on the bus, so
+it is checked after :func:`admit`, by :meth:`ChannelContext.claim_conversation`; a
+refusal closes with :data:`CLOSE_FORBIDDEN`.
+
 Close codes are in the 4000-4999 private range so that a browser, which cannot read the
 HTTP body of a refused handshake, still learns why (``CloseEvent.code``/``reason``).
 """
@@ -24,10 +28,11 @@ from urllib.parse import parse_qs, urlsplit
 
 from commhub.core.envelope import new_id
 from commhub.core.subjects import valid_token
-from commhub.core.tokens import TokenAuthority, TokenRefused
+from commhub.core.tokens import Identity, TokenAuthority, TokenRefused
 
 __all__ = [
     "CLOSE_BAD_REQUEST",
+    "CLOSE_FORBIDDEN",
     "CLOSE_TOO_MANY",
     "CLOSE_UNAUTHORIZED",
     "HEALTH_PATH",
@@ -42,6 +47,7 @@ HEALTH_PATH: Final = "/healthz"
 
 CLOSE_BAD_REQUEST: Final = 4400  # bad query parameters
 CLOSE_UNAUTHORIZED: Final = 4401  # missing or wrong token
+CLOSE_FORBIDDEN: Final = 4403  # the conversation belongs to another user
 CLOSE_TOO_MANY: Final = 4429  # max_connections reached
 
 
@@ -53,6 +59,7 @@ class Admitted:
     user: str
     after: int | None
     anonymous: bool
+    identity: Identity  # what the token admitted: the owner check needs it
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,4 +113,5 @@ def admit(path: str, *, authority: TokenAuthority) -> Admitted | Refused:
         user=user or identity.user or f"anon-{new_id()[:8]}",
         after=after,
         anonymous=identity.kind == "anonymous",
+        identity=identity,
     )

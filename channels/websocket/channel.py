@@ -47,6 +47,7 @@ from commhub.channels.ratelimit import TokenBucket
 from commhub.channels.sendqueue import SendQueue, SlowConsumer
 from commhub.channels.websocket import frames
 from commhub.channels.websocket.admission import (
+    CLOSE_FORBIDDEN,
     CLOSE_TOO_MANY,
     HEALTH_PATH,
     WS_PATH,
@@ -58,6 +59,7 @@ from commhub.core.aio import cancel_and_wait
 from commhub.core.channel import Channel, ChannelContext
 from commhub.core.envelope import Message, Sender, new_id
 from commhub.core.hookspecs import hookimpl
+from commhub.core.owners import ConversationForbidden
 from commhub.core.web import listen_error
 
 __all__ = ["WebSocketChannel", "WebSocketSettings", "register_channels"]
@@ -203,6 +205,8 @@ class WebSocketChannel(Channel):
         conn_id = new_id()[:16]
         assert ws.request is not None
         verdict = admit(ws.request.path, authority=self._authority)
+        if isinstance(verdict, Admitted):
+            verdict = await self._claim(verdict)
         if isinstance(verdict, Admitted) and len(self._conns) >= self.config.max_connections:
             verdict = Refused(
                 CLOSE_TOO_MANY, "too many connections", verdict.conversation, verdict.user
@@ -229,6 +233,19 @@ class WebSocketChannel(Channel):
                 "closed", connection=conn_id, conversation=conn.conversation,
                 user=conn.user, reason=reason or None, code=code,
             )
+
+    async def _claim(self, who: Admitted) -> Admitted | Refused:
+        """Enter the conversation as its owner or a user it admits; 4403 for another
+        user's, 1013 (try again later) when the owners record cannot be reached."""
+        try:
+            await self.ctx.claim_conversation(who.conversation, who.user, who.identity)
+        except ConversationForbidden as exc:
+            return Refused(CLOSE_FORBIDDEN, str(exc), who.conversation, who.user)
+        except Exception as exc:
+            log.warning("websocket: owner check failed: %r", exc)
+            return Refused(CLOSE_TRY_AGAIN, "unavailable: the hub could not check the "
+                           "conversation; reconnect", who.conversation, who.user)
+        return who
 
     async def _serve(self, conn: _Conn, after: int | None) -> None:
         ctx, ws = self.ctx, conn.ws

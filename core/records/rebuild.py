@@ -5,7 +5,8 @@ For a lost or damaged file, or to re-derive every row after a schema change. Ste
 1. Refuse while a hub runs on the data directory (its lock is held), then take the lock
    so that none starts meanwhile.
 2. With the embedded default, start the embedded nats-server on the data directory's
-   JetStream store (port 0, loopback); otherwise connect to ``nats_url``.
+   JetStream store (port 0, loopback, the data directory's credentials); otherwise
+   connect to ``nats_url``.
 3. Note each stream's last sequence, then run a :class:`~commhub.core.records.recorder.Recorder`
    into ``commhub.duckdb.rebuild`` on durables of its own (``{stream}_rebuild``,
    deliver all) until each has acked its stream up to that sequence. Progress goes to a
@@ -40,6 +41,7 @@ from nats.js.errors import NotFoundError
 from commhub.core.bus import Bus
 from commhub.core.config import Settings
 from commhub.core.lock import DataDirLock, hub_is_running, read_hub_info
+from commhub.core.natsauth import load_or_create
 from commhub.core.natsserver import EmbeddedNats
 from commhub.core.records.recorder import Recorder
 
@@ -94,8 +96,10 @@ async def rebuild(settings: Settings, progress: ProgressCallback | None = None) 
                     f"nothing to rebuild from: {data_dir} has no JetStream store "
                     "(start the hub with `commhub up` first)"
                 )
-            server = EmbeddedNats(data_dir, port=0, conf=settings.nats_conf)
-            url = await server.start()
+            credentials = load_or_create(data_dir)  # the same ones the hub uses
+            server = EmbeddedNats(data_dir, port=0, conf=settings.nats_conf,
+                                  credentials=credentials)
+            url = credentials.url(await server.start())
         else:
             assert settings.nats_url is not None
             url = settings.nats_url

@@ -17,7 +17,9 @@ from pydantic import BaseModel, ConfigDict
 from commhub.core.channel import Channel, ChannelContext
 from commhub.core.envelope import Message, Sender, new_id
 from commhub.core.hookspecs import hookimpl
+from commhub.core.owners import ConversationForbidden
 from commhub.core.subjects import valid_token
+from commhub.core.tokens import Identity
 from commhub.core.workflow import WorkflowDef
 
 __version__ = "0.1.0"
@@ -78,6 +80,20 @@ class LinesChannel(Channel):
                     message = self._parse(line)
                 except (ValueError, KeyError, TypeError) as exc:
                     await _write(writer, {"error": str(exc)})
+                    continue
+                try:
+                    # A line carries no token: its user id is the client's word, so it
+                    # may not enter a conversation that a signed-token user owns.
+                    await self.ctx.claim_conversation(message.conversation, message.sender.id,
+                                                      Identity("anonymous"))
+                except ConversationForbidden as exc:
+                    await self.ctx.publish_event("rejected", connection=connection,
+                                                 conversation=message.conversation,
+                                                 user=message.sender.id, reason=str(exc))
+                    await _write(writer, {"error": str(exc)})
+                    continue
+                except Exception as exc:
+                    await _write(writer, {"error": f"not accepted, send it again: {exc}"})
                     continue
                 try:
                     seq = await self.ctx.publish_inbound(message)
