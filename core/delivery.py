@@ -9,11 +9,12 @@ A :class:`DeliveryLoop`
 1. binds a durable pull consumer (:meth:`Bus.bind_durable`, created on first use) with
    explicit acks and ``max_deliver`` set from the :class:`RetryPolicy`;
 2. fetches records in batches, never holding more than ``max_in_flight`` unsettled;
-3. takes the key from the subject (its last token: the conversation) and refuses a key
-   that is not a valid subject token, then decodes the record with ``decode``; either
-   failing, for any reason (bad JSON, a wrong field, a ``RecursionError`` on a deeply
-   nested document), terminates the message and reports it once on
-   ``{prefix}.evt.invalid``: redelivering it could not make it valid;
+3. decodes the record with ``decode`` (which may check the subject too) and takes the
+   key from the subject (its last token: the conversation), refusing a key that is not
+   a valid subject token; either failing, for any reason (bad JSON, a wrong field, a
+   ``RecursionError`` on a deeply nested document), terminates the message and
+   reports it once on ``{prefix}.evt.invalid``: redelivering it could not make it
+   valid;
 4. runs ``handler(Delivery)`` under :class:`KeyedSerialRunner`: one key's records one
    after another in stream order, different keys concurrently;
 5. settles by the handler's outcome (:mod:`commhub.core.retry`): returned, ack;
@@ -313,12 +314,12 @@ class DeliveryLoop(Generic[T]):
         delivered = int(msg.metadata.num_delivered)
         key = self._key(subject)
         try:
+            record = self._decode(subject, msg.data)  # may refuse the subject in its words
             if not valid_token(key):
                 raise Permanent(
                     f"subject token {key[:200]!r} is not a valid id: use 1-128 letters, "
                     "digits, '-' or '_'"
                 )
-            record = self._decode(subject, msg.data)
         except Permanent as exc:
             await self._terminate(msg, exc.reason)
             return

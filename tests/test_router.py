@@ -9,6 +9,7 @@ import msgspec
 from inproc import hub_state, ws_port
 from wschat import Chat
 
+from commhub.core.envelope import InvalidRecord, Message, Sender, decode_as, new_id
 from commhub.core.hub import Hub
 
 
@@ -123,6 +124,48 @@ async def test_a_state_written_by_another_router_wins_over_the_cache(hub: Hub) -
     await chat.close()
 
 
+async def invalid_reports(hub: Hub) -> list[InvalidRecord]:
+    """Every InvalidRecord stored on the hub's evt.invalid so far."""
+    assert hub.bus is not None
+    s = hub.bus.subjects
+    info = await hub.bus.js.stream_info(s.events_stream, subjects_filter=s.invalid)
+    count = (info.state.subjects or {}).get(s.invalid, 0)
+    if not count:
+        return []
+    sub = await hub.bus.js.subscribe(s.invalid, ordered_consumer=True)
+    try:
+        return [decode_as((await sub.next_msg(timeout=10)).data, InvalidRecord)
+                for _ in range(count)]
+    finally:
+        await sub.unsubscribe()
+
+
+async def test_an_input_whose_subject_names_no_valid_conversation_is_reported_once(
+    hub: Hub,
+) -> None:
+    """A valid Message on ``in.websocket.a+b`` (not a usable conversation id: it cannot
+    be a state key) is terminated at once and reported once on evt.invalid, never
+    retried or redelivered; the router goes on with the next input."""
+    assert hub.bus is not None and hub.router is not None
+    s = hub.bus.subjects
+    poison = Message(id=new_id(), conversation="a+b", channel="websocket", direction="in",
+                     sender=Sender(id="mallory"), text="I'd like to book a table")
+    await hub.bus.publish(s.inbound("websocket", "a+b"), poison)
+    chat = await Chat.open(ws_port(hub), "after-poison")
+    assert "how many" in (await chat.say("I'd like to book a table"))["text"].lower()
+    await chat.close()
+    async with asyncio.timeout(15):
+        while not (reports := await invalid_reports(hub)):
+            await asyncio.sleep(0.05)
+        while (info := await hub.bus.js.consumer_info(
+                s.messages_stream, s.router_consumer)).num_ack_pending:
+            await asyncio.sleep(0.05)
+    (report,) = reports
+    assert (report.subject, report.source) == (s.inbound("websocket", "a+b"), "router")
+    assert "invalid conversation 'a+b'" in report.reason
+    assert decode_as(report.data.encode(), Message).id == poison.id
+    assert info.num_redelivered == 0
+    assert (hub.router.stats.invalid, hub.router.stats.retries) == (1, 0)
 
 
 async def test_one_conversation_is_handled_in_order(hub: Hub) -> None:
