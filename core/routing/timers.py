@@ -39,7 +39,7 @@ from commhub.core.bus import Bus
 from commhub.core.envelope import Sender, WorkflowInput, derived_id
 from commhub.core.routing.state import EXPIRE_EVENT, TIMEOUT_EVENT
 
-__all__ = ["TIMER_SENDER", "TimerScheduler", "due_timers"]
+__all__ = ["TIMER_SENDER", "TimerScheduler", "Timing", "due_timers"]
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ TIMER_SENDER = Sender(id="commhub-timer", kind="service", name="timer")
 RETRY_SECONDS = 1.0
 
 
-class _Timing(msgspec.Struct):
+class Timing(msgspec.Struct):
     """The part of a stored state the scheduler needs (the rest is skipped unparsed)."""
 
     workflow: str | None = None
@@ -60,14 +60,14 @@ class _Timing(msgspec.Struct):
 
 
 class _Stored(msgspec.Struct):
-    state: _Timing
+    state: Timing
 
 
 _decoder = msgspec.json.Decoder(_Stored)
 
 
 def due_timers(
-    conversation: str, timing: _Timing, idle_expiry: float
+    conversation: str, timing: Timing, idle_expiry: float
 ) -> list[tuple[float, WorkflowInput]]:
     """The timers a stored state asks for, each with its due time and the input that
     will be published for it (with its deterministic id)."""
@@ -136,6 +136,11 @@ class TimerScheduler:
             with contextlib.suppress(Exception):
                 await self._watcher.stop()
             self._watcher = None
+
+    def check_now(self) -> None:
+        """Look at the deadlines again at once, not at the next one the clock said: for
+        a clock that jumps (a test's fake clock, a machine resumed from suspend)."""
+        self._wake.set()
 
     def pending(self, conversation: str) -> int:
         """How many timers of ``conversation`` are waiting to be published."""
