@@ -27,7 +27,8 @@ class KeyedSerialRunner:
     """Queues jobs per key; one worker task per busy key drains its queue in order.
 
     Concurrency: ``submit`` never blocks; the caller bounds the number of jobs in flight
-    (the router does so with a semaphore released when each job ends). A job that raises
+    (:class:`~commhub.core.delivery.DeliveryLoop` fetches only as many records as it has
+    room for). A job that raises
     is logged and does not stop the jobs queued after it. ``join`` waits until every
     queue is empty; cancelling ``join`` leaves the workers running. ``cancel`` cancels
     the running jobs (each sees ``CancelledError``) and drops the queued ones unrun.
