@@ -294,3 +294,28 @@ async def test_stop_with_a_grace_hands_back_what_does_not_finish(bus: Bus) -> No
         await until(lambda: len(redelivered) == 2)
         await settled(bus, loop)
     assert redelivered == [(1, 2), (2, 2)]
+
+
+async def test_a_record_that_never_gets_an_outcome_is_given_up_unrun(bus: Bus) -> None:
+    """A record whose handling never ends (as if it killed the process each time) comes
+    back on every start; past the policy's max_deliver it is given up without running
+    the handler again, and reported once."""
+    policy = RetryPolicy(first=0.01, cap=0.01, in_place_attempts=1, max_attempts=1)
+    runs: list[int] = []
+
+    async def hangs(delivery: Delivery[Record]) -> None:
+        runs.append(delivery.delivered)
+        await asyncio.Event().wait()
+
+    await put(bus, "stuck", {"n": 1})
+    for expected in range(1, policy.max_deliver + 1):
+        async with delivering(bus, hangs, policy=policy) as loop:
+            await until(lambda n=expected: len(runs) == n)  # type: ignore[misc]
+            await loop.stop(grace=0)
+    async with delivering(bus, hangs, policy=policy) as loop:
+        await until(lambda: loop.stats.given_up == 1)
+        await settled(bus, loop)
+    assert runs == list(range(1, policy.max_deliver + 1))
+    (report,) = await invalid_reports(bus)
+    assert report.reason.startswith(
+        f"dead letter: delivered {policy.max_deliver + 1} times without an outcome")
