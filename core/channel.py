@@ -11,6 +11,11 @@ A channel carries people's messages between a chat network and the bus. It imple
   conversation on this channel after a cursor, in order, then live ones. The cursor is
   the message's stream sequence: a client that reconnects with the last cursor it saw
   misses nothing and sees nothing twice.
+* ``await ctx.deliver_outbound(handler, ...)``: every outbound message on this channel,
+  consumed durably (a :class:`~commhub.core.delivery.DeliveryLoop`): ``handler`` is
+  called per message, one conversation's messages in order, and the message is acked
+  when it returns; it is retried with backoff when it raises, across restarts. For
+  channels that must call out to deliver (a webhook, an SMS or e-mail gateway).
 * ``await ctx.publish_event(kind, ...)``: a ChannelEvent on the bus (accepted, rejected,
   closed, error, delivery_failed). Never raises.
 * ``await ctx.turn_replies(conversation, message_id, timeout)``: the replies on this
@@ -34,14 +39,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from pydantic import BaseModel
 
+from commhub.core.delivery import (
+    Delivery,
+    DeliveryLoop,
+    GiveUpHook,
+    RetryHook,
+    RetryPolicy,
+    last_token,
+)
 from commhub.core.envelope import (
     ChannelEvent,
     ChannelEventKind,
@@ -51,6 +64,7 @@ from commhub.core.envelope import (
     new_id,
 )
 from commhub.core.owners import OwnerBook, client_of
+from commhub.core.retry import Permanent
 from commhub.core.routing.store import StateStore
 
 if TYPE_CHECKING:
@@ -59,7 +73,7 @@ if TYPE_CHECKING:
     from commhub.core.tokens import Identity
     from commhub.core.web import WebServer
 
-__all__ = ["Channel", "ChannelContext", "OutboundItem", "TurnReplies"]
+__all__ = ["Channel", "ChannelContext", "OutboundItem", "TurnReplies", "decode_outbound"]
 
 log = logging.getLogger(__name__)
 
@@ -285,3 +299,75 @@ class ChannelContext:
             self._owners = OwnerBook(self.bus)
         client, granted = client_of(identity, user, conversation)
         await self._owners.claim(conversation, client, granted=granted)
+
+    async def deliver_outbound(
+        self,
+        handler: Callable[[Delivery[Message]], Awaitable[None]],
+        *,
+        name: str = "out",
+        policy: RetryPolicy | None = None,
+        max_in_flight: int = 256,
+        ack_wait: float = 30.0,
+        start: Literal["all", "new"] = "all",
+        on_retry: RetryHook[Message] | None = None,
+        on_give_up: GiveUpHook[Message] | None = None,
+    ) -> DeliveryLoop[Message]:
+        """Consume every outbound message of this channel durably; return the started loop.
+
+        The durable consumer is ``{prefix}_{channel}_{name}`` on
+        ``{prefix}.out.{channel}.>``, shared by every process running this channel (each
+        message goes to one of them) and kept across restarts: messages published while
+        no process runs are delivered at the next start. ``start="all"`` makes a new
+        durable begin with the messages already stored, ``"new"`` with those published
+        after it was created.
+
+        ``handler(delivery)`` gets the decoded :class:`Message` as ``delivery.record``
+        and its cursor as ``delivery.seq``. Returning acks the message; raising
+        :class:`~commhub.core.retry.Retry` (or any exception) retries it with the
+        ``policy``'s backoff, in place first (the conversation's later messages wait),
+        then by handing it back to JetStream with a delay; raising
+        :class:`~commhub.core.retry.Permanent` terminates it and reports it on
+        ``evt.invalid``, as happens to a record that is not a valid Message for the
+        subject's conversation. A handler may run again for a message it already
+        handled (a crash before the ack): make its effect idempotent, e.g. by sending the
+        message id along. Stop the loop in the channel's ``stop()`` with
+        ``await loop.stop(grace)``.
+        """
+        subjects = self.subjects
+        config = ConsumerConfig(
+            durable_name=f"{subjects.prefix}_{self.channel}_{name}",
+            description=f"commhub {self.channel} channel: outbound messages to deliver",
+            filter_subject=subjects.outbound(self.channel, ">"),
+            deliver_policy=DeliverPolicy.ALL if start == "all" else DeliverPolicy.NEW,
+            ack_wait=ack_wait,
+        )
+        loop: DeliveryLoop[Message] = DeliveryLoop(
+            self.bus,
+            stream=subjects.messages_stream,
+            consumer=config,
+            decode=decode_outbound,
+            handler=handler,
+            source=f"channel:{self.channel}",
+            policy=policy,
+            max_in_flight=max_in_flight,
+            on_retry=on_retry,
+            on_give_up=on_give_up,
+        )
+        await loop.start()
+        return loop
+
+
+def decode_outbound(subject: str, data: bytes) -> Message:
+    """The Message on ``{prefix}.out.{channel}.{conversation}``; raises
+    :class:`Permanent` when it is not one, or names another conversation."""
+    try:
+        message = decode_as(data, Message)
+    except EnvelopeError as exc:
+        raise Permanent(f"not a valid message record: {exc}") from None
+    conversation = last_token(subject)
+    if message.conversation != conversation:
+        raise Permanent(
+            f"conversation {message.conversation!r} does not match the subject's "
+            f"{conversation!r}"
+        )
+    return message

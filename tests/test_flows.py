@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 import nats
 import pytest
+from fakeclock import FakeClock
 from inproc import hub_state, ws_port
 from wschat import Chat
 
@@ -332,17 +334,20 @@ async def test_two_close_candidates_get_a_clarifying_question(
 
 
 # --------------------------------------------------------------------------- timers
+# The routers' timers read a FakeClock: a deadline passes when the test moves the
+# clock, not after seconds of waiting. The engine stamps deadlines from the messages'
+# own times (the wall clock), so the fake clock starts at the present.
 REMINDER = """
 name: reminder
-description: A one-second deadline
+description: A half-minute deadline
 initial: waiting
 states:
   waiting:
-    say: Say anything within a second.
+    say: Say anything within half a minute.
     on:
       - message: any
         to: in_time
-      - timeout: 1
+      - timeout: 30
         to: too_late
   in_time: {final: true, say: Just in time.}
   too_late: {final: true, say: Time is up.}
@@ -353,25 +358,32 @@ async def test_a_timeout_fires_once_with_two_routers(
     settings: Settings, nats_url: str, tmp_path: Path
 ) -> None:
     """Two routers on one prefix both schedule the state's timeout from the bucket and
-    both publish it; JetStream keeps one copy, and the transition runs once."""
+    both publish it when it is due; JetStream keeps one copy, and the transition runs
+    once."""
     path = tmp_path / "reminder.yaml"
     path.write_text(REMINDER)
     async with running(settings, workflow_paths=[path]) as hub:
         assert hub.router is not None and hub.engine is not None and hub.bus is not None
+        router = hub.router
         bus2 = await Bus.connect(nats_url, hub.bus.subjects)
-        second = Router(bus2, hub.engine, hub.router.classifier, hub.plugins,
+        second = Router(bus2, hub.engine, router.classifier, hub.plugins,
                         threshold=settings.threshold)
+        clock = FakeClock().attach(router.timers, second.timers)
         await second.start()
         try:
             chat = await Chat.open(ws_port(hub), "tm1")
             await chat.say(payload={"start": "reminder"})
+            await wait_until(lambda: _true(router.timers.pending("tm1") >= 1
+                                           and second.timers.pending("tm1") >= 1))
+            clock.advance(60)
             await wait_for_text(chat, "Time is up.")
             await wait_until(lambda: _true(
-                hub.router.timers.published >= 1 and second.timers.published >= 1))
+                router.timers.published >= 1 and second.timers.published >= 1))
             # Both published; the stream holds one timeout input, and one reply.
             assert await stored_count(hub, hub.bus.subjects.workflow_input("tm1")) == 1
+            clock.set(time.time())  # back to the present: the next deadline is ahead
             marker = await chat.say(payload={"start": "reminder"})  # flushes the pipeline
-            assert marker["text"] == "Say anything within a second."
+            assert marker["text"] == "Say anything within half a minute."
             assert [m["text"] for m in chat.messages].count("Time is up.") == 1
             on_time = await chat.say("here I am")
             assert on_time["text"] == "Just in time."
@@ -387,26 +399,35 @@ async def test_timers_survive_a_router_restart(
     """A timeout armed while one hub ran fires from the next hub: the deadline is in
     the bucket, and the new router rebuilds its timers from it."""
     path = tmp_path / "reminder.yaml"
-    path.write_text(REMINDER.replace("timeout: 1", "timeout: 3"))
+    path.write_text(REMINDER)
     async with running(settings, workflow_paths=[path]) as hub:
         first = hub.router
         assert first is not None
+        FakeClock().attach(first.timers)  # stands still: the deadline never comes here
         chat = await Chat.open(ws_port(hub), "tm2")
         await chat.say(payload={"start": "reminder"})
-        await first.stop()  # well before the deadline
+        await wait_until(lambda: _true(first.timers.pending("tm2") >= 1))
+        await first.stop()
         hub.router = None
         await chat.close()
     assert first.timers.published == 0
     async with running(settings, workflow_paths=[path]) as hub:
+        assert hub.router is not None
+        later = hub.router
+        await wait_until(lambda: _true(later.timers.pending("tm2") >= 1))  # from the bucket
+        FakeClock().attach(later.timers).advance(60)
         chat = await Chat.open(ws_port(hub), "tm2", after=0)
         assert await wait_for_text(chat, "Time is up.")
         await chat.close()
 
 
 async def test_an_idle_run_expires(settings: Settings, nats_url: str, prefix: str) -> None:
-    """A run with no input for idle_expiry_seconds ends with an expired WorkflowEvent
-    and the conversation is idle again."""
-    async with running(settings, idle_expiry_seconds=1.0) as hub, service(nats_url) as nc:
+    """A run with no input for idle_expiry_seconds (an hour by default) ends with an
+    expired WorkflowEvent and the conversation is idle again."""
+    async with running(settings) as hub, service(nats_url) as nc:
+        assert hub.router is not None
+        router = hub.router
+        clock = FakeClock().attach(router.timers)
         expired: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
         async def on_expired(msg: Any) -> None:
@@ -416,11 +437,13 @@ async def test_an_idle_run_expires(settings: Settings, nats_url: str, prefix: st
         chat = await Chat.open(ws_port(hub), "idle1")
         await chat.say("I'd like to book a table")
         state = await hub_state(hub, "idle1")
+        await wait_until(lambda: _true(router.timers.pending("idle1") >= 1))
+        clock.set(time.time() + settings.idle_expiry_seconds + 1)  # an hour after the input
         event = await asyncio.wait_for(expired.get(), 20)
         assert event["workflow"] == "book_table" and event["run_id"] == state["run_id"]
         assert event["from_state"] == "ask_party_size"
         assert (await hub_state(hub, "idle1"))["workflow"] is None
+        clock.set(time.time())  # back to the present for the next run
         # The next message is classified afresh.
         assert "how many" in (await chat.say("book a table please"))["text"].lower()
         await chat.close()
-

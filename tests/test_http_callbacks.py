@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import json
 import re
+import socket
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -21,8 +22,11 @@ from typing import Any
 from aiohttp import web
 from httpkit import WAIT, base, call, http_channel, reply, wait_event
 
+from commhub.channels.http.callbacks import answer_failure, callback_policy
+from commhub.channels.http.channel import HttpSettings
 from commhub.core.bus import Bus
 from commhub.core.config import Settings
+from commhub.core.envelope import ChannelEvent, decode_as
 from commhub.core.web import WebServer
 
 SECRET = "callback-secret"
@@ -38,6 +42,7 @@ class Receiver:
     url: str = ""
     fail: int = 0
     status: int | None = None
+    delay: float = 0.0
     attempts: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
     delivered: list[dict[str, Any]] = field(default_factory=list)
     bad_signatures: int = 0
@@ -53,6 +58,8 @@ class Receiver:
         if not hmac.compare_digest(expected, request.headers["X-Commhub-Signature"]):
             self.bad_signatures += 1
             return web.Response(status=401)
+        if self.delay:
+            await asyncio.sleep(self.delay)
         delivery = request.headers["X-Commhub-Delivery"]
         seen = self.attempts[delivery]
         seen.append({"attempt": int(request.headers["X-Commhub-Attempt"]),
@@ -76,9 +83,9 @@ class Receiver:
 
 
 @asynccontextmanager
-async def receiver(**kwargs: Any) -> AsyncIterator[Receiver]:
+async def receiver(port: int = 0, **kwargs: Any) -> AsyncIterator[Receiver]:
     recv = Receiver(**kwargs)
-    server = WebServer("127.0.0.1", 0)
+    server = WebServer("127.0.0.1", port)
     server.add_post("/hook", recv.handle)
     await server.start()
     recv.url = f"{server.url}/hook"
@@ -86,6 +93,29 @@ async def receiver(**kwargs: Any) -> AsyncIterator[Receiver]:
         yield recv
     finally:
         await server.stop()
+
+
+def free_port() -> int:
+    """A port nothing listens on (yet): connecting to it is refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def channel_events(bus: Bus, kind: str, conversation: str, count: int) -> list[ChannelEvent]:
+    """The first ``count`` stored or future ChannelEvents of the HTTP channel of ``kind``
+    for ``conversation``."""
+    sub = await bus.js.subscribe(bus.subjects.channel_event("http", kind), ordered_consumer=True)
+    found: list[ChannelEvent] = []
+    try:
+        async with asyncio.timeout(WAIT * 3):
+            while len(found) < count:
+                event = decode_as((await sub.next_msg(timeout=WAIT)).data, ChannelEvent)
+                if event.conversation == conversation:
+                    found.append(event)
+    finally:
+        await sub.unsubscribe()
+    return found
 
 
 async def register(channel: Any, conversation: str, url: str) -> None:
@@ -200,3 +230,78 @@ def test_the_documented_verify_recipe_accepts_commhub_signatures() -> None:
     old = str(int(time.time()) - 3600)
     stale = {"X-Commhub-Timestamp": old, "X-Commhub-Signature": signature(SECRET, old, body)}
     assert not verify(SECRET.encode(), stale, body)
+
+
+OUTAGE = {"callback_secret": SECRET, "callback_backoff_seconds": 0.01,
+          "callback_backoff_max_seconds": 0.1, "callback_retry_seconds": 3600}
+
+
+async def test_a_receiver_down_for_long_gets_the_callback_once_when_back(
+    bus: Bus, settings: Settings
+) -> None:
+    """A receiver that refuses connections through many more attempts than the old
+    six, and through a restart of the channel, gets the callback once when it is back.
+    The waits are handed to JetStream (an ``error`` event per wait names the attempt
+    and the next try), so the attempt count goes on after the restart."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/hook"
+    async with http_channel(bus, settings, **OUTAGE) as channel:
+        await register(channel, "down1", url)
+        message, cursor = await reply(bus, "down1", "are you back?")
+        before = await channel_events(bus, "error", "down1", 4)
+    async with http_channel(bus, settings, **OUTAGE):
+        during = await channel_events(bus, "error", "down1", 10)
+        async with receiver(port=port) as recv:
+            await recv.until(1)
+            marker, _ = await reply(bus, "down1", "and this one")
+            await recv.until(2)
+    assert [d["id"] for d in recv.delivered] == [message.id, marker.id]
+    assert len(recv.attempts[message.id]) == 1  # exactly once: no second POST of it
+    # The events of both channel instances, in order: the count went on after the restart.
+    numbers = [int(re.findall(r"attempt (\d+)", e.reason or "")[0]) for e in during]
+    assert numbers == list(range(3, 13))
+    assert recv.attempts[message.id][0]["attempt"] > 12 > 6
+    first = before[0].reason or ""
+    assert first.startswith(f"connection_refused: callback attempt 3 for message {message.id} "
+                            f"(cursor {cursor}) failed; next try in")
+    assert all(e.connection == message.id for e in during)
+
+
+async def test_a_delivery_that_fails_for_good_names_how(bus: Bus, settings: Settings) -> None:
+    """delivery_failed carries a failure code at the start of its reason, and the HTTP
+    status as its code when there was an answer: connection_refused, timeout, http_503
+    after the last attempt, http_404 at once."""
+    closed = f"http://127.0.0.1:{free_port()}/hook"
+    async with receiver(delay=1.0) as slow, receiver(status=503) as busy, \
+            receiver(status=404) as missing, http_channel(
+                bus, settings, callback_attempts=2, callback_timeout_seconds=0.1, **FAST
+            ) as channel:
+        for conversation, url in (("f1", closed), ("f2", slow.url), ("f3", busy.url),
+                                  ("f4", missing.url)):
+            await register(channel, conversation, url)
+            await reply(bus, conversation, "hello?")
+        refused, = await channel_events(bus, "delivery_failed", "f1", 1)
+        timed_out, = await channel_events(bus, "delivery_failed", "f2", 1)
+        unavailable, = await channel_events(bus, "delivery_failed", "f3", 1)
+        not_found, = await channel_events(bus, "delivery_failed", "f4", 1)
+    assert (refused.reason or "").startswith("connection_refused: ") and refused.code is None
+    assert (timed_out.reason or "").startswith("timeout: ") and timed_out.code is None
+    assert (unavailable.reason or "").startswith("http_503: ") and unavailable.code == 503
+    assert "2 attempts" in (unavailable.reason or "")
+    assert (not_found.reason or "").startswith("http_404: ") and not_found.code == 404
+    assert "1 attempt)" in (not_found.reason or "")
+
+
+def test_the_default_schedule_retries_for_a_day_with_waits_up_to_ten_minutes() -> None:
+    policy = callback_policy(HttpSettings())
+    assert (policy.first, policy.cap) == (0.5, 600)
+    assert 86400 - 600 < policy.total_wait() <= 86400
+    assert callback_policy(HttpSettings(callback_attempts=6)).max_attempts == 6
+
+
+def test_which_answers_are_retried() -> None:
+    assert [answer_failure(s, None).retry for s in (500, 503, 429, 408, 404, 410, 301)] == [
+        True, True, True, True, False, False, False]
+    assert answer_failure(429, 30.0).after == 30.0
+    assert answer_failure(503, 30.0).after is None
+    assert answer_failure(503, None).reason == "http_503: HTTP 503"

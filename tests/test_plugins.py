@@ -31,6 +31,7 @@ from pydantic import BaseModel
 from wschat import Chat
 
 from commhub.core import hookspecs
+from commhub.core.bus import Bus
 from commhub.core.channel import Channel
 from commhub.core.classify import Classifier
 from commhub.core.config import Settings
@@ -146,6 +147,20 @@ async def running(hub: Hub) -> AsyncIterator[Hub]:
         await hub.stop()
 
 
+
+
+def spooled(folder: Path) -> list[dict[str, Any]]:
+    """The replies the spool channel wrote to ``folder``, in cursor order."""
+    files = sorted(folder.glob("*.json"), key=lambda f: int(f.stem))
+    return [json.loads(f.read_text()) for f in files]
+
+
+async def wait_for_file(folder: Path) -> list[dict[str, Any]]:
+    """The replies in ``folder`` once there is one (bounded)."""
+    async with asyncio.timeout(15):  # a safety net, not a timing assertion
+        while not (replies := spooled(folder)):
+            await asyncio.sleep(0.02)
+    return replies
 
 
 # -- the outside package ----------------------------------------------------------------
@@ -789,3 +804,43 @@ def test_two_channels_with_one_name_fail() -> None:
     message = str(info.value)
     assert "WebSocketChannel" in message and "commhub.channels.websocket" in message
     assert "SecondWebSocket" in message and "DuplicateChannelPlugin" in message
+
+
+async def test_the_sample_spool_channel_delivers_replies_durably(
+    lines_installed: Path, settings: Settings, bus: Bus, tmp_path: Path
+) -> None:
+    """The pip-installed sample's spool channel delivers with ctx.deliver_outbound: a
+    reply whose "send" (a file write) fails is retried until it works, written once;
+    a reply published while the hub is down is delivered at the next start."""
+    import aiohttp
+
+    outbox = tmp_path / "outbox"
+    outbox.write_text("in the way")  # the "gateway" is down: the folder cannot be made
+    with_spool = settings.model_copy(update={"plugins": {"spool": {"dir": str(outbox)}}})
+    hub = Hub(with_spool)
+    async with running(hub):
+        assert hub.web is not None and hub.bus is not None
+        assert type(hub.channels["spool"]).__module__ == LINES_MODULE
+        durable = f"{hub.bus.subjects.prefix}_spool_out"
+        errors = await hub.bus.js.subscribe(
+            hub.bus.subjects.channel_event("spool", "error"), ordered_consumer=True)
+        async with aiohttp.ClientSession() as http, http.post(
+            f"{hub.web.url}/spool/s1", json={"user": "ann", "text": "hello there"}
+        ) as response:
+            assert response.status == 200
+        failed = json.loads((await errors.next_msg(timeout=15)).data)
+        assert "cannot send reply" in failed["reason"]
+        await errors.unsubscribe()
+        outbox.unlink()  # the gateway is back
+        (reply,) = await wait_for_file(outbox / "s1")
+        assert reply["text"] == "Hello! What is your name?" and reply["attempt"] > 1
+        info = await hub.bus.js.consumer_info(hub.bus.subjects.messages_stream, durable)
+        assert info.config.filter_subject == hub.bus.subjects.outbound("spool", ">")
+    # While no hub runs, an agent answers on the bus; the next start delivers it.
+    agent = Message(id=uuid.uuid4().hex, conversation="s2", channel="spool", direction="out",
+                    sender=Sender(id="agent-7", kind="agent"), text="Sorry for the wait.")
+    await bus.publish(bus.subjects.outbound("spool", "s2"), agent)
+    async with running(Hub(with_spool)):
+        (written,) = await wait_for_file(outbox / "s2")
+    assert written["id"] == agent.id and written["text"] == "Sorry for the wait."
+    assert len(spooled(outbox / "s1")) == 1

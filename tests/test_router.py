@@ -12,12 +12,11 @@ from inproc import hub_state, ws_port
 from wschat import Chat
 
 from commhub.core.config import Settings
-from commhub.core.envelope import Message, Sender, encode
+from commhub.core.envelope import InvalidRecord, Message, Sender, decode_as, encode, new_id
 from commhub.core.hookspecs import hookimpl
 from commhub.core.hub import Hub
 from commhub.core.plugins import Plugins
 from commhub.core.routing import router as router_module
-from commhub.core.routing.router import RETRIES_IN_PLACE, retry_delay
 
 
 async def count_out_messages(hub: Hub, conversation: str) -> int:
@@ -213,63 +212,56 @@ async def test_the_classification_records_the_message_the_middleware_returned(
         await hub.stop()
 
 
-class FakeInput:
-    """A delivered input as the router sees it, recording what the router does with it."""
-
-    def __init__(self, subject: str, record: Message, calls: list[Any]) -> None:
-        self.subject = subject
-        self.data = encode(record)
-        self.calls = calls
-
-    async def ack(self) -> None:
-        self.calls.append("ack")
-
-    async def nak(self, delay: float | None = None) -> None:
-        self.calls.append(("nak", delay))
-
-    async def in_progress(self) -> None:
-        self.calls.append("in_progress")
-
-    async def term(self) -> None:
-        self.calls.append("term")
-
-
 def test_the_backoff_in_place_adds_up_to_what_the_comment_says() -> None:
-    """Pauses follow each failed attempt but the last: 1.55 s in all."""
-    delays = [retry_delay(attempt) for attempt in range(RETRIES_IN_PLACE)]
-    assert delays[-1] is None
-    assert sum(d for d in delays if d is not None) == pytest.approx(1.55)
+    """The router retries a failing step in place with pauses of 1.55 s in all (none
+    after the last in-place attempt: the input is then handed back with a nak)."""
+    policy = router_module.RETRY_POLICY
+    pauses = [policy.wait_after(a) for a in range(1, policy.in_place_attempts)]
+    assert sum(pauses) == pytest.approx(1.55)
 
 
-async def test_an_input_that_keeps_failing_is_nakd_after_the_last_attempt_at_once(
-    hub: Hub, monkeypatch: pytest.MonkeyPatch
+async def invalid_reports(hub: Hub) -> list[InvalidRecord]:
+    """Every InvalidRecord stored on the hub's evt.invalid so far."""
+    assert hub.bus is not None
+    s = hub.bus.subjects
+    info = await hub.bus.js.stream_info(s.events_stream, subjects_filter=s.invalid)
+    count = (info.state.subjects or {}).get(s.invalid, 0)
+    if not count:
+        return []
+    sub = await hub.bus.js.subscribe(s.invalid, ordered_consumer=True)
+    try:
+        return [decode_as((await sub.next_msg(timeout=10)).data, InvalidRecord)
+                for _ in range(count)]
+    finally:
+        await sub.unsubscribe()
+
+
+async def test_an_input_whose_subject_names_no_valid_conversation_is_reported_once(
+    hub: Hub,
 ) -> None:
-    """Every attempt fails: the router retries in place, pausing between attempts, and
-    after the last one naks the input straight away (no pause before the nak)."""
+    """A valid Message on ``in.websocket.a+b`` (not a usable conversation id: it cannot
+    be a state key) is terminated at once and reported once on evt.invalid, never
+    retried or redelivered; the router goes on with the next input."""
     assert hub.bus is not None and hub.router is not None
-    calls: list[Any] = []
-
-    def no_pause(attempt: int) -> float | None:
-        delay = retry_delay(attempt)
-        calls.append(("pause", delay))
-        return None if delay is None else 0.0
-
-    async def failing(record: Any, conversation: str) -> Any:
-        calls.append("route")
-        raise RuntimeError("simulated failure of every attempt")
-
-    monkeypatch.setattr(router_module, "retry_delay", no_pause)
-    monkeypatch.setattr(hub.router, "_route", failing)
-    message = Message(id="fails1", conversation="fail1", channel="websocket",
-                      direction="in", sender=Sender(id="u1"), text="hello")
-    subject = hub.bus.subjects.inbound("websocket", "fail1")
-    await hub.router.handle(FakeInput(subject, message, calls))  # type: ignore[arg-type]
-    attempt = ["route", "in_progress"]
-    pauses = [("pause", retry_delay(a)) for a in range(RETRIES_IN_PLACE)]
-    expected: list[Any] = []
-    for pause in pauses:
-        expected += [*attempt, pause]
-    assert calls == [*expected, ("nak", 5.0)]
+    s = hub.bus.subjects
+    poison = Message(id=new_id(), conversation="a+b", channel="websocket", direction="in",
+                     sender=Sender(id="mallory"), text="I'd like to book a table")
+    await hub.bus.publish(s.inbound("websocket", "a+b"), poison)
+    chat = await Chat.open(ws_port(hub), "after-poison")
+    assert "how many" in (await chat.say("I'd like to book a table"))["text"].lower()
+    await chat.close()
+    async with asyncio.timeout(15):
+        while not (reports := await invalid_reports(hub)):
+            await asyncio.sleep(0.05)
+        while (info := await hub.bus.js.consumer_info(
+                s.messages_stream, s.router_consumer)).num_ack_pending:
+            await asyncio.sleep(0.05)
+    (report,) = reports
+    assert (report.subject, report.source) == (s.inbound("websocket", "a+b"), "router")
+    assert "invalid conversation 'a+b'" in report.reason
+    assert decode_as(report.data.encode(), Message).id == poison.id
+    assert info.num_redelivered == 0
+    assert (hub.router.stats.invalid, hub.router.stats.retries) == (1, 0)
 
 
 async def test_one_conversation_is_handled_in_order(hub: Hub) -> None:

@@ -16,57 +16,74 @@ with these headers:
 
 Delivery is at least once and survives restarts: a durable JetStream pull consumer
 (``{prefix}_{channel}_callbacks``, filter ``{prefix}.out.{channel}.>``, explicit ack)
-feeds :class:`Deliverer`, which acks a message only after the receiver answered 2xx or
-the delivery finally failed. A hub that stops or dies mid-delivery leaves it unacked;
-it is delivered again after the restart (or by another hub process sharing the durable).
+feeds :class:`Deliverer` through :meth:`ChannelContext.deliver_outbound` (the hub's
+:class:`~commhub.core.delivery.DeliveryLoop`), which acks a message only after the
+receiver answered 2xx or the delivery failed for good. A hub that stops or dies
+mid-delivery leaves it unacked; it is delivered again after the restart (or by another
+hub process sharing the durable).
 
-Retries: a network error, a timeout, 5xx and 429 are retried with exponential backoff
-(``callback_backoff_seconds`` doubling up to ``callback_backoff_max_seconds``; a 429's
-numeric ``Retry-After`` is honoured within that cap), at most ``callback_attempts``
-attempts. Another answer (3xx, 4xx) is final at once. A final failure is a
-``delivery_failed`` ChannelEvent; the message stays readable through the GET API.
+Retries: a network error, a timeout, 5xx, 408 and 429 are retried with exponential
+backoff (``callback_backoff_seconds`` doubling up to ``callback_backoff_max_seconds``,
+10 minutes by default; a 429's numeric ``Retry-After`` is honoured within that cap)
+for ``callback_retry_seconds`` (24 hours by default), or at most ``callback_attempts``
+attempts when set. The first three attempts are made holding the message; after that
+each wait is a nak with that delay, so the retries live in JetStream and go on across
+restarts, and ``X-Commhub-Attempt`` keeps counting. Each wait handed to JetStream is an
+``error`` ChannelEvent naming the attempt and the next try. Another answer (3xx, other
+4xx) is final at once. A final failure is a ``delivery_failed`` ChannelEvent whose
+reason starts with a code (``http_503``, ``timeout``, ``connection_refused``, ...; see
+:func:`failure_code`) and whose ``code`` is the HTTP status, if there was one; the
+message stays readable through the GET API.
 
 Order and concurrency: one conversation's messages are delivered one after another in
-stream order (a message waits while an earlier one is retried); different
-conversations in parallel. At most ``callback_concurrency`` messages are held (fetched
-and not yet acked) at once.
+stream order while a message is retried in place; once its retries are handed to
+JetStream, the conversation's later messages may overtake it (each body carries its
+``cursor``, to restore the order). Different conversations go in parallel. At most
+``callback_concurrency`` messages are held (fetched and not yet acked) at once.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final
 
 import aiohttp
 import msgspec
-import nats.errors
-from nats.aio.msg import Msg
-from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, StorageType
+from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from commhub.channels.http.request import encode_message
-from commhub.core.aio import cancel_and_wait
 from commhub.core.channel import ChannelContext
-from commhub.core.envelope import EnvelopeError, Message, decode_as, now
-from commhub.core.serial import KeyedSerialRunner
+from commhub.core.delivery import Delivery, DeliveryLoop
+from commhub.core.envelope import Message, now
+from commhub.core.retry import Decision, Retry, RetryPolicy
 
 if TYPE_CHECKING:
     from commhub.channels.http.channel import HttpSettings
 
-__all__ = ["CallbackStore", "Deliverer", "Registration", "signature", "verify"]
+__all__ = [
+    "CallbackFailed",
+    "CallbackStore",
+    "Deliverer",
+    "Registration",
+    "answer_failure",
+    "callback_policy",
+    "failure_code",
+    "signature",
+    "verify",
+]
 
 log = logging.getLogger(__name__)
 
-FETCH_BATCH: Final = 64
-FETCH_TIMEOUT: Final = 1.0  # seconds a fetch waits when nothing is pending (not an error)
+DURABLE_NAME: Final = "callbacks"  # the durable is {prefix}_{channel}_callbacks
+# Attempts made holding the message (the conversation's next message waits) before the
+# waits are handed to JetStream; with the default 0.5 s doubling, about 1.5 s.
+IN_PLACE_ATTEMPTS: Final = 3
 
 
 def signature(secret: str, timestamp: str, body: bytes) -> str:
@@ -134,17 +151,67 @@ class CallbackStore:
         return True
 
 
-class _Outcome(msgspec.Struct, frozen=True):
-    ok: bool
-    retry: bool
-    reason: str
-    retry_after: float | None = None
+class CallbackFailed(Retry):
+    """One callback attempt failed. ``code`` names how (:func:`failure_code`), ``status``
+    is the HTTP status when the receiver answered; ``retry`` is False for an answer that
+    another attempt would not change (3xx, 4xx other than 408 and 429)."""
+
+    def __init__(
+        self, code: str, detail: str, *, status: int | None = None, retry: bool = True,
+        after: float | None = None,
+    ) -> None:
+        super().__init__(f"{code}: {detail}", after=after)
+        self.code = code
+        self.status = status
+        self.retry = retry
+
+
+def failure_code(exc: BaseException) -> str:
+    """A short, stable name for how a POST failed without an HTTP answer."""
+    if isinstance(exc, TimeoutError):  # aiohttp's ServerTimeoutError is one too
+        return "timeout"
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return "dns_failure"
+    if isinstance(exc, aiohttp.ClientSSLError | aiohttp.ServerFingerprintMismatch):
+        return "tls_failure"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc.os_error, ConnectionRefusedError):
+            return "connection_refused"
+        return "connection_failed"
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientConnectionResetError):
+        return "disconnected"
+    return "connection_error"
+
+
+def answer_failure(status: int, retry_after: float | None) -> CallbackFailed:
+    """The failure an HTTP answer other than 2xx stands for. 5xx, 429 and 408 may pass;
+    any other answer is final. A 429's ``Retry-After`` (seconds) is passed on."""
+    retry = status >= 500 or status in (408, 429)
+    return CallbackFailed(f"http_{status}", f"HTTP {status}", status=status, retry=retry,
+                          after=retry_after if status == 429 else None)
+
+
+def callback_policy(settings: HttpSettings) -> RetryPolicy:
+    """The retry schedule of ``[plugins.http]``: ``callback_backoff_seconds`` doubling up
+    to ``callback_backoff_max_seconds``, for ``callback_retry_seconds`` in all, and at
+    most ``callback_attempts`` attempts when that is set."""
+    return RetryPolicy.lasting(
+        settings.callback_retry_seconds,
+        first=settings.callback_backoff_seconds,
+        cap=max(settings.callback_backoff_max_seconds, settings.callback_backoff_seconds),
+        in_place_attempts=IN_PLACE_ATTEMPTS,
+        max_attempts=settings.callback_attempts,
+    )
 
 
 class Deliverer:
-    """Consumes ``{prefix}.out.{channel}.>`` durably and POSTs each message to its
-    callback. ``start`` binds the durable and starts the fetch loop; ``stop`` ends it and
-    cancels deliveries in flight (they are not acked, so they come back)."""
+    """Consumes ``{prefix}.out.{channel}.>`` durably (through
+    :meth:`ChannelContext.deliver_outbound`) and POSTs each message to its callback.
+
+    ``start`` binds the durable and starts delivering; ``stop`` stops fetching, lets the
+    POSTs in flight finish (at most the POST time limit), and hands back whatever is
+    still held, so the next process delivers it at once.
+    """
 
     def __init__(
         self, ctx: ChannelContext, store: CallbackStore, settings: HttpSettings, secret: str
@@ -153,159 +220,110 @@ class Deliverer:
         self.store = store
         self.settings = settings
         self.secret = secret
-        self.durable = f"{ctx.subjects.prefix}_{ctx.channel}_callbacks"
+        self.policy = callback_policy(settings)
+        self.durable = f"{ctx.subjects.prefix}_{ctx.channel}_{DURABLE_NAME}"
         self.delivered = 0
         self.failed = 0
         self._session: aiohttp.ClientSession | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._runner = KeyedSerialRunner()
-        self._held: set[int] = set()  # stream sequences fetched and not yet acked
-        self._room = asyncio.Event()
-        self._stopping = False
-        self._sub: JetStreamContext.PullSubscription | None = None
-        self._jobs: set[asyncio.Task[None]] = set()
+        self._loop: DeliveryLoop[Message] | None = None
 
     async def start(self) -> None:
         s = self.settings
-        # Long enough for every attempt; in_progress() before each one resets it anyway.
-        ack_wait = s.callback_timeout_seconds + s.callback_backoff_max_seconds + 30
-        config = ConsumerConfig(
-            durable_name=self.durable,
-            description=f"commhub {self.ctx.channel} channel: callback deliveries",
-            filter_subject=f"{self.ctx.subjects.prefix}.out.{self.ctx.channel}.>",
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.NEW,
-            ack_wait=ack_wait,
-            max_ack_pending=max(1000, s.callback_concurrency * 4),
-        )
-        sub = await self.ctx.bus.bind_durable(
-            self.ctx.subjects.messages_stream, config,
-            # With the server it started itself, this process is the durable's only
-            # consumer: deliveries a dead process held come back at once.
-            rewind_unacked=self.ctx.hub_settings.embedded_nats,
-        )
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=s.callback_timeout_seconds),
             headers={"User-Agent": "commhub-callbacks"},
         )
-        self._sub = sub
-        self._task = asyncio.create_task(self._run(sub), name=f"{self.ctx.channel}-callbacks")
+        try:
+            self._loop = await self.ctx.deliver_outbound(
+                self._deliver,
+                name=DURABLE_NAME,
+                policy=self.policy,
+                max_in_flight=s.callback_concurrency,
+                # Replies from before callbacks were switched on are not POSTed.
+                start="new",
+                on_retry=self._retrying,
+                on_give_up=self._given_up,
+            )
+        except BaseException:
+            await self._session.close()
+            self._session = None
+            raise
 
     async def stop(self) -> None:
-        """Stop fetching and hand back what is held, so that it is delivered at once by
-        the next process (or another one sharing the durable) instead of after the ack
-        wait. The pull request in flight is let finish (at most ``FETCH_TIMEOUT``): a
-        cancelled one would leave the server sending messages to an inbox nobody reads."""
-        task, self._task = self._task, None
-        self._stopping = True
-        self._room.set()
-        if task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(task), FETCH_TIMEOUT + 5)
-            except TimeoutError:
-                await cancel_and_wait(task)
-        await cancel_and_wait(*self._jobs)  # each hands its message back (nak)
-        sub, self._sub = self._sub, None
-        if sub is not None:
-            with contextlib.suppress(Exception):  # the connection may be closing
-                await sub.unsubscribe()
+        loop, self._loop = self._loop, None
+        if loop is not None:
+            await loop.stop(grace=self.settings.callback_timeout_seconds + 1)
         if self._session is not None:
             await self._session.close()
             self._session = None
 
-    async def _run(self, sub: JetStreamContext.PullSubscription) -> None:
-        """Fetch as many messages as there is room for; hand each to its conversation's
-        queue. A redelivery of a message still held here (it waited in its
-        conversation's queue past the ack wait) is ignored: the held copy acks it."""
-        room = self.settings.callback_concurrency
-        while not self._stopping:
-            free = room - len(self._held)
-            if free <= 0:
-                self._room.clear()
-                await self._room.wait()
-                continue
-            try:
-                msgs = await sub.fetch(min(free, FETCH_BATCH), timeout=FETCH_TIMEOUT)
-            except (TimeoutError, nats.errors.TimeoutError):
-                continue  # nothing pending
-            except Exception as exc:  # the bus is reconnecting; try again shortly
-                log.warning("callbacks: fetch failed: %r", exc)
-                await asyncio.sleep(1.0)
-                continue
-            for msg in msgs:
-                seq = int(msg.metadata.sequence.stream)
-                if self._stopping:
-                    await _nak(msg)
-                elif seq not in self._held:
-                    self._held.add(seq)
-                    conversation = msg.subject.rsplit(".", 1)[-1]
-                    self._runner.submit(conversation, self._job(msg, seq))
-
-    def _job(self, msg: Msg, seq: int) -> Callable[[], Awaitable[None]]:
-        async def job() -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            self._jobs.add(task)
-            try:
-                if self._stopping:
-                    await _nak(msg)
-                else:
-                    await self._deliver(msg)
-            except asyncio.CancelledError:
-                await asyncio.shield(_nak(msg))
-                raise
-            finally:
-                self._jobs.discard(task)
-                self._held.discard(seq)
-                self._room.set()
-
-        return job
-
-    async def _deliver(self, msg: Msg) -> None:
-        seq = int(msg.metadata.sequence.stream)
-        try:
-            message = decode_as(msg.data, Message)
-        except EnvelopeError as exc:
-            await self.ctx.bus.publish_invalid(
-                msg.subject, msg.data, str(exc), f"channel:{self.ctx.channel}"
-            )
-            await msg.ack()
-            return
+    async def _deliver(self, delivery: Delivery[Message]) -> None:
+        """One attempt: POST the message to its conversation's callback. Returns when it
+        is done with (2xx, no callback, or refused for good and reported); raises
+        :class:`CallbackFailed` for a failure that may pass."""
+        message = delivery.record
         registration = await self.store.get(message.conversation)
         url = registration.url if registration else self.settings.callback_url
         if url is None:
-            await msg.ack()
             return
-        body = encode_message(seq, message)
-        outcome = _Outcome(ok=False, retry=False, reason="no attempt")
-        attempts = self.settings.callback_attempts
-        for attempt in range(1, attempts + 1):
-            await msg.in_progress()
-            outcome = await self._post(url, body, message.id, attempt)
-            if outcome.ok or not outcome.retry or attempt == attempts:
-                break
-            delay = min(
-                self.settings.callback_backoff_seconds * 2 ** (attempt - 1),
-                self.settings.callback_backoff_max_seconds,
-            )
-            if outcome.retry_after is not None:
-                delay = min(max(delay, outcome.retry_after),
-                            self.settings.callback_backoff_max_seconds)
-            await asyncio.sleep(delay)
-        if outcome.ok:
-            self.delivered += 1
-        else:
-            self.failed += 1
-            log.warning("callback for %s to %s failed: %s", message.id, url, outcome.reason)
-            await self.ctx.publish_event(
-                "delivery_failed", conversation=message.conversation,
-                user=message.sender.id, connection=message.id,
-                reason=f"{outcome.reason} (message {message.id}, cursor {seq}, "
-                f"{attempt} attempt{'s' if attempt > 1 else ''})",
-            )
-        await msg.ack()
+        body = encode_message(delivery.seq, message)
+        try:
+            await self._post(url, body, message.id, delivery.attempt)
+        except CallbackFailed as failure:
+            if failure.retry:
+                raise
+            await self._report_failure(delivery, failure, url)
+            return
+        self.delivered += 1
 
-    async def _post(self, url: str, body: bytes, delivery: str, attempt: int) -> _Outcome:
+    async def _retrying(
+        self, delivery: Delivery[Message], error: BaseException, decision: Decision
+    ) -> None:
+        """A failed attempt will be tried again. When the wait is handed to JetStream
+        (a long one), say so on the bus, with the attempt and when the next one is due."""
+        if decision.action != "nak":
+            return
+        message = delivery.record
+        code = error.code if isinstance(error, CallbackFailed) else "error"
+        await self.ctx.publish_event(
+            "error", conversation=message.conversation, user=message.sender.id,
+            connection=message.id,
+            code=error.status if isinstance(error, CallbackFailed) else None,
+            reason=f"{code}: callback attempt {delivery.attempt} for message {message.id} "
+            f"(cursor {delivery.seq}) failed; next try in {decision.delay:g} s",
+        )
+
+    async def _given_up(
+        self, delivery: Delivery[Message], error: BaseException | None, reason: str
+    ) -> None:
+        registration = await self.store.get(delivery.record.conversation)
+        url = registration.url if registration else self.settings.callback_url
+        if isinstance(error, CallbackFailed):
+            await self._report_failure(delivery, error, url)
+            return
+        await self._report_failure(
+            delivery, CallbackFailed("gave_up", reason, retry=False), url
+        )
+
+    async def _report_failure(
+        self, delivery: Delivery[Message], failure: CallbackFailed, url: str | None
+    ) -> None:
+        """A delivery failed for good: a ``delivery_failed`` ChannelEvent whose reason
+        starts with the failure code, and whose code is the HTTP status, if any."""
+        self.failed += 1
+        message = delivery.record
+        attempts = f"{delivery.attempt} attempt{'s' if delivery.attempt > 1 else ''}"
+        log.warning("callback for %s to %s failed for good after %s: %s", message.id, url,
+                    attempts, failure.reason)
+        await self.ctx.publish_event(
+            "delivery_failed", conversation=message.conversation,
+            user=message.sender.id, connection=message.id, code=failure.status,
+            reason=f"{failure.reason} (message {message.id}, cursor {delivery.seq}, "
+            f"{attempts})",
+        )
+
+    async def _post(self, url: str, body: bytes, delivery: str, attempt: int) -> None:
+        """POST once; returns on 2xx, raises :class:`CallbackFailed` otherwise."""
         assert self._session is not None
         timestamp = str(int(time.time()))
         headers = {
@@ -324,18 +342,9 @@ class Deliverer:
                 with contextlib.suppress(Exception):
                     await response.read()  # let the connection be reused
         except (aiohttp.ClientError, TimeoutError) as exc:
-            return _Outcome(ok=False, retry=True, reason=f"{type(exc).__name__}: {exc}")
-        if 200 <= status < 300:
-            return _Outcome(ok=True, retry=False, reason=f"HTTP {status}")
-        retry = status >= 500 or status == 429
-        return _Outcome(ok=False, retry=retry, reason=f"HTTP {status}",
-                        retry_after=retry_after if status == 429 else None)
-
-
-async def _nak(msg: Msg) -> None:
-    """Hand a message back for redelivery now; best effort (the ack wait is the backstop)."""
-    with contextlib.suppress(Exception):
-        await msg.nak()
+            raise CallbackFailed(failure_code(exc), f"{type(exc).__name__}: {exc}") from None
+        if not 200 <= status < 300:
+            raise answer_failure(status, retry_after)
 
 
 def _seconds(value: str | None) -> float | None:

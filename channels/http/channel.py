@@ -20,8 +20,8 @@ another user's conversation, bad input, a body over ``max_body_bytes``) is a JSO
 and a ChannelEvent (``rejected`` for tokens and owners, ``error`` otherwise); an
 exception in a handler is a 500 from the hub's server, never a crash. ``stop()``
 answers long polls and Rasa turns in flight with what they have, ends event streams,
-and stops the callback deliverer (a delivery in flight is not acked, so it is retried
-after the restart).
+and stops the callback deliverer (a delivery still
+unfinished is handed back unacked, so it is retried after the restart).
 """
 
 from __future__ import annotations
@@ -106,12 +106,20 @@ class HttpSettings(BaseModel):
         default=None,
         description="Signs callbacks (HMAC-SHA256). Unset: callbacks are off.",
     )
-    callback_attempts: int = Field(default=6, ge=1, description="Attempts per delivery.")
+    callback_retry_seconds: float = Field(
+        default=86400.0, ge=0,
+        description="How long a failing callback is retried before it fails for good.",
+    )
+    callback_attempts: int | None = Field(
+        default=None, ge=1,
+        description="At most this many attempts per callback (unset: as many as fit in "
+        "callback_retry_seconds).",
+    )
     callback_backoff_seconds: float = Field(
         default=0.5, gt=0, description="Wait before the second attempt; doubles each time."
     )
     callback_backoff_max_seconds: float = Field(
-        default=30.0, gt=0, description="Longest wait between attempts."
+        default=600.0, gt=0, description="Longest wait between attempts."
     )
     callback_timeout_seconds: float = Field(
         default=10.0, gt=0, description="Time limit of one callback POST."

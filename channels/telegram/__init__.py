@@ -6,8 +6,8 @@
 * :mod:`.updates`: update parsing, ids, button data, dedupe;
 * :mod:`.text`: splitting long replies by UTF-16 units;
 * :mod:`.pacing`: per-chat and per-bot pacing;
-* :mod:`.send`: sending with retries;
-* :mod:`.outbound`: the durable outbound consumer.
+* :mod:`.send`: sending with retries (the durable outbound consumer is the hub's
+  :class:`~commhub.core.delivery.DeliveryLoop`, through ``ctx.deliver_outbound``).
 """
 
 from commhub.channels.telegram.channel import register_channels

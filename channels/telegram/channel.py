@@ -29,16 +29,19 @@ negative ids). Text messages, captions, edited messages (``edited_messages``) an
 button presses (callback queries, answered with ``answerCallbackQuery`` every time)
 are passed on; other updates are confirmed and skipped.
 
-Outbound: :class:`~commhub.channels.telegram.outbound.OutboundConsumer` reads every
-reply for Telegram durably and :func:`~commhub.channels.telegram.send.send_reply`
-sends it: split at 4,096 UTF-16 units, paced per chat and per bot, 429s honoured,
-network errors and 5xx retried, 403/400 reported as ``delivery_failed`` events.
+Outbound: :meth:`ChannelContext.deliver_outbound` (the hub's
+:class:`~commhub.core.delivery.DeliveryLoop`, durable ``{prefix}_telegram_out``) reads
+every reply for Telegram durably, one chat's replies in order, and
+:func:`~commhub.channels.telegram.send.send_reply` sends it: split at 4,096 UTF-16
+units, paced per chat and per bot, 429s honoured, network errors and 5xx retried,
+403/400 reported as ``delivery_failed`` events.
 
 Concurrency and failure: ``start`` and ``stop`` run from the hub's task; the poller,
 the webhook handlers, the outbound workers and the callback answers run as tasks of
 their own. ``stop`` ends polling, waits ``stop_grace`` seconds for replies being sent,
-cancels the rest (left unacked: redelivered later) and closes the HTTP client. An
-error in one update or one reply is logged and reported, never fatal to the channel.
+cancels the rest (handed back unacked: sent by the next start or another instance)
+and closes the HTTP client. An error in one update or one reply is logged and
+reported, never fatal to the channel.
 """
 
 from __future__ import annotations
@@ -62,7 +65,6 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from telegram import Bot, Update
 from telegram.error import Conflict, InvalidToken, TelegramError
 
-from commhub.channels.telegram.outbound import OutboundConsumer
 from commhub.channels.telegram.pacing import Pacer
 from commhub.channels.telegram.send import Backoff, keyboard, make_bot, send_reply
 from commhub.channels.telegram.text import TELEGRAM_TEXT_LIMIT, split_text
@@ -78,8 +80,10 @@ from commhub.channels.telegram.updates import (
 )
 from commhub.core.aio import cancel_and_wait
 from commhub.core.channel import Channel, ChannelContext
+from commhub.core.delivery import Delivery, DeliveryLoop
 from commhub.core.envelope import Message, Sender
 from commhub.core.hookspecs import hookimpl
+from commhub.core.retry import RetryPolicy
 from commhub.core.tokens import Identity
 from commhub.core.web import json_error
 
@@ -91,6 +95,9 @@ SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 _SECRET_RE = re.compile(r"^[A-Za-z0-9_-]{1,256}$")  # what setWebhook accepts
 # Shown for a reply that has buttons but no text (Telegram refuses an empty message).
 BUTTONS_ONLY_TEXT = "Please choose:"
+# Attempts at a reply whose handling keeps failing for a reason other than the Bot API
+# (which send_reply retries without limit); with the default backoff, about an hour.
+OUTBOUND_ATTEMPTS = 60
 
 
 class TelegramSettings(BaseSettings):
@@ -197,7 +204,7 @@ class TelegramChannel(Channel):
         )
         self.backoff = Backoff(settings.retry_base, settings.retry_max)
         self._kv: KeyValue | None = None
-        self._outbound: OutboundConsumer | None = None
+        self._outbound: DeliveryLoop[Message] | None = None
         self._poller: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else ""
@@ -241,10 +248,16 @@ class TelegramChannel(Channel):
                 direct=True,
             )
         )
-        self._outbound = OutboundConsumer(
-            self.ctx, self._deliver, max_in_flight=cfg.max_in_flight, ack_wait=cfg.ack_wait
+        # send_reply retries the Bot API's passing failures itself, for as long as it
+        # takes; what reaches the loop is anything else (the KV bucket of long button
+        # payloads failing), retried with the same backoff, and given up after a while.
+        self._outbound = await self.ctx.deliver_outbound(
+            self._deliver,
+            policy=RetryPolicy(first=cfg.retry_base, cap=max(cfg.retry_max, cfg.retry_base),
+                               in_place_attempts=3, max_attempts=OUTBOUND_ATTEMPTS),
+            max_in_flight=cfg.max_in_flight,
+            ack_wait=cfg.ack_wait,
         )
-        await self._outbound.start()
         if cfg.mode == "polling":
             # getUpdates answers 409 while a webhook is set (an earlier webhook run).
             await self.bot.delete_webhook(drop_pending_updates=False)
@@ -265,7 +278,7 @@ class TelegramChannel(Channel):
             await cancel_and_wait(self._poller)  # re-cancels a swallowed cancel
             self._poller = None
         if self._outbound is not None:
-            await self._outbound.stop(self.config.stop_grace)
+            await self._outbound.stop(grace=self.config.stop_grace)
             self._outbound = None
         if self._background:
             _, pending = await asyncio.wait(self._background, timeout=self.config.stop_grace)
@@ -458,9 +471,14 @@ class TelegramChannel(Channel):
         task.add_done_callback(self._background.discard)
 
     # -- outbound -----------------------------------------------------------------------
-    async def _deliver(self, message: Message) -> None:
-        """Send one reply; report a definitive failure as a ``delivery_failed`` event."""
+    async def _deliver(self, delivery: Delivery[Message]) -> None:
+        """Send one reply; report a definitive failure as a ``delivery_failed`` event.
+
+        Returns once the reply was sent or failed for good (the loop then acks it);
+        waits out 429s and retries network errors and 5xx meanwhile.
+        """
         assert self.bot is not None
+        message = delivery.record
         chat_id = chat_id_of(message.conversation)
         if chat_id is None:
             await self.ctx.publish_event(

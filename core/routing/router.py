@@ -25,7 +25,14 @@ outbox again with the same ids, which JetStream's duplicate window drops if they
 gone out. A failed step is retried in place with backoff, so the conversation's next
 input cannot overtake it; a revision conflict (another router wrote the conversation,
 or this router's cache is stale) is retried at once on the bucket's state. An input
-still failing after a few attempts is nak'd and comes back later.
+still failing after a few attempts is nak'd with a growing delay and comes back later;
+after its last attempt it is reported as a dead letter on ``{p}.evt.invalid``.
+
+Bad input is refused before anything else: a subject whose conversation or channel is
+not a valid id, or a record that is not a valid input for its subject, is terminated
+(never redelivered) and reported once on ``{p}.evt.invalid``
+(:mod:`commhub.core.routing.inputs`). The fetching, ordering, heartbeats, retries and
+acks are the :class:`~commhub.core.delivery.DeliveryLoop`'s.
 
 Around the workflow steps the router also
 
@@ -49,42 +56,42 @@ from typing import Any
 import msgspec
 import nats.errors
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.errors import InvalidKeyError, KeyWrongLastSequenceError
 
 from commhub.core.bus import Bus
 from commhub.core.classify import BatchingClassifier
 from commhub.core.config import DEFAULT_CANCEL_PHRASES, DEFAULT_RESTART_PHRASES
+from commhub.core.delivery import Delivery, DeliveryLoop
 from commhub.core.engine.fsm import Engine
 from commhub.core.envelope import (
     Classification,
-    EnvelopeError,
     Message,
     Record,
     Sender,
     WorkflowEvent,
     WorkflowInput,
-    decode_tagged,
     derived_id,
     now,
 )
 from commhub.core.plugins import Plugins
+from commhub.core.retry import Decision as RetryDecision
+from commhub.core.retry import Permanent, Retry, RetryPolicy
 from commhub.core.routing import rules
+from commhub.core.routing.inputs import decode_input
 from commhub.core.routing.rules import Decision, RoutingPolicy
 from commhub.core.routing.state import REPLY_EVENT, ConversationState, PendingAsk, StepResult
 from commhub.core.routing.store import OutboxEntry, StateStore, StoredState
 from commhub.core.routing.timers import TimerScheduler
-from commhub.core.serial import KeyedSerialRunner
 
 __all__ = [
     "BOT",
     "DEFAULT_CANCEL_PHRASES",
     "DEFAULT_RESTART_PHRASES",
     "REQUEST_ID_HEADER",
-    "RETRIES_IN_PLACE",
+    "RETRY_POLICY",
     "Router",
     "RouterStats",
-    "retry_delay",
 ]
 
 log = logging.getLogger(__name__)
@@ -93,9 +100,14 @@ BOT = Sender(id="commhub", kind="bot", name="commhub")
 # An input not acked this long is redelivered. A redelivered copy is harmless (the
 # state records what was handled), so this is short; a long step sends in_progress().
 ACK_WAIT_SECONDS = 10
-# Attempts at a failing input before it is handed back with a nak. The pauses between
-# them (retry_delay) add up to 1.55 s: 0.05 + 0.1 + 0.2 + 0.4 + 0.8; none after the last.
-RETRIES_IN_PLACE = 6
+# A failed step is retried in place 6 times (pauses of 0.05 + 0.1 + 0.2 + 0.4 + 0.8 =
+# 1.55 s in all; none after the last) so the conversation's next input waits behind it;
+# then it is handed back with a nak whose delay doubles up to a minute; after 30
+# attempts (about 20 minutes) it is reported as a dead letter on evt.invalid, raw data
+# included, and terminated.
+RETRY_POLICY = RetryPolicy(first=0.05, factor=2.0, cap=60.0, in_place_attempts=6,
+                           max_attempts=30)
+CONFLICTS_IN_A_ROW = 10  # revision conflicts recomputed at once before it counts as a failure
 # The header that carries an ``ask`` request's stable id, for services to dedupe on.
 REQUEST_ID_HEADER = "Commhub-Request-Id"
 ASK_SENDER = Sender(id="commhub-ask", kind="service", name="ask")
@@ -108,6 +120,8 @@ class RouterStats:
     conflicts: int = 0
     retries: int = 0
     invalid: int = 0
+    handed_back: int = 0
+    gave_up: int = 0
     classified: int = 0
     fallbacks: int = 0
     clarified: int = 0
@@ -150,11 +164,7 @@ class Router:
         self.store = StateStore(bus)
         self.timers = TimerScheduler(bus, idle_expiry, store=self.store)
         self.stats = RouterStats()
-        self._slots = asyncio.Semaphore(concurrency)
-        self._runner = KeyedSerialRunner()
-        self._fetch_task: asyncio.Task[None] | None = None
-        self._stopping = asyncio.Event()
-        self._sub: Any = None
+        self._deliveries: DeliveryLoop[Message | WorkflowInput] | None = None
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
@@ -166,117 +176,100 @@ class Router:
             description="commhub router: inbound messages and workflow inputs",
             filter_subjects=[s.all_inbound, s.all_workflow_input],
             deliver_policy=DeliverPolicy.NEW,
-            ack_policy=AckPolicy.EXPLICIT,
             ack_wait=ACK_WAIT_SECONDS,
-            max_deliver=-1,
             max_ack_pending=max(1000, self.concurrency * 8),
         )
-        self._sub = await self.bus.bind_durable(
-            s.messages_stream, config, rewind_unacked=self.exclusive
+        self._deliveries = DeliveryLoop(
+            self.bus,
+            stream=s.messages_stream,
+            consumer=config,
+            decode=self._decode,
+            handler=self.handle,
+            source="router",
+            policy=RETRY_POLICY,
+            max_in_flight=self.concurrency,
+            batch=min(256, self.concurrency),
+            fetch_timeout=0.5,
+            rewind_unacked=self.exclusive,
+            on_retry=self._on_retry,
+            on_give_up=self._on_give_up,
         )
-        await self.timers.start()
-        self._fetch_task = asyncio.create_task(self._fetch_loop(), name="router-fetch")
+        await self._deliveries.start()
+        try:
+            await self.timers.start()
+        except BaseException:
+            await self._deliveries.stop()
+            raise
 
     async def stop(self) -> None:
         """Stop fetching, let the inputs in hand finish (and ack), then unbind."""
-        self._stopping.set()
         await self.timers.stop()
-        if self._fetch_task is not None:
-            await self._fetch_task
-            self._fetch_task = None
-        await self._runner.join()
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-            self._sub = None
-
-    async def _fetch_loop(self) -> None:
-        batch = min(256, self.concurrency)
-        while not self._stopping.is_set():
-            try:
-                msgs = await self._sub.fetch(batch, timeout=0.5)
-            except (TimeoutError, nats.errors.TimeoutError):
-                continue  # nothing pending: not an error
-            except Exception:
-                if self._stopping.is_set():
-                    break
-                log.exception("router fetch failed; retrying")
-                await asyncio.sleep(0.5)
-                continue
-            for msg in msgs:
-                await self._slots.acquire()  # bounds the inputs in flight
-                self._runner.submit(self._key_of(msg.subject), self._job(msg))
-
-    def _job(self, msg: Msg) -> Any:
-        async def run() -> None:
-            try:
-                await self.handle(msg)
-            finally:
-                self._slots.release()
-
-        return run
-
-    def _key_of(self, subject: str) -> str:
-        # {p}.in.{channel}.{conversation} or {p}.wf.{conversation}: the last token.
-        return subject.rsplit(".", 1)[-1]
+        deliveries, self._deliveries = self._deliveries, None
+        if deliveries is not None:
+            await deliveries.stop()
 
     # -- one input ------------------------------------------------------------------
-    async def handle(self, msg: Msg) -> None:
-        """Handle one delivered input end to end, including its ack (or nak)."""
-        # The subject says what the record must be, so publishers in other languages
-        # may leave out the "type" tag.
-        expected = self.bus.subjects.record_tag(msg.subject)
+    def _decode(self, subject: str, data: bytes) -> Message | WorkflowInput:
+        """The input on ``subject``, or :class:`Permanent` (terminated and reported
+        on ``evt.invalid`` by the delivery loop; see :mod:`commhub.core.routing.inputs`)."""
         try:
-            record = decode_tagged(msg.data, expected)
-        except EnvelopeError as exc:
-            await self._reject(msg, f"not a valid {expected} record: {exc}")
-            return
-        if not isinstance(record, Message | WorkflowInput):
-            await self._reject(msg, f"{type(record).__name__} is not an input")
-            return
-        conversation = self._key_of(msg.subject)
-        if isinstance(record, Message) and record.direction != "in":
-            await self._reject(msg, "an inbound subject carries an outbound message")
-            return
-        if record.conversation != conversation:
-            await self._reject(
-                msg, f"conversation {record.conversation!r} does not match the subject"
-            )
-            return
-        # Retry in place, so that the conversation's next input waits behind this one
-        # (a nak would let it overtake). Each attempt re-reads the state, so a retry
-        # after a failure between publish and commit re-publishes the same ids.
-        for attempt in range(RETRIES_IN_PLACE):
+            return decode_input(self.bus.subjects, subject, data)
+        except Exception:
+            self.stats.invalid += 1
+            raise
+
+    async def handle(self, delivery: Delivery[Message | WorkflowInput]) -> None:
+        """Handle one delivered input end to end; the delivery loop acks it when this
+        returns.
+
+        Raises :class:`Permanent` for an input no retry can handle (terminated and
+        reported), anything else for a failure that may pass: the loop retries it in
+        place with backoff, so that the conversation's next input waits behind it (a
+        nak would let it overtake), then hands it back with a delay, and reports it as a
+        dead letter after its last attempt (``RETRY_POLICY``). Each attempt re-reads the
+        state, so a retry after a failure between commit and publish re-publishes the
+        same ids. A revision conflict (another router wrote the conversation) is
+        recomputed at once on the bucket's state.
+        """
+        record, conversation = delivery.record, delivery.key
+        for _ in range(CONFLICTS_IN_A_ROW):
             try:
                 done, state = await self._route(record, conversation)
                 asking = rules.pending_ask(state, record.id)
                 if asking is not None:
                     # This input's step entered an ``ask`` state: ask now, after the
                     # commit, and before the ack, so that a crash asks again.
-                    await self._ask(msg, conversation, asking)
+                    await self._ask(delivery.msg, conversation, asking)
             except KeyWrongLastSequenceError:
                 self.stats.conflicts += 1  # another router wrote it: recompute on its state
+                continue
+            except InvalidKeyError as exc:  # no retry makes the key valid
+                self.stats.invalid += 1
+                raise Permanent(
+                    f"conversation {conversation!r} is not a valid key: {exc}"
+                ) from None
             except Exception:
                 self.stats.retries += 1
-                log.exception("routing %s failed (attempt %d)", record.id, attempt + 1)
-                await msg.in_progress()  # keep the server from redelivering meanwhile
-                delay = retry_delay(attempt)
-                if delay is None or self._stopping.is_set():
-                    break  # the last attempt: hand it back at once
-                await asyncio.sleep(delay)
-            else:
-                if not done:
-                    self.stats.skipped_redeliveries += 1
-                await msg.ack()
-                return
-        # Still failing (or stopping): let JetStream redeliver it later, to this or
-        # another router; the conversation's other inputs go on meanwhile.
-        await msg.nak(delay=5.0)
+                raise
+            if not done:
+                self.stats.skipped_redeliveries += 1
+            return
+        self.stats.retries += 1
+        raise Retry(f"the state of {conversation} changed under {CONFLICTS_IN_A_ROW} "
+                    "attempts in a row")
 
-    async def _reject(self, msg: Msg, reason: str) -> None:
-        self.stats.invalid += 1
-        await self.bus.publish_invalid(msg.subject, msg.data, reason, "router")
-        await msg.term()  # redelivering it would not make it valid
+    async def _on_retry(
+        self, delivery: Delivery[Message | WorkflowInput], error: BaseException,
+        decision: RetryDecision,
+    ) -> None:
+        if decision.action == "nak":
+            self.stats.handed_back += 1
+
+    async def _on_give_up(
+        self, delivery: Delivery[Message | WorkflowInput], error: BaseException | None,
+        reason: str,
+    ) -> None:
+        self.stats.gave_up += 1
 
     async def _route(
         self, record: Message | WorkflowInput, conversation: str
@@ -475,14 +468,6 @@ class Router:
         if result.events:
             return result.events[-1].run_id
         return result.state.run_id or ""
-
-
-def retry_delay(attempt: int) -> float | None:
-    """The pause after failed attempt ``attempt`` (from 0) before the next one; None
-    after the last attempt, whose input is nak'd at once (a pause would only delay it)."""
-    if attempt >= RETRIES_IN_PLACE - 1:
-        return None
-    return min(2.0, 0.05 * 2**attempt)
 
 
 async def _heartbeat(msg: Msg) -> None:

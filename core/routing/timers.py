@@ -39,7 +39,7 @@ from commhub.core.envelope import Sender, WorkflowInput, derived_id
 from commhub.core.routing.state import EXPIRE_EVENT, TIMEOUT_EVENT
 from commhub.core.routing.store import StateStore, StateWatch, decode_view
 
-__all__ = ["TIMER_SENDER", "TimerScheduler", "due_timers"]
+__all__ = ["TIMER_SENDER", "TimerScheduler", "Timing", "due_timers"]
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ TIMER_SENDER = Sender(id="commhub-timer", kind="service", name="timer")
 RETRY_SECONDS = 1.0
 
 
-class _Timing(msgspec.Struct):
+class Timing(msgspec.Struct):
     """The part of a conversation's state the scheduler needs (the rest is skipped
     unparsed: see :func:`~commhub.core.routing.store.decode_view`)."""
 
@@ -61,7 +61,7 @@ class _Timing(msgspec.Struct):
 
 
 def due_timers(
-    conversation: str, timing: _Timing, idle_expiry: float
+    conversation: str, timing: Timing, idle_expiry: float
 ) -> list[tuple[float, WorkflowInput]]:
     """The timers a stored state asks for, each with its due time and the input that
     will be published for it (with its deterministic id)."""
@@ -113,12 +113,12 @@ class TimerScheduler:
         self._seq = 0
         self._wake = asyncio.Event()
         self._ready = asyncio.Event()
-        self._watcher: StateWatch[_Timing] | None = None
+        self._watcher: StateWatch[Timing] | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         """Watch the bucket and start firing; returns once the current states are read."""
-        self._watcher = await self.store.watch_all(_Timing)
+        self._watcher = await self.store.watch_all(Timing)
         self._tasks = [
             asyncio.create_task(self._watch(), name="timers-watch"),
             asyncio.create_task(self._fire(), name="timers-fire"),
@@ -135,6 +135,11 @@ class TimerScheduler:
             await self._watcher.stop()
             self._watcher = None
 
+    def check_now(self) -> None:
+        """Look at the deadlines again at once, not at the next one the clock said: for
+        a clock that jumps (a test's fake clock, a machine resumed from suspend)."""
+        self._wake.set()
+
     def pending(self, conversation: str) -> int:
         """How many timers of ``conversation`` are waiting to be published."""
         return len(self._wanted.get(conversation, ()))
@@ -144,12 +149,12 @@ class TimerScheduler:
         timing = None
         if value:
             try:
-                timing = decode_view(value, _Timing)
+                timing = decode_view(value, Timing)
             except msgspec.DecodeError:
                 log.warning("state of %s is not readable; no timers for it", conversation)
         self._schedule(conversation, timing)
 
-    def _schedule(self, conversation: str, timing: _Timing | None) -> None:
+    def _schedule(self, conversation: str, timing: Timing | None) -> None:
         """Replace the conversation's timers with those ``timing`` asks for (None: the
         state is gone or unreadable, so none)."""
         self._wanted.pop(conversation, None)

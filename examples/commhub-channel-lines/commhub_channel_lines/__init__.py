@@ -1,8 +1,16 @@
-"""Example commhub plugin: a JSON-lines TCP channel and a greeting workflow.
+"""Example commhub plugin: two channels and a greeting workflow.
+
+* ``LinesChannel``: a JSON-lines TCP channel; a connected client gets the replies of
+  its conversations live (``ctx.outbound``).
+* ``SpoolChannel``: the shape of an SMS or e-mail channel. Messages come in over HTTP
+  (a provider's webhook); replies go out through a call that can fail, here writing a
+  file, delivered durably with ``ctx.deliver_outbound``: retried with backoff while the
+  call fails, and sent after a restart if the hub stopped first.
 
 Everything a channel needs from the hub comes through ``self.ctx`` (a ChannelContext):
 ``publish_inbound`` to hand a user's message to the bus, ``outbound`` to follow the
-replies of a conversation, ``publish_event`` for accept/close/error events.
+replies of a conversation, ``deliver_outbound`` to deliver every reply durably,
+``publish_event`` for accept/close/error events.
 """
 
 from __future__ import annotations
@@ -10,12 +18,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+from pathlib import Path
 from typing import Any
 
+from aiohttp import web
 from pydantic import BaseModel, ConfigDict
 
 from commhub.core.channel import Channel, ChannelContext
-from commhub.core.envelope import Message, Sender, new_id
+from commhub.core.delivery import Delivery, DeliveryLoop, Retry
+from commhub.core.envelope import Message, Sender, derived_id, new_id
 from commhub.core.hookspecs import hookimpl
 from commhub.core.owners import ConversationForbidden
 from commhub.core.subjects import valid_token
@@ -154,6 +166,92 @@ async def _write(writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:
     await writer.drain()
 
 
+class SpoolSettings(BaseModel):
+    """``[plugins.spool]`` in the hub's config file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dir: Path | None = None  # where replies are written; unset: the channel is off
+
+
+class SpoolChannel(Channel):
+    """Messages in by ``POST /spool/{conversation}``, replies out as files.
+
+    ``{"user": "ann", "text": "hello", "id": "provider-id-1"}`` posted to
+    ``/spool/{conversation}`` on the hub's HTTP server becomes an inbound message (the
+    provider's id, when given, makes its retries one message). Every reply on
+    ``out.spool.>`` is written to ``{dir}/{conversation}/{cursor}.json``: the stand-in
+    for an SMS gateway's "send" call. Delivery is the hub's durable loop: a reply is
+    acked once written; a write that fails is retried with backoff (the conversation's
+    later replies wait behind it at first), also across restarts.
+    """
+
+    name = "spool"
+    Settings = SpoolSettings
+
+    def __init__(self, ctx: ChannelContext, settings: BaseModel | None = None) -> None:
+        super().__init__(ctx, settings)
+        self.config = settings if isinstance(settings, SpoolSettings) else SpoolSettings()
+        self._delivery: DeliveryLoop[Message] | None = None
+
+    async def start(self) -> list[str]:
+        if self.config.dir is None:
+            return ["spool: off (set [plugins.spool] dir)"]
+        self.ctx.web.add_post("/spool/{conversation}", self._receive)
+        self._delivery = await self.ctx.deliver_outbound(self._send)
+        return [f"spool: {self.ctx.web.url}/spool/ID in, replies to {self.config.dir}"]
+
+    async def stop(self) -> None:
+        if self._delivery is not None:
+            await self._delivery.stop(grace=5)
+            self._delivery = None
+
+    async def _receive(self, request: web.Request) -> web.Response:
+        conversation = request.match_info["conversation"]
+        try:
+            body = await request.json()
+            user, text = body["user"], body["text"]
+            if not (valid_token(conversation) and isinstance(user, str) and valid_token(user)
+                    and isinstance(text, str)):
+                raise ValueError("conversation and user must be subject tokens, text a string")
+        except (ValueError, KeyError, TypeError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        provider_id = body.get("id")
+        await self.ctx.publish_inbound(Message(
+            id=derived_id("spool", provider_id) if isinstance(provider_id, str) else new_id(),
+            conversation=conversation, channel=self.name, direction="in",
+            sender=Sender(id=user), text=text,
+        ))
+        return web.json_response({"ok": True})
+
+    async def _send(self, delivery: Delivery[Message]) -> None:
+        """The gateway call. Returning acks the reply; raising Retry retries it later.
+
+        Idempotent, as a redelivered reply needs: the file is named by the cursor and
+        replaced whole, so a second run rewrites the same file instead of adding one.
+        """
+        assert self.config.dir is not None
+        message = delivery.record
+        folder = self.config.dir / message.conversation
+        target = folder / f"{delivery.seq}.json"
+        body = json.dumps({"id": message.id, "text": message.text, "payload": message.payload,
+                           "attempt": delivery.attempt})
+        try:
+            await asyncio.to_thread(_write_atomically, target, body)
+        except OSError as exc:
+            await self.ctx.publish_event("error", conversation=message.conversation,
+                                         connection=message.id,
+                                         reason=f"cannot send reply: {exc}")
+            raise Retry(f"cannot write {target}: {exc}") from None
+
+
+def _write_atomically(target: Path, body: str) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    partial.write_text(body)
+    os.replace(partial, target)
+
+
 GREETING = WorkflowDef.model_validate({
     "name": "greeting",
     "description": "Say hello",
@@ -172,6 +270,7 @@ GREETING = WorkflowDef.model_validate({
 @hookimpl
 def register_channels(register):
     register(LinesChannel)
+    register(SpoolChannel)
 
 
 @hookimpl
