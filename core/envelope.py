@@ -232,12 +232,27 @@ def encode(record: Record) -> bytes:
     return _encoder.encode(record)
 
 
+def _why(exc: BaseException) -> str:
+    """A one-line reason for a failed decode, whatever the decoder raised."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply to decode"
+    if isinstance(exc, msgspec.DecodeError):
+        return str(exc)
+    return f"cannot be decoded: {type(exc).__name__}: {exc}"
+
+
 def decode(data: bytes) -> Record:
-    """Decode any record by its ``type`` tag; raises :class:`EnvelopeError` with the reason."""
+    """Decode any record by its ``type`` tag; raises :class:`EnvelopeError` with the reason.
+
+    Any failure of the decoder is an EnvelopeError, not only msgspec's DecodeError:
+    JSON nested deeper than the decoder's recursion limit raises RecursionError, and
+    bytes on the bus are whatever someone published. Callers then treat every bad input
+    the same way (report it, skip it) instead of crashing or retrying it forever.
+    """
     try:
         return _decoder.decode(data)
-    except msgspec.DecodeError as exc:
-        raise EnvelopeError(str(exc)) from None
+    except Exception as exc:
+        raise EnvelopeError(_why(exc)) from None
 
 
 def decode_as(data: bytes, record_type: type[Any]) -> Any:
@@ -248,8 +263,8 @@ def decode_as(data: bytes, record_type: type[Any]) -> Any:
     """
     try:
         return _typed_decoders[record_type].decode(data)
-    except msgspec.DecodeError as exc:
-        raise EnvelopeError(str(exc)) from None
+    except Exception as exc:  # RecursionError, ValueError, ...: see decode()
+        raise EnvelopeError(_why(exc)) from None
 
 
 _TYPES_BY_TAG: dict[str, type] = {

@@ -276,6 +276,49 @@ async def test_undecodable_data_is_recorded_and_later_records_still_land(
     assert recorder.stats.invalid == 2
 
 
+def deeply_nested_message(n: int, depth: int = 3000) -> bytes:
+    """A Message whose payload is JSON nested ``depth`` deep: msgspec's decoder raises
+    RecursionError on it, not a DecodeError."""
+    head = (f'{{"id": "deep-message-{n:06d}", "conversation": "c1", "channel": "ws", '
+            f'"direction": "in", "sender": {{"id": "u1"}}, "payload": ').encode()
+    return head + b'{"a": ' * depth + b"1" + b"}" * depth + b"}"
+
+
+async def test_json_nested_past_the_decoder_limit_is_one_invalid_row_each(
+    bus: Bus, db_path: Path
+) -> None:
+    """20 records nested 3,000 deep among 400 valid ones: every valid one lands, each deep
+    one is one invalid_records row, and nothing is left pending or unacked (before,
+    RecursionError failed the whole batch again and again, also after a restart)."""
+    subject = bus.subjects.inbound("ws", "c1")
+    valid = [message(f"valid-message-{i:06d}") for i in range(400)]
+    for i, m in enumerate(valid):
+        if i % 20 == 0:
+            await bus.js.publish(subject, deeply_nested_message(i // 20))
+        await bus.publish(subject, m)
+    recorder = Recorder(bus, db_path, flush_seconds=0.05)
+    await recorder.start()  # after publishing: the deep ones share batches with the rest
+    try:
+        await wait_until(lambda: recorder.stats.records >= 420, "420 records")
+        assert count(recorder, "messages") == 400
+        reasons = fetch(recorder, "SELECT reason, source FROM invalid_records")
+        assert len(reasons) == 20
+        assert set(reasons) == {("nested too deeply to decode", "recorder")}
+        assert recorder.stats.failures == 0
+        await wait_until(lambda: recorder.stats.pending == 0, "nothing pending")
+    finally:
+        await recorder.stop()
+    # Everything was acked: a restarted recorder has nothing to redo.
+    stream = bus.subjects.messages_stream
+    durable = bus.subjects.recorder_consumer(stream)
+    for _ in range(200):  # the server applies acks asynchronously: poll, bounded
+        info = await bus.js.consumer_info(stream, durable)
+        if info.num_ack_pending == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert (info.num_ack_pending, info.num_pending) == (0, 0)
+
+
 async def test_a_record_that_cannot_be_stored_does_not_poison_its_batch(
     bus: Bus, db_path: Path
 ) -> None:

@@ -215,7 +215,7 @@ class Batch:
             return
         try:
             self._add_record(record, msg, stream)
-        except (ValueError, OverflowError, TypeError) as exc:
+        except Exception as exc:  # whatever it is, it is this record's, not the batch's
             self._add_invalid(msg, stream, f"cannot be recorded: {exc}")
 
     def _add_invalid(self, msg: Msg, stream: str, reason: str) -> None:
