@@ -17,6 +17,7 @@ from typing import Any, Final, Literal
 import msgspec
 
 from commhub.core.envelope import Message
+from commhub.core.jsonlimit import JsonInputError, decode_json
 from commhub.core.subjects import valid_token
 
 __all__ = [
@@ -79,9 +80,9 @@ def decode_frame(data: str | bytes) -> InboundFrame | FrameError:
     if isinstance(data, bytes):
         return FrameError("bad_frame", "binary frames are not supported; send JSON text")
     try:
-        obj = msgspec.json.decode(data)
-    except msgspec.DecodeError as exc:
-        return FrameError("bad_json", f"not valid JSON: {exc}")
+        obj = decode_json(data)
+    except JsonInputError as exc:  # not JSON, or nested past MAX_JSON_DEPTH
+        return FrameError("bad_json" if exc.kind == "syntax" else "bad_frame", str(exc))
     if not isinstance(obj, dict):
         return FrameError("bad_frame", "a frame must be a JSON object with a 'type'")
     kind = obj.get("type")
