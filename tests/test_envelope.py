@@ -34,7 +34,7 @@ def test_every_decode_failure_is_an_envelope_error(data: bytes) -> None:
 def test_json_depth_counts_levels_without_recursing() -> None:
     assert json_depth(1) == 0
     assert json_depth({}) == 1
-    assert json_depth({"a": [1, {"b": []}]}) == 3
+    assert json_depth({"a": [1, {"b": []}]}) == 4
     deep: list[object] = []
     for _ in range(5000):  # deeper than Python's recursion limit
         deep = [deep]
