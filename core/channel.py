@@ -38,11 +38,14 @@ from commhub.core.envelope import (
     ChannelEventKind,
     EnvelopeError,
     Message,
-    decode_as,
+    decode_message,
+    invalid_id,
     new_id,
 )
 
 if TYPE_CHECKING:
+    from nats.aio.msg import Msg
+
     from commhub.core.bus import Bus
     from commhub.core.config import Settings
     from commhub.core.web import WebServer
@@ -139,6 +142,21 @@ class ChannelContext:
         except Exception:
             log.exception("could not publish channel event %s", kind)
 
+    async def report_refused(self, msg: Msg, reason: str) -> None:
+        """Report an outbound record this channel refuses on ``evt.invalid``, under the id
+        of its stream sequence (:func:`~commhub.core.envelope.invalid_id`): every process,
+        connection and replay that refuses it, and the recorder, make one report of it.
+        Never raises."""
+        try:
+            seq = int(msg.metadata.sequence.stream)
+        except Exception:  # not a stream message: a report of its own
+            record_id = None
+        else:
+            record_id = invalid_id(self.subjects.messages_stream, seq)
+        await self.bus.publish_invalid(
+            msg.subject, msg.data, reason, f"channel:{self.channel}", record_id=record_id
+        )
+
     async def outbound(
         self, conversation: str, after: int | None = None
     ) -> AsyncIterator[OutboundItem]:
@@ -150,7 +168,9 @@ class ChannelContext:
         sequence seen, so nothing is skipped or repeated. Cancelling the iteration is
         safe; the ephemeral consumer is deleted (or expires on its own).
 
-        An undecodable outbound record is reported on ``evt.invalid`` and skipped.
+        An outbound record that is not a Message, or may not travel on its subject
+        (:func:`~commhub.core.envelope.record_problem`: another conversation, direction
+        ``in``, a short id, ...), is reported on ``evt.invalid`` and skipped.
         """
         subject = self.subjects.outbound(self.channel, conversation)
         start = (after or 0) + 1
@@ -168,11 +188,9 @@ class ChannelContext:
                 msg = await sub.next_msg(timeout=None)
                 seq = int(msg.metadata.sequence.stream)
                 try:
-                    message = decode_as(msg.data, Message)
+                    message = decode_message(msg.subject, msg.data)  # the bus contract
                 except EnvelopeError as exc:
-                    await self.bus.publish_invalid(
-                        msg.subject, msg.data, str(exc), f"channel:{self.channel}"
-                    )
+                    await self.report_refused(msg, str(exc))
                     continue
                 yield seq, message
         finally:

@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from commhub.core.subjects import MIN_ID_CHARS, valid_id
+
 __all__ = [
     "Sender",
     "Message",
@@ -41,6 +43,9 @@ __all__ = [
     "decode",
     "decode_as",
     "decode_tagged",
+    "decode_message",
+    "record_problem",
+    "invalid_id",
     "json_schema",
     "EnvelopeError",
 ]
@@ -279,6 +284,107 @@ def decode_tagged(data: bytes, tag: str | None) -> Record:
     if tag is None:
         return decode(data)
     return decode_as(data, _TYPES_BY_TAG[tag])  # type: ignore[no-any-return]
+
+
+# -- the bus contract ---------------------------------------------------------------------
+_BUTTON_LISTS = ("buttons", "quick_replies")
+
+
+def _shown(value: str) -> str:
+    """A value from outside, quoted for a one-line reason and cut short."""
+    return repr(value if len(value) <= 40 else value[:40] + "...")
+
+
+def _buttons_problem(payload: dict[str, Any] | None) -> str | None:
+    """Why a message's ``buttons`` or ``quick_replies`` are not the documented shape
+    (a list of objects, each with a string ``title`` and, optionally, an object
+    ``payload``), or None."""
+    if payload is None:
+        return None
+    for key in _BUTTON_LISTS:
+        buttons = payload.get(key)
+        if buttons is None:
+            continue
+        if not isinstance(buttons, list):
+            return f"payload.{key} must be a list of buttons"
+        for i, button in enumerate(buttons):
+            if not (isinstance(button, dict) and isinstance(button.get("title"), str)):
+                return f"payload.{key}[{i}] must be an object with a string 'title'"
+            if not isinstance(button.get("payload", {}), dict | None):
+                return f"payload.{key}[{i}].payload must be an object"
+    return None
+
+
+def record_problem(subject: str, record: Record) -> str | None:
+    """Why ``record`` may not travel on ``subject``, or None when it may: the bus contract
+    for the subjects that people and services publish on, as one pure function.
+
+    * ``{p}.in.{channel}.{conversation}`` and ``{p}.out.{channel}.{conversation}``: a
+      Message whose ``direction`` is the subject's (``in`` or ``out``) and whose
+      ``channel`` and ``conversation`` are the subject's tokens;
+    * ``{p}.wf.{conversation}``: a WorkflowInput whose ``conversation`` is the subject's;
+    * on all three, an ``id`` of :data:`~commhub.core.subjects.MIN_ID_CHARS` to 128
+      letters, digits, ``-`` or ``_`` (it is the ``Nats-Msg-Id``: a short one collides
+      in the stream's duplicate window), and ``payload.buttons`` /
+      ``payload.quick_replies`` of the documented shape.
+
+    Other subjects (``evt``, ``api``, foreign ones) are not checked here: None. The
+    router applies this to what it consumes on ``in`` and ``wf``; channels and the
+    recorder to what they consume on ``out``. The reason is one line, with values from
+    the record quoted and cut short.
+    """
+    parts = subject.split(".")
+    kind = parts[1] if len(parts) > 1 else ""
+    if kind in ("in", "out"):
+        if len(parts) != 4:
+            return f"{kind!r} subjects are {{prefix}}.{kind}.{{channel}}.{{conversation}}"
+        if not isinstance(record, Message):
+            return f"a {type(record).__name__} on a message subject"
+        if record.direction != kind:
+            return f"direction {record.direction!r} on an {kind!r} subject"
+        if record.channel != parts[2]:
+            return f"channel {_shown(record.channel)} does not match the subject's {parts[2]!r}"
+    elif kind == "wf":
+        if len(parts) != 3:
+            return "'wf' subjects are {prefix}.wf.{conversation}"
+        if not isinstance(record, WorkflowInput):
+            return f"a {type(record).__name__} on a workflow input subject"
+    else:
+        return None
+    if record.conversation != parts[-1]:
+        return (f"conversation {_shown(record.conversation)} does not match the subject's "
+                f"{parts[-1]!r}")
+    if not valid_id(record.id):
+        return (f"id {_shown(record.id)} is not {MIN_ID_CHARS}-128 letters, digits, '-' or "
+                "'_' (it is the Nats-Msg-Id: use a UUID)")
+    if isinstance(record, Message):
+        return _buttons_problem(record.payload)
+    return None
+
+
+def decode_message(subject: str, data: bytes) -> Message:
+    """Decode a Message consumed on ``subject`` and check it with :func:`record_problem`.
+
+    Raises :class:`EnvelopeError` with the reason for bytes that are not a Message and
+    for a Message that may not travel on ``subject``. Pure; for channels that deliver
+    ``out`` messages, so that every channel refuses the same records for the same
+    reasons.
+    """
+    message: Message = decode_as(data, Message)
+    problem = record_problem(subject, message)
+    if problem is not None:
+        raise EnvelopeError(problem)
+    return message
+
+
+def invalid_id(stream: str, sequence: int) -> str:
+    """The id of the InvalidRecord for the record at ``sequence`` of ``stream``.
+
+    Everyone who refuses that record (the recorder, each channel process, each
+    WebSocket connection replaying it) reports it under this one id, so JetStream's
+    duplicate window keeps one report on ``evt.invalid`` and DuckDB one row.
+    """
+    return derived_id("invalid", stream, sequence)
 
 
 def json_schema() -> dict[str, Any]:

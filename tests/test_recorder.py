@@ -93,7 +93,7 @@ async def test_each_record_type_lands_in_its_table(bus: Bus, recorder: Recorder)
     """Messages, classifications, workflow and channel events and inputs land with their values."""
     s = bus.subjects
     inbound = message("m-in", payload={"buttons": [{"title": "Yes", "payload": "y"}]})
-    outbound = message("m-out", direction="out", reply_to="m-in", meta={"cursor": 7})
+    outbound = message("m-out-0000000001", direction="out", reply_to="m-in", meta={"cursor": 7})
     await bus.publish_all(
         [
             (subject_of(bus, inbound), inbound),
@@ -384,7 +384,8 @@ async def test_full_replay_into_the_same_file_is_idempotent(bus: Bus, db_path: P
     """Deleting the durables replays both streams; every row is already there, nothing doubles."""
     first = Recorder(bus, db_path, flush_seconds=0.05)
     await first.start()
-    records = [message(f"m{i}", direction="in" if i % 2 else "out") for i in range(20)]
+    records = [message(f"replayed-message-{i:02d}", direction="in" if i % 2 else "out")
+               for i in range(20)]
     await bus.publish_all([(subject_of(bus, m), m) for m in records])
     await bus.publish_invalid(bus.subjects.inbound("ws", "c1"), b"bad", "bad", source="test")
     await bus.js.publish(bus.subjects.inbound("ws", "c1"), b"garbage")
@@ -414,7 +415,7 @@ async def test_a_failed_write_is_redelivered_and_retried(
     real_write = recorder._write
     calls = 0
 
-    def failing_once(pending: Any) -> tuple[int, int]:
+    def failing_once(pending: Any) -> tuple[int, int, list[Any]]:
         nonlocal calls
         calls += 1
         if calls == 1:
@@ -558,8 +559,8 @@ async def test_conversations_and_runs_stay_exact_under_redelivery(
     ]
 
     later = [
-        (subject_of(bus, message("a2", direction="out", ts=TS + 2)),
-         message("a2", direction="out", ts=TS + 2)),
+        (subject_of(bus, message("a2-reply-00000001", direction="out", ts=TS + 2)),
+         message("a2-reply-00000001", direction="out", ts=TS + 2)),
         (s.workflow_event("booking", "transition"),
          run_event("w2", "r1", "transition", TS + 3, from_state="ask", to_state="confirm")),
         (s.workflow_event("booking", "cancelled"),
@@ -612,7 +613,7 @@ async def test_catching_up_logs_progress_until_it_caught_up(
     real_write = recorder._write
     gate = threading.Event()
 
-    def held(pending: Any) -> tuple[int, int]:
+    def held(pending: Any) -> tuple[int, int, list[Any]]:
         gate.wait(30)  # the writer waits until the test saw the recorder behind
         return real_write(pending)
 

@@ -55,7 +55,7 @@ from nats.js.kv import KeyValue
 from commhub.channels.http.request import encode_message
 from commhub.core.aio import cancel_and_wait
 from commhub.core.channel import ChannelContext
-from commhub.core.envelope import EnvelopeError, Message, decode_as, now
+from commhub.core.envelope import EnvelopeError, decode_message, now
 from commhub.core.serial import KeyedSerialRunner
 
 if TYPE_CHECKING:
@@ -264,11 +264,9 @@ class Deliverer:
     async def _deliver(self, msg: Msg) -> None:
         seq = int(msg.metadata.sequence.stream)
         try:
-            message = decode_as(msg.data, Message)
+            message = decode_message(msg.subject, msg.data)  # the bus contract
         except EnvelopeError as exc:
-            await self.ctx.bus.publish_invalid(
-                msg.subject, msg.data, str(exc), f"channel:{self.ctx.channel}"
-            )
+            await self.ctx.report_refused(msg, str(exc))
             await msg.ack()
             return
         registration = await self.store.get(message.conversation)

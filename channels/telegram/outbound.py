@@ -11,7 +11,8 @@ Ack rules:
 * acked after Telegram accepted every part, or after a definitive refusal (403 blocked,
   400), which becomes a ``delivery_failed`` ChannelEvent (code 403 or 400, with the
   reason);
-* acked after a record that is not a valid Message (reported on ``evt.invalid``) or
+* acked after a record that is not a valid Message for its subject (``record_problem``;
+  reported on ``evt.invalid``) or
   whose conversation is not a Telegram chat (a ``delivery_failed`` event);
 * never acked while it is being retried (429, 5xx, network): the task tells JetStream
   it is still in progress every ``ack_wait / 3`` seconds, so the record is not handed
@@ -40,7 +41,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from commhub.core.aio import cancel_and_wait
 from commhub.core.channel import ChannelContext
-from commhub.core.envelope import EnvelopeError, Message, decode_as
+from commhub.core.envelope import EnvelopeError, Message, decode_message
 
 __all__ = ["OutboundConsumer"]
 
@@ -174,11 +175,9 @@ class OutboundConsumer:
 
     async def _handle(self, msg: Msg) -> None:
         try:
-            message = decode_as(msg.data, Message)
+            message = decode_message(msg.subject, msg.data)  # the bus contract
         except EnvelopeError as exc:
-            await self.ctx.bus.publish_invalid(
-                msg.subject, msg.data, str(exc), f"channel:{self.ctx.channel}"
-            )
+            await self.ctx.report_refused(msg, str(exc))
             with contextlib.suppress(Exception):
                 await msg.ack()
             return

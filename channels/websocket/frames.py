@@ -18,7 +18,7 @@ import msgspec
 
 from commhub.core.envelope import Message
 from commhub.core.jsonlimit import JsonInputError, decode_json
-from commhub.core.subjects import valid_token
+from commhub.core.subjects import MIN_ID_CHARS, valid_token
 
 __all__ = [
     "MIN_CLIENT_ID_CHARS",
@@ -39,7 +39,8 @@ ErrorCode = Literal["bad_json", "unknown_type", "bad_frame", "rate_limited", "un
 
 #: A client's message id becomes the bus message id, and so the ``Nats-Msg-Id`` that
 #: JetStream deduplicates on across the whole stream: it must be unique, not a counter.
-MIN_CLIENT_ID_CHARS: Final = 16
+#: The bus's own rule (:data:`commhub.core.subjects.MIN_ID_CHARS`).
+MIN_CLIENT_ID_CHARS: Final = MIN_ID_CHARS
 
 
 @dataclass(frozen=True, slots=True)

@@ -71,6 +71,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from commhub.core.bus import Bus
+from commhub.core.envelope import InvalidRecord
 from commhub.core.records.progress import Progress
 from commhub.core.records.rows import Batch, num_pending
 from commhub.core.records.schema import REFRESH_CONVERSATIONS, REFRESH_RUNS, migrate
@@ -114,6 +115,8 @@ class Recorder:
     bounds how long a record waits for its batch to fill. ``consumer`` names the durable
     of a stream (default: :meth:`Subjects.recorder_consumer`; ``commhub rebuild`` uses
     its own). ``progress_seconds`` is the interval of the catch-up log lines (None: none).
+    ``report_refused`` publishes the ``out`` records it refuses on ``evt.invalid`` (a
+    rebuild, which replays records reported long ago, turns it off).
     """
 
     #: First and largest redelivery delay after a failed write, in seconds.
@@ -128,6 +131,7 @@ class Recorder:
         *,
         consumer: Callable[[str], str] | None = None,
         progress_seconds: float | None = 5.0,
+        report_refused: bool = True,
     ) -> None:
         if batch < 1:
             raise ValueError("batch must be at least 1")
@@ -139,6 +143,7 @@ class Recorder:
         self.flush_seconds = flush_seconds
         self.consumer = consumer or bus.subjects.recorder_consumer
         self.progress_seconds = progress_seconds
+        self.report_refused = report_refused
         self.stats = RecorderStats()
         self._pending: dict[str, int] = {}
         self._in_flight = 0  # fetched, not yet committed or nak'd
@@ -407,7 +412,11 @@ class Recorder:
         self._in_flight -= len(msgs)  # committed or nak'd below: either way, not held
         self.stats.pending = sum(self._pending.values()) + self._in_flight
         try:
-            inserted, invalid = await self._in_thread(self._write, pending)
+            inserted, invalid, reports = await self._in_thread(self._write, pending)
+            if reports and self.report_refused:
+                # Refused out records are reported before their acks: a failed report
+                # is retried with the batch (same ids: one report, one row).
+                await self.bus.publish_all([(self.bus.subjects.invalid, r) for r in reports])
         except Exception as exc:  # any write failure: redeliver, keep running
             self.stats.failures += 1
             log.error(
@@ -434,8 +443,11 @@ class Recorder:
             log.warning("recorder: could not %s records: %s", "ack" if ack else "nak", exc)
 
     # -- the worker thread ----------------------------------------------------------
-    def _write(self, pending: Sequence[tuple[str, list[Msg]]]) -> tuple[int, int]:
-        """Decode, route and insert one batch in one transaction; return (inserted, invalid)."""
+    def _write(
+        self, pending: Sequence[tuple[str, list[Msg]]]
+    ) -> tuple[int, int, list[InvalidRecord]]:
+        """Decode, route and insert one batch in one transaction; return (inserted,
+        invalid, the reports of refused out records for ``evt.invalid``)."""
         batch = Batch(self.bus.subjects)
         for stream, msgs in pending:
             for msg in msgs:
@@ -467,7 +479,7 @@ class Recorder:
             with contextlib.suppress(duckdb.Error):
                 con.execute("ROLLBACK")
             raise
-        return inserted, batch.invalid
+        return inserted, batch.invalid, batch.reports
 
     @staticmethod
     def _refresh_derived(con: duckdb.DuckDBPyConnection, batch: Batch) -> None:

@@ -32,7 +32,8 @@ from commhub.core.envelope import (
     WorkflowEvent,
     WorkflowInput,
     decode_tagged,
-    derived_id,
+    invalid_id,
+    record_problem,
 )
 from commhub.core.subjects import Subjects
 
@@ -204,25 +205,39 @@ class Batch:
         self.rows: dict[str, dict[str, tuple[Any, ...]]] = {name: {} for name in _ARROW_SCHEMAS}
         self.sources: dict[str, tuple[Msg, str]] = {}
         self.invalid = 0
+        #: Reports for ``evt.invalid`` of the ``out`` records refused (the recorder
+        #: publishes them after the commit, before the acks).
+        self.reports: list[InvalidRecord] = []
+        self._outbound_prefix = subjects.all_outbound[:-1]  # "{prefix}.out."
 
     def add(self, msg: Msg, stream: str) -> None:
+        outbound = msg.subject.startswith(self._outbound_prefix)
         try:
             # The subject names the type, so records published without a "type" tag
             # (hand-written JSON from other languages) are recorded like the others.
             record = decode_tagged(msg.data, self.subjects.record_tag(msg.subject))
         except EnvelopeError as exc:
-            self._add_invalid(msg, stream, str(exc))
+            self._add_invalid(msg, stream, str(exc), report=outbound)
             return
+        if outbound:
+            # No router stands between an out publisher and the channels: the channels
+            # refuse what breaks the bus contract, and so does the record.
+            problem = record_problem(msg.subject, record)
+            if problem is not None:
+                self._add_invalid(msg, stream, problem, report=True)
+                return
         try:
             self._add_record(record, msg, stream)
         except Exception as exc:  # whatever it is, it is this record's, not the batch's
             self._add_invalid(msg, stream, f"cannot be recorded: {exc}")
 
-    def _add_invalid(self, msg: Msg, stream: str, reason: str) -> None:
+    def _add_invalid(self, msg: Msg, stream: str, reason: str, report: bool = False) -> None:
+        """An invalid_records row for ``msg``; with ``report``, also an InvalidRecord in
+        :attr:`reports` for ``evt.invalid`` (same id as the row)."""
         meta = msg.metadata
         seq = meta.sequence.stream if meta.sequence else 0
         ts = meta.timestamp.timestamp() if meta.timestamp else time.time()
-        id_ = derived_id("invalid", stream, seq)
+        id_ = invalid_id(stream, seq)
         data = msg.data[:MAX_INVALID_DATA].decode("utf-8", "replace")
         if id_ not in self.rows["invalid_records"]:
             self.rows["invalid_records"][id_] = (
@@ -234,6 +249,11 @@ class Batch:
                 _micros(ts),
             )
             self.invalid += 1
+            if report:
+                self.reports.append(InvalidRecord(
+                    id=id_, subject=msg.subject, reason=reason, data=data, source="recorder",
+                    ts=ts,
+                ))
 
     def _add_record(self, record: Record, msg: Msg, stream: str) -> None:
         match record:

@@ -71,6 +71,7 @@ from commhub.core.envelope import (
     decode_tagged,
     derived_id,
     now,
+    record_problem,
 )
 from commhub.core.plugins import Plugins
 from commhub.core.routing.state import (
@@ -262,13 +263,9 @@ class Router:
             await self._reject(msg, f"{type(record).__name__} is not an input")
             return
         conversation = self._key_of(msg.subject)
-        if isinstance(record, Message) and record.direction != "in":
-            await self._reject(msg, "an inbound subject carries an outbound message")
-            return
-        if record.conversation != conversation:
-            await self._reject(
-                msg, f"conversation {record.conversation!r} does not match the subject"
-            )
+        problem = record_problem(msg.subject, record)  # the bus contract, as on out
+        if problem is not None:
+            await self._reject(msg, problem)
             return
         # Retry in place, so that the conversation's next input waits behind this one
         # (a nak would let it overtake). Each attempt re-reads the state, so a retry
