@@ -6,7 +6,11 @@ each record with :func:`commhub.core.envelope.decode`, routes it by type to its 
 (:mod:`commhub.core.records.schema`), and writes the batch as Arrow tables with
 ``INSERT ... BY NAME ... ON CONFLICT DO NOTHING``: one transaction for the whole batch,
 across all tables. Bytes that do not decode become a row of ``invalid_records`` (the
-reason, the subject and the raw data), so a bad publisher never blocks the stream.
+reason, the subject and the raw data), so a bad publisher never blocks the stream. So
+does an ``out`` record that breaks the bus contract
+(:func:`commhub.core.envelope.record_problem`): no channel delivered it, so it is not
+written to ``messages``; it is also reported on ``evt.invalid`` (after the commit,
+before the acks, under the id its row has).
 Turning messages into rows and Arrow tables is :mod:`commhub.core.records.rows`; this
 module fetches, writes, commits and acks. In the same transaction it recomputes the
 derived rows (``workflow_runs``, then ``conversations``) of the runs and conversations

@@ -6,7 +6,9 @@ its table (:mod:`commhub.core.records.schema`) and kept as a row, deduplicated o
 id (first copy wins). Bytes that do not decode, and records that decode but cannot be
 stored (a ``ts`` outside years 1-9999, a close code too big for its column), become
 ``invalid_records`` rows (the reason, the subject and the raw data, on a deterministic
-id from the stream and sequence), so one bad record never fails its batch.
+id from the stream and sequence), so one bad record never fails its batch. An ``out``
+record that breaks the bus contract (:func:`commhub.core.envelope.record_problem`) is
+such a row too, with a report for ``evt.invalid`` in :attr:`Batch.reports`.
 :meth:`Batch.arrow_tables` returns the rows as Arrow tables in the schemas below, which
 :class:`commhub.core.records.recorder.Recorder` inserts ``BY NAME`` in one transaction.
 """
