@@ -201,7 +201,7 @@ async def test_each_record_type_lands_in_its_table(bus: Bus, recorder: Recorder)
         {"workflow": "booking", "confidence": 0.82},
         {"workflow": "faq", "confidence": 0.1},
     ]
-    assert classification[8:] == ("tfidf-svm", "3", TS_UTC)
+    assert classification[8:] == ("tfidf-svm", "3", TS_UTC, "workflow")  # inferred
 
     event, emitted = fetch(recorder, "SELECT * FROM workflow_events ORDER BY id")
     assert event[:8] == (
@@ -225,7 +225,7 @@ async def test_each_record_type_lands_in_its_table(bus: Bus, recorder: Recorder)
     (winput,) = fetch(recorder, "SELECT * FROM workflow_inputs")
     assert winput[:3] == ("i1", "c1", "payment.done")
     assert json.loads(winput[3]) == {"amount": 12.5}
-    assert winput[4:] == ("billing", "service", TS_UTC)
+    assert winput[4:] == ("billing", "service", TS_UTC, None)
 
     assert fetch(recorder, "SELECT subject, reason, data, source FROM invalid_records") == [
         (s.inbound("ws", "c1"), "not JSON", "{oops", "ws-channel")
@@ -459,11 +459,12 @@ def test_migrate_is_versioned_and_refuses_a_newer_database(tmp_path: Path) -> No
     """migrate() applies every version once, is a no-op after, and refuses a newer schema."""
     con = duckdb.connect(str(tmp_path / "m.duckdb"))
     try:
-        assert schema.migrate(con) == schema.latest_version() == 2
-        assert schema.migrate(con) == 2
+        assert schema.migrate(con) == schema.latest_version() == 3
+        assert schema.migrate(con) == 3
         assert con.execute("SELECT version FROM schema_version ORDER BY 1").fetchall() == [
             (1,),
             (2,),
+            (3,),
         ]
         tables = {
             r[0] for r in con.sql("SELECT table_name FROM information_schema.tables").fetchall()
@@ -502,7 +503,7 @@ def test_a_version_1_database_migrates_and_fills_the_derived_tables(tmp_path: Pa
         con.close()
     con = duckdb.connect(str(path))
     try:
-        assert schema.migrate(con) == 2
+        assert schema.migrate(con, target=2) == 2
         rows = con.execute(
             "SELECT conversation, channel, user_id, messages, messages_in, messages_out, runs,"
             " workflows, last_workflow, outcome FROM conversations ORDER BY 1"
@@ -526,6 +527,60 @@ def test_a_version_1_database_migrates_and_fills_the_derived_tables(tmp_path: Pa
                 "completed",
             )
         ]
+    finally:
+        con.close()
+
+
+def test_a_version_2_database_gets_decisions_and_cancelled_runs(tmp_path: Path) -> None:
+    """A file at version 2 gets version 3: its classifications get a decision by the
+    documented rule, a run that completed in its own ``cancelled`` final state becomes
+    cancelled, and the views count a clarifying question apart from fallbacks."""
+    path = tmp_path / "v2.duckdb"
+    con = duckdb.connect(str(path))
+    try:
+        assert schema.migrate(con, target=2) == 2
+        con.execute(
+            "INSERT INTO classifications (id, message_id, conversation, text, workflow,"
+            " confidence, threshold, model, model_version, ts) VALUES"
+            " ('k1', 'm1', 'c1', 'book', 'book_table', 0.9, 0.35, 'tfidf', '1', '2024-05-01'),"
+            " ('k2', 'm2', 'c2', 'zzz', NULL, 0.2, 0.35, 'tfidf', '1', '2024-05-01'),"
+            " ('k3', 'm3', 'c3', 'hmm', NULL, 0.5, 0.35, 'tfidf', '1', '2024-05-01'),"
+            " ('k4', 'm4', 'c3', NULL, 'book_table', 1.0, 0.35, 'button', '', '2024-05-01')"
+        )
+        con.execute(
+            "INSERT INTO workflow_events (id, run_id, conversation, workflow, kind, from_state,"
+            " to_state, ts) VALUES"
+            " ('e1', 'r1', 'c1', 'book_table', 'started', NULL, 'confirm', '2024-05-01 10:00'),"
+            " ('e2', 'r1', 'c1', 'book_table', 'completed', NULL, 'cancelled', '2024-05-01 10:01'),"
+            " ('e3', 'r2', 'c3', 'book_table', 'started', NULL, 'confirm', '2024-05-01 10:00'),"
+            " ('e4', 'r2', 'c3', 'book_table', 'completed', NULL, 'booked', '2024-05-01 10:01')"
+        )
+        # What the version 2 recorder kept: both runs 'completed'.
+        con.execute(schema._V2_REFRESH_RUNS.format(runs="SELECT run_id FROM workflow_events"))
+        assert con.execute("SELECT DISTINCT outcome FROM workflow_runs").fetchall() == [
+            ("completed",)
+        ]
+    finally:
+        con.close()
+    con = duckdb.connect(str(path))
+    try:
+        assert schema.migrate(con) == 3
+        assert con.execute("SELECT id, decision FROM classifications ORDER BY id").fetchall() == [
+            ("k1", "workflow"), ("k2", "fallback"), ("k3", "clarify"), ("k4", "button")
+        ]
+        assert con.execute("SELECT * FROM fallback_rate").fetchall() == [(4, 1, 0.25, 1)]
+        assert dict(con.execute("SELECT workflow, classifications FROM intent_mix").fetchall()) == {
+            "book_table": 2, "(none)": 1, "(clarify)": 1
+        }
+        assert con.execute(
+            "SELECT run_id, outcome FROM workflow_runs ORDER BY 1"
+        ).fetchall() == [("r1", "cancelled"), ("r2", "completed")]
+        assert con.execute(
+            "SELECT runs, completed, cancelled, completion_rate FROM workflow_completion"
+        ).fetchall() == [(2, 1, 1, 0.5)]
+        assert con.execute(
+            "SELECT conversation, outcome FROM conversations ORDER BY 1"
+        ).fetchall() == [("c1", "cancelled"), ("c3", "completed")]
     finally:
         con.close()
 

@@ -39,7 +39,7 @@ from commhub.core.envelope import (
 )
 from commhub.core.subjects import Subjects
 
-__all__ = ["MAX_INVALID_DATA", "Batch", "num_pending"]
+__all__ = ["MAX_INVALID_DATA", "NOT_RECORDED", "RECORDED_AS", "Batch", "decision_of", "num_pending"]
 
 # The recorder's logger: building rows is part of its work.
 log = logging.getLogger("commhub.core.records.recorder")
@@ -83,6 +83,7 @@ _ARROW_SCHEMAS: dict[str, pa.Schema] = {
             ("model", _S),
             ("model_version", _S),
             ("ts", _TS),
+            ("decision", _S),
         ]
     ),
     "workflow_events": pa.schema(
@@ -124,6 +125,7 @@ _ARROW_SCHEMAS: dict[str, pa.Schema] = {
             ("sender_id", _S),
             ("sender_kind", _S),
             ("ts", _TS),
+            ("sender_name", _S),
         ]
     ),
     "invalid_records": pa.schema(
@@ -136,6 +138,52 @@ _ARROW_SCHEMAS: dict[str, pa.Schema] = {
             ("ts", _TS),
         ]
     ),
+}
+
+#: Where each envelope field is stored: a record's ``type`` tag -> (its table, {field:
+#: column}). A nested record's fields are dotted (``sender.id``); a field holding
+#: structured data (a payload, the list of Alternatives) is stored whole, as JSON text in
+#: a JSON column. ``tests/test_record_columns.py`` checks that every field of every
+#: record is here or in :data:`NOT_RECORDED`, that the column exists, and that a value
+#: written lands in it.
+RECORDED_AS: dict[str, tuple[str, dict[str, str]]] = {
+    "message": ("messages", {
+        "id": "id", "conversation": "conversation", "channel": "channel",
+        "direction": "direction", "sender.id": "sender_id", "sender.kind": "sender_kind",
+        "sender.name": "sender_name", "text": "text", "payload": "payload",
+        "reply_to": "reply_to", "ts": "ts", "meta": "meta",
+    }),
+    "classification": ("classifications", {
+        "id": "id", "message_id": "message_id", "conversation": "conversation",
+        "text": "text", "workflow": "workflow", "confidence": "confidence",
+        "threshold": "threshold", "alternatives": "alternatives", "model": "model",
+        "model_version": "model_version", "ts": "ts", "decision": "decision",
+    }),
+    "workflow_event": ("workflow_events", {
+        "id": "id", "run_id": "run_id", "conversation": "conversation",
+        "workflow": "workflow", "kind": "kind", "from_state": "from_state",
+        "to_state": "to_state", "trigger": "trigger", "slots_changed": "slots_changed",
+        "message_id": "message_id", "ts": "ts", "event": "event", "data": "data",
+    }),
+    "channel_event": ("channel_events", {
+        "id": "id", "channel": "channel", "kind": "kind", "connection": "connection",
+        "conversation": "conversation", "user": "user_id", "reason": "reason",
+        "code": "code", "ts": "ts",
+    }),
+    "workflow_input": ("workflow_inputs", {
+        "id": "id", "conversation": "conversation", "event": "event", "data": "data",
+        "sender.id": "sender_id", "sender.kind": "sender_kind",
+        "sender.name": "sender_name", "ts": "ts",
+    }),
+    "invalid": ("invalid_records", {
+        "id": "id", "subject": "subject", "reason": "reason", "data": "data",
+        "source": "source", "ts": "ts",
+    }),
+}
+
+#: Envelope fields that no column holds, and why (``docs/records.md`` lists them).
+NOT_RECORDED: dict[str, str] = {
+    "type": "the tag of every record: the table a row is in says its type",
 }
 
 _json_encode = msgspec.json.Encoder().encode
@@ -157,6 +205,19 @@ def _micros(ts: float) -> int:
     if not _MIN_MICROS <= micros <= _MAX_MICROS:
         raise ValueError(f"ts {ts!r} is outside years 1 to 9999")
     return micros
+
+
+def decision_of(classification: Classification) -> str:
+    """The classification's ``decision``; for a record without one (published before the
+    router set it), inferred by the rule of
+    :data:`commhub.core.records.schema.DECISION_OF_OLD_ROWS`."""
+    if classification.decision is not None:
+        return classification.decision
+    if classification.model == "button":
+        return "button"
+    if classification.workflow is not None:
+        return "workflow"
+    return "clarify" if classification.confidence >= classification.threshold else "fallback"
 
 
 def _stream_seq(msg: Msg) -> int | None:
@@ -290,6 +351,7 @@ class Batch:
                     record.model,
                     record.model_version,
                     _micros(record.ts),
+                    decision_of(record),
                 )
                 table = "classifications"
             case WorkflowEvent():
@@ -331,6 +393,7 @@ class Batch:
                     record.sender.id,
                     record.sender.kind,
                     _micros(record.ts),
+                    record.sender.name,
                 )
                 table = "workflow_inputs"
             case InvalidRecord():
