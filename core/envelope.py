@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from commhub.core.subjects import MIN_ID_CHARS, valid_id
+from commhub.core.subjects import MIN_ID_CHARS, TOKEN_RE, valid_id
 
 __all__ = [
     "Sender",
@@ -387,6 +387,58 @@ def invalid_id(stream: str, sequence: int) -> str:
     return derived_id("invalid", stream, sequence)
 
 
+_TOKEN_SCHEMA: dict[str, Any] = {"type": "string", "pattern": TOKEN_RE.pattern}
+_ID_SCHEMA: dict[str, Any] = {
+    "type": "string",
+    "minLength": MIN_ID_CHARS,
+    "maxLength": 128,
+    "pattern": f"^[A-Za-z0-9_-]{{{MIN_ID_CHARS},128}}$",
+    "description": "Unique (a UUID): it is the Nats-Msg-Id.",
+}
+_BUTTON_SCHEMA: dict[str, Any] = {
+    "title": "Button",
+    "description": "A button of a message's payload; pressing it sends its payload back.",
+    "type": "object",
+    "properties": {
+        "title": {"type": "string"},
+        "payload": {"anyOf": [{"type": "object"}, {"type": "null"}]},
+    },
+    "required": ["title"],
+}
+
+
 def json_schema() -> dict[str, Any]:
-    """The JSON Schema of every record type, as ``commhub schema`` prints it."""
-    return msgspec.json.schema(Record)  # type: ignore[arg-type]
+    """The JSON Schema of every record type, as ``commhub schema`` prints it.
+
+    msgspec's schema of :data:`Record`, made to say what the hub enforces (the rules of
+    :func:`record_problem`: ids of messages and workflow inputs, conversations and a
+    message's channel as one subject token, the shape of buttons) and to compile in
+    Ajv's default strict mode: no ``discriminator`` (an OpenAPI keyword Ajv knows only
+    when asked), no ``$schema`` (the keywords are draft-07's and draft 2020-12's alike),
+    and ``type`` optional, as it is on the wire (the subject names the record type).
+    """
+    schema: dict[str, Any] = msgspec.json.schema(Record)  # type: ignore[arg-type]
+    schema.pop("discriminator", None)
+    defs = schema["$defs"]
+    for record_type in RECORD_TYPES:
+        definition = defs[record_type.__name__]
+        definition["required"] = [name for name in definition["required"] if name != "type"]
+    for name in ("Message", "WorkflowInput"):
+        defs[name]["properties"]["id"] = dict(_ID_SCHEMA)
+    for name in ("Message", "WorkflowInput", "Classification", "WorkflowEvent"):
+        defs[name]["properties"]["conversation"] = dict(_TOKEN_SCHEMA)
+    defs["Message"]["properties"]["channel"] = dict(_TOKEN_SCHEMA)
+    defs["ChannelEvent"]["properties"]["conversation"] = {
+        "anyOf": [dict(_TOKEN_SCHEMA), {"type": "null"}], "default": None,
+    }
+    buttons = {"anyOf": [{"type": "array", "items": {"$ref": "#/$defs/Button"}},
+                         {"type": "null"}]}
+    defs["Message"]["properties"]["payload"] = {
+        "anyOf": [
+            {"type": "object", "properties": {name: dict(buttons) for name in _BUTTON_LISTS}},
+            {"type": "null"},
+        ],
+        "default": None,
+    }
+    defs["Button"] = _BUTTON_SCHEMA
+    return schema
