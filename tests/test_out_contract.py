@@ -12,9 +12,13 @@ import asyncio
 from typing import Any
 
 import pytest
+from aiohttp import web
+from httpkit import WAIT, base, call, http_channel, reply
 from inproc import ws_port
 from wschat import Chat
 
+from commhub.core.bus import Bus
+from commhub.core.config import Settings
 from commhub.core.envelope import (
     InvalidRecord,
     Message,
@@ -28,6 +32,7 @@ from commhub.core.envelope import (
     record_problem,
 )
 from commhub.core.hub import Hub
+from commhub.core.web import WebServer
 
 AGENT = Sender(id="agent-7", kind="agent")
 
@@ -103,6 +108,55 @@ async def test_out_records_that_break_the_contract_are_refused_everywhere(hub: H
     info = await bus.js.stream_info(bus.subjects.events_stream,
                                     subjects_filter=bus.subjects.invalid)
     assert info.state.subjects == {bus.subjects.invalid: len(bad)}
+
+
+async def test_http_callbacks_post_no_record_that_breaks_the_contract(
+    bus: Bus, settings: Settings
+) -> None:
+    """The HTTP channel's callbacks refuse the same records: nothing is POSTed for them,
+    each is reported on evt.invalid under its stream sequence's id, and the good reply
+    after them is delivered."""
+    posted: list[dict[str, Any]] = []
+    got_one = asyncio.Event()
+
+    async def hook(request: web.Request) -> web.Response:
+        posted.append(await request.json())
+        got_one.set()
+        return web.Response(status=200)
+
+    server = WebServer("127.0.0.1", 0)
+    server.add_post("/hook", hook)
+    await server.start()
+    try:
+        async with http_channel(bus, settings, callback_secret="s3cret-callbacks") as channel:
+            url = f"{base(channel)}/v1/conversations/cbx/callback"
+            status, _, _ = await call("POST", url, json_body={"url": f"{server.url}/hook"})
+            assert status == 200
+            subject = bus.subjects.outbound("http", "cbx")
+            bad = [out_message(channel="http", conversation="cbx-other"),
+                   out_message(channel="http", conversation="cbx", direction="in"),
+                   out_message(channel="http", conversation="cbx", id="x1")]
+            sequences = [(await bus.js.publish(subject, encode(m))).seq for m in bad]
+            good, _ = await reply(bus, "cbx", "the good one")
+            async with asyncio.timeout(WAIT):
+                await got_one.wait()
+    finally:
+        await server.stop()
+    assert [body["id"] for body in posted] == [good.id]
+    stream = bus.subjects.messages_stream
+    reports = await invalid_reports(bus, len(bad))
+    assert {r.id for r in reports} == {invalid_id(stream, seq) for seq in sequences}
+    assert {r.source for r in reports} == {"channel:http"}
+
+
+async def invalid_reports(bus: Bus, count: int) -> list[InvalidRecord]:
+    """The first ``count`` InvalidRecords stored on evt.invalid."""
+    sub = await bus.js.subscribe(bus.subjects.invalid, ordered_consumer=True)
+    try:
+        return [decode_as((await sub.next_msg(timeout=WAIT)).data, InvalidRecord)
+                for _ in range(count)]
+    finally:
+        await sub.unsubscribe()
 
 
 @pytest.mark.parametrize(
