@@ -184,13 +184,17 @@ class Bus:
             return []
         return list(await asyncio.wait_for(asyncio.gather(*futures), timeout=10))
 
-    async def publish_invalid(self, subject: str, data: bytes, reason: str, source: str) -> None:
+    async def publish_invalid(
+        self, subject: str, data: bytes, reason: str, source: str, *, record_id: str | None = None
+    ) -> None:
         """Report input that could not be accepted on ``{prefix}.evt.invalid``.
 
-        Never raises: reporting bad input must not take down the component that saw it.
+        ``record_id`` names the report (default: a fresh id); reporters of one stored
+        record pass :func:`~commhub.core.envelope.invalid_id` so that their reports are
+        one. Never raises: reporting bad input must not take down the component that saw it.
         """
         record = InvalidRecord(
-            id=new_id(),
+            id=record_id or new_id(),
             subject=subject,
             reason=reason,
             data=data[:65536].decode("utf-8", "replace"),

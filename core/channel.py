@@ -53,14 +53,14 @@ from commhub.core.delivery import (
     GiveUpHook,
     RetryHook,
     RetryPolicy,
-    last_token,
 )
 from commhub.core.envelope import (
     ChannelEvent,
     ChannelEventKind,
     EnvelopeError,
     Message,
-    decode_as,
+    decode_message,
+    invalid_id,
     new_id,
 )
 from commhub.core.owners import OwnerBook, client_of
@@ -68,6 +68,8 @@ from commhub.core.retry import Permanent
 from commhub.core.routing.store import StateStore
 
 if TYPE_CHECKING:
+    from nats.aio.msg import Msg
+
     from commhub.core.bus import Bus
     from commhub.core.config import Settings
     from commhub.core.tokens import Identity
@@ -236,6 +238,21 @@ class ChannelContext:
             await items.aclose()  # type: ignore[attr-defined]  # an async generator
         return replies
 
+    async def report_refused(self, msg: Msg, reason: str) -> None:
+        """Report an outbound record this channel refuses on ``evt.invalid``, under the id
+        of its stream sequence (:func:`~commhub.core.envelope.invalid_id`): every process,
+        connection and replay that refuses it, and the recorder, make one report of it.
+        Never raises."""
+        try:
+            seq = int(msg.metadata.sequence.stream)
+        except Exception:  # not a stream message: a report of its own
+            record_id = None
+        else:
+            record_id = invalid_id(self.subjects.messages_stream, seq)
+        await self.bus.publish_invalid(
+            msg.subject, msg.data, reason, f"channel:{self.channel}", record_id=record_id
+        )
+
     async def outbound(
         self, conversation: str, after: int | None = None
     ) -> AsyncIterator[OutboundItem]:
@@ -247,7 +264,9 @@ class ChannelContext:
         sequence seen, so nothing is skipped or repeated. Cancelling the iteration is
         safe; the ephemeral consumer is deleted (or expires on its own).
 
-        An undecodable outbound record is reported on ``evt.invalid`` and skipped.
+        An outbound record that is not a Message, or may not travel on its subject
+        (:func:`~commhub.core.envelope.record_problem`: another conversation, direction
+        ``in``, a short id, ...), is reported on ``evt.invalid`` and skipped.
         """
         subject = self.subjects.outbound(self.channel, conversation)
         start = (after or 0) + 1
@@ -265,11 +284,9 @@ class ChannelContext:
                 msg = await sub.next_msg(timeout=None)
                 seq = int(msg.metadata.sequence.stream)
                 try:
-                    message = decode_as(msg.data, Message)
+                    message = decode_message(msg.subject, msg.data)  # the bus contract
                 except EnvelopeError as exc:
-                    await self.bus.publish_invalid(
-                        msg.subject, msg.data, str(exc), f"channel:{self.channel}"
-                    )
+                    await self.report_refused(msg, str(exc))
                     continue
                 yield seq, message
         finally:
@@ -359,15 +376,10 @@ class ChannelContext:
 
 def decode_outbound(subject: str, data: bytes) -> Message:
     """The Message on ``{prefix}.out.{channel}.{conversation}``; raises
-    :class:`Permanent` when it is not one, or names another conversation."""
+    :class:`Permanent` when it is not one or breaks the bus contract
+    (:func:`~commhub.core.envelope.record_problem`: another conversation or channel, the
+    wrong direction, a short id)."""
     try:
-        message = decode_as(data, Message)
+        return decode_message(subject, data)
     except EnvelopeError as exc:
-        raise Permanent(f"not a valid message record: {exc}") from None
-    conversation = last_token(subject)
-    if message.conversation != conversation:
-        raise Permanent(
-            f"conversation {message.conversation!r} does not match the subject's "
-            f"{conversation!r}"
-        )
-    return message
+        raise Permanent(f"not a valid outbound message: {exc}") from None

@@ -56,6 +56,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from commhub.core.aio import cancel_and_wait
+from commhub.core.envelope import invalid_id
 from commhub.core.retry import (
     Decision,
     Permanent,
@@ -381,7 +382,11 @@ class DeliveryLoop(Generic[T]):
         self.stats.terminated += 1
         log.warning("%s: refused %s (seq %s): %s", self.durable, msg.subject,
                     msg.metadata.sequence.stream, reason)
-        await self.bus.publish_invalid(msg.subject, msg.data, reason, self.source)
+        # Under the id of its stream position: every process and the recorder that
+        # refuse the same record make one report of it.
+        record_id = invalid_id(self.stream, int(msg.metadata.sequence.stream))
+        await self.bus.publish_invalid(msg.subject, msg.data, reason, self.source,
+                                       record_id=record_id)
         await _settle(msg.term)
 
     async def _give_up(

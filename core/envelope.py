@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from commhub.core.subjects import MIN_ID_CHARS, TOKEN_RE, valid_id
+
 __all__ = [
     "Sender",
     "Message",
@@ -41,6 +43,9 @@ __all__ = [
     "decode",
     "decode_as",
     "decode_tagged",
+    "decode_message",
+    "record_problem",
+    "invalid_id",
     "json_schema",
     "EnvelopeError",
 ]
@@ -232,12 +237,27 @@ def encode(record: Record) -> bytes:
     return _encoder.encode(record)
 
 
+def _why(exc: BaseException) -> str:
+    """A one-line reason for a failed decode, whatever the decoder raised."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply to decode"
+    if isinstance(exc, msgspec.DecodeError):
+        return str(exc)
+    return f"cannot be decoded: {type(exc).__name__}: {exc}"
+
+
 def decode(data: bytes) -> Record:
-    """Decode any record by its ``type`` tag; raises :class:`EnvelopeError` with the reason."""
+    """Decode any record by its ``type`` tag; raises :class:`EnvelopeError` with the reason.
+
+    Any failure of the decoder is an EnvelopeError, not only msgspec's DecodeError:
+    JSON nested deeper than the decoder's recursion limit raises RecursionError, and
+    bytes on the bus are whatever someone published. Callers then treat every bad input
+    the same way (report it, skip it) instead of crashing or retrying it forever.
+    """
     try:
         return _decoder.decode(data)
-    except msgspec.DecodeError as exc:
-        raise EnvelopeError(str(exc)) from None
+    except Exception as exc:
+        raise EnvelopeError(_why(exc)) from None
 
 
 def decode_as(data: bytes, record_type: type[Any]) -> Any:
@@ -248,8 +268,8 @@ def decode_as(data: bytes, record_type: type[Any]) -> Any:
     """
     try:
         return _typed_decoders[record_type].decode(data)
-    except msgspec.DecodeError as exc:
-        raise EnvelopeError(str(exc)) from None
+    except Exception as exc:  # RecursionError, ValueError, ...: see decode()
+        raise EnvelopeError(_why(exc)) from None
 
 
 _TYPES_BY_TAG: dict[str, type] = {
@@ -266,6 +286,159 @@ def decode_tagged(data: bytes, tag: str | None) -> Record:
     return decode_as(data, _TYPES_BY_TAG[tag])  # type: ignore[no-any-return]
 
 
+# -- the bus contract ---------------------------------------------------------------------
+_BUTTON_LISTS = ("buttons", "quick_replies")
+
+
+def _shown(value: str) -> str:
+    """A value from outside, quoted for a one-line reason and cut short."""
+    return repr(value if len(value) <= 40 else value[:40] + "...")
+
+
+def _buttons_problem(payload: dict[str, Any] | None) -> str | None:
+    """Why a message's ``buttons`` or ``quick_replies`` are not the documented shape
+    (a list of objects, each with a string ``title`` and, optionally, an object
+    ``payload``), or None."""
+    if payload is None:
+        return None
+    for key in _BUTTON_LISTS:
+        buttons = payload.get(key)
+        if buttons is None:
+            continue
+        if not isinstance(buttons, list):
+            return f"payload.{key} must be a list of buttons"
+        for i, button in enumerate(buttons):
+            if not (isinstance(button, dict) and isinstance(button.get("title"), str)):
+                return f"payload.{key}[{i}] must be an object with a string 'title'"
+            if not isinstance(button.get("payload", {}), dict | None):
+                return f"payload.{key}[{i}].payload must be an object"
+    return None
+
+
+def record_problem(subject: str, record: Record) -> str | None:
+    """Why ``record`` may not travel on ``subject``, or None when it may: the bus contract
+    for the subjects that people and services publish on, as one pure function.
+
+    * ``{p}.in.{channel}.{conversation}`` and ``{p}.out.{channel}.{conversation}``: a
+      Message whose ``direction`` is the subject's (``in`` or ``out``) and whose
+      ``channel`` and ``conversation`` are the subject's tokens;
+    * ``{p}.wf.{conversation}``: a WorkflowInput whose ``conversation`` is the subject's;
+    * on all three, an ``id`` of :data:`~commhub.core.subjects.MIN_ID_CHARS` to 128
+      letters, digits, ``-`` or ``_`` (it is the ``Nats-Msg-Id``: a short one collides
+      in the stream's duplicate window), and ``payload.buttons`` /
+      ``payload.quick_replies`` of the documented shape.
+
+    Other subjects (``evt``, ``api``, foreign ones) are not checked here: None. The
+    router applies this to what it consumes on ``in`` and ``wf``; channels and the
+    recorder to what they consume on ``out``. The reason is one line, with values from
+    the record quoted and cut short.
+    """
+    parts = subject.split(".")
+    kind = parts[1] if len(parts) > 1 else ""
+    if kind in ("in", "out"):
+        if len(parts) != 4:
+            return f"{kind!r} subjects are {{prefix}}.{kind}.{{channel}}.{{conversation}}"
+        if not isinstance(record, Message):
+            return f"a {type(record).__name__} on a message subject"
+        if record.direction != kind:
+            return f"direction {record.direction!r} on an {kind!r} subject"
+        if record.channel != parts[2]:
+            return f"channel {_shown(record.channel)} does not match the subject's {parts[2]!r}"
+    elif kind == "wf":
+        if len(parts) != 3:
+            return "'wf' subjects are {prefix}.wf.{conversation}"
+        if not isinstance(record, WorkflowInput):
+            return f"a {type(record).__name__} on a workflow input subject"
+    else:
+        return None
+    if record.conversation != parts[-1]:
+        return (f"conversation {_shown(record.conversation)} does not match the subject's "
+                f"{parts[-1]!r}")
+    if not valid_id(record.id):
+        return (f"id {_shown(record.id)} is not {MIN_ID_CHARS}-128 letters, digits, '-' or "
+                "'_' (it is the Nats-Msg-Id: use a UUID)")
+    if isinstance(record, Message):
+        return _buttons_problem(record.payload)
+    return None
+
+
+def decode_message(subject: str, data: bytes) -> Message:
+    """Decode a Message consumed on ``subject`` and check it with :func:`record_problem`.
+
+    Raises :class:`EnvelopeError` with the reason for bytes that are not a Message and
+    for a Message that may not travel on ``subject``. Pure; for channels that deliver
+    ``out`` messages, so that every channel refuses the same records for the same
+    reasons.
+    """
+    message: Message = decode_as(data, Message)
+    problem = record_problem(subject, message)
+    if problem is not None:
+        raise EnvelopeError(problem)
+    return message
+
+
+def invalid_id(stream: str, sequence: int) -> str:
+    """The id of the InvalidRecord for the record at ``sequence`` of ``stream``.
+
+    Everyone who refuses that record (the recorder, each channel process, each
+    WebSocket connection replaying it) reports it under this one id, so JetStream's
+    duplicate window keeps one report on ``evt.invalid`` and DuckDB one row.
+    """
+    return derived_id("invalid", stream, sequence)
+
+
+_TOKEN_SCHEMA: dict[str, Any] = {"type": "string", "pattern": TOKEN_RE.pattern}
+_ID_SCHEMA: dict[str, Any] = {
+    "type": "string",
+    "minLength": MIN_ID_CHARS,
+    "maxLength": 128,
+    "pattern": f"^[A-Za-z0-9_-]{{{MIN_ID_CHARS},128}}$",
+    "description": "Unique (a UUID): it is the Nats-Msg-Id.",
+}
+_BUTTON_SCHEMA: dict[str, Any] = {
+    "title": "Button",
+    "description": "A button of a message's payload; pressing it sends its payload back.",
+    "type": "object",
+    "properties": {
+        "title": {"type": "string"},
+        "payload": {"anyOf": [{"type": "object"}, {"type": "null"}]},
+    },
+    "required": ["title"],
+}
+
+
 def json_schema() -> dict[str, Any]:
-    """The JSON Schema of every record type, as ``commhub schema`` prints it."""
-    return msgspec.json.schema(Record)  # type: ignore[arg-type]
+    """The JSON Schema of every record type, as ``commhub schema`` prints it.
+
+    msgspec's schema of :data:`Record`, made to say what the hub enforces (the rules of
+    :func:`record_problem`: ids of messages and workflow inputs, conversations and a
+    message's channel as one subject token, the shape of buttons) and to compile in
+    Ajv's default strict mode: no ``discriminator`` (an OpenAPI keyword Ajv knows only
+    when asked), no ``$schema`` (the keywords are draft-07's and draft 2020-12's alike),
+    and ``type`` optional, as it is on the wire (the subject names the record type).
+    """
+    schema: dict[str, Any] = msgspec.json.schema(Record)  # type: ignore[arg-type]
+    schema.pop("discriminator", None)
+    defs = schema["$defs"]
+    for record_type in RECORD_TYPES:
+        definition = defs[record_type.__name__]
+        definition["required"] = [name for name in definition["required"] if name != "type"]
+    for name in ("Message", "WorkflowInput"):
+        defs[name]["properties"]["id"] = dict(_ID_SCHEMA)
+    for name in ("Message", "WorkflowInput", "Classification", "WorkflowEvent"):
+        defs[name]["properties"]["conversation"] = dict(_TOKEN_SCHEMA)
+    defs["Message"]["properties"]["channel"] = dict(_TOKEN_SCHEMA)
+    defs["ChannelEvent"]["properties"]["conversation"] = {
+        "anyOf": [dict(_TOKEN_SCHEMA), {"type": "null"}], "default": None,
+    }
+    buttons = {"anyOf": [{"type": "array", "items": {"$ref": "#/$defs/Button"}},
+                         {"type": "null"}]}
+    defs["Message"]["properties"]["payload"] = {
+        "anyOf": [
+            {"type": "object", "properties": {name: dict(buttons) for name in _BUTTON_LISTS}},
+            {"type": "null"},
+        ],
+        "default": None,
+    }
+    defs["Button"] = _BUTTON_SCHEMA
+    return schema

@@ -1,12 +1,16 @@
 """The hub: starts every component a role needs, in order, and stops them in reverse.
 
-``Hub.start()`` (embedded defaults): load and check the workflows, lock the data
-directory, bind the HTTP port and check the WebSocket port (so that a port in use fails
-at once, not after the slow steps), start nats-server, create the streams and the state
-bucket, start the recorder and the bus APIs, train (or load) the classifier and start the
-router, then the channels, and write ``hub.json``. ``Hub.stop()`` undoes it in reverse:
-channels stop taking input, the router finishes and acks what it holds, the recorder
-commits and acks its last batch, the bus drains, the server stops, the lock is released.
+``Hub.start()`` (role ``all``, embedded defaults), in this order: load and check the
+workflows (a broken one stops the start before anything runs); lock the data directory;
+bind the HTTP port and check the WebSocket port (so that a port in use fails at once,
+not after the slow steps); start nats-server; connect the bus and create the streams
+and the state bucket; subscribe the health and state APIs; start the recorder, then the
+SQL service; train (or load) the classifier and start the router; start the channels;
+run the plugins' startup hooks; start serving HTTP; write ``hub.json``.
+``Hub.stop()`` undoes it in reverse: channels stop taking input and the HTTP server
+stops, the router finishes and acks what it holds, the SQL service answers what is in
+flight, the recorder commits and acks its last batch, the shutdown hooks run, the bus
+drains, the server stops, the lock is released.
 
 Roles (``--role``) run a subset against an existing NATS: ``channels``, ``router``,
 ``recorder``, or ``all``. Only ``all`` and ``recorder`` open the DuckDB file.

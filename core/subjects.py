@@ -22,15 +22,26 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["Subjects", "TOKEN_RE", "valid_token", "check_token"]
+__all__ = ["MIN_ID_CHARS", "Subjects", "TOKEN_RE", "valid_id", "valid_token", "check_token"]
 
 # One subject token: no dots, wildcards or whitespace, and short enough for a KV key.
 TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+#: The shortest id a message or workflow input may have. Its id is its ``Nats-Msg-Id``,
+#: which JetStream deduplicates on across the whole stream: it must be unique (a UUID,
+#: or an id derived from one), not a counter like ``1`` or ``x1``.
+MIN_ID_CHARS = 16
 
 
 def valid_token(value: str) -> bool:
     """True when ``value`` can be one subject token (a conversation, channel or workflow id)."""
     return bool(TOKEN_RE.match(value))
+
+
+def valid_id(value: str) -> bool:
+    """True when ``value`` can be a record id on ``in``, ``out`` and ``wf`` subjects:
+    :data:`MIN_ID_CHARS` to 128 letters, digits, ``-`` or ``_``."""
+    return len(value) >= MIN_ID_CHARS and valid_token(value)
 
 
 def check_token(value: str, what: str) -> str:

@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import statistics
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 from inproc import ws_port
 from wschat import Chat
 
+from commhub.core.classify import BatchingClassifier, Classifier
 from commhub.core.envelope import (
+    Alternative,
     Classification,
     Message,
     Record,
@@ -282,3 +287,101 @@ async def test_views_answer_from_conversations_over_two_channels(hub: Hub) -> No
               for r in await rows(hub, "SELECT channel, sum(users) AS users "
                                        "FROM active_users_daily GROUP BY channel")}
     assert active == {"websocket": 3, "sms": 2, "(all)": 5}
+
+
+# Fixed rankings: the top two too close to call (a clarifying question), and nothing sure.
+SCRIPTED = {
+    "which one is it": [Alternative("book_table", 0.46), Alternative("order_status", 0.41)],
+    "zzqx vlorp": [Alternative("book_table", 0.12), Alternative("order_status", 0.05)],
+}
+
+
+class Scripted(Classifier):
+    """The hub's own classifier, except for the texts of SCRIPTED."""
+
+    name = "scripted"
+
+    def __init__(self, inner: Classifier) -> None:
+        super().__init__()
+        self.inner = inner
+        self.model_id = inner.model_id
+
+    def rank(self, texts: Sequence[str], top: int = 3) -> list[list[Alternative]]:
+        return [SCRIPTED.get(text) or self.inner.rank([text], top)[0] for text in texts]
+
+
+def dashboard_query(title: str) -> str:
+    """The SQL block docs/dashboard.md shows under the paragraph starting ``title``."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "dashboard.md").read_text()
+    found = re.search(rf"^{re.escape(title)}.*?```sql\n(.*?)```", page, re.M | re.S)
+    assert found, f"docs/dashboard.md has no query under {title!r}"
+    return found.group(1)
+
+
+async def test_a_clarifying_question_is_not_a_fallback_and_a_cancelled_booking_not_completed(
+    hub: Hub,
+) -> None:
+    """One clarified and one fallback conversation: fallback_rate counts one fallback and
+    one clarification apart, and so do intent_mix and the dashboard's queries. A booking
+    the user cancels with the workflow's own Cancel button ends in its ``cancelled``
+    final state: cancelled, not completed, in workflow_completion, the runs and the
+    dashboard's funnel."""
+    assert hub.router is not None and hub.classifier is not None
+    hub.router.classifier = BatchingClassifier(Scripted(hub.classifier))
+    port = ws_port(hub)
+
+    clarified = await Chat.open(port, "an-clarify", user="ann")
+    question = await clarified.say("which one is it")
+    assert question["text"].startswith("Did you mean")
+    await clarified.close()
+    unclear = await Chat.open(port, "an-fallback", user="bob")
+    await unclear.say("zzqx vlorp")
+    await unclear.close()
+    booking = await Chat.open(port, "an-cancel", user="cat")
+    for text in ("I'd like to book a table", "2", "tomorrow", "19:30", "Cat",
+                 "cat@example.com"):
+        await booking.say(text)
+    own = await booking.say(payload={"value": "cancel"})
+    assert own["text"] == "No problem, I haven't booked anything."
+    await booking.close()
+
+    async def recorded() -> bool:
+        (row,) = await rows(hub, "SELECT (SELECT count(*) FROM classifications) AS c, "
+                                 "(SELECT count(*) FROM workflow_runs WHERE "
+                                 "workflow = 'book_table' AND outcome <> 'open') AS ended")
+        return row == {"c": 3, "ended": 1}
+
+    await wait_for(recorded, "the three classifications and the ended booking")
+
+    decisions = dict((await sql(hub, "SELECT conversation, decision FROM classifications")).rows)
+    assert decisions == {"an-clarify": "clarify", "an-fallback": "fallback",
+                         "an-cancel": "workflow"}
+    (fallback,) = await rows(hub, "SELECT * FROM fallback_rate")
+    assert fallback == {"classifications": 3, "fallbacks": 1,
+                        "fallback_rate": pytest.approx(1 / 3), "clarifications": 1}
+    (daily,) = await rows(hub, "SELECT fallbacks, clarifications FROM fallback_rate_daily")
+    assert daily == {"fallbacks": 1, "clarifications": 1}
+    intents = dict((await sql(hub, "SELECT workflow, classifications FROM intent_mix")).rows)
+    assert intents == {"(clarify)": 1, "(none)": 1, "book_table": 1}
+    histogram = await rows(hub, "SELECT sum(fallbacks) AS f, sum(clarifications) AS c "
+                                "FROM confidence_histogram")
+    assert histogram == [{"f": 1, "c": 1}]
+
+    (completion,) = await rows(
+        hub, "SELECT runs, completed, cancelled, completion_rate FROM workflow_completion "
+             "WHERE workflow = 'book_table'")
+    assert completion == {"runs": 1, "completed": 0, "cancelled": 1, "completion_rate": 0.0}
+    (conversation,) = await rows(
+        hub, "SELECT outcome FROM conversations WHERE conversation = 'an-cancel'")
+    assert conversation == {"outcome": "cancelled"}
+
+    # The dashboard's queries, as docs/dashboard.md shows them (the page runs the same).
+    daily_rate = await rows(hub, dashboard_query("Fallback rate per day"))
+    assert [(r["fallbacks"], r["classifications"]) for r in daily_rate] == [(1, 3)]
+    mix = {r["workflow"]: r["classifications"]
+           for r in await rows(hub, dashboard_query("Intent mix"))}
+    assert mix == intents
+    funnel = await rows(hub, dashboard_query("Workflow funnel"))
+    book = {r["state"]: (r["started"], r["completed"]) for r in funnel
+            if r["workflow"] == "book_table"}
+    assert book["cancelled"] == (1, 0)

@@ -164,10 +164,14 @@ async def test_refused_sql_is_400_with_the_sandbox_message(
 
 
 async def test_malformed_requests_are_400_bad_request(guarded: Hub) -> None:
-    """A body that is not JSON, not an object, without sql or with a bad max_rows."""
-    for body in (b"SELECT 1", [1, 2], {"query": "SELECT 1"}, {"sql": "SELECT 1", "max_rows": 0}):
+    """A body that is not JSON (or nested too deep), not an object, without sql or with a
+    bad max_rows."""
+    deep = b'{"sql": "SELECT 1", "x": ' + b"[" * 3000 + b"]" * 3000 + b"}"
+    for body in (b"SELECT 1", [1, 2], {"query": "SELECT 1"}, {"sql": "SELECT 1", "max_rows": 0},
+                 deep):
         status, answer, _ = await post_sql(url(guarded), body, token=ANALYST)
-        assert status == 400 and answer["error"]["code"] == "bad_request", (body, answer)
+        assert status == 400 and answer["error"]["code"] == "bad_request", (repr(body)[:60], answer)
+        assert "\n" not in answer["error"]["message"]
 
 
 async def test_unknown_table_is_400_failed_with_duckdb_message(guarded: Hub) -> None:

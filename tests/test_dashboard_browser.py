@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,8 +22,9 @@ import pytest
 from inproc import ws_port
 from wschat import Chat
 
+from commhub.core.classify import BatchingClassifier, Classifier
 from commhub.core.config import Settings
-from commhub.core.envelope import Message, Sender, encode, new_id
+from commhub.core.envelope import Alternative, Message, Sender, encode, new_id
 from commhub.core.hub import Hub
 from commhub.core.records.sqlclient import query_over_bus
 
@@ -33,17 +34,36 @@ TOKEN = "dash-analyst-token"
 WAIT = 60  # seconds: a safety net for slow machines, never a claim about speed
 
 # (channel, conversation, user, texts). The phrases are the workflows' own examples, or
-# text no workflow knows, so the classifier's choices are known in advance.
+# text no workflow knows, so the classifier's choices are known in advance; CLARIFY's
+# ranking is fixed (Scripted): two candidates too close to call.
+CLARIFY = "which one is it"
 CONVERSATIONS = [
     ("websocket", "ws-book", "ann", ["I'd like to book a table", "4"]),
     ("websocket", "ws-help", "bob", ["I have a problem with my order"]),
     ("websocket", "ws-what", "ann", ["what is the capital of mongolia"]),
+    ("websocket", "ws-which", "cat", [CLARIFY]),
     ("sms", "sms-book", "+100", ["reserve a table for tonight"]),
     ("sms", "sms-what", "+200", ["blue elephants dancing"]),
 ]
-SENT_IN = {"websocket": 4, "sms": 2}
-INTENTS = {"book_table": 2, "support_request": 1, "(none)": 2}
+SENT_IN = {"websocket": 5, "sms": 2}
+INTENTS = {"book_table": 2, "support_request": 1, "(none)": 2, "(clarify)": 1}
+RUNS = 5  # a clarifying question starts no run
 SMS_INTENTS = {"book_table": 1, "(none)": 1}
+
+
+class Scripted(Classifier):
+    """The hub's own classifier, except for CLARIFY: two candidates too close to call."""
+
+    name = "scripted"
+
+    def __init__(self, inner: Classifier) -> None:
+        super().__init__()
+        self.inner = inner
+        self.model_id = inner.model_id
+
+    def rank(self, texts: Sequence[str], top: int = 3) -> list[list[Alternative]]:
+        close = [Alternative("book_table", 0.46), Alternative("order_status", 0.41)]
+        return [close if text == CLARIFY else self.inner.rank([text], top)[0] for text in texts]
 
 
 def _browser_paths() -> tuple[Path, Path]:
@@ -126,7 +146,7 @@ async def _wait_until_recorded(hub: Hub) -> None:
     snapshot)."""
     sent = sum(SENT_IN.values())
     want = {"inbound": sent, "answered": sent, "classified": sum(INTENTS.values()),
-            "started": sum(INTENTS.values()), "transitions": 1}
+            "started": RUNS, "transitions": 1}
     sql = """
         SELECT
           (SELECT count(*) FROM messages WHERE direction = 'in') AS inbound,
@@ -233,15 +253,19 @@ def _check_page(driver: Any, base: str, truth: dict[str, Any]) -> None:
     for mark in intents:
         assert float(mark["confidence"]) == pytest.approx(truth["confidence"][mark["workflow"]])
 
-    # Fallback rate: 2 of the 5 first messages were unclear.
+    # Fallback rate: 2 of the 6 first messages were unclear; the clarifying question is
+    # not a fallback.
     summary = _marks(driver, "#chart-fallback p.summary")[0]
-    assert (int(summary["fallbacks"]), int(summary["classifications"])) == (2, 5)
-    assert float(summary["rate"]) == pytest.approx(0.4)
-    assert driver.find_element("id", "tile-fallback").text == "40%"
+    assert (int(summary["fallbacks"]), int(summary["classifications"])) == (2, 6)
+    assert float(summary["rate"]) == pytest.approx(2 / 6)
+    assert driver.find_element("id", "tile-fallback").text == "33%"
 
-    # Confidence distribution: every classification in one bucket, fallbacks apart.
+    # Confidence distribution: every classification in one bucket, fallbacks and the
+    # clarifying question apart.
     confidence = _marks(driver, "#chart-confidence rect.bar")
-    assert _sum(confidence, "value") == 5 and _sum(confidence, "value", series="fallbacks") == 2
+    assert _sum(confidence, "value") == 6
+    assert _sum(confidence, "value", series="fallbacks") == 2
+    assert _sum(confidence, "value", series="clarified") == 1
 
     # Funnel: runs per workflow, and how many reached each state.
     funnels = {m["workflow"]: int(m["started"]) for m in _marks(driver, "#chart-funnel h3")}
@@ -255,14 +279,14 @@ def _check_page(driver: Any, base: str, truth: dict[str, Any]) -> None:
     # First-response latency: the recorded p50 and p95 of the five conversations.
     latency = _marks(driver, "#chart-latency rect.bar")
     overall = {m["measure"]: m for m in latency if m["channel"] == "(all)"}
-    assert int(overall["p50"]["responses"]) == 5
+    assert int(overall["p50"]["responses"]) == 6
     assert float(overall["p50"]["value"]) == pytest.approx(truth["p50"])
     assert float(overall["p95"]["value"]) == pytest.approx(truth["p95"])
 
     # Totals.
     assert driver.find_element("id", "tile-messages").text == str(truth["messages"])
-    assert driver.find_element("id", "tile-conversations").text == "5"
-    assert driver.find_element("id", "tile-users").text == "4"  # ann, bob, +100, +200
+    assert driver.find_element("id", "tile-conversations").text == "6"
+    assert driver.find_element("id", "tile-users").text == "5"  # ann, bob, cat, +100, +200
 
     # The channel filter re-runs every query for that channel only.
     _apply_filters(driver, channel="sms")
@@ -284,7 +308,7 @@ def _check_page(driver: Any, base: str, truth: dict[str, Any]) -> None:
     # The SQL box shows a query's rows as a table ...
     _run_sql_box(driver, "SELECT channel, count(*) AS n FROM messages "
                          "WHERE direction = 'in' GROUP BY channel ORDER BY channel")
-    assert _table(driver, "#sql-result") == [["sms", "2"], ["websocket", "4"]]
+    assert _table(driver, "#sql-result") == [["sms", "2"], ["websocket", "5"]]
     assert driver.find_element("id", "sql-status").text == "2 rows"
     headers = driver.find_elements("css selector", "#sql-result th")
     assert [h.text for h in headers] == ["channel", "n"]
@@ -314,11 +338,14 @@ async def test_dashboard_renders_recorded_conversations_and_runs_sql(
     """After conversations over two channels, the page (in headless chromium) draws
     every chart from the recorded data, its filters re-query, and its SQL box shows a
     query's rows and a refusal."""
+    assert hub.router is not None and hub.classifier is not None
+    hub.router.classifier = BatchingClassifier(Scripted(hub.classifier))
     await _converse(hub)
     await _wait_until_recorded(hub)
     out = await _sql(hub, "SELECT channel, count(*) AS n FROM messages "
                           "WHERE direction = 'out' GROUP BY channel")
-    confidence = await _sql(hub, "SELECT coalesce(workflow, '(none)') AS w, "
+    confidence = await _sql(hub, "SELECT CASE WHEN decision = 'clarify' THEN '(clarify)' "
+                                 "ELSE coalesce(workflow, '(none)') END AS w, "
                                  "avg(confidence) AS c FROM classifications GROUP BY ALL")
     latency = await _sql(hub, "SELECT quantile_cont(seconds, 0.5) AS p50, "
                               "quantile_cont(seconds, 0.95) AS p95 FROM first_response_latency")

@@ -7,6 +7,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import typing
 from pathlib import Path
 
 import msgspec
@@ -153,3 +154,66 @@ def test_readme_test_command_is_what_ci_runs() -> None:
     assert extracted == lines[marker + 2].strip()
     assert "pip install" in extracted
     assert "pytest" in extracted
+
+
+def test_every_builtin_plugin_is_listed_in_plugins_doc() -> None:
+    """docs/plugins.md's list of built-ins is DEFAULT_PLUGINS, all of it."""
+    from commhub.core.plugins import DEFAULT_PLUGINS
+
+    text = _read(DOCS / "plugins.md")
+    item = text[text.index("1. The built-ins"):text.index("\n2. ", text.index("1. The built-ins"))]
+    assert re.findall(r"`(commhub\.[\w.]+)`", item) == list(DEFAULT_PLUGINS)
+
+
+@pytest.mark.parametrize("doc", ["records.md", "bus.md"])
+def test_every_workflow_event_kind_is_in_the_docs(doc: str) -> None:
+    """Every kind of WorkflowEvent is in the doc's row for the ``kind`` of workflow events."""
+    kinds = typing.get_args(envelope.WorkflowEventKind)
+    text = _read(DOCS / doc)
+    section = _sections(text)["`workflow_events`" if doc == "records.md" else "WorkflowEvent"]
+    (row,) = [line for line in section.splitlines() if line.startswith("| `kind` |")]
+    missing = [kind for kind in kinds if f"`{kind}`" not in row and f'`"{kind}"`' not in row]
+    assert not missing, f"{doc}: workflow event kinds missing: {missing}"
+
+
+# What Hub._start does, in the order it must do it, as (code, words the docs use for it).
+START_ORDER = [
+    ("load_workflows(", "workflow"),
+    ("self.lock.acquire()", "lock"),
+    ("await self.nats.start()", "nats-server"),
+    ("ensure_streams()", "streams"),
+    ("_start_apis()", "health and state APIs"),
+    ("await self.recorder.start()", "recorder"),
+    ("await self.sql.start()", "SQL service"),
+    ("_start_router()", "router"),
+    ("_start_channels()", "channel"),
+    ("plugins.startup(", "startup"),
+    ("await self.web.start()", "serving HTTP"),
+    ("write_info(", "hub.json"),
+]
+
+
+def _in_order(text: str, needles: list[str]) -> list[str]:
+    """The needles not found in ``text`` after the previous one."""
+    at, out_of_order = 0, []
+    for needle in needles:
+        found = text.find(needle, at)
+        if found < 0:
+            out_of_order.append(needle)
+        else:
+            at = found + len(needle)
+    return out_of_order
+
+
+def test_hub_start_order_in_docs_is_the_codes() -> None:
+    """core/hub.py's docstring and docs/architecture.md give Hub._start's order."""
+    from commhub.core import hub
+
+    code = inspect.getsource(hub.Hub._start)
+    assert _in_order(code, [marker for marker, _ in START_ORDER]) == []
+    words = [word for _, word in START_ORDER]
+    docstring = (hub.__doc__ or "").split("``Hub.stop()``")[0]
+    assert _in_order(" ".join(docstring.split()), words) == []
+    architecture = _sections(_read(DOCS / "architecture.md"))["Start and stop order"]
+    steps = " ".join(architecture.split("`Hub.stop()`")[0].split())
+    assert _in_order(steps, words) == []

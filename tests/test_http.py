@@ -274,7 +274,13 @@ async def test_the_rasa_endpoint_follows_the_same_token_rules(
         (json.dumps({}).encode(), 422, "invalid"),
         (json.dumps({"text": "hi", "id": "1"}).encode(), 422, "invalid"),
         (json.dumps({"text": "hi", "user": "a.b"}).encode(), 422, "invalid"),
+        # Nested past the decoder's recursion limit (RecursionError, once a 500), and
+        # just past MAX_JSON_DEPTH.
+        (b'{"text": "hi", "payload": ' + b'{"a": ' * 3000 + b"1" + b"}" * 3001, 400,
+         "bad_json"),
+        (b'{"text": "hi", "payload": ' + b'{"a": ' * 64 + b"1" + b"}" * 65, 400, "bad_json"),
     ],
+    ids=lambda value: value[:30].decode() if isinstance(value, bytes) else None,
 )
 async def test_bad_bodies_get_json_errors(
     bus: Bus, settings: Settings, data: bytes, status: int, code: str
@@ -284,7 +290,7 @@ async def test_bad_bodies_get_json_errors(
     async with http_channel(bus, settings) as channel:
         got, body, _ = await call("POST", messages_url(channel, "c11"), data=data)
         assert (got, body["error"]["code"]) == (status, code)
-        assert body["error"]["message"]
+        assert body["error"]["message"] and "\n" not in body["error"]["message"]
         event = await wait_event(bus, "error", conversation="c11")
         assert event.code == status and (event.reason or "").startswith(code)
     assert await inbound_of(bus, "c11") == []

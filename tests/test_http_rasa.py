@@ -162,12 +162,18 @@ async def test_a_turn_whose_commit_was_overtaken_reads_its_replies_from_the_stre
 
 
 async def test_bad_webhook_bodies_get_json_errors(bus: Bus, settings: Settings) -> None:
-    """A body that is not JSON, or misses sender or message, is a JSON error."""
+    """A body that is not JSON (or nested too deep), or misses sender or message, or a
+    button payload nested too deep, is a JSON error."""
     async with http_channel(bus, settings) as channel:
         url = f"{base(channel)}/webhooks/rest/webhook"
+        deep = b"[" * 3000 + b"]" * 3000  # past the decoder's recursion limit
+        deep_button = json.dumps(
+            {"sender": "u", "message": "/button" + '{"a": ' * 3000 + "1" + "}" * 3000}
+        ).encode()
         for data, status in ((b"nope", 400), (b'{"sender": "u"}', 422),
                              (b'{"message": "hi"}', 422),
-                             (b'{"sender": 1, "message": "x"}', 422)):
+                             (b'{"sender": 1, "message": "x"}', 422),
+                             (deep, 400), (deep_button, 400)):
             request = urllib.request.Request(url, data=data, method="POST")
             with pytest.raises(urllib.error.HTTPError) as caught:
                 await asyncio.to_thread(urllib.request.urlopen, request, None, WAIT)

@@ -173,15 +173,15 @@ async def test_a_service_advances_a_workflow_over_the_bus(
         waiting = await chat.say("I want a refund for my order")
         assert "approve" in waiting["text"]
         nc = await nats.connect(nats_url)
-        body = {"id": "svc-1", "conversation": "conv4", "event": "refund.approved",
+        body = {"id": "svc-refund-000001", "conversation": "conv4", "event": "refund.approved",
                 "data": {"amount": "12 EUR"}}
         await nc.jetstream().publish(hub.bus.subjects.workflow_input("conv4"),
                                      msgspec.json.encode(body))
         await nc.close()
-        answer = await chat.replies_to("svc-1")
+        answer = await chat.replies_to("svc-refund-000001")
         assert answer[0]["text"] == "Your refund of 12 EUR was approved."
         state = await hub_state(hub, "conv4")
-        assert state["workflow"] is None and state["last_input"] == "svc-1"
+        assert state["workflow"] is None and state["last_input"] == "svc-refund-000001"
         await chat.close()
     finally:
         await hub.stop()

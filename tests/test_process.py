@@ -171,7 +171,7 @@ async def test_sigkill_during_a_burst_loses_and_doubles_no_record(
                 direction = "in" if n % 10 == 0 else "out"
                 conversation = f"burst-{n % 40}"
                 message = Message(
-                    id=f"burst-{n:05d}", conversation=conversation, channel="sms",
+                    id=f"burst-message-{n:05d}", conversation=conversation, channel="sms",
                     direction=direction,  # type: ignore[arg-type]
                     sender=Sender(id=f"u{n % 40}") if direction == "in"
                     else Sender(id="agent-7", kind="agent"),

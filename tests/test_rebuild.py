@@ -26,7 +26,7 @@ async def publish_records(hub: HubProcess) -> int:
         s = bus.subjects
         items: list = []
         for i in range(40):
-            m = Message(id=f"r{i:03d}", conversation=f"c{i % 4}", channel="sms",
+            m = Message(id=f"rebuild-note-{i:03d}", conversation=f"c{i % 4}", channel="sms",
                         direction="out", sender=Sender(id="agent", kind="agent"),
                         text=f"note {i}", ts=DAYS[i % 2] + i)
             items.append((s.outbound("sms", m.conversation), m))
@@ -88,7 +88,7 @@ async def test_rebuild_replays_the_streams_into_a_fresh_file(hub_process: HubPro
 
     rows = sql_json(hub_process, "SELECT count(*) AS n, count(DISTINCT id) AS ids, "
                                  "min(id) AS first, max(id) AS last FROM messages")
-    assert rows == [{"n": n, "ids": n, "first": "r000", "last": "r039"}]
+    assert rows == [{"n": n, "ids": n, "first": "rebuild-note-000", "last": "rebuild-note-039"}]
     assert sql_json(hub_process, "SELECT run_id, outcome FROM workflow_runs") == [
         {"run_id": "run1", "outcome": "open"}
     ]
@@ -97,7 +97,7 @@ async def test_rebuild_replays_the_streams_into_a_fresh_file(hub_process: HubPro
     # The hub starts on the rebuilt file and records only what is new, once.
     hub_process.start()
     bus = await Bus.connect(hub_process.nats_url, Subjects(hub_process.info["prefix"]))
-    late = Message(id="late", conversation="c9", channel="sms", direction="out",
+    late = Message(id="late-after-rebuild", conversation="c9", channel="sms", direction="out",
                    sender=Sender(id="agent", kind="agent"), text="after the rebuild")
     await bus.publish(bus.subjects.outbound("sms", "c9"), late)
     await bus.close()
@@ -142,7 +142,7 @@ async def test_export_writes_day_partitions_while_running_and_stopped(
     con = duckdb.connect()
     try:
         assert con.execute(f"SELECT id FROM '{parquet}'").fetchall() == [
-            ("r000",), ("r001",), ("r002",)
+            ("rebuild-note-000",), ("rebuild-note-001",), ("rebuild-note-002",)
         ]
     finally:
         con.close()

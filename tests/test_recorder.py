@@ -93,7 +93,7 @@ async def test_each_record_type_lands_in_its_table(bus: Bus, recorder: Recorder)
     """Messages, classifications, workflow and channel events and inputs land with their values."""
     s = bus.subjects
     inbound = message("m-in", payload={"buttons": [{"title": "Yes", "payload": "y"}]})
-    outbound = message("m-out", direction="out", reply_to="m-in", meta={"cursor": 7})
+    outbound = message("m-out-0000000001", direction="out", reply_to="m-in", meta={"cursor": 7})
     await bus.publish_all(
         [
             (subject_of(bus, inbound), inbound),
@@ -201,7 +201,7 @@ async def test_each_record_type_lands_in_its_table(bus: Bus, recorder: Recorder)
         {"workflow": "booking", "confidence": 0.82},
         {"workflow": "faq", "confidence": 0.1},
     ]
-    assert classification[8:] == ("tfidf-svm", "3", TS_UTC)
+    assert classification[8:] == ("tfidf-svm", "3", TS_UTC, "workflow")  # inferred
 
     event, emitted = fetch(recorder, "SELECT * FROM workflow_events ORDER BY id")
     assert event[:8] == (
@@ -225,7 +225,7 @@ async def test_each_record_type_lands_in_its_table(bus: Bus, recorder: Recorder)
     (winput,) = fetch(recorder, "SELECT * FROM workflow_inputs")
     assert winput[:3] == ("i1", "c1", "payment.done")
     assert json.loads(winput[3]) == {"amount": 12.5}
-    assert winput[4:] == ("billing", "service", TS_UTC)
+    assert winput[4:] == ("billing", "service", TS_UTC, None)
 
     assert fetch(recorder, "SELECT subject, reason, data, source FROM invalid_records") == [
         (s.inbound("ws", "c1"), "not JSON", "{oops", "ws-channel")
@@ -274,6 +274,49 @@ async def test_undecodable_data_is_recorded_and_later_records_still_land(
     ]
     assert all(r[1] for r in invalid), "every invalid row says why"
     assert recorder.stats.invalid == 2
+
+
+def deeply_nested_message(n: int, depth: int = 3000) -> bytes:
+    """A Message whose payload is JSON nested ``depth`` deep: msgspec's decoder raises
+    RecursionError on it, not a DecodeError."""
+    head = (f'{{"id": "deep-message-{n:06d}", "conversation": "c1", "channel": "ws", '
+            f'"direction": "in", "sender": {{"id": "u1"}}, "payload": ').encode()
+    return head + b'{"a": ' * depth + b"1" + b"}" * depth + b"}"
+
+
+async def test_json_nested_past_the_decoder_limit_is_one_invalid_row_each(
+    bus: Bus, db_path: Path
+) -> None:
+    """20 records nested 3,000 deep among 400 valid ones: every valid one lands, each deep
+    one is one invalid_records row, and nothing is left pending or unacked (before,
+    RecursionError failed the whole batch again and again, also after a restart)."""
+    subject = bus.subjects.inbound("ws", "c1")
+    valid = [message(f"valid-message-{i:06d}") for i in range(400)]
+    for i, m in enumerate(valid):
+        if i % 20 == 0:
+            await bus.js.publish(subject, deeply_nested_message(i // 20))
+        await bus.publish(subject, m)
+    recorder = Recorder(bus, db_path, flush_seconds=0.05)
+    await recorder.start()  # after publishing: the deep ones share batches with the rest
+    try:
+        await wait_until(lambda: recorder.stats.records >= 420, "420 records")
+        assert count(recorder, "messages") == 400
+        reasons = fetch(recorder, "SELECT reason, source FROM invalid_records")
+        assert len(reasons) == 20
+        assert set(reasons) == {("nested too deeply to decode", "recorder")}
+        assert recorder.stats.failures == 0
+        await wait_until(lambda: recorder.stats.pending == 0, "nothing pending")
+    finally:
+        await recorder.stop()
+    # Everything was acked: a restarted recorder has nothing to redo.
+    stream = bus.subjects.messages_stream
+    durable = bus.subjects.recorder_consumer(stream)
+    for _ in range(200):  # the server applies acks asynchronously: poll, bounded
+        info = await bus.js.consumer_info(stream, durable)
+        if info.num_ack_pending == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert (info.num_ack_pending, info.num_pending) == (0, 0)
 
 
 async def test_a_record_that_cannot_be_stored_does_not_poison_its_batch(
@@ -341,7 +384,8 @@ async def test_full_replay_into_the_same_file_is_idempotent(bus: Bus, db_path: P
     """Deleting the durables replays both streams; every row is already there, nothing doubles."""
     first = Recorder(bus, db_path, flush_seconds=0.05)
     await first.start()
-    records = [message(f"m{i}", direction="in" if i % 2 else "out") for i in range(20)]
+    records = [message(f"replayed-message-{i:02d}", direction="in" if i % 2 else "out")
+               for i in range(20)]
     await bus.publish_all([(subject_of(bus, m), m) for m in records])
     await bus.publish_invalid(bus.subjects.inbound("ws", "c1"), b"bad", "bad", source="test")
     await bus.js.publish(bus.subjects.inbound("ws", "c1"), b"garbage")
@@ -371,7 +415,7 @@ async def test_a_failed_write_is_redelivered_and_retried(
     real_write = recorder._write
     calls = 0
 
-    def failing_once(pending: Any) -> tuple[int, int]:
+    def failing_once(pending: Any) -> tuple[int, int, list[Any]]:
         nonlocal calls
         calls += 1
         if calls == 1:
@@ -415,11 +459,12 @@ def test_migrate_is_versioned_and_refuses_a_newer_database(tmp_path: Path) -> No
     """migrate() applies every version once, is a no-op after, and refuses a newer schema."""
     con = duckdb.connect(str(tmp_path / "m.duckdb"))
     try:
-        assert schema.migrate(con) == schema.latest_version() == 2
-        assert schema.migrate(con) == 2
+        assert schema.migrate(con) == schema.latest_version() == 3
+        assert schema.migrate(con) == 3
         assert con.execute("SELECT version FROM schema_version ORDER BY 1").fetchall() == [
             (1,),
             (2,),
+            (3,),
         ]
         tables = {
             r[0] for r in con.sql("SELECT table_name FROM information_schema.tables").fetchall()
@@ -458,7 +503,7 @@ def test_a_version_1_database_migrates_and_fills_the_derived_tables(tmp_path: Pa
         con.close()
     con = duckdb.connect(str(path))
     try:
-        assert schema.migrate(con) == 2
+        assert schema.migrate(con, target=2) == 2
         rows = con.execute(
             "SELECT conversation, channel, user_id, messages, messages_in, messages_out, runs,"
             " workflows, last_workflow, outcome FROM conversations ORDER BY 1"
@@ -482,6 +527,60 @@ def test_a_version_1_database_migrates_and_fills_the_derived_tables(tmp_path: Pa
                 "completed",
             )
         ]
+    finally:
+        con.close()
+
+
+def test_a_version_2_database_gets_decisions_and_cancelled_runs(tmp_path: Path) -> None:
+    """A file at version 2 gets version 3: its classifications get a decision by the
+    documented rule, a run that completed in its own ``cancelled`` final state becomes
+    cancelled, and the views count a clarifying question apart from fallbacks."""
+    path = tmp_path / "v2.duckdb"
+    con = duckdb.connect(str(path))
+    try:
+        assert schema.migrate(con, target=2) == 2
+        con.execute(
+            "INSERT INTO classifications (id, message_id, conversation, text, workflow,"
+            " confidence, threshold, model, model_version, ts) VALUES"
+            " ('k1', 'm1', 'c1', 'book', 'book_table', 0.9, 0.35, 'tfidf', '1', '2024-05-01'),"
+            " ('k2', 'm2', 'c2', 'zzz', NULL, 0.2, 0.35, 'tfidf', '1', '2024-05-01'),"
+            " ('k3', 'm3', 'c3', 'hmm', NULL, 0.5, 0.35, 'tfidf', '1', '2024-05-01'),"
+            " ('k4', 'm4', 'c3', NULL, 'book_table', 1.0, 0.35, 'button', '', '2024-05-01')"
+        )
+        con.execute(
+            "INSERT INTO workflow_events (id, run_id, conversation, workflow, kind, from_state,"
+            " to_state, ts) VALUES"
+            " ('e1', 'r1', 'c1', 'book_table', 'started', NULL, 'confirm', '2024-05-01 10:00'),"
+            " ('e2', 'r1', 'c1', 'book_table', 'completed', NULL, 'cancelled', '2024-05-01 10:01'),"
+            " ('e3', 'r2', 'c3', 'book_table', 'started', NULL, 'confirm', '2024-05-01 10:00'),"
+            " ('e4', 'r2', 'c3', 'book_table', 'completed', NULL, 'booked', '2024-05-01 10:01')"
+        )
+        # What the version 2 recorder kept: both runs 'completed'.
+        con.execute(schema._V2_REFRESH_RUNS.format(runs="SELECT run_id FROM workflow_events"))
+        assert con.execute("SELECT DISTINCT outcome FROM workflow_runs").fetchall() == [
+            ("completed",)
+        ]
+    finally:
+        con.close()
+    con = duckdb.connect(str(path))
+    try:
+        assert schema.migrate(con) == 3
+        assert con.execute("SELECT id, decision FROM classifications ORDER BY id").fetchall() == [
+            ("k1", "workflow"), ("k2", "fallback"), ("k3", "clarify"), ("k4", "button")
+        ]
+        assert con.execute("SELECT * FROM fallback_rate").fetchall() == [(4, 1, 0.25, 1)]
+        assert dict(con.execute("SELECT workflow, classifications FROM intent_mix").fetchall()) == {
+            "book_table": 2, "(none)": 1, "(clarify)": 1
+        }
+        assert con.execute(
+            "SELECT run_id, outcome FROM workflow_runs ORDER BY 1"
+        ).fetchall() == [("r1", "cancelled"), ("r2", "completed")]
+        assert con.execute(
+            "SELECT runs, completed, cancelled, completion_rate FROM workflow_completion"
+        ).fetchall() == [(2, 1, 1, 0.5)]
+        assert con.execute(
+            "SELECT conversation, outcome FROM conversations ORDER BY 1"
+        ).fetchall() == [("c1", "cancelled"), ("c3", "completed")]
     finally:
         con.close()
 
@@ -515,8 +614,8 @@ async def test_conversations_and_runs_stay_exact_under_redelivery(
     ]
 
     later = [
-        (subject_of(bus, message("a2", direction="out", ts=TS + 2)),
-         message("a2", direction="out", ts=TS + 2)),
+        (subject_of(bus, message("a2-reply-00000001", direction="out", ts=TS + 2)),
+         message("a2-reply-00000001", direction="out", ts=TS + 2)),
         (s.workflow_event("booking", "transition"),
          run_event("w2", "r1", "transition", TS + 3, from_state="ask", to_state="confirm")),
         (s.workflow_event("booking", "cancelled"),
@@ -569,7 +668,7 @@ async def test_catching_up_logs_progress_until_it_caught_up(
     real_write = recorder._write
     gate = threading.Event()
 
-    def held(pending: Any) -> tuple[int, int]:
+    def held(pending: Any) -> tuple[int, int, list[Any]]:
         gate.wait(30)  # the writer waits until the test saw the recorder behind
         return real_write(pending)
 

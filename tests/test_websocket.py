@@ -191,7 +191,15 @@ async def test_replies_carry_the_client_id_in_reply_to(start_channel: Factory, b
         ('{"type": "message", "id": "1", "text": "counter ids collide"}', "bad_frame"),
         ('{"type": "message", "id": "has a space in it!!", "text": "x"}', "bad_frame"),
         (b"\x00\x01", "bad_frame"),
+        # Nested past the decoder's recursion limit (RecursionError, once a 1011 close),
+        # and just past MAX_JSON_DEPTH.
+        ("[" * 3000 + "]" * 3000, "bad_frame"),
+        ('{"type": "message", "text": "x", "payload": ' + '{"a": ' * 3000 + "1"
+         + "}" * 3000 + "}", "bad_frame"),
+        ('{"type": "message", "text": "x", "payload": ' + '{"a": ' * 64 + "1"
+         + "}" * 64 + "}", "bad_frame"),
     ],
+    ids=lambda value: value[:40] if isinstance(value, str) else None,
 )
 async def test_bad_frames_get_an_error_and_the_connection_survives(
     start_channel: Factory, bus: Bus, raw: str | bytes, code: str
@@ -206,6 +214,7 @@ async def test_bad_frames_get_an_error_and_the_connection_survives(
         await send(ws, {"type": "message", "id": ID1, "text": "still here"})
         ack = await recv(ws)
     assert error["type"] == "error" and error["code"] == code and error["message"]
+    assert "\n" not in error["message"] and len(error["message"]) < 300
     assert pong == {"type": "pong"}
     assert ack == {"type": "ack", "id": ID1}
     event = await wait_event(bus, "error")

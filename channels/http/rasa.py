@@ -30,6 +30,7 @@ import msgspec
 
 from commhub.channels.http.request import ApiError
 from commhub.core.envelope import Message
+from commhub.core.jsonlimit import JsonInputError, decode_json
 from commhub.core.subjects import valid_token
 
 __all__ = [
@@ -74,13 +75,20 @@ def button_payload(payload: dict[str, Any]) -> str:
 
 
 def _pressed(text: str) -> dict[str, Any] | None:
-    """The payload a ``/button{...}`` message stands for, if it is one."""
+    """The payload a ``/button{...}`` message stands for, if it is one.
+
+    Text that only looks like one (not JSON) is plain text; a button payload nested
+    deeper than :data:`~commhub.core.jsonlimit.MAX_JSON_DEPTH` is refused with 400, like
+    a body nested that deep.
+    """
     if not text.startswith(BUTTON_PREFIX + "{"):
         return None
     try:
-        value = msgspec.json.decode(text[len(BUTTON_PREFIX):])
-    except msgspec.DecodeError:
-        return None
+        value = decode_json(text[len(BUTTON_PREFIX):])
+    except JsonInputError as exc:
+        if exc.kind == "syntax":
+            return None
+        raise ApiError(400, "bad_json", f"the button payload is {exc}") from None
     return value if isinstance(value, dict) else None
 
 

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from commhub.channels.websocket.frames import MIN_CLIENT_ID_CHARS
 from commhub.core.envelope import Message
+from commhub.core.jsonlimit import JsonInputError, decode_json
 from commhub.core.subjects import valid_token
 from commhub.core.tokens import Identity, TokenAuthority, TokenRefused
 from commhub.core.web import json_error
@@ -174,15 +175,17 @@ def number_param(
 
 # -- bodies ------------------------------------------------------------------------------
 async def read_json_object(request: web.Request) -> dict[str, Any]:
-    """The body as a JSON object. Bad JSON is 400 ``bad_json``, any other JSON value 422.
+    """The body as a JSON object. Bad JSON, or JSON nested deeper than
+    :data:`~commhub.core.jsonlimit.MAX_JSON_DEPTH` levels, is 400 ``bad_json``; any other
+    JSON value 422.
 
     A body over the hub's ``max_body_bytes`` raises aiohttp's 413 while it is read.
     """
     raw = await request.read()
     try:
-        body = msgspec.json.decode(raw)
-    except msgspec.DecodeError as exc:
-        raise ApiError(400, "bad_json", f"the body is not valid JSON: {exc}") from None
+        body = decode_json(raw)
+    except JsonInputError as exc:
+        raise ApiError(400, "bad_json", f"the body is {exc}") from None
     if not isinstance(body, dict):
         raise ApiError(422, "invalid", "the body must be a JSON object")
     return body

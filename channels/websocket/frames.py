@@ -17,7 +17,8 @@ from typing import Any, Final, Literal
 import msgspec
 
 from commhub.core.envelope import Message
-from commhub.core.subjects import valid_token
+from commhub.core.jsonlimit import JsonInputError, decode_json
+from commhub.core.subjects import MIN_ID_CHARS, valid_token
 
 __all__ = [
     "MIN_CLIENT_ID_CHARS",
@@ -38,7 +39,8 @@ ErrorCode = Literal["bad_json", "unknown_type", "bad_frame", "rate_limited", "un
 
 #: A client's message id becomes the bus message id, and so the ``Nats-Msg-Id`` that
 #: JetStream deduplicates on across the whole stream: it must be unique, not a counter.
-MIN_CLIENT_ID_CHARS: Final = 16
+#: The bus's own rule (:data:`commhub.core.subjects.MIN_ID_CHARS`).
+MIN_CLIENT_ID_CHARS: Final = MIN_ID_CHARS
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,9 +81,9 @@ def decode_frame(data: str | bytes) -> InboundFrame | FrameError:
     if isinstance(data, bytes):
         return FrameError("bad_frame", "binary frames are not supported; send JSON text")
     try:
-        obj = msgspec.json.decode(data)
-    except msgspec.DecodeError as exc:
-        return FrameError("bad_json", f"not valid JSON: {exc}")
+        obj = decode_json(data)
+    except JsonInputError as exc:  # not JSON, or nested past MAX_JSON_DEPTH
+        return FrameError("bad_json" if exc.kind == "syntax" else "bad_frame", str(exc))
     if not isinstance(obj, dict):
         return FrameError("bad_frame", "a frame must be a JSON object with a 'type'")
     kind = obj.get("type")

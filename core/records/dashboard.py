@@ -37,7 +37,6 @@ wait; the query itself still finishes, bounded by its time limit, in the SQL ser
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ from aiohttp import web
 
 from commhub.core.bus import Bus
 from commhub.core.config import Settings, is_loopback
+from commhub.core.jsonlimit import JsonInputError, decode_json
 from commhub.core.tokens import TokenAuthority, TokenRefused
 from commhub.core.web import WebServer, json_error
 
@@ -201,9 +201,9 @@ def mount_dashboard(web_server: WebServer, settings: Settings, bus: Bus) -> None
             return json_error(refusal.status, refusal.message, refusal.code,
                               headers=headers if refusal.status == 401 else None)
         try:
-            body = json.loads(await request.read())
-        except ValueError as exc:  # also invalid UTF-8
-            return json_error(400, f"the request body is not JSON: {exc}", "bad_request")
+            body = decode_json(await request.read())
+        except JsonInputError as exc:  # not JSON, invalid UTF-8, nested too deep
+            return json_error(400, f"the request body is {exc}", "bad_request")
         if not isinstance(body, dict):
             return json_error(
                 400, 'the request must be a JSON object: {"sql": "...", "max_rows": n}',

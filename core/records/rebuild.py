@@ -146,6 +146,7 @@ async def _rebuild(
         flush_seconds=settings.recorder_flush_seconds,
         consumer=rebuild_consumer,
         progress_seconds=None,
+        report_refused=False,  # reported when they were first recorded
     )
     await recorder.start()
     try:

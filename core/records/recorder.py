@@ -6,7 +6,11 @@ each record with :func:`commhub.core.envelope.decode`, routes it by type to its 
 (:mod:`commhub.core.records.schema`), and writes the batch as Arrow tables with
 ``INSERT ... BY NAME ... ON CONFLICT DO NOTHING``: one transaction for the whole batch,
 across all tables. Bytes that do not decode become a row of ``invalid_records`` (the
-reason, the subject and the raw data), so a bad publisher never blocks the stream.
+reason, the subject and the raw data), so a bad publisher never blocks the stream. So
+does an ``out`` record that breaks the bus contract
+(:func:`commhub.core.envelope.record_problem`): no channel delivered it, so it is not
+written to ``messages``; it is also reported on ``evt.invalid`` (after the commit,
+before the acks, under the id its row has).
 Turning messages into rows and Arrow tables is :mod:`commhub.core.records.rows`; this
 module fetches, writes, commits and acks. In the same transaction it recomputes the
 derived rows (``workflow_runs``, then ``conversations``) of the runs and conversations
@@ -71,6 +75,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from commhub.core.bus import Bus
+from commhub.core.envelope import InvalidRecord
 from commhub.core.records.progress import Progress
 from commhub.core.records.rows import Batch, num_pending
 from commhub.core.records.schema import REFRESH_CONVERSATIONS, REFRESH_RUNS, migrate
@@ -114,6 +119,8 @@ class Recorder:
     bounds how long a record waits for its batch to fill. ``consumer`` names the durable
     of a stream (default: :meth:`Subjects.recorder_consumer`; ``commhub rebuild`` uses
     its own). ``progress_seconds`` is the interval of the catch-up log lines (None: none).
+    ``report_refused`` publishes the ``out`` records it refuses on ``evt.invalid`` (a
+    rebuild, which replays records reported long ago, turns it off).
     """
 
     #: First and largest redelivery delay after a failed write, in seconds.
@@ -128,6 +135,7 @@ class Recorder:
         *,
         consumer: Callable[[str], str] | None = None,
         progress_seconds: float | None = 5.0,
+        report_refused: bool = True,
     ) -> None:
         if batch < 1:
             raise ValueError("batch must be at least 1")
@@ -139,6 +147,7 @@ class Recorder:
         self.flush_seconds = flush_seconds
         self.consumer = consumer or bus.subjects.recorder_consumer
         self.progress_seconds = progress_seconds
+        self.report_refused = report_refused
         self.stats = RecorderStats()
         self._pending: dict[str, int] = {}
         self._in_flight = 0  # fetched, not yet committed or nak'd
@@ -407,7 +416,11 @@ class Recorder:
         self._in_flight -= len(msgs)  # committed or nak'd below: either way, not held
         self.stats.pending = sum(self._pending.values()) + self._in_flight
         try:
-            inserted, invalid = await self._in_thread(self._write, pending)
+            inserted, invalid, reports = await self._in_thread(self._write, pending)
+            if reports and self.report_refused:
+                # Refused out records are reported before their acks: a failed report
+                # is retried with the batch (same ids: one report, one row).
+                await self.bus.publish_all([(self.bus.subjects.invalid, r) for r in reports])
         except Exception as exc:  # any write failure: redeliver, keep running
             self.stats.failures += 1
             log.error(
@@ -434,8 +447,11 @@ class Recorder:
             log.warning("recorder: could not %s records: %s", "ack" if ack else "nak", exc)
 
     # -- the worker thread ----------------------------------------------------------
-    def _write(self, pending: Sequence[tuple[str, list[Msg]]]) -> tuple[int, int]:
-        """Decode, route and insert one batch in one transaction; return (inserted, invalid)."""
+    def _write(
+        self, pending: Sequence[tuple[str, list[Msg]]]
+    ) -> tuple[int, int, list[InvalidRecord]]:
+        """Decode, route and insert one batch in one transaction; return (inserted,
+        invalid, the reports of refused out records for ``evt.invalid``)."""
         batch = Batch(self.bus.subjects)
         for stream, msgs in pending:
             for msg in msgs:
@@ -467,7 +483,7 @@ class Recorder:
             with contextlib.suppress(duckdb.Error):
                 con.execute("ROLLBACK")
             raise
-        return inserted, batch.invalid
+        return inserted, batch.invalid, batch.reports
 
     @staticmethod
     def _refresh_derived(con: duckdb.DuckDBPyConnection, batch: Batch) -> None:

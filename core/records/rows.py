@@ -6,7 +6,9 @@ its table (:mod:`commhub.core.records.schema`) and kept as a row, deduplicated o
 id (first copy wins). Bytes that do not decode, and records that decode but cannot be
 stored (a ``ts`` outside years 1-9999, a close code too big for its column), become
 ``invalid_records`` rows (the reason, the subject and the raw data, on a deterministic
-id from the stream and sequence), so one bad record never fails its batch.
+id from the stream and sequence), so one bad record never fails its batch. An ``out``
+record that breaks the bus contract (:func:`commhub.core.envelope.record_problem`) is
+such a row too, with a report for ``evt.invalid`` in :attr:`Batch.reports`.
 :meth:`Batch.arrow_tables` returns the rows as Arrow tables in the schemas below, which
 :class:`commhub.core.records.recorder.Recorder` inserts ``BY NAME`` in one transaction.
 """
@@ -32,11 +34,12 @@ from commhub.core.envelope import (
     WorkflowEvent,
     WorkflowInput,
     decode_tagged,
-    derived_id,
+    invalid_id,
+    record_problem,
 )
 from commhub.core.subjects import Subjects
 
-__all__ = ["MAX_INVALID_DATA", "Batch", "num_pending"]
+__all__ = ["MAX_INVALID_DATA", "NOT_RECORDED", "RECORDED_AS", "Batch", "decision_of", "num_pending"]
 
 # The recorder's logger: building rows is part of its work.
 log = logging.getLogger("commhub.core.records.recorder")
@@ -80,6 +83,7 @@ _ARROW_SCHEMAS: dict[str, pa.Schema] = {
             ("model", _S),
             ("model_version", _S),
             ("ts", _TS),
+            ("decision", _S),
         ]
     ),
     "workflow_events": pa.schema(
@@ -121,6 +125,7 @@ _ARROW_SCHEMAS: dict[str, pa.Schema] = {
             ("sender_id", _S),
             ("sender_kind", _S),
             ("ts", _TS),
+            ("sender_name", _S),
         ]
     ),
     "invalid_records": pa.schema(
@@ -133,6 +138,52 @@ _ARROW_SCHEMAS: dict[str, pa.Schema] = {
             ("ts", _TS),
         ]
     ),
+}
+
+#: Where each envelope field is stored: a record's ``type`` tag -> (its table, {field:
+#: column}). A nested record's fields are dotted (``sender.id``); a field holding
+#: structured data (a payload, the list of Alternatives) is stored whole, as JSON text in
+#: a JSON column. ``tests/test_record_columns.py`` checks that every field of every
+#: record is here or in :data:`NOT_RECORDED`, that the column exists, and that a value
+#: written lands in it.
+RECORDED_AS: dict[str, tuple[str, dict[str, str]]] = {
+    "message": ("messages", {
+        "id": "id", "conversation": "conversation", "channel": "channel",
+        "direction": "direction", "sender.id": "sender_id", "sender.kind": "sender_kind",
+        "sender.name": "sender_name", "text": "text", "payload": "payload",
+        "reply_to": "reply_to", "ts": "ts", "meta": "meta",
+    }),
+    "classification": ("classifications", {
+        "id": "id", "message_id": "message_id", "conversation": "conversation",
+        "text": "text", "workflow": "workflow", "confidence": "confidence",
+        "threshold": "threshold", "alternatives": "alternatives", "model": "model",
+        "model_version": "model_version", "ts": "ts", "decision": "decision",
+    }),
+    "workflow_event": ("workflow_events", {
+        "id": "id", "run_id": "run_id", "conversation": "conversation",
+        "workflow": "workflow", "kind": "kind", "from_state": "from_state",
+        "to_state": "to_state", "trigger": "trigger", "slots_changed": "slots_changed",
+        "message_id": "message_id", "ts": "ts", "event": "event", "data": "data",
+    }),
+    "channel_event": ("channel_events", {
+        "id": "id", "channel": "channel", "kind": "kind", "connection": "connection",
+        "conversation": "conversation", "user": "user_id", "reason": "reason",
+        "code": "code", "ts": "ts",
+    }),
+    "workflow_input": ("workflow_inputs", {
+        "id": "id", "conversation": "conversation", "event": "event", "data": "data",
+        "sender.id": "sender_id", "sender.kind": "sender_kind",
+        "sender.name": "sender_name", "ts": "ts",
+    }),
+    "invalid": ("invalid_records", {
+        "id": "id", "subject": "subject", "reason": "reason", "data": "data",
+        "source": "source", "ts": "ts",
+    }),
+}
+
+#: Envelope fields that no column holds, and why (``docs/records.md`` lists them).
+NOT_RECORDED: dict[str, str] = {
+    "type": "the tag of every record: the table a row is in says its type",
 }
 
 _json_encode = msgspec.json.Encoder().encode
@@ -154,6 +205,19 @@ def _micros(ts: float) -> int:
     if not _MIN_MICROS <= micros <= _MAX_MICROS:
         raise ValueError(f"ts {ts!r} is outside years 1 to 9999")
     return micros
+
+
+def decision_of(classification: Classification) -> str:
+    """The classification's ``decision``; for a record without one (published before the
+    router set it), inferred by the rule of
+    :data:`commhub.core.records.schema.DECISION_OF_OLD_ROWS`."""
+    if classification.decision is not None:
+        return classification.decision
+    if classification.model == "button":
+        return "button"
+    if classification.workflow is not None:
+        return "workflow"
+    return "clarify" if classification.confidence >= classification.threshold else "fallback"
 
 
 def _stream_seq(msg: Msg) -> int | None:
@@ -204,25 +268,39 @@ class Batch:
         self.rows: dict[str, dict[str, tuple[Any, ...]]] = {name: {} for name in _ARROW_SCHEMAS}
         self.sources: dict[str, tuple[Msg, str]] = {}
         self.invalid = 0
+        #: Reports for ``evt.invalid`` of the ``out`` records refused (the recorder
+        #: publishes them after the commit, before the acks).
+        self.reports: list[InvalidRecord] = []
+        self._outbound_prefix = subjects.all_outbound[:-1]  # "{prefix}.out."
 
     def add(self, msg: Msg, stream: str) -> None:
+        outbound = msg.subject.startswith(self._outbound_prefix)
         try:
             # The subject names the type, so records published without a "type" tag
             # (hand-written JSON from other languages) are recorded like the others.
             record = decode_tagged(msg.data, self.subjects.record_tag(msg.subject))
         except EnvelopeError as exc:
-            self._add_invalid(msg, stream, str(exc))
+            self._add_invalid(msg, stream, str(exc), report=outbound)
             return
+        if outbound:
+            # No router stands between an out publisher and the channels: the channels
+            # refuse what breaks the bus contract, and so does the record.
+            problem = record_problem(msg.subject, record)
+            if problem is not None:
+                self._add_invalid(msg, stream, problem, report=True)
+                return
         try:
             self._add_record(record, msg, stream)
-        except (ValueError, OverflowError, TypeError) as exc:
+        except Exception as exc:  # whatever it is, it is this record's, not the batch's
             self._add_invalid(msg, stream, f"cannot be recorded: {exc}")
 
-    def _add_invalid(self, msg: Msg, stream: str, reason: str) -> None:
+    def _add_invalid(self, msg: Msg, stream: str, reason: str, report: bool = False) -> None:
+        """An invalid_records row for ``msg``; with ``report``, also an InvalidRecord in
+        :attr:`reports` for ``evt.invalid`` (same id as the row)."""
         meta = msg.metadata
         seq = meta.sequence.stream if meta.sequence else 0
         ts = meta.timestamp.timestamp() if meta.timestamp else time.time()
-        id_ = derived_id("invalid", stream, seq)
+        id_ = invalid_id(stream, seq)
         data = msg.data[:MAX_INVALID_DATA].decode("utf-8", "replace")
         if id_ not in self.rows["invalid_records"]:
             self.rows["invalid_records"][id_] = (
@@ -234,6 +312,11 @@ class Batch:
                 _micros(ts),
             )
             self.invalid += 1
+            if report:
+                self.reports.append(InvalidRecord(
+                    id=id_, subject=msg.subject, reason=reason, data=data, source="recorder",
+                    ts=ts,
+                ))
 
     def _add_record(self, record: Record, msg: Msg, stream: str) -> None:
         match record:
@@ -268,6 +351,7 @@ class Batch:
                     record.model,
                     record.model_version,
                     _micros(record.ts),
+                    decision_of(record),
                 )
                 table = "classifications"
             case WorkflowEvent():
@@ -309,6 +393,7 @@ class Batch:
                     record.sender.id,
                     record.sender.kind,
                     _micros(record.ts),
+                    record.sender.name,
                 )
                 table = "workflow_inputs"
             case InvalidRecord():

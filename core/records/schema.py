@@ -33,6 +33,8 @@ from datetime import UTC, datetime
 import duckdb
 
 __all__ = [
+    "CANCELLED_FINAL_STATES",
+    "DECISION_OF_OLD_ROWS",
     "DERIVED_TABLES",
     "MIGRATIONS",
     "REFRESH_CONVERSATIONS",
@@ -501,12 +503,115 @@ _V2 = Migration(
     ),
 )
 
+#: Final states whose run counts as ``cancelled``, not ``completed``: a workflow's own
+#: way out (book_table's ``cancelled``) is the user calling it off, like a cancel phrase.
+CANCELLED_FINAL_STATES: tuple[str, ...] = ("cancelled", "canceled")
+_CANCELLED_STATES_SQL = "(" + ", ".join(f"'{name}'" for name in CANCELLED_FINAL_STATES) + ")"
+
+# Version 3's run refresh: as version 2's, except that a run completing in one of
+# CANCELLED_FINAL_STATES has the outcome 'cancelled'.
+_V3_REFRESH_RUNS = _V2_REFRESH_RUNS.replace(
+    "arg_max(CASE WHEN kind = 'handoff' THEN 'handed_off' ELSE kind END, k)",
+    f"""arg_max(CASE
+            WHEN kind = 'handoff' THEN 'handed_off'
+            WHEN kind = 'completed' AND to_state IN {_CANCELLED_STATES_SQL} THEN 'cancelled'
+            ELSE kind END, k)""",
+)
+assert _V3_REFRESH_RUNS != _V2_REFRESH_RUNS
+
+#: What a classification decided, for records without ``decision`` (published before
+#: the router set it): a ``button`` model is a start button; a workflow is ``workflow``;
+#: no workflow although the best candidate reached the threshold is ``clarify`` (only a
+#: "Did you mean A or B?" leaves it unset then); else ``fallback``. ``rows.py`` applies
+#: the same rule to such records as it writes them.
+DECISION_OF_OLD_ROWS = """
+    CASE
+        WHEN model = 'button' THEN 'button'
+        WHEN workflow IS NOT NULL THEN 'workflow'
+        WHEN confidence >= threshold THEN 'clarify'
+        ELSE 'fallback'
+    END"""
+
+_V3 = Migration(
+    version=3,
+    description=(
+        "classifications.decision and workflow_inputs.sender_name; fallbacks count only "
+        "the fallback, not clarifying questions; a run ending in a final state named "
+        "cancelled is cancelled, not completed"
+    ),
+    statements=(
+        "ALTER TABLE classifications ADD COLUMN decision VARCHAR",
+        f"UPDATE classifications SET decision = {DECISION_OF_OLD_ROWS} WHERE decision IS NULL",
+        "ALTER TABLE workflow_inputs ADD COLUMN sender_name VARCHAR",
+        """
+        CREATE OR REPLACE VIEW intent_mix AS
+        SELECT
+            CASE WHEN decision = 'clarify' THEN '(clarify)'
+                 ELSE coalesce(workflow, '(none)') END AS workflow,
+            count(*)                               AS classifications,
+            avg(confidence)                        AS mean_confidence,
+            count(*) / sum(count(*)) OVER ()       AS share
+        FROM classifications
+        GROUP BY ALL
+        """,
+        """
+        CREATE OR REPLACE VIEW fallback_rate AS
+        SELECT
+            count(*)                                          AS classifications,
+            count(*) FILTER (WHERE decision = 'fallback')     AS fallbacks,
+            count(*) FILTER (WHERE decision = 'fallback') / nullif(count(*), 0) AS fallback_rate,
+            count(*) FILTER (WHERE decision = 'clarify')      AS clarifications
+        FROM classifications
+        """,
+        """
+        CREATE OR REPLACE VIEW fallback_rate_daily AS
+        SELECT
+            CAST(c.ts AS DATE)                                AS day,
+            m.channel,
+            count(*)                                          AS classifications,
+            count(*) FILTER (WHERE c.decision = 'fallback')   AS fallbacks,
+            count(*) FILTER (WHERE c.decision = 'fallback') / count(*) AS fallback_rate,
+            count(*) FILTER (WHERE c.decision = 'clarify')    AS clarifications
+        FROM classifications c
+        LEFT JOIN messages m ON m.id = c.message_id
+        GROUP BY ALL
+        """,
+        """
+        CREATE OR REPLACE VIEW confidence_histogram AS
+        WITH buckets AS (SELECT range AS bucket FROM range(10)),
+        counted AS (
+            SELECT
+                CAST(least(greatest(floor(confidence * 10), 0), 9) AS BIGINT) AS bucket,
+                count(*)                                        AS classifications,
+                count(*) FILTER (WHERE decision = 'fallback')   AS fallbacks,
+                count(*) FILTER (WHERE decision = 'clarify')    AS clarifications
+            FROM classifications
+            GROUP BY ALL
+        )
+        SELECT
+            b.bucket,
+            b.bucket / 10                          AS low,
+            (b.bucket + 1) / 10                    AS high,
+            coalesce(c.classifications, 0)         AS classifications,
+            coalesce(c.fallbacks, 0)               AS fallbacks,
+            coalesce(c.clarifications, 0)          AS clarifications
+        FROM buckets b
+        LEFT JOIN counted c USING (bucket)
+        """,
+        _V3_REFRESH_RUNS.format(runs="SELECT run_id FROM workflow_events"),
+        _V2_REFRESH_CONVERSATIONS.format(
+            conversations="SELECT conversation FROM messages "
+            "UNION ALL SELECT conversation FROM workflow_runs"
+        ),
+    ),
+)
+
 #: Every schema step, oldest first. Append new steps; never edit a released one.
-MIGRATIONS: tuple[Migration, ...] = (_V1, _V2)
+MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3)
 
 #: The recorder's refresh of ``workflow_runs`` for the run ids ``{runs}`` yields (the
 #: latest schema's shape); run it before :data:`REFRESH_CONVERSATIONS`.
-REFRESH_RUNS = _V2_REFRESH_RUNS
+REFRESH_RUNS = _V3_REFRESH_RUNS
 #: The recorder's refresh of ``conversations`` for ``{conversations}``.
 REFRESH_CONVERSATIONS = _V2_REFRESH_CONVERSATIONS
 

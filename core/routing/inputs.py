@@ -10,7 +10,13 @@ state bucket's key, in a way that looks like a passing fault.
 
 from __future__ import annotations
 
-from commhub.core.envelope import EnvelopeError, Message, WorkflowInput, decode_tagged
+from commhub.core.envelope import (
+    EnvelopeError,
+    Message,
+    WorkflowInput,
+    decode_tagged,
+    record_problem,
+)
 from commhub.core.retry import Permanent
 from commhub.core.subjects import Subjects, valid_token
 
@@ -44,9 +50,7 @@ def decode_input(subjects: Subjects, subject: str, data: bytes) -> Message | Wor
         raise Permanent(f"not a valid {expected} record: {exc}") from None
     if not isinstance(record, Message | WorkflowInput):
         raise Permanent(f"{type(record).__name__} is not an input")
-    if isinstance(record, Message) and record.direction != "in":
-        raise Permanent("an inbound subject carries an outbound message")
-    if record.conversation != ids["conversation"]:
-        raise Permanent(f"conversation {record.conversation[:200]!r} does not match the "
-                        "subject")
+    problem = record_problem(subject, record)  # the bus contract, as channels apply on out
+    if problem is not None:
+        raise Permanent(problem)
     return record

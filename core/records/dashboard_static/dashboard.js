@@ -21,6 +21,7 @@
     "#8C6D1F", "#000000"];
   const FALLBACK_COLOR = "#D55E00";
   const ROUTED_COLOR = "#0072B2";
+  const CLARIFY_COLOR = "#E69F00";
 
   // ---------------------------------------------------------------- the SQL endpoint
   class SqlError extends Error {
@@ -121,7 +122,8 @@
 
     intents: () => sqlText([
       "SELECT",
-      "  coalesce(c.workflow, '(none)') AS workflow,",
+      "  CASE WHEN c.decision = 'clarify' THEN '(clarify)'",
+      "    ELSE coalesce(c.workflow, '(none)') END AS workflow,",
       "  count(*) AS classifications,",
       "  avg(c.confidence) AS mean_confidence",
       "FROM classifications c",
@@ -147,7 +149,8 @@
       "SELECT",
       "  CAST(least(greatest(floor(c.confidence * 10), 0), 9) AS INTEGER) AS bucket,",
       "  count(*) FILTER (WHERE c.workflow IS NOT NULL) AS routed,",
-      "  count(*) FILTER (WHERE c.workflow IS NULL) AS fallbacks",
+      "  count(*) FILTER (WHERE c.decision = 'fallback') AS fallbacks,",
+      "  count(*) FILTER (WHERE c.decision = 'clarify') AS clarified",
       "FROM classifications c",
       "LEFT JOIN messages m ON m.id = c.message_id",
       where([...dayConditions("c.ts"), ...channelConditions("m.channel")]),
@@ -187,11 +190,14 @@
       "  FROM workflow_events",
       "  WHERE run_id IN (SELECT run_id FROM runs) AND kind <> 'emitted'",
       "),",
+      // Completed by the run's outcome: a run that ends in its own 'cancelled' final
+      // state is cancelled, not completed (docs/records.md, Outcomes).
       "outcomes AS (",
       "  SELECT workflow,",
-      "    count(DISTINCT run_id) FILTER (WHERE kind = 'started') AS started,",
-      "    count(DISTINCT run_id) FILTER (WHERE kind = 'completed') AS completed",
-      "  FROM steps",
+      "    count(*) AS started,",
+      "    count(*) FILTER (WHERE outcome = 'completed') AS completed",
+      "  FROM workflow_runs",
+      "  WHERE run_id IN (SELECT run_id FROM runs)",
       "  GROUP BY workflow",
       ")",
       "SELECT",
@@ -435,7 +441,8 @@
             label: r.workflow,
             value: r.classifications,
             text: `${fmtInt(r.classifications)} · conf ${fmtConf(r.mean_confidence)}`,
-            color: r.workflow === "(none)" ? FALLBACK_COLOR : ROUTED_COLOR,
+            color: r.workflow === "(none)" ? FALLBACK_COLOR
+              : r.workflow === "(clarify)" ? CLARIFY_COLOR : ROUTED_COLOR,
             attrs: data({ workflow: r.workflow, value: r.classifications, confidence: r.mean_confidence }),
           })),
           label: `Intent mix: ${rows.map((r) => `${r.workflow} ${r.classifications}`).join(", ")}`,
@@ -483,24 +490,32 @@
         const byBucket = new Map(rows.map((r) => [r.bucket, r]));
         const buckets = [...Array(10).keys()];
         const name = (b) => `${(b / 10).toFixed(1)}–${((b + 1) / 10).toFixed(1)}`;
+        const SERIES_TEXT = {
+          routed: "routed to a workflow", fallbacks: "to the fallback", clarified: "asked to clarify",
+        };
         const svg = columnChart({
           width,
           categories: buckets,
-          series: [{ key: "routed", color: ROUTED_COLOR }, { key: "fallbacks", color: FALLBACK_COLOR }],
+          series: [
+            { key: "routed", color: ROUTED_COLOR },
+            { key: "fallbacks", color: FALLBACK_COLOR },
+            { key: "clarified", color: CLARIFY_COLOR },
+          ],
           values(bucket, key) {
             const r = byBucket.get(bucket);
             if (!r) return null;
             return {
               value: r[key],
               attrs: data({ bucket, series: key, value: r[key] }),
-              title: `confidence ${name(bucket)}: ${r[key]} ${key === "routed" ? "routed to a workflow" : "to the fallback"}`,
+              title: `confidence ${name(bucket)}: ${r[key]} ${SERIES_TEXT[key]}`,
             };
           },
           label: "Classifications by confidence, in tenths",
           yFormat: fmtInt,
           xFormat: (b) => (b / 10).toFixed(1),
         });
-        return [svg, legend([["routed to a workflow", ROUTED_COLOR], ["fallback", FALLBACK_COLOR]])];
+        return [svg, legend([["routed to a workflow", ROUTED_COLOR], ["fallback", FALLBACK_COLOR],
+          ["asked to clarify", CLARIFY_COLOR]])];
       },
     },
 

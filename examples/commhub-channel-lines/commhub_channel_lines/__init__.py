@@ -30,7 +30,7 @@ from commhub.core.delivery import Delivery, DeliveryLoop, Retry
 from commhub.core.envelope import Message, Sender, derived_id, new_id
 from commhub.core.hookspecs import hookimpl
 from commhub.core.owners import ConversationForbidden
-from commhub.core.subjects import valid_token
+from commhub.core.subjects import MIN_ID_CHARS, valid_id, valid_token
 from commhub.core.tokens import Identity
 from commhub.core.workflow import WorkflowDef
 
@@ -143,8 +143,9 @@ class LinesChannel(Channel):
             raise TypeError("text must be a string")
         if not (payload is None or isinstance(payload, dict)):
             raise TypeError("payload must be an object")
-        if not (id_ is None or (isinstance(id_, str) and id_)):
-            raise TypeError("id must be a non-empty string")
+        if not (id_ is None or (isinstance(id_, str) and valid_id(id_))):
+            # The id is the Nats-Msg-Id: the router refuses one that does not look unique.
+            raise TypeError(f"id must be {MIN_ID_CHARS}-128 letters, digits, - or _ (a UUID)")
         return Message(
             id=id_ or new_id(),
             conversation=conversation,
