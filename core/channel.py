@@ -10,7 +10,8 @@ A channel carries people's messages between a chat network and the bus. It imple
 * ``ctx.outbound(conversation, after=cursor)``: every outbound message of one
   conversation on this channel after a cursor, in order, then live ones. The cursor is
   the message's stream sequence: a client that reconnects with the last cursor it saw
-  misses nothing and sees nothing twice.
+  misses nothing and sees nothing twice. One live consumer per channel and process
+  serves every reader (:mod:`commhub.core.fanout`), so readers cost no server state.
 * ``await ctx.publish_event(kind, ...)``: a ChannelEvent on the bus (accepted, rejected,
   closed, error, delivery_failed). Never raises.
 * ``ctx.web``: the hub's HTTP server (:class:`commhub.core.web.WebServer`), for channels
@@ -24,23 +25,19 @@ Writing a new channel is one class; see ``examples/commhub-channel-lines`` and
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, ClassVar
 
-from nats.js.api import ConsumerConfig, DeliverPolicy
 from pydantic import BaseModel
 
 from commhub.core.envelope import (
     ChannelEvent,
     ChannelEventKind,
-    EnvelopeError,
     Message,
-    decode_as,
     new_id,
 )
+from commhub.core.fanout import OutboundFanout
 
 if TYPE_CHECKING:
     from commhub.core.bus import Bus
@@ -93,6 +90,7 @@ class ChannelContext:
         self.subjects = bus.subjects
         self.tokens = settings.token_authority()
         self._web = web
+        self._fanout: OutboundFanout | None = None
 
     @property
     def web(self) -> WebServer:
@@ -139,42 +137,33 @@ class ChannelContext:
         except Exception:
             log.exception("could not publish channel event %s", kind)
 
-    async def outbound(
+    def outbound(
         self, conversation: str, after: int | None = None
     ) -> AsyncIterator[OutboundItem]:
         """Yield ``(cursor, message)`` for each outbound message of ``conversation``.
 
         Starts after stream sequence ``after`` (all history when None), in stream order,
-        then follows live messages until the consumer of the iterator stops. Backed by a
-        JetStream ordered consumer: a gap or a server restart resets it from the last
-        sequence seen, so nothing is skipped or repeated. Cancelling the iteration is
-        safe; the ephemeral consumer is deleted (or expires on its own).
+        each message once, then follows live messages until the consumer of the iterator
+        stops (or :meth:`close`). History is read from the stream with direct gets; live
+        messages come from the channel's one live consumer in this process, which
+        re-creates itself from the last sequence it saw after a reconnect or a gap, so
+        nothing is skipped or repeated. Several readers of one conversation each get
+        every message (they may share the Message object: do not modify it).
 
-        An undecodable outbound record is reported on ``evt.invalid`` and skipped.
+        Cancelling or closing the iteration is safe at any point and costs no server
+        request. An undecodable or invalid outbound record is reported on
+        ``evt.invalid`` and skipped. Raises if the bus is unavailable when it starts or
+        while it reads the history; the caller resumes from its last cursor.
         """
-        subject = self.subjects.outbound(self.channel, conversation)
-        start = (after or 0) + 1
-        sub = await self.bus.js.subscribe(
-            subject,
-            stream=self.subjects.messages_stream,
-            ordered_consumer=True,
-            config=ConsumerConfig(
-                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
-            ),
-            inactive_threshold=300,
-        )
-        try:
-            while True:
-                msg = await sub.next_msg(timeout=None)
-                seq = int(msg.metadata.sequence.stream)
-                try:
-                    message = decode_as(msg.data, Message)
-                except EnvelopeError as exc:
-                    await self.bus.publish_invalid(
-                        msg.subject, msg.data, str(exc), f"channel:{self.channel}"
-                    )
-                    continue
-                yield seq, message
-        finally:
-            with contextlib.suppress(Exception):  # the connection may be closing
-                await asyncio.shield(sub.unsubscribe())
+        if self._fanout is None:
+            self._fanout = OutboundFanout(self.bus, self.channel)
+        return self._fanout.follow(conversation, after)
+
+    async def close(self) -> None:
+        """End every outbound iteration and remove the channel's live consumer.
+
+        The hub calls it after the channel's ``stop()``. Safe to call twice.
+        """
+        fanout, self._fanout = self._fanout, None
+        if fanout is not None:
+            await fanout.close()

@@ -49,7 +49,7 @@ from commhub.channels.http.request import (
     text_and_payload,
 )
 from commhub.channels.sendqueue import SendQueue, SlowConsumer
-from commhub.core.aio import cancel_and_wait
+from commhub.core.aio import cancel_and_join, cancel_and_wait
 from commhub.core.channel import OutboundItem
 from commhub.core.envelope import Message, Sender, derived_id, new_id
 
@@ -241,8 +241,8 @@ async def next_item(
     try:
         await asyncio.wait({read, stop}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        if not read.done():
-            await cancel_and_wait(read)
+        if not read.done():  # ended before the caller closes ``items``, even if cancelled
+            await cancel_and_join(read)
         await cancel_and_wait(stop)
     if read.cancelled():
         return None

@@ -33,7 +33,7 @@ from typing import Any
 
 import msgspec
 
-from commhub.core.aio import cancel_and_wait
+from commhub.core.aio import cancel_and_join
 from commhub.core.channel import ChannelContext, OutboundItem
 from commhub.core.envelope import Message
 from commhub.core.routing.router import StoredState
@@ -68,8 +68,23 @@ async def run_turn(
         async with aclosing(items):  # type: ignore[type-var]  # an async generator
             return await _collect(ctx, message, cursor, items, watcher, wait, stopping)
     finally:
-        with contextlib.suppress(Exception):  # the connection may be closing
-            await watcher.stop()
+        await _stop_watch(ctx, watcher)
+
+
+async def _stop_watch(ctx: ChannelContext, watcher: Any) -> None:
+    """Stop the state watch and delete its consumer.
+
+    Stopping only unsubscribes: the watch's ordered consumer would stay on the server
+    for its inactive threshold (5 minutes), and nats-server refuses new consumers on a
+    stream past its limit (about 1,000), which busy Rasa clients reached in minutes.
+    nats-py keeps the consumer's name only on the watcher's subscription.
+    """
+    with contextlib.suppress(Exception):  # the connection may be closing
+        await watcher.stop()
+    consumer = getattr(getattr(watcher, "_sub", None), "_consumer", None)
+    if isinstance(consumer, str):
+        with contextlib.suppress(Exception):  # gone already, or expires by itself
+            await ctx.bus.js.delete_consumer(f"KV_{ctx.subjects.state_bucket}", consumer)
 
 
 async def _collect(
@@ -113,8 +128,8 @@ async def _collect(
                     found = _expected_replies(kv_task.result(), message.id, subject)
                     expected = found if found is not None else expected
                     kv_task = asyncio.ensure_future(anext(watcher))
-    finally:
-        await cancel_and_wait(out_task, stop_task)
+    finally:  # the read has ended before the caller closes ``items``, even if cancelled
+        await cancel_and_join(out_task, stop_task)
         if not kv_task.done():
             kv_task.cancel()
     return Turn(cursor, replies, complete=expected is not None and
