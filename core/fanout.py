@@ -34,6 +34,7 @@ gets :class:`OutboundLagged`. :meth:`close` ends every iteration.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -41,7 +42,7 @@ from typing import TYPE_CHECKING
 
 from commhub.core.envelope import EnvelopeError, Message, decode_as
 from commhub.core.handover import Handover
-from commhub.core.history import HistoryReader
+from commhub.core.history import HistoryError, HistoryReader
 from commhub.core.livefeed import LiveFeed
 
 if TYPE_CHECKING:
@@ -52,6 +53,9 @@ __all__ = ["OutboundFanout", "OutboundLagged", "outbound_problem"]
 log = logging.getLogger(__name__)
 
 OutboundItem = tuple[int, Message]
+
+# A history read that fails (a server restarting under it) is tried this often in all.
+HISTORY_ATTEMPTS = 3
 
 # Sequences of invalid records already reported by this process: a bad record read by
 # every reconnecting client is reported once, not once per read.
@@ -100,7 +104,7 @@ class OutboundFanout:
         self._source = f"channel:{channel}"
         self._readers: dict[str, set[_Reader]] = {}
         self._feed: LiveFeed | None = None
-        self._starting = asyncio.Lock()
+        self._starting: asyncio.Task[LiveFeed] | None = None
         self._history = HistoryReader(bus.nc, self._stream)
         self._reported: OrderedDict[int, None] = OrderedDict()
         self._reports: set[asyncio.Task[None]] = set()
@@ -127,10 +131,19 @@ class OutboundFanout:
         self._readers.setdefault(conversation, set()).add(reader)
         try:
             subject = self._prefix + conversation
-            async for stored in self._history.read(subject, reader.handover.last):
-                message = self._decode(stored.seq, stored.subject, stored.data, conversation)
-                if message is not None and reader.handover.history(stored.seq):
-                    yield stored.seq, message
+            for attempt in range(HISTORY_ATTEMPTS):
+                try:  # resumes after the last message handed out: nothing twice
+                    async for stored in self._history.read(subject, reader.handover.last):
+                        message = self._decode(stored.seq, stored.subject, stored.data,
+                                               conversation)
+                        if message is not None and reader.handover.history(stored.seq):
+                            yield stored.seq, message
+                    break
+                except HistoryError as exc:  # e.g. the server restarting under the read
+                    if attempt + 1 == HISTORY_ATTEMPTS or self._closed:
+                        raise
+                    log.info("%s: history read failed, retrying: %s", self._source, exc)
+                    await asyncio.sleep(0.25 * 2**attempt)
             handover = reader.handover
             while True:
                 item = handover.next_live()
@@ -157,6 +170,11 @@ class OutboundFanout:
         for readers in self._readers.values():
             for reader in readers:
                 reader.wake.set()
+        if self._starting is not None:
+            await asyncio.wait({self._starting})
+            with contextlib.suppress(BaseException):
+                self._feed = self._feed or self._starting.result()
+            self._starting = None
         feed, self._feed = self._feed, None
         if feed is not None:
             await feed.close()
@@ -166,14 +184,32 @@ class OutboundFanout:
 
     # -- internals --------------------------------------------------------------------
     async def _ensure_feed(self) -> None:
+        """Start the feed once. The start runs in a task of its own, so a reader that
+        goes away meanwhile (a client that connects and closes at once) does not cut
+        it off halfway; if it fails, every waiting reader raises and the next retries."""
         if self._feed is not None:
             return
-        async with self._starting:
-            if self._feed is None and not self._closed:
-                feed = LiveFeed(self.bus, self._stream, self._prefix + ">", self._dispatch,
-                                description=f"commhub {self.channel} outbound fan-out")
-                await feed.start()  # raises: the next follower tries again
-                self._feed = feed
+        if self._starting is None:
+            self._starting = asyncio.create_task(self._start_feed(), name="fanout-start")
+        starting = self._starting
+        try:
+            self._feed = await asyncio.shield(starting)
+        finally:
+            if starting.done() and self._starting is starting:
+                self._starting = None
+                if not starting.cancelled():
+                    starting.exception()  # retrieved: a waiting reader raised it
+
+    async def _start_feed(self) -> LiveFeed:
+        name = f"{self.bus.subjects.prefix}_{self.channel}_outbound"
+        feed = LiveFeed(self.bus, self._stream, self._prefix + ">", self._dispatch, name=name,
+                        description=f"commhub {self.channel} outbound fan-out")
+        try:
+            await feed.start()
+        except BaseException:
+            await feed.close()  # deletes a consumer created before the failure
+            raise
+        return feed
 
     def _dispatch(self, seq: int, subject: str, data: bytes) -> None:
         """The feed's callback: hand a live message to its conversation's readers."""

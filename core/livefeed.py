@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from commhub.core.aio import cancel_and_wait
+from commhub.core.envelope import new_id
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
@@ -112,6 +113,7 @@ class LiveFeed:
         on_message: OnMessage,
         *,
         heartbeat: float = 2.0,
+        name: str = "livefeed",
         description: str = "",
     ) -> None:
         self.bus = bus
@@ -119,6 +121,9 @@ class LiveFeed:
         self.filter_subject = filter_subject
         self.on_message = on_message
         self.heartbeat = heartbeat
+        # Consumers are named by this process, so one whose create request was cut off
+        # (its answer lost, or the caller cancelled) can still be deleted by name.
+        self.name = f"{name}_{new_id()[:12]}"
         self.description = description
         self.position: FeedPosition | None = None
         self.resets = 0  # consumers re-created after the first (for tests and logs)
@@ -211,7 +216,9 @@ class LiveFeed:
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox, cb=partial(self._on_msg, self._generation))
         start = self.position.restart()
+        name = f"{self.name}_{self._generation}"
         config = ConsumerConfig(
+            name=name,
             description=self.description or None,
             deliver_subject=inbox,
             filter_subject=self.filter_subject,
@@ -225,13 +232,8 @@ class LiveFeed:
             num_replicas=1,
             inactive_threshold=INACTIVE_THRESHOLD,
         )
-        try:
-            info = await self.bus.js.add_consumer(self.stream, config=config,
-                                                  timeout=REQUEST_TIMEOUT)
-        except BaseException:
-            await _quietly_unsubscribe(sub)
-            raise
-        self._sub, self._consumer = sub, info.name
+        self._sub, self._consumer = sub, name  # a failed create is deleted by name too
+        await self.bus.js.add_consumer(self.stream, config=config, timeout=REQUEST_TIMEOUT)
         self._last_activity = asyncio.get_running_loop().time()
 
     async def _discard(self) -> None:
