@@ -175,8 +175,11 @@ class HistoryReader:
             while True:
                 request: dict[str, Any] = {"seq": start, "next_by_subj": subject,
                                            "batch": self.batch, "max_bytes": self.max_bytes}
-                await self.nc.publish(DIRECT_GET + self.stream, _encode(request),
-                                      reply=f"{self._inbox}.{token}")
+                try:
+                    await self.nc.publish(DIRECT_GET + self.stream, _encode(request),
+                                          reply=f"{self._inbox}.{token}")
+                except Exception as exc:  # closed, or too much buffered while reconnecting
+                    raise HistoryError(f"direct get not sent: {exc!r}") from exc
                 batch: list[Stored] = []
                 more: int | None = None
                 while more is None:
