@@ -15,12 +15,13 @@ the reference with examples is ``docs/http.md``):
 * ``POST|GET|DELETE /v1/conversations/{conversation}/callback``: a conversation's
   callback URL (see :mod:`commhub.channels.http.callbacks`).
 
-Concurrency and failure: every request is its own task; reads use their own ordered
-consumer (:meth:`ChannelContext.outbound`), so readers never wait for each other. A
-client that goes away ends its request's consumer. A bus failure while storing a
-message is 503 ``unavailable`` (nothing was stored, or it was and a retry with the same
-id is harmless). When the channel stops, long polls answer with what they have and
-event streams end (an ``EventSource`` reconnects with ``Last-Event-ID`` by itself).
+Concurrency and failure: every request is its own task; reads go through
+:meth:`ChannelContext.outbound` (history by direct get, live messages from the channel's
+one live consumer), so readers never wait for each other and hold no bus consumer. A
+bus failure while storing a message is 503 ``unavailable`` (nothing was stored, or it
+was and a retry with the same id is harmless). When the channel stops, long polls
+answer with what they have and event streams end (an ``EventSource`` reconnects with
+``Last-Event-ID`` by itself).
 """
 
 from __future__ import annotations
