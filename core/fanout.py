@@ -117,6 +117,7 @@ class OutboundFanout:
 
     @property
     def reader_count(self) -> int:
+        """Readers registered now (reading history or following live messages)."""
         return sum(len(readers) for readers in self._readers.values())
 
     async def follow(self, conversation: str, after: int | None = None
