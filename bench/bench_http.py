@@ -10,7 +10,7 @@ body and answers 202. The same aiohttp client then POSTs ``--messages`` messages
 * **post**: ``POST /v1/conversations/{c}/messages``, each answered once JetStream stored
   it (one durable publish per request), over 100 conversations;
 * **read**: the same number of outbound messages read back with ``GET ...?after=`` in
-  pages of 1,000 (one ordered consumer per page).
+  pages of 1,000 (one batched direct-get read per page).
 
 The baseline measures what aiohttp itself costs on this machine, so the ratio says what
 the channel (validation, auth, the JetStream round trip) adds. Bounded: the given count,

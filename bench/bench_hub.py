@@ -9,6 +9,8 @@ through a workflow. A
 turn is one user message and the bot's first reply to it; its latency is measured at
 the client. The baseline is a nats-py request/reply echo with the same concurrency
 against the same nats-server, so the ratio says what the hub costs on top of the bus.
+On Linux it also prints the commhub processes' CPU time per turn, which moves less than
+the rates when the machine runs other work.
 Bounded: N x turns messages, a 300 s cap, loopback only; it stops the hub at the end.
 """
 
@@ -134,11 +136,25 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def cpu_seconds(pids: list[int]) -> float | None:
+    """User plus system CPU seconds the processes used so far (None off Linux)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 @contextlib.asynccontextmanager
-async def running_hub(data_dir: Path, split: bool) -> AsyncIterator[tuple[int, str]]:
+async def running_hub(data_dir: Path, split: bool, pids: list[int] | None = None
+                      ) -> AsyncIterator[tuple[int, str]]:
     """Yield (WebSocket port, NATS URL) of a hub: one `commhub up` process, or with
     ``split`` an embedded nats-server and one process per role (channels, router,
-    recorder), the scale-out layout on one machine."""
+    recorder), the scale-out layout on one machine. ``pids`` gets the commhub
+    processes' ids."""
     # The per-connection rate limit protects a hub from one client; a bench client
     # sends as fast as the hub answers, so it gets a limit it cannot reach.
     config = data_dir / "bench.toml"
@@ -152,6 +168,8 @@ async def running_hub(data_dir: Path, split: bool) -> AsyncIterator[tuple[int, s
     try:
         if not split:
             processes.append(start_hub({**env, "COMMHUB_DATA_DIR": str(data_dir)}))
+            if pids is not None:
+                pids.append(processes[0].pid)
             info = await wait_for_hub(data_dir, processes[0])
             credentials = read_credentials(data_dir)  # the hub's embedded server wants them
             assert credentials is not None
@@ -165,6 +183,8 @@ async def running_hub(data_dir: Path, split: bool) -> AsyncIterator[tuple[int, s
                                         "COMMHUB_WS_PORT": str(port),
                                         "COMMHUB_DATA_DIR": str(data_dir / role)},
                                        "--role", role))
+        if pids is not None:
+            pids.extend(process.pid for process in processes)
         await wait_for_port(port, processes)
         yield port, url
     finally:
@@ -198,10 +218,13 @@ async def main() -> None:
     parser.add_argument("--split", action="store_true",
                         help="run channels, router and recorder as separate processes")
     args = parser.parse_args()
+    pids: list[int] = []
     with tempfile.TemporaryDirectory(prefix="commhub-bench-") as tmp:
-        async with running_hub(Path(tmp), args.split) as (port, url):
+        async with running_hub(Path(tmp), args.split, pids) as (port, url):
             await hub_load(port, 5, 4)  # warm up: classifier, consumers, connections
+            cpu_before = cpu_seconds(pids)
             rate, latencies = await hub_load(port, args.conversations, args.turns)
+            cpu_after = cpu_seconds(pids)
             echo_rate, echo_latencies = await echo_load(url, args.conversations, args.turns)
     layout = "one process per role" if args.split else "one hub process"
     print(f"{args.conversations} concurrent conversations x {args.turns} turns "
@@ -209,6 +232,10 @@ async def main() -> None:
     report("hub turns (WebSocket)", rate, latencies)
     report("baseline: NATS req/reply", echo_rate, echo_latencies)
     print(f"ratio hub/baseline: {rate / echo_rate:.3f} of the echo rate")
+    if cpu_before is not None and cpu_after is not None:
+        # Steadier than the rates on a machine that runs other work meanwhile.
+        print(f"commhub CPU per turn: {(cpu_after - cpu_before) * 1000 / len(latencies):.2f} ms "
+              "(user + system, nats-server not included)")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from commhub.core.aio import cancel_and_wait
+from commhub.core.aio import cancel_and_join
 from commhub.core.channel import OutboundItem
 from commhub.core.envelope import Message
 
@@ -58,17 +58,25 @@ class SendQueue:
         * ``send`` or ``items`` raises: that exception propagates.
         * Cancelled: both tasks are cancelled; ``items`` sees ``CancelledError`` at its
           await (an async generator's ``finally`` runs). Closing ``items`` itself stays
-          with the caller, which created it.
+          with the caller, which created it: when this returns or raises, even after
+          repeated cancels, the filler has ended, so closing ``items`` is safe.
         """
         filler = asyncio.create_task(self._fill(items), name="sendqueue-fill")
         sender = asyncio.create_task(self._send(send), name="sendqueue-send")
         try:
             done, _ = await asyncio.wait({filler, sender}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            await cancel_and_wait(filler, sender)
+            # Not cut short by a second cancel (the WebSocket handler re-cancels): the
+            # caller closes ``items`` next, which must not run while the filler is in it.
+            await cancel_and_join(filler, sender)
         for task in (filler, sender):  # the filler's SlowConsumer wins over a send error
             if task in done and not task.cancelled() and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
+                exc = task.exception()
+                if isinstance(exc, SlowConsumer):
+                    # The sender may have written more frames after the filler gave up,
+                    # before it was cancelled: the client resumes after the last of them.
+                    exc.last_cursor = self.last_cursor
+                raise exc  # type: ignore[misc]
 
     async def _fill(self, items: AsyncIterator[OutboundItem]) -> None:
         async for item in items:

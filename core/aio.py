@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-__all__ = ["cancel_and_wait"]
+__all__ = ["cancel_and_join", "cancel_and_wait"]
 
 
 async def cancel_and_wait(*tasks: asyncio.Task[Any], recancel_every: float = 0.5) -> None:
@@ -25,3 +25,23 @@ async def cancel_and_wait(*tasks: asyncio.Task[Any], recancel_every: float = 0.5
     for task in tasks:
         if not task.cancelled():
             task.exception()  # mark as retrieved
+
+
+async def cancel_and_join(*tasks: asyncio.Task[Any], recancel_every: float = 0.5) -> None:
+    """:func:`cancel_and_wait`, but the wait is not cut short if the caller is cancelled.
+
+    For cleanup that must finish before the next step: a task reading an async
+    generator must have ended before the generator is closed, or ``aclose()`` fails
+    with "asynchronous generator is already running". A cancellation of the caller
+    that arrives meanwhile is held, then raised (``CancelledError``) once the tasks
+    have ended.
+    """
+    waiter = asyncio.ensure_future(cancel_and_wait(*tasks, recancel_every=recancel_every))
+    cancelled = False
+    while not waiter.done():
+        try:
+            await asyncio.shield(waiter)
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError

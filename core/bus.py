@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import nats
@@ -55,6 +55,7 @@ class Bus:
         self.subjects = subjects
         self.replicas = replicas
         self._kv: KeyValue | None = None
+        self._reconnect_listeners: list[Callable[[], None]] = []
 
     @classmethod
     async def connect(
@@ -66,15 +67,42 @@ class Bus:
             # A JetStream permission denial only shows up here; the publish just times out.
             log.warning("nats error: %s", exc)
 
+        listeners: list[Callable[[], None]] = []
+
+        async def reconnected_cb() -> None:
+            for listener in list(listeners):
+                try:
+                    listener()
+                except Exception:
+                    log.exception("reconnect listener failed")
+
         nc = await nats.connect(
             servers=url.split(","),
             name=name,
             error_cb=error_cb,
+            reconnected_cb=reconnected_cb,
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
             connect_timeout=5,
         )
-        return cls(nc, subjects, replicas)
+        bus = cls(nc, subjects, replicas)
+        bus._reconnect_listeners = listeners
+        return bus
+
+    def on_reconnect(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener()`` (on the event loop, must not block) after each reconnect.
+
+        For parts that hold server-side state a restarted server may have lost (an
+        ephemeral consumer). Returns a function that removes the listener. A Bus built
+        directly on a client (not with :meth:`connect`) never calls it.
+        """
+        self._reconnect_listeners.append(listener)
+
+        def remove() -> None:
+            if listener in self._reconnect_listeners:
+                self._reconnect_listeners.remove(listener)
+
+        return remove
 
     # -- setup ----------------------------------------------------------------------
     async def ensure_streams(self) -> None:
@@ -90,6 +118,9 @@ class Bus:
                 discard=DiscardPolicy.OLD,
                 duplicate_window=DUPLICATE_WINDOW_SECONDS,
                 num_replicas=self.replicas,
+                # Channels read a conversation's history with direct gets (no consumer
+                # per reader: nats-server allows only so many consumers per stream).
+                allow_direct=True,
             ),
             StreamConfig(
                 name=s.events_stream,

@@ -10,7 +10,8 @@ A channel carries people's messages between a chat network and the bus. It imple
 * ``ctx.outbound(conversation, after=cursor)``: every outbound message of one
   conversation on this channel after a cursor, in order, then live ones. The cursor is
   the message's stream sequence: a client that reconnects with the last cursor it saw
-  misses nothing and sees nothing twice.
+  misses nothing and sees nothing twice. One live consumer per channel and process
+  serves every reader (:mod:`commhub.core.fanout`), so readers cost no server state.
 * ``await ctx.deliver_outbound(handler, ...)``: every outbound message on this channel,
   consumed durably (a :class:`~commhub.core.delivery.DeliveryLoop`): ``handler`` is
   called per message, one conversation's messages in order, and the message is acked
@@ -36,8 +37,6 @@ Writing a new channel is one class; see ``examples/commhub-channel-lines`` and
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -63,6 +62,7 @@ from commhub.core.envelope import (
     invalid_id,
     new_id,
 )
+from commhub.core.fanout import OutboundFanout
 from commhub.core.owners import OwnerBook, client_of
 from commhub.core.retry import Permanent
 from commhub.core.routing.store import StateStore
@@ -138,6 +138,7 @@ class ChannelContext:
         self.tokens = settings.token_authority()
         self._web = web
         self._states = StateStore(bus, cache_size=0)
+        self._fanout: OutboundFanout | None = None
 
     @property
     def web(self) -> WebServer:
@@ -253,45 +254,36 @@ class ChannelContext:
             msg.subject, msg.data, reason, f"channel:{self.channel}", record_id=record_id
         )
 
-    async def outbound(
+    def outbound(
         self, conversation: str, after: int | None = None
     ) -> AsyncIterator[OutboundItem]:
         """Yield ``(cursor, message)`` for each outbound message of ``conversation``.
 
         Starts after stream sequence ``after`` (all history when None), in stream order,
-        then follows live messages until the consumer of the iterator stops. Backed by a
-        JetStream ordered consumer: a gap or a server restart resets it from the last
-        sequence seen, so nothing is skipped or repeated. Cancelling the iteration is
-        safe; the ephemeral consumer is deleted (or expires on its own).
+        each message once, then follows live messages until the consumer of the iterator
+        stops (or :meth:`close`). History is read from the stream with direct gets; live
+        messages come from the channel's one live consumer in this process, which
+        re-creates itself from the last sequence it saw after a reconnect or a gap, so
+        nothing is skipped or repeated. Several readers of one conversation each get
+        every message (they may share the Message object: do not modify it).
 
-        An outbound record that is not a Message, or may not travel on its subject
-        (:func:`~commhub.core.envelope.record_problem`: another conversation, direction
-        ``in``, a short id, ...), is reported on ``evt.invalid`` and skipped.
+        Cancelling or closing the iteration is safe at any point and costs no server
+        request. An undecodable or invalid outbound record is reported on
+        ``evt.invalid`` and skipped. Raises if the bus is unavailable when it starts or
+        while it reads the history; the caller resumes from its last cursor.
         """
-        subject = self.subjects.outbound(self.channel, conversation)
-        start = (after or 0) + 1
-        sub = await self.bus.js.subscribe(
-            subject,
-            stream=self.subjects.messages_stream,
-            ordered_consumer=True,
-            config=ConsumerConfig(
-                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
-            ),
-            inactive_threshold=300,
-        )
-        try:
-            while True:
-                msg = await sub.next_msg(timeout=None)
-                seq = int(msg.metadata.sequence.stream)
-                try:
-                    message = decode_message(msg.subject, msg.data)  # the bus contract
-                except EnvelopeError as exc:
-                    await self.report_refused(msg, str(exc))
-                    continue
-                yield seq, message
-        finally:
-            with contextlib.suppress(Exception):  # the connection may be closing
-                await asyncio.shield(sub.unsubscribe())
+        if self._fanout is None:
+            self._fanout = OutboundFanout(self.bus, self.channel)
+        return self._fanout.follow(conversation, after)
+
+    async def close(self) -> None:
+        """End every outbound iteration and remove the channel's live consumer.
+
+        The hub calls it after the channel's ``stop()``. Safe to call twice.
+        """
+        fanout, self._fanout = self._fanout, None
+        if fanout is not None:
+            await fanout.close()
 
     _owners: OwnerBook | None = None  # bound on first claim
 

@@ -302,6 +302,7 @@ class Hub:
         """Stop in reverse order; safe after a partial start and safe to call twice."""
         for name, channel in list(self.channels.items()):
             await _quietly(channel.stop, f"channel {name}")
+            await _quietly(channel.ctx.close, f"channel {name} outbound")
         self.channels.clear()
         if self.web is not None:
             await _quietly(self.web.stop, "http server")

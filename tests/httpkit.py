@@ -40,6 +40,7 @@ async def http_channel(
         yield channel
     finally:
         await channel.stop()
+        await channel.ctx.close()
         await web.stop()
 
 

@@ -1,4 +1,5 @@
-"""The WebSocket acceptance: a client away for the middle of a conversation misses nothing.
+"""The WebSocket acceptance: a client away for the middle of a conversation misses nothing,
+and a client that stays connected while the nats-server restarts keeps chatting.
 
 While the client is disconnected, the workflow goes on answering (the same conversation
 is driven from a second tab) and the hub is killed and restarted. The client reconnects
@@ -8,9 +9,19 @@ live replies.
 
 from __future__ import annotations
 
+import asyncio
+import json
+import uuid
+from pathlib import Path
+
 import pytest
 from hubproc import HubProcess
+from inproc import ws_port
 from wschat import Chat
+
+from commhub.core.config import Settings
+from commhub.core.hub import Hub
+from commhub.core.natsserver import EmbeddedNats
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -53,3 +64,44 @@ async def test_reconnect_after_absence_and_restart_gets_every_reply_once_in_orde
     assert cursors == sorted(set(cursors)) and cursors[0] > left_at
     await back.close()
     assert hub_process.terminate() == 0
+
+
+async def test_an_open_connection_gets_its_reply_after_a_nats_restart(tmp_path: Path) -> None:
+    """The nats-server restarts under a connected client: the message the client sends
+    next is answered on the same connection, without reconnecting (the channel's live
+    consumer re-creates itself when the bus reconnects), and nothing comes twice."""
+    server = EmbeddedNats(tmp_path / "nats", port=0)
+    url = await server.start()
+    port = int(url.rsplit(":", 1)[1])
+    hub = Hub(Settings(data_dir=tmp_path / "data", nats_url=url, prefix="restart",
+                       ws_port=0, http_port=0))
+    try:
+        await hub.start()
+        chat = await Chat.open(ws_port(hub), "restart1", user="ann")
+        await chat.say("I'd like to book a table")
+        server.stop()
+        server = EmbeddedNats(tmp_path / "nats", port=port)
+        await server.start()
+        # The client re-sends with the same id until the hub acks it, as documented for
+        # an "unavailable" error frame.
+        message_id = uuid.uuid4().hex
+        async with asyncio.timeout(60):
+            while True:
+                await chat.ws.send(json.dumps({"type": "message", "id": message_id,
+                                               "text": "4"}))
+                frame = json.loads(await chat.ws.recv())
+                while frame["type"] == "message":  # (none expected; kept if any)
+                    chat.messages.append(frame)
+                    frame = json.loads(await chat.ws.recv())
+                if frame["type"] == "ack":
+                    break
+                assert frame["type"] == "error" and frame["code"] == "unavailable", frame
+                await asyncio.sleep(0.2)
+        answer = (await chat.replies_to(message_id, timeout=60))[0]
+        assert answer["text"].startswith("Which day")
+        cursors = [m["cursor"] for m in chat.messages]
+        assert cursors == sorted(set(cursors))
+        await chat.close()
+    finally:
+        await hub.stop()
+        server.stop()

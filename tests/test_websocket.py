@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from typing import Any
 from urllib.parse import urlencode
 
@@ -31,7 +33,15 @@ from commhub.core.aio import cancel_and_wait
 from commhub.core.bus import Bus
 from commhub.core.channel import ChannelContext
 from commhub.core.config import Settings
-from commhub.core.envelope import ChannelEvent, Message, Sender, decode_as, new_id
+from commhub.core.envelope import (
+    ChannelEvent,
+    InvalidRecord,
+    Message,
+    Sender,
+    decode_as,
+    new_id,
+)
+from commhub.core.hub import Hub
 from commhub.core.tokens import Identity, TokenAuthority, mint
 
 ID1 = "5f0c7e1e-2b1d-4c55-9a43-0d8f6b1f9b21"  # client ids must look unique (a UUID)
@@ -60,6 +70,7 @@ async def start_channel(bus: Bus, settings: Settings) -> AsyncIterator[Factory]:
     yield start
     for channel in started:
         await channel.stop()
+        await channel.ctx.close()
 
 
 def url(channel: WebSocketChannel, path: str = "/ws", **params: Any) -> str:
@@ -371,6 +382,59 @@ async def test_slow_consumer_is_closed_with_1013_and_resumes(
     await errors.unsubscribe()
 
 
+async def test_a_bad_outbound_record_is_skipped_and_the_conversation_goes_on(
+    start_channel: Factory, bus: Bus
+) -> None:
+    """An outbound record that cannot be decoded (here: nested too deeply) is skipped
+    and reported; clients connecting before and after it get every good message, and
+    reconnecting with a cursor keeps working."""
+    channel = await start_channel()
+    first = await reply(bus, "c1", "before")
+    deep = b'{"id":"x","conversation":"c1","channel":"websocket","direction":"out",' \
+        b'"sender":{"id":"b"},"payload":{"a":' + b"[" * 5000 + b"]" * 5000 + b"}}"
+    async with await open_ws(url(channel, conversation="c1")) as live:
+        assert (await recv(live))["id"] == first.id
+        await bus.js.publish(bus.subjects.outbound("websocket", "c1"), deep)
+        second = await reply(bus, "c1", "after")
+        assert (await recv(live))["id"] == second.id
+        cursor = None
+        async with await open_ws(url(channel, conversation="c1")) as history:
+            got = [await recv(history), await recv(history)]
+            cursor = got[0]["cursor"]
+        assert [f["id"] for f in got] == [first.id, second.id]
+        async with await open_ws(url(channel, conversation="c1", after=cursor)) as resumed:
+            assert (await recv(resumed))["id"] == second.id
+            await send(resumed, {"type": "ping"})
+            assert await recv(resumed) == {"type": "pong"}
+    sub = await bus.js.subscribe(bus.subjects.invalid, ordered_consumer=True)
+    report = decode_as((await sub.next_msg(timeout=WAIT)).data, InvalidRecord)
+    await sub.unsubscribe()
+    assert report.source == "channel:websocket" and "deeply" in report.reason
+
+
+async def test_clients_that_close_at_once_log_no_errors(
+    hub: Hub, caplog: pytest.LogCaptureFixture
+) -> None:
+    """300 clients that connect and close straight away (before, during or after their
+    outbound stream starts) end without an ERROR record."""
+    caplog.set_level(logging.WARNING)
+    channel = hub.channels["websocket"]
+    assert isinstance(channel, WebSocketChannel)
+
+    async def hit_and_run(i: int) -> None:
+        ws = await connect(url(channel, conversation=f"c{i % 7}"))
+        if i % 2:
+            await ws.recv()  # the "connected" frame: its outbound stream is starting
+        await ws.close()
+
+    await asyncio.gather(*(hit_and_run(i) for i in range(300)))
+    async with asyncio.timeout(WAIT * 6):
+        while channel.connection_count:
+            await asyncio.sleep(0.05)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors[:3]]
+
+
 # -- admission --------------------------------------------------------------------------
 @pytest.fixture
 def token_settings(settings: Settings) -> Settings:
@@ -588,6 +652,43 @@ async def test_sendqueue_cancel_stops_both_sides() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert closed.is_set()
+
+
+async def test_sendqueue_cleanup_is_not_cut_short_by_a_second_cancel() -> None:
+    """run() returns only after its reader of the items has ended, even when the caller
+    is cancelled again meanwhile (the connection handler re-cancels): closing the items
+    next never finds them still running ("aclose(): asynchronous generator is already
+    running", the close race of clients that leave at once)."""
+    busy = asyncio.Event()
+    release = asyncio.Event()
+
+    async def items() -> AsyncIterator[tuple[int, Message]]:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:  # nats-py's wait_for race: the cancel is swallowed
+            busy.set()
+            await release.wait()
+            raise
+        yield 0, Message(id="x", conversation="c", channel="w", direction="out",
+                         sender=Sender(id="bot"))
+
+    async def send(cursor: int, message: Message) -> None:
+        raise AssertionError("nothing to send")
+
+    async def outbound() -> None:
+        iterator = items()
+        async with aclosing(iterator):
+            await SendQueue(4).run(iterator, send)
+
+    task = asyncio.create_task(outbound())
+    await asyncio.sleep(0.01)
+    task.cancel()
+    await asyncio.wait_for(busy.wait(), WAIT)
+    task.cancel()  # again, while the reader is still inside the generator
+    await asyncio.sleep(0.01)
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, WAIT)
 
 
 async def test_cancel_and_wait_recancels_a_task_that_swallowed_the_cancel() -> None:

@@ -19,12 +19,13 @@ Every endpoint lets a request into its conversation through
 :meth:`HttpChannel.enter` (``ctx.claim_conversation``) before it stores, reads or
 registers anything: another user's conversation is 403 ``forbidden``.
 
-Concurrency and failure: every request is its own task; reads use their own ordered
-consumer (:meth:`ChannelContext.outbound`), so readers never wait for each other. A
-client that goes away ends its request's consumer. A bus failure while storing a
-message is 503 ``unavailable`` (nothing was stored, or it was and a retry with the same
-id is harmless). When the channel stops, long polls answer with what they have and
-event streams end (an ``EventSource`` reconnects with ``Last-Event-ID`` by itself).
+Concurrency and failure: every request is its own task; reads go through
+:meth:`ChannelContext.outbound` (history by direct get, live messages from the channel's
+one live consumer), so readers never wait for each other and hold no bus consumer. A
+bus failure while storing a message is 503 ``unavailable`` (nothing was stored, or it
+was and a retry with the same id is harmless). When the channel stops, long polls
+answer with what they have and event streams end (an ``EventSource`` reconnects with
+``Last-Event-ID`` by itself).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from commhub.channels.http.request import (
     text_and_payload,
 )
 from commhub.channels.sendqueue import SendQueue, SlowConsumer
-from commhub.core.aio import cancel_and_wait
+from commhub.core.aio import cancel_and_join, cancel_and_wait
 from commhub.core.channel import OutboundItem
 from commhub.core.envelope import Message, Sender, derived_id, new_id
 from commhub.core.tokens import Identity
@@ -257,8 +258,8 @@ async def next_item(
     try:
         await asyncio.wait({read, stop}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        if not read.done():
-            await cancel_and_wait(read)
+        if not read.done():  # ended before the caller closes ``items``, even if cancelled
+            await cancel_and_join(read)
         await cancel_and_wait(stop)
     if read.cancelled():
         return None

@@ -14,14 +14,14 @@ so it adds routes in :meth:`HttpChannel.start` and owns no socket. The protocol 
   retried, durable across restarts;
 * :mod:`~commhub.channels.http.request`: auth, validation and the JSON error shape.
 
-Concurrency and failure: each request runs in its own task and holds its own bus
-consumer, if any; nothing a request does blocks another. A refused request (bad token,
-another user's conversation, bad input, a body over ``max_body_bytes``) is a JSON error
-and a ChannelEvent (``rejected`` for tokens and owners, ``error`` otherwise); an
-exception in a handler is a 500 from the hub's server, never a crash. ``stop()``
-answers long polls and Rasa turns in flight with what they have, ends event streams,
-and stops the callback deliverer (a delivery still
-unfinished is handed back unacked, so it is retried after the restart).
+Concurrency and failure: each request runs in its own task; reads share the channel's
+one live consumer (:meth:`ChannelContext.outbound`); nothing a request does blocks
+another. A refused request (bad token, another user's conversation, bad input, a body
+over ``max_body_bytes``) is a JSON error and a ChannelEvent (``rejected`` for tokens and
+owners, ``error`` otherwise); an exception in a handler is a 500 from the hub's server,
+never a crash. ``stop()`` answers long polls and Rasa turns in flight with what they
+have, ends event streams, and stops the callback deliverer (a delivery still unfinished
+is handed back unacked, so it is retried after the restart).
 """
 
 from __future__ import annotations

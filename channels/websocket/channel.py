@@ -13,8 +13,9 @@ A client connects to ``ws://HOST:PORT/ws?conversation=ID&user=ID&token=T&after=C
 Concurrency and failure:
 
 * **Cancel / disconnect.** When the client goes away the reader ends; the outbound task
-  is cancelled and awaited, which unsubscribes its bus consumer. A "closed" ChannelEvent
-  records the close code. Nothing that was acked is lost: acks follow the JetStream ack.
+  is cancelled and awaited, which unregisters it from the channel's live feed (no bus
+  consumer is per connection). A "closed" ChannelEvent records the close code. Nothing
+  that was acked is lost: acks follow the JetStream ack.
 * **Full queue.** A client that reads slower than its conversation produces fills its
   queue (``max_queue``); that connection alone is closed with 1013 and a reason naming
   the cursor to resume from. No message is dropped: the bus still has it.

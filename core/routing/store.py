@@ -130,9 +130,12 @@ class StateWatch(Generic[T]):
     itself); :meth:`stop` ends it. Iterate it from one task.
     """
 
-    def __init__(self, watcher: Any, decode: Callable[[bytes], T]) -> None:
+    def __init__(
+        self, watcher: Any, decode: Callable[[bytes], T], bus: Bus | None = None
+    ) -> None:
         self._watcher = watcher
         self._decode = decode
+        self._bus = bus
 
     def __aiter__(self) -> StateWatch[T]:
         return self
@@ -150,9 +153,22 @@ class StateWatch(Generic[T]):
             return entry.key, None
 
     async def stop(self) -> None:
-        """Stop watching; safe to call twice and while the connection closes."""
+        """Stop watching and delete the watch's consumer; safe to call twice and while
+        the connection closes.
+
+        Stopping only unsubscribes: the ordered consumer would stay on the server for its
+        inactive threshold (5 minutes), and nats-server refuses new consumers on a stream
+        past its limit (about 1,000), which a busy Rasa endpoint (a watch per turn)
+        reached in minutes. nats-py keeps the consumer's name only on the watcher's
+        subscription, hence the private attribute.
+        """
         with contextlib.suppress(Exception):
             await self._watcher.stop()
+        consumer = getattr(getattr(self._watcher, "_sub", None), "_consumer", None)
+        if self._bus is not None and isinstance(consumer, str):
+            stream = f"KV_{self._bus.subjects.state_bucket}"
+            with contextlib.suppress(Exception):  # gone already, or expires by itself
+                await self._bus.js.delete_consumer(stream, consumer)
 
 
 class StateStore:
@@ -230,7 +246,7 @@ class StateStore:
         """Watch one conversation's stored state: its current value (if any), then
         every write. See :class:`StateWatch`; stop it when done."""
         kv = await self.bus.state_bucket()
-        return StateWatch(await kv.watch(conversation), _decode_stored)
+        return StateWatch(await kv.watch(conversation), _decode_stored, self.bus)
 
     async def watch_all(self, view: type[T]) -> StateWatch[T]:
         """Watch every conversation's state, decoded as ``view`` (see
