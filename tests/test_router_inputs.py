@@ -14,7 +14,7 @@ S = Subjects("commhub")
 
 
 def message(conversation: str = "c1", direction: str = "in") -> bytes:
-    return encode(Message(id="m1", conversation=conversation, channel="websocket",
+    return encode(Message(id="m1-0123456789abcdef", conversation=conversation, channel="websocket",
                           direction=direction, sender=Sender(id="ann"),  # type: ignore[arg-type]
                           text="hi"))
 
@@ -22,7 +22,7 @@ def message(conversation: str = "c1", direction: str = "in") -> bytes:
 def test_inputs_on_their_subjects_are_accepted() -> None:
     record = decode_input(S, "commhub.in.websocket.c1", message())
     assert isinstance(record, Message) and record.conversation == "c1"
-    data = b'{"id": "w1", "conversation": "c1", "event": "paid"}'  # no "type": the subject says
+    data = b'{"id": "w1-0123456789abcdef", "conversation": "c1", "event": "paid"}'  # no "type": the subject says
     assert isinstance(decode_input(S, "commhub.wf.c1", data), WorkflowInput)
 
 
@@ -34,7 +34,7 @@ def test_inputs_on_their_subjects_are_accepted() -> None:
     ("commhub.wf.c1.extra", b"{}", "not an input subject"),
     ("other.in.websocket.c1", message(), "not an input subject"),
     ("commhub.in.websocket.c1", b"{not json", "not a valid message record"),
-    ("commhub.in.websocket.c1", message(direction="out"), "carries an outbound message"),
+    ("commhub.in.websocket.c1", message(direction="out"), "direction 'out' on an 'in' subject"),
     ("commhub.in.websocket.c2", message("c1"), "'c1' does not match the subject"),
     ("commhub.wf.c1", b'{"type": "message"}', "not a valid workflow_input record"),
 ])
