@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     recorder_flush_seconds: float = Field(0.2, gt=0)
     sql_timeout_seconds: float = Field(10.0, gt=0)
     sql_max_rows: int = Field(10_000, ge=1)
+    sql_max_result_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="Most bytes of values one SQL result holds."
+    )
     sql_snapshot_seconds: float = Field(
         1.0, ge=0, description="Live SQL reads a snapshot of the records at most this old."
     )
