@@ -112,7 +112,9 @@ class Settings(BaseSettings):
         1.0, ge=0, description="Live SQL reads a snapshot of the records at most this old."
     )
     sql_memory_limit: str = Field(
-        "1GB", min_length=1, description="DuckDB memory limit of each SQL snapshot instance."
+        "1GB",
+        pattern=r"(?i)^\s*\d+(\.\d+)?\s*(b|bytes?|[kmgt]i?b)\s*$",
+        description="DuckDB memory limit of each SQL worker (KB/MB/GB/TB or KiB/MiB/GiB/TiB).",
     )
     sql_tokens: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

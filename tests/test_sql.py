@@ -6,6 +6,8 @@ import asyncio
 import csv
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -39,6 +41,7 @@ from commhub.core.records.sqlclient import (
 )
 from commhub.core.records.sqlnames import DENIED, names_in_tokens, refusal, with_dependents
 from commhub.core.records.sqlservice import SqlService
+from commhub.core.records.sqlworkers import HEADROOM, memory_bytes, memory_ceiling
 
 N_MESSAGES = 12
 ENDLESS = "SELECT count(*) FROM range(10000000000000) a, range(1000) b"
@@ -657,3 +660,104 @@ async def test_too_large_reaches_a_bus_client_with_its_code(bus: Bus, recorder: 
             await query_over_bus(bus.nc, bus.subjects, "SELECT repeat('x', 200000)", 10)
     finally:
         await service.stop()
+
+
+# -- worker processes: memory and time bounds that hold -------------------------------
+def _reset_peak_rss() -> int:
+    """Reset the process's peak RSS (VmHWM) to its current RSS, and return it."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _peak_rss_bytes()
+
+
+def _peak_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/self/status")
+
+
+async def test_a_huge_value_cannot_grow_the_hub(service: SqlService) -> None:
+    """SELECT repeat('x', 1000000000), twice at once, fails with a clear out-of-memory
+    error inside the workers' memory ceiling, and the hub process's peak RSS stays put
+    (in the hub it took 3.8 GB); the next query is answered."""
+    await service.query("SELECT 1")  # workers started, snapshot taken
+    before = _reset_peak_rss()
+    huge = "SELECT repeat('x', 1000000000) AS x"
+    outcomes = await asyncio.gather(
+        service.query(huge), service.query(huge), return_exceptions=True
+    )
+    for outcome in outcomes:
+        assert isinstance(outcome, SqlFailed), outcome
+        assert "needs more memory than" in outcome.message
+        assert "\n" not in outcome.message
+    assert _peak_rss_bytes() - before < 256 * 2**20
+    assert (await service.query("SELECT 42")).rows == [[42]]
+
+
+async def test_a_worker_that_stops_answering_is_killed_and_replaced(
+    bus: Bus, recorder: Recorder, tmp_path: Path
+) -> None:
+    """A worker that does not answer by the time limit plus grace (here: stopped, as one
+    stuck planning a huge constant would be) is killed; the query gets timeout, and the
+    next query runs in a new worker."""
+    live = LiveSandbox(recorder, tmp_path / "snapshots", workers=1)
+    live.workers.grace = 0.5
+    service = SqlService(bus, live, timeout=1.0, concurrency=1)
+    await service.start()
+    try:
+        await service.query("SELECT 1")
+        (stuck,) = live.workers.pids()
+        os.kill(stuck, signal.SIGSTOP)
+        with pytest.raises(SqlTimeout, match=r"query exceeded 1 s"):
+            await service.query("SELECT 2")
+        assert (await service.query("SELECT 3")).rows == [[3]]
+        assert stuck not in live.workers.pids()
+        assert not _alive(stuck)
+    finally:
+        await service.stop()
+
+
+async def test_a_worker_that_dies_is_replaced_and_stop_leaves_none(
+    bus: Bus, recorder: Recorder, tmp_path: Path
+) -> None:
+    """A worker killed mid-query fails that query with a message saying so; the next
+    query gets a new worker; stopping the service leaves no worker process."""
+    live = LiveSandbox(recorder, tmp_path / "snapshots", workers=1)
+    service = SqlService(bus, live, timeout=30.0, concurrency=1)
+    await service.start()
+    try:
+        await service.query("SELECT 1")
+        (doomed,) = live.workers.pids()
+        slow = asyncio.create_task(service.query(ENDLESS))
+        await _until(lambda: service.in_flight == 1, "the query never started")
+        os.kill(doomed, signal.SIGKILL)
+        with pytest.raises(SqlFailed, match="was killed by SIGKILL"):
+            await slow
+        assert (await service.query("SELECT 4")).rows == [[4]]
+        (replacement,) = live.workers.pids()
+        assert replacement != doomed
+    finally:
+        await service.stop()
+    assert live.workers.pids() == []
+    assert not _alive(replacement)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def test_memory_sizes_read_as_duckdb_reads_them() -> None:
+    """Memory limits parse with DuckDB's units (KB = 1000, KiB = 1024); the ceiling adds
+    the headroom; anything else is a clear ValueError."""
+    assert memory_bytes("1GB") == 10**9
+    assert memory_bytes(" 512 MiB ") == 512 * 2**20
+    assert memory_bytes("2.5gb") == 2_500_000_000
+    assert memory_ceiling("1GiB") == 2**30 + HEADROOM
+    assert memory_ceiling(None) is None
+    for bad in ("80%", "1000", "lots"):
+        with pytest.raises(ValueError, match="not a memory size"):
+            memory_bytes(bad)

@@ -16,6 +16,10 @@ from filling the disk:
   current one.
 - **Nothing left behind.** :meth:`LiveSandbox.close` deletes every snapshot (and drops
   the leases); creating a LiveSandbox deletes what a crashed hub left in the directory.
+
+Queries run in worker processes (:mod:`.sqlworkers`), which open the snapshot they are
+asked about read-only in a sandboxed instance of their own, under a memory ceiling and a
+hard time limit; the hub process itself never opens a snapshot.
 """
 
 from __future__ import annotations
@@ -38,11 +42,10 @@ from commhub.core.records.sandbox import (
     SqlBadRequest,
     SqlBusy,
     SqlFailed,
-    SqlSandbox,
     check_select,
-    open_sandboxed,
     sandbox_config,
 )
+from commhub.core.records.sqlworkers import SqlWorkers
 
 __all__ = ["LiveSandbox", "SnapshotLease", "SnapshotSource"]
 
@@ -60,8 +63,6 @@ class SnapshotSource(Protocol):
 class _Generation:
     path: Path
     taken: float
-    connection: duckdb.DuckDBPyConnection
-    sandbox: SqlSandbox
     users: int = 0
     retired: bool = False
     stale_timer: asyncio.TimerHandle | None = field(default=None, repr=False)
@@ -82,9 +83,10 @@ class LiveSandbox:
     """User SQL and exports on snapshots of a database that a writer keeps changing.
 
     A query sees every batch the recorder committed up to ``max_age`` seconds before it
-    arrived, and possibly later ones. Each snapshot (``sql-N.duckdb``) is opened with
-    :func:`~.sandbox.open_sandboxed` in an instance of its own. How long files live: see
-    the module doc.
+    arrived, and possibly later ones. Each snapshot is a file ``sql-N.duckdb``; queries
+    on it run in one of ``workers`` worker processes (:class:`~.sqlworkers.SqlWorkers`,
+    with ``memory_limit`` and ``threads`` for their DuckDB instances). How long files
+    live: see the module doc.
 
     Concurrency: every method runs on one event loop; the queries themselves run in
     worker threads. A failed snapshot raises :class:`~.sandbox.SqlFailed` for the
@@ -102,6 +104,7 @@ class LiveSandbox:
         threads: int | None = None,
         max_leases: int = 4,
         lease_seconds: float = 600.0,
+        workers: int = 4,
     ) -> None:
         self.source = source
         self.directory = Path(directory)
@@ -110,6 +113,7 @@ class LiveSandbox:
         self.threads = threads
         self.max_leases = max_leases
         self.lease_seconds = lease_seconds
+        self.workers = SqlWorkers(workers, memory_limit=memory_limit, threads=threads)
         self._current: _Generation | None = None
         self._leases: dict[str, SnapshotLease] = {}
         self._leasing = 0  # leases waiting for their snapshot: they count against the cap
@@ -141,7 +145,9 @@ class LiveSandbox:
         check_select(self._parser, sql)
         generation = await self._acquire()
         try:
-            return await generation.sandbox.aquery(sql, max_rows, timeout, executor, max_bytes)
+            return await self.workers.run(
+                str(generation.path), sql, max_rows, timeout, max_bytes, executor
+            )
         finally:
             self._release(generation)
 
@@ -180,7 +186,8 @@ class LiveSandbox:
         return True
 
     async def close(self) -> None:
-        """Drop the leases and delete every snapshot (after the queries using one finish)."""
+        """Drop the leases, delete every snapshot (after the queries using one finish) and
+        stop the worker processes."""
         self._closed = True
         for lease_id in list(self._leases):
             self.release(lease_id)
@@ -188,6 +195,7 @@ class LiveSandbox:
             if self._current is not None:
                 self._retire(self._current)
                 self._current = None
+        await self.workers.close()
         self._parser.close()
 
     async def _acquire(self) -> _Generation:
@@ -206,13 +214,10 @@ class LiveSandbox:
         taken = time.monotonic()  # the data is at least this fresh
         try:
             await self.source.snapshot(path)
-            connection = await asyncio.to_thread(
-                open_sandboxed, path, self.memory_limit, self.threads
-            )
         except Exception as exc:
             _remove_database(path)
             raise SqlFailed(f"could not snapshot the database: {exc}") from None
-        generation = _Generation(path, taken, connection, SqlSandbox(connection))
+        generation = _Generation(path, taken)
         if self._current is not None:
             self._retire(self._current)
         self._current = generation
@@ -248,10 +253,10 @@ class LiveSandbox:
 
     @staticmethod
     def _dispose(generation: _Generation) -> None:
+        # A worker may still hold the file open: its space goes when the worker moves on
+        # to a newer snapshot or sits idle (SqlWorkers' idle_seconds).
         if generation.stale_timer is not None:
             generation.stale_timer.cancel()
-        with contextlib.suppress(duckdb.Error):
-            generation.connection.close()
         _remove_database(generation.path)
 
 
