@@ -649,7 +649,7 @@ def test_the_byte_limit_truncates_and_refuses_a_first_row_over_it(sandbox: SqlSa
         assert "sql_max_result_bytes" in err.value.message
 
 
-async def test_too_large_reaches_a_bus_client_with_its_code(bus: Bus, recorder: Recorder,
+async def test_result_too_large_reaches_a_bus_client_with_its_code(bus: Bus, recorder: Recorder,
                                                              tmp_path: Path) -> None:
     """The service applies its max_bytes, and the client raises SqlTooLarge for it."""
     live = LiveSandbox(recorder, tmp_path / "snapshots")

@@ -26,7 +26,7 @@ records hold every user's conversations, which a chat client must not read.
 
 Errors are JSON ``{"error": {"code", "message"}}``: 401 ``unauthorized`` (missing or
 wrong token), 403 ``forbidden`` (SQL over HTTP not enabled), 400 with the SQL service's
-code (``refused``, ``too_large``, ``bad_request``, ``failed``) and its message, 504
+code (``refused``, ``result_too_large``, ``bad_request``, ``failed``) and its message, 504
 ``timeout`` (the query hit its time limit, or no reply came in time), 429
 ``rate_limited`` and 503 ``busy`` (the SQL service's limits), 503 ``unavailable`` (no
 process answers SQL on the bus, or the bus is down).
@@ -84,7 +84,7 @@ _PAGE_HEADERS: Final = {
 _SQL_STATUS: Final = {
     "bad_request": 400,
     "refused": 400,
-    "too_large": 400,
+    "result_too_large": 400,
     "failed": 400,
     "timeout": 504,
     "busy": 503,

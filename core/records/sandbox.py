@@ -22,10 +22,10 @@ snapshots (:class:`~.snapshots.LiveSandbox`), or with no hub running the file it
 4. At most ``max_rows`` rows and ``max_bytes`` bytes of values come back; ``truncated``
    says whether rows were left out. Rows are read in small Arrow batches, each measured
    before it becomes Python values; a first row over ``max_bytes`` is refused
-   (``too_large``).
+   (``result_too_large``).
 
 Errors are :class:`SqlError` subclasses whose ``code`` is the bus API's error code:
-``refused``, ``timeout``, ``too_large``, ``bad_request``, ``failed`` (and, from the
+``refused``, ``timeout``, ``result_too_large``, ``bad_request``, ``failed`` (and, from the
 service, ``busy`` and ``rate_limited``). Values in results are plain JSON values
 (timestamps and dates as ISO strings, decimals as numbers, blobs as base64, NaN and
 infinities as null; JSON columns stay JSON text).
@@ -113,7 +113,7 @@ class SqlTimeout(SqlError):
 class SqlTooLarge(SqlError):
     """Not even the first row, or one value, fits the result's byte limit."""
 
-    code = "too_large"
+    code = "result_too_large"
 
 
 class SqlBadRequest(SqlError):
