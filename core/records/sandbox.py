@@ -30,8 +30,8 @@ service, ``busy`` and ``rate_limited``). Values in results are plain JSON values
 (timestamps and dates as ISO strings, decimals as numbers, blobs as base64, NaN and
 infinities as null; JSON columns stay JSON text).
 
-Concurrency: :meth:`SqlSandbox.query` blocks; call it from a worker thread (the
-service does, one thread per query in flight, at most ``concurrency``).
+Concurrency: :meth:`SqlSandbox.query` blocks; call it from a worker thread, or (as the
+hub does, :mod:`.sqlworkers`) in a worker process, where its memory is bounded too.
 """
 
 from __future__ import annotations

@@ -62,8 +62,9 @@ class SqlService:
     does this through :func:`~.sqlclient.leased_snapshot`. In-process callers (the HTTP
     endpoint) use :meth:`query`.
 
-    Limits, all per process: at most ``concurrency`` queries run at once (each in its
-    own worker thread) and up to ``backlog`` more wait; beyond that a request is answered
+    Limits, all per process: at most ``concurrency`` queries run at once (each from its
+    own thread; a LiveSandbox runs them in worker processes, :mod:`.sqlworkers`) and up
+    to ``backlog`` more wait; beyond that a request is answered
     at once with ``busy``. Requests beyond ``sql_rate`` (a second, burst) and snapshot
     requests beyond ``snapshot_rate`` are answered with ``rate_limited``; a snapshot
     request while the LiveSandbox's leases are all out gets ``busy``.
