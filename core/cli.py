@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -200,7 +200,8 @@ def cmd_sql(args: argparse.Namespace) -> int:
             raise _UserError(f"no records yet: {settings.duckdb_path} does not exist "
                              "(start the hub with `commhub up` first)")
         result = query_file(settings.duckdb_path, args.query, max_rows, timeout,
-                            memory_limit=settings.sql_memory_limit)
+                            memory_limit=settings.sql_memory_limit,
+                            max_bytes=settings.sql_max_result_bytes)
     if args.format == "parquet":
         write_parquet(result, args.output)
         print(f"{len(result.rows)} rows written to {args.output}", file=sys.stderr)
@@ -236,15 +237,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if url is None:  # no hub: the file itself
         counts = export_parquet(settings.duckdb_path, args.directory, on_table=done)
-    else:  # a running hub writes a snapshot for us to read
-        path = asyncio.run(_snapshot_over_bus(url, prefix))
-        if not path.is_file():
-            raise _UserError(f"the hub wrote its snapshot to {path}, which is not on this "
-                             "machine: run commhub export where the hub runs")
-        try:
-            counts = export_parquet(path, args.directory, on_table=done)
-        finally:
-            path.unlink(missing_ok=True)
+    else:  # a running hub lends us its snapshot while we read it
+        counts = asyncio.run(_export_over_bus(url, prefix, args.directory, done))
     print(f"exported {sum(counts.values()):,} rows of {len(counts)} tables to {args.directory}")
     return 0
 
@@ -269,13 +263,20 @@ async def _connect(url: str) -> Any:
     return nc
 
 
-async def _snapshot_over_bus(url: str, prefix: str) -> Path:
-    from commhub.core.records.sqlclient import snapshot_over_bus
+async def _export_over_bus(
+    url: str, prefix: str, directory: Path, done: Callable[[str, int], None]
+) -> dict[str, int]:
+    from commhub.core.records.export import export_parquet
+    from commhub.core.records.sqlclient import leased_snapshot
     from commhub.core.subjects import Subjects
 
     nc = await _connect(url)
     try:
-        return await snapshot_over_bus(nc, Subjects(prefix))
+        async with leased_snapshot(nc, Subjects(prefix)) as path:
+            if not path.is_file():
+                raise _UserError(f"the hub's snapshot is at {path}, which is not on this "
+                                 "machine: run commhub export where the hub runs")
+            return await asyncio.to_thread(export_parquet, path, directory, done)
     finally:
         await nc.close()
 

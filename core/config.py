@@ -186,11 +186,16 @@ class Settings(BaseSettings):
     recorder_flush_seconds: float = Field(0.2, gt=0)
     sql_timeout_seconds: float = Field(10.0, gt=0)
     sql_max_rows: int = Field(10_000, ge=1)
+    sql_max_result_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="Most bytes of values one SQL result holds."
+    )
     sql_snapshot_seconds: float = Field(
         1.0, ge=0, description="Live SQL reads a snapshot of the records at most this old."
     )
     sql_memory_limit: str = Field(
-        "1GB", min_length=1, description="DuckDB memory limit of each SQL snapshot instance."
+        "1GB",
+        pattern=r"(?i)^\s*\d+(\.\d+)?\s*(b|bytes?|[kmgt]i?b)\s*$",
+        description="DuckDB memory limit of each SQL worker (KB/MB/GB/TB or KiB/MiB/GiB/TiB).",
     )
     sql_tokens: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

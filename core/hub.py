@@ -41,7 +41,7 @@ from commhub.core.natsserver import EmbeddedNats
 from commhub.core.plugins import Plugins
 from commhub.core.records.dashboard import mount_dashboard
 from commhub.core.records.recorder import Recorder
-from commhub.core.records.sandbox import LiveSandbox
+from commhub.core.records.snapshots import LiveSandbox
 from commhub.core.records.sqlservice import SqlService
 from commhub.core.routing.router import Router
 from commhub.core.routing.store import StateStore
@@ -154,7 +154,8 @@ class Hub:
                 memory_limit=s.sql_memory_limit,
             )
             self.sql = SqlService(
-                self.bus, live, max_rows=s.sql_max_rows, timeout=s.sql_timeout_seconds
+                self.bus, live, max_rows=s.sql_max_rows, timeout=s.sql_timeout_seconds,
+                max_bytes=s.sql_max_result_bytes,
             )
             await self.sql.start()
             self.endpoints.append(f"duckdb: {s.duckdb_path} (live SQL: commhub sql \"...\")")

@@ -26,9 +26,10 @@ records hold every user's conversations, which a chat client must not read.
 
 Errors are JSON ``{"error": {"code", "message"}}``: 401 ``unauthorized`` (missing or
 wrong token), 403 ``forbidden`` (SQL over HTTP not enabled), 400 with the SQL service's
-code (``refused``, ``bad_request``, ``failed``) and its message, 504 ``timeout`` (the
-query hit its time limit, or no reply came in time), 503 ``unavailable`` (no process
-answers SQL on the bus, or the bus is down).
+code (``refused``, ``result_too_large``, ``bad_request``, ``failed``) and its message, 504
+``timeout`` (the query hit its time limit, or no reply came in time), 429
+``rate_limited`` and 503 ``busy`` (the SQL service's limits), 503 ``unavailable`` (no
+process answers SQL on the bus, or the bus is down).
 
 Concurrency: each request is its own task; a query waits on one NATS request/reply and
 never blocks the event loop. Cancelling a request (the client went away) cancels the
@@ -83,9 +84,11 @@ _PAGE_HEADERS: Final = {
 _SQL_STATUS: Final = {
     "bad_request": 400,
     "refused": 400,
+    "result_too_large": 400,
     "failed": 400,
     "timeout": 504,
     "busy": 503,
+    "rate_limited": 429,
     "unavailable": 503,
 }
 # Extra seconds the HTTP endpoint waits beyond the query time limit, so the SQL service's

@@ -4,7 +4,11 @@ when no hub runs; both through the same sandbox (:mod:`.sandbox`).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +18,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 
 from commhub.core.records.sandbox import (
+    DEFAULT_MAX_RESULT_BYTES,
     ERRORS_BY_CODE,
     QueryResult,
     SqlError,
@@ -23,6 +28,8 @@ from commhub.core.records.sandbox import (
     open_sandboxed,
 )
 from commhub.core.subjects import Subjects
+
+log = logging.getLogger(__name__)
 
 
 # -- clients --------------------------------------------------------------------------
@@ -47,15 +54,54 @@ async def query_over_bus(
     )
 
 
-async def snapshot_over_bus(nc: NATS, subjects: Subjects, timeout: float = 120.0) -> Path:
-    """Ask a running hub for an export snapshot; returns its path on the hub's machine.
+@dataclass(frozen=True)
+class SnapshotLease:
+    """A snapshot the hub lends: read ``path`` (on the hub's machine), never delete it,
+    and give it back with :func:`release_snapshot` (the hub then deletes it)."""
 
-    The caller reads the file and deletes it. Raises :class:`SqlFailed` when no hub
-    answers or the hub could not write it, :class:`SqlTimeout` after ``timeout``.
+    path: Path
+    lease: str
+    release_subject: str
+
+
+async def snapshot_over_bus(
+    nc: NATS, subjects: Subjects, timeout: float = 120.0
+) -> SnapshotLease:
+    """Ask a running hub to lend its current snapshot (it takes one if that is stale).
+
+    Raises :class:`SqlFailed` when no hub answers or the hub could not write it,
+    ``SqlBusy``/``SqlRateLimited`` past the hub's limits, :class:`SqlTimeout` after
+    ``timeout``. Prefer :func:`leased_snapshot`, which releases it.
     """
     body = await _api_request(nc, subjects.api("snapshot"), b"{}", timeout,
                               "no snapshot from the hub")
-    return Path(body["path"])
+    return SnapshotLease(Path(body["path"]), str(body["lease"]), str(body["release"]))
+
+
+async def release_snapshot(nc: NATS, lease: SnapshotLease, timeout: float = 10.0) -> bool:
+    """Give a snapshot back; True if the hub still held the lease (False: it expired or
+    the hub restarted, and the file is gone or going anyway)."""
+    body = await _api_request(nc, lease.release_subject,
+                              msgspec.json.encode({"lease": lease.lease}), timeout,
+                              "no answer to the snapshot release")
+    return bool(body.get("released"))
+
+
+@contextlib.asynccontextmanager
+async def leased_snapshot(
+    nc: NATS, subjects: Subjects, timeout: float = 120.0
+) -> AsyncIterator[Path]:
+    """The path of a snapshot lent by the running hub for the ``async with`` block;
+    released when the block ends, even by an error (a failed release is logged: the
+    lease expires on its own)."""
+    lease = await snapshot_over_bus(nc, subjects, timeout)
+    try:
+        yield lease.path
+    finally:
+        try:
+            await release_snapshot(nc, lease)
+        except SqlError as exc:
+            log.warning("could not release snapshot %s: %s", lease.path, exc.message)
 
 
 async def _api_request(
@@ -86,8 +132,10 @@ def query_file(
     max_rows: int,
     timeout: float,
     memory_limit: str | None = None,
+    max_bytes: int = DEFAULT_MAX_RESULT_BYTES,
 ) -> QueryResult:
-    """Query the DuckDB file directly (no hub running), read-only, with the same sandbox.
+    """Query the DuckDB file directly (no hub running), read-only, with the same sandbox
+    and limits.
 
     Blocks. Raises :class:`SqlFailed` when the file is missing or a running hub holds it.
     """
@@ -102,7 +150,7 @@ def query_file(
             "(while a hub runs, query it over the bus: commhub sql)"
         ) from None
     try:
-        return SqlSandbox(con).query(sql, max_rows, timeout)
+        return SqlSandbox(con).query(sql, max_rows, timeout, max_bytes)
     finally:
         con.close()
 

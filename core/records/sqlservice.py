@@ -1,5 +1,6 @@
 """The SQL bus API: ``{prefix}.api.sql`` (and ``api.snapshot``) answered by the hub
-that holds the DuckDB file, running each query in the sandbox (:mod:`.sandbox`).
+that holds the DuckDB file, running each query in the sandbox (:mod:`.sandbox`) on
+snapshots (:mod:`.snapshots`).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -15,20 +17,30 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from commhub.channels.ratelimit import TokenBucket
 from commhub.core.bus import Bus
 from commhub.core.records.sandbox import (
-    LiveSandbox,
+    DEFAULT_MAX_RESULT_BYTES,
     QueryResult,
     QueryRunner,
     SqlBadRequest,
+    SqlBusy,
     SqlError,
     SqlFailed,
+    SqlRateLimited,
 )
+from commhub.core.records.snapshots import LiveSandbox
 
 log = logging.getLogger(__name__)
 
 #: Queue group of the SQL API: several hubs share the requests.
 QUEUE_GROUP = "commhub-sql"
+
+#: Per-process rate limits, (requests a second, burst). SQL requests are cheap to refuse
+#: and bounded by ``concurrency`` and ``backlog`` too; each export snapshot may cost a
+#: copy of the database file.
+SQL_RATE = (50.0, 200)
+SNAPSHOT_RATE = (0.1, 5)
 
 # -- the bus API ----------------------------------------------------------------------
 class SqlService:
@@ -36,22 +48,31 @@ class SqlService:
 
     Request: ``{"sql": "...", "max_rows": n}`` (``max_rows`` optional, capped at
     ``max_rows``). Reply: ``{"columns", "rows", "truncated"}`` or
-    ``{"error": {"code", "message"}}``. A reply that would exceed the server's max
-    payload is cut to fewer rows and marked ``truncated``.
+    ``{"error": {"code", "message"}}``. Results hold at most ``max_bytes`` bytes of values;
+    a reply that would exceed the server's max payload is cut to fewer rows and marked
+    ``truncated``.
 
-    ``runner`` runs the queries: a :class:`LiveSandbox` on the recorder (what the hub
-    uses), or a :class:`SqlSandbox`. With a :class:`LiveSandbox` the service also answers
-    ``{prefix}.api.snapshot`` (queue group ``commhub-snapshot``): it writes an export
-    snapshot and replies ``{"path": "..."}``, the file's absolute path on the hub's
-    machine, which the requester reads and then deletes (``commhub export`` does).
-    In-process callers (the HTTP endpoint) use :meth:`query`.
+    ``runner`` runs the queries: a :class:`~.snapshots.LiveSandbox` on the recorder (what
+    the hub uses), or a :class:`~.sandbox.SqlSandbox`. With a LiveSandbox the service also
+    answers ``{prefix}.api.snapshot`` (queue group ``commhub-snapshot``): it lends the
+    current snapshot (taking one if it is stale) and replies ``{"path", "lease",
+    "release"}``: the file's absolute path on the hub's machine, which the requester
+    reads but never deletes, and the lease to send to the ``release`` subject when done
+    (``{"lease": "..."}``, answered ``{"released": true|false}``); ``commhub export``
+    does this through :func:`~.sqlclient.leased_snapshot`. In-process callers (the HTTP
+    endpoint) use :meth:`query`.
+
+    Limits, all per process: at most ``concurrency`` queries run at once (each from its
+    own thread; a LiveSandbox runs them in worker processes, :mod:`.sqlworkers`) and up
+    to ``backlog`` more wait; beyond that a request is answered
+    at once with ``busy``. Requests beyond ``sql_rate`` (a second, burst) and snapshot
+    requests beyond ``snapshot_rate`` are answered with ``rate_limited``; a snapshot
+    request while the LiveSandbox's leases are all out gets ``busy``.
 
     Concurrency: nats-py runs one subscription's callbacks one at a time, so the callback
-    only spawns a task per request; at most ``concurrency`` queries run at once (each in
-    its own worker thread), up to ``backlog`` more wait, and beyond that a request is
-    answered at once with a ``failed`` error saying the service is busy.
-    Stop: no new requests; queries in flight finish (each within ``timeout``) and reply;
-    then a :class:`LiveSandbox` runner is closed (its snapshot deleted).
+    only spawns a task per request. Stop: no new requests; queries in flight finish (each
+    within ``timeout``) and reply; then a LiveSandbox runner is closed (its leases dropped
+    and its snapshots deleted).
     """
 
     def __init__(
@@ -63,6 +84,9 @@ class SqlService:
         timeout: float = 10.0,
         concurrency: int = 4,
         backlog: int = 256,
+        max_bytes: int = DEFAULT_MAX_RESULT_BYTES,
+        sql_rate: tuple[float, int] = SQL_RATE,
+        snapshot_rate: tuple[float, int] = SNAPSHOT_RATE,
     ) -> None:
         if not isinstance(runner, QueryRunner):
             raise TypeError("runner must be a SqlSandbox or a LiveSandbox")
@@ -72,6 +96,11 @@ class SqlService:
         self.timeout = timeout
         self.concurrency = concurrency
         self.backlog = backlog
+        self.max_bytes = max_bytes
+        self._sql_bucket = TokenBucket(*sql_rate)
+        self._snapshot_bucket = TokenBucket(*snapshot_rate)
+        # Releases go to this process, which holds the leases (not to the queue group).
+        self.release_subject = bus.subjects.api(f"snapshot.release.{uuid.uuid4().hex}")
         self._subs: list[Subscription] = []
         self._sem = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -90,6 +119,9 @@ class SqlService:
                 await self.bus.nc.subscribe(subjects.api("snapshot"), queue="commhub-snapshot",
                                             cb=self._on_snapshot)
             )
+            self._subs.append(
+                await self.bus.nc.subscribe(self.release_subject, cb=self._on_release)
+            )
 
     async def stop(self) -> None:
         """Unsubscribe, let queries in flight reply; safe to call twice."""
@@ -105,19 +137,24 @@ class SqlService:
             if isinstance(self.runner, LiveSandbox):
                 await self.runner.close()
 
+    @property
+    def in_flight(self) -> int:
+        """Requests being handled now: running, waiting for a worker, or replying."""
+        return len(self._tasks)
+
     async def query(self, sql: str, max_rows: int | None = None) -> QueryResult:
         """Run one sandboxed query for an in-process caller, under the same limits.
 
         ``max_rows`` is capped at the service's ``max_rows``; the time limit is the
-        service's ``timeout``. Raises the :class:`SqlError` subclass for the error code
-        (a ``failed`` one when the service is not started, or busy).
+        service's ``timeout``, its byte limit ``max_bytes``. Raises the :class:`SqlError`
+        subclass for the error code (``failed`` when the service is not started, ``busy``
+        or ``rate_limited`` past the service's limits).
         """
         if self._executor is None:
             raise SqlFailed("the SQL service is not running")
         if max_rows is not None and (isinstance(max_rows, bool) or max_rows < 1):
             raise SqlBadRequest("max_rows must be a positive integer")
-        if len(self._tasks) >= self.concurrency + self.backlog:
-            raise SqlFailed("the SQL service is busy, retry later")
+        self._admit()
         task = asyncio.create_task(self._run(sql, min(max_rows or self.max_rows, self.max_rows)))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -127,26 +164,66 @@ class SqlService:
         async with self._sem:
             if self._executor is None:
                 raise SqlFailed("the SQL service is stopping")
-            return await self.runner.aquery(sql, max_rows, self.timeout, self._executor)
+            return await self.runner.aquery(
+                sql, max_rows, self.timeout, self._executor, max_bytes=self.max_bytes
+            )
+
+    def _admit(self) -> None:
+        """Raise ``busy`` or ``rate_limited`` for a query over the service's limits."""
+        if len(self._tasks) >= self.concurrency + self.backlog:
+            raise SqlBusy(
+                f"the SQL service is busy ({self.concurrency} queries running, "
+                f"{self.backlog} waiting), retry later"
+            )
+        if not self._sql_bucket.take():
+            raise SqlRateLimited(
+                f"over {self._sql_bucket.rate:g} SQL requests a second, retry later"
+            )
 
     async def _on_request(self, msg: Msg) -> None:
-        if len(self._tasks) >= self.concurrency + self.backlog:
-            await self._reply(msg, _error_body(SqlFailed("the SQL service is busy, retry later")))
+        try:
+            self._admit()
+        except SqlError as exc:
+            await self._reply(msg, _error_body(exc))
             return
         task = asyncio.create_task(self._handle(msg))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _on_snapshot(self, msg: Msg) -> None:
+        if not self._snapshot_bucket.take():
+            rate = self._snapshot_bucket.rate
+            error = SqlRateLimited(
+                f"over {rate * 60:g} snapshot requests a minute, retry later"
+            )
+            await self._reply(msg, _error_body(error))
+            return
         task = asyncio.create_task(self._handle_snapshot(msg))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _on_release(self, msg: Msg) -> None:
+        assert isinstance(self.runner, LiveSandbox)
+        try:
+            request = json.loads(msg.data)
+            lease = request.get("lease") if isinstance(request, dict) else None
+            if not isinstance(lease, str):
+                raise ValueError('the request needs "lease", a string')
+        except ValueError as exc:
+            await self._reply(msg, _error_body(SqlBadRequest(f"bad release request: {exc}")))
+            return
+        released = self.runner.release(lease)
+        await self._reply(msg, msgspec.json.encode({"released": released}))
+
     async def _handle_snapshot(self, msg: Msg) -> None:
         assert isinstance(self.runner, LiveSandbox)
         try:
-            path = await self.runner.export_snapshot()
-            body = msgspec.json.encode({"path": str(path.resolve())})
+            lease = await self.runner.lease()
+            body = msgspec.json.encode({
+                "path": str(lease.path.resolve()),
+                "lease": lease.id,
+                "release": self.release_subject,
+            })
         except SqlError as exc:
             body = _error_body(exc)
         except Exception as exc:
