@@ -22,7 +22,8 @@ def message(conversation: str = "c1", direction: str = "in") -> bytes:
 def test_inputs_on_their_subjects_are_accepted() -> None:
     record = decode_input(S, "commhub.in.websocket.c1", message())
     assert isinstance(record, Message) and record.conversation == "c1"
-    data = b'{"id": "w1-0123456789abcdef", "conversation": "c1", "event": "paid"}'  # no "type": the subject says
+    # No "type": the subject says what the record is.
+    data = b'{"id": "w1-0123456789abcdef", "conversation": "c1", "event": "paid"}'
     assert isinstance(decode_input(S, "commhub.wf.c1", data), WorkflowInput)
 
 
