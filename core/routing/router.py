@@ -71,7 +71,7 @@ from commhub.core.envelope import (
 from commhub.core.plugins import Plugins
 from commhub.core.routing import rules
 from commhub.core.routing.rules import Decision, RoutingPolicy
-from commhub.core.routing.state import REPLY_EVENT, ConversationState, PendingAsk, StepResult
+from commhub.core.routing.state import ConversationState, PendingAsk, StepResult
 from commhub.core.routing.store import OutboxEntry, StateStore, StoredState
 from commhub.core.routing.timers import TimerScheduler
 from commhub.core.serial import KeyedSerialRunner
@@ -98,7 +98,6 @@ ACK_WAIT_SECONDS = 10
 RETRIES_IN_PLACE = 6
 # The header that carries an ``ask`` request's stable id, for services to dedupe on.
 REQUEST_ID_HEADER = "Commhub-Request-Id"
-ASK_SENDER = Sender(id="commhub-ask", kind="service", name="ask")
 
 
 @dataclass
@@ -359,10 +358,6 @@ class Router:
                 ask.subject, msgspec.json.encode(ask.data), timeout=ask.timeout, headers=headers
             )
             body = msgspec.json.decode(response.data)
-            if not isinstance(body, dict):
-                error, body = "bad_reply", None
-            elif "error" in body:
-                error = "error"
         except nats.errors.NoRespondersError:
             error = "no_responders"
         except (TimeoutError, nats.errors.TimeoutError):
@@ -371,16 +366,9 @@ class Router:
             error = "bad_reply"
         finally:
             beat.cancel()
-        if error is not None:
+        outcome = rules.ask_reply(ask, conversation, body, error, now())
+        if not outcome.data["ok"]:
             self.stats.ask_failures += 1
-        outcome = WorkflowInput(
-            id=derived_id(ask.id, "reply"),
-            conversation=conversation,
-            event=REPLY_EVENT,
-            data={"id": ask.id, "subject": ask.subject, "ok": error is None, "error": error,
-                  "reply": body},
-            sender=ASK_SENDER,
-        )
         await self.bus.publish(self.bus.subjects.workflow_input(conversation), outcome)
 
     def _classification(
