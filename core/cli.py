@@ -93,6 +93,19 @@ def _build_parser() -> argparse.ArgumentParser:
     graph.add_argument("--workflows", type=Path, action="append", dest="workflow_paths",
                        default=[], help="also load this workflow file or folder (repeatable)")
 
+    test = sub.add_parser("test", help="run conversation test files (in process, or "
+                          "against a running hub with --hub)")
+    _settings_flags(test)
+    test.add_argument("paths", type=Path, nargs="+", help="test files or folders (*.yaml)")
+    test.add_argument("--workflows", type=Path, action="append", dest="workflow_paths",
+                      help="extra workflow file or folder (repeatable)")
+    test.add_argument("--hub", metavar="URL", help="run against a running hub's WebSocket "
+                      "channel (ws://HOST:PORT) instead of in process")
+    test.add_argument("--token", help="client token for --hub")
+    test.add_argument("--junit", type=Path, metavar="FILE", help="also write JUnit XML")
+    test.add_argument("-k", dest="select", metavar="TEXT",
+                      help="only the tests whose name contains TEXT")
+
     bench = sub.add_parser("bench", help="measure a component")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     classifier = bench_sub.add_parser(
@@ -350,6 +363,51 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise _UserError(str(exc)) from None
 
 
+def cmd_test(args: argparse.Namespace) -> int:
+    import time
+
+    from commhub.core.conversation.report import format_report, write_junit
+    from commhub.core.conversation.testfile import load_test_files
+
+    started = time.perf_counter()
+    files = load_test_files(args.paths)  # a broken file stops the run before it starts
+    if args.hub is not None:
+        results, ready = _test_against_hub(args, files)
+    else:
+        results, ready = _test_in_process(args, files)
+    seconds = time.perf_counter() - started
+    print(format_report(results, seconds, ready), flush=True)
+    if args.junit is not None:
+        write_junit(results, args.junit)
+    if not results:
+        raise _UserError(f"no test matches -k {args.select!r}" if args.select
+                         else "no tests to run")
+    return 1 if any(r.status == "failed" for r in results) else 0
+
+
+def _test_in_process(args: argparse.Namespace, files: Any) -> tuple[Any, str]:
+    """Run the tests in process: the hub's workflows, policy and classifier, no hub."""
+    import time
+
+    from commhub.core.conversation.runner import InProcessBackend, run_files
+    from commhub.core.conversation.setup import RankCache, load_router_setup
+    from commhub.core.plugins import Plugins
+
+    settings = _load_settings(args)
+    plugins = Plugins.load(disabled=settings.disable_plugins)
+    setup = load_router_setup(settings, plugins)
+    ranks = RankCache(setup.classifier)
+    started = time.perf_counter()
+    ranks.prime(text for file in files for test in file.tests for text in test.texts())
+    ready = (f"classifier {setup.classifier.model_id} ready in {setup.train_seconds:.1f} s, "
+             f"ranked every text in {time.perf_counter() - started:.2f} s")
+    return run_files(files, InProcessBackend(setup, ranks), args.select), ready
+
+
+def _test_against_hub(args: argparse.Namespace, files: Any) -> tuple[Any, str]:
+    raise _UserError("--hub is not built yet")
+
+
 class _UserError(Exception):
     pass
 
@@ -364,6 +422,7 @@ COMMANDS = {
     "plugins": cmd_plugins,
     "workflows": cmd_workflows,
     "bench": cmd_bench,
+    "test": cmd_test,
 }
 
 
@@ -405,6 +464,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _is_user_error(exc: Exception) -> bool:
     """Errors whose message is the whole story for a user (no traceback needed)."""
+    from commhub.core.conversation.setup import SetupError
+    from commhub.core.conversation.testfile import TestFileError
     from commhub.core.hub import HubError
     from commhub.core.lock import HubAlreadyRunning
     from commhub.core.natsserver import NatsServerError
@@ -417,7 +478,7 @@ def _is_user_error(exc: Exception) -> bool:
 
     known = (_UserError, HubError, HubAlreadyRunning, NatsServerError, PluginError,
              SqlError, SchemaError, WorkflowError, OSError, TimeoutError, RebuildError,
-             ExportError)
+             ExportError, SetupError, TestFileError)
     return isinstance(exc, known)
 
 
