@@ -106,6 +106,14 @@ def _build_parser() -> argparse.ArgumentParser:
     test.add_argument("-k", dest="select", metavar="TEXT",
                       help="only the tests whose name contains TEXT")
 
+    try_ = sub.add_parser("try", help="show how the classifier ranks texts and what the "
+                          "router would do with each")
+    try_.add_argument("--config", help="TOML config file (or COMMHUB_CONFIG)")
+    try_.add_argument("--data-dir", type=Path, help="data directory (its models/ cache)")
+    try_.add_argument("--workflows", type=Path, action="append", dest="workflow_paths",
+                      help="extra workflow file or folder (repeatable)")
+    try_.add_argument("texts", nargs="+", metavar="TEXT", help="what a user might write")
+
     bench = sub.add_parser("bench", help="measure a component")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     classifier = bench_sub.add_parser(
@@ -408,6 +416,20 @@ def _test_against_hub(args: argparse.Namespace, files: Any) -> tuple[Any, str]:
     raise _UserError("--hub is not built yet")
 
 
+def cmd_try(args: argparse.Namespace) -> int:
+    from commhub.core.conversation.explain import explain
+    from commhub.core.conversation.setup import RANKED, load_router_setup
+    from commhub.core.plugins import Plugins
+
+    settings = _load_settings(args)
+    setup = load_router_setup(settings, Plugins.load(disabled=settings.disable_plugins))
+    ranked = setup.classifier.rank(args.texts, RANKED)
+    blocks = [explain(text, alternatives, setup.policy, setup.engine)
+              for text, alternatives in zip(args.texts, ranked, strict=True)]
+    print("\n\n".join(blocks))
+    return 0
+
+
 class _UserError(Exception):
     pass
 
@@ -423,6 +445,7 @@ COMMANDS = {
     "workflows": cmd_workflows,
     "bench": cmd_bench,
     "test": cmd_test,
+    "try": cmd_try,
 }
 
 
