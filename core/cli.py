@@ -82,8 +82,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
     wf = sub.add_parser("workflows", help="check or list workflows")
     wf_sub = wf.add_subparsers(dest="workflows_command", required=True)
-    check = wf_sub.add_parser("check", help="check workflow files or folders")
+    check = wf_sub.add_parser("check", help="check workflow files or folders (errors fail; "
+                              "warnings about examples do not)")
     check.add_argument("paths", type=Path, nargs="+")
+    check.add_argument("--config", help="TOML config file (classifier, threshold, "
+                       "disable_plugins)")
+    check.add_argument("--no-overlap", action="store_true", help="skip the overlap check, "
+                       "which trains the classifier on the examples (a few seconds)")
     listing = wf_sub.add_parser("list", help="list the installed workflows")
     listing.add_argument("--config", help="TOML config file (its disable_plugins)")
     graph = wf_sub.add_parser("graph", help="print a workflow's state graph (Mermaid or DOT)")
@@ -343,15 +348,42 @@ def cmd_workflows(args: argparse.Namespace) -> int:
         print(render_graph(found[args.name], args.format), end="")
         return 0
     if args.workflows_command == "check":
+        from commhub.core.engine.check import example_warnings
+
         definitions = load_workflows(args.paths)
         for name, definition in sorted(definitions.items()):
-            print(f"ok  {name}  ({len(definition.states)} states)  {definition.source or ''}")
+            print(f"ok  {name}  ({len(definition.states)} states)  {definition.source or ''}",
+                  flush=True)
+        warnings = [w for d in definitions.values() for w in example_warnings(d)]
+        if not args.no_overlap:
+            warnings.extend(_overlap_warnings(args, definitions))
+        for warning in warnings:
+            print(f"commhub: warning: {warning}", file=sys.stderr)
         return 0
     definitions = load_workflows(_load_plugins(args).workflow_sources())
     rows = [(name, str(len(d.states)), str(len(d.examples)), d.description)
             for name, d in sorted(definitions.items())]
     print(_table(("workflow", "states", "examples", "description"), rows))
     return 0
+
+
+def _overlap_warnings(args: argparse.Namespace, definitions: dict[str, Any]) -> list[str]:
+    """Train the configured classifier on the checked workflows' examples (not cached)
+    and score every example (see ``overlap_warnings``)."""
+    from commhub.core.config import load_settings
+    from commhub.core.conversation.setup import RANKED, load_classifier
+    from commhub.core.engine.check import overlap_warnings
+    from commhub.core.engine.fsm import Engine
+    from commhub.core.plugins import Plugins
+
+    examples = Engine(definitions).examples()
+    if len(examples) < 2:
+        return []
+    settings = load_settings(args.config)
+    plugins = Plugins.load(disabled=settings.disable_plugins)
+    classifier = load_classifier(settings, plugins, examples, cache=False)
+    return overlap_warnings({name: definitions[name] for name in examples},
+                            lambda texts: classifier.rank(texts, RANKED), settings.threshold)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

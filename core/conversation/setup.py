@@ -64,10 +64,11 @@ def load_engine(plugins: Plugins, paths: Iterable[Path | str | WorkflowDef]) -> 
 
 
 def load_classifier(
-    settings: Settings, plugins: Plugins, examples: dict[str, list[str]]
+    settings: Settings, plugins: Plugins, examples: dict[str, list[str]], cache: bool = True
 ) -> Classifier:
     """The configured classifier plugin, fitted on ``examples`` (or loaded from its cache
-    in ``{data_dir}/models``). Raises SetupError as the module docstring says."""
+    in ``{data_dir}/models``; ``cache=False``: always trained, nothing written). Raises
+    SetupError as the module docstring says."""
     classes = plugins.classifiers()
     if settings.classifier not in classes:
         raise SetupError(f"classifier {settings.classifier!r} is not installed; available: "
@@ -84,7 +85,7 @@ def load_classifier(
     elif raw:
         raise SetupError(f"classifier {cls.name} takes no settings, but [plugins] gives "
                          f"{sorted(raw)}")
-    classifier = cls(own, cache_dir=settings.data_dir / "models")
+    classifier = cls(own, cache_dir=settings.data_dir / "models" if cache else None)
     try:
         classifier.fit(examples)
     except (RuntimeError, ValueError, OSError) as exc:
