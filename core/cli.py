@@ -445,7 +445,19 @@ def _test_in_process(args: argparse.Namespace, files: Any) -> tuple[Any, str]:
 
 
 def _test_against_hub(args: argparse.Namespace, files: Any) -> tuple[Any, str]:
-    raise _UserError("--hub is not built yet")
+    """Run the tests against a running hub over WebSocket (and NATS with --nats-url)."""
+    from commhub.core.conversation.hubtest import HubBackend
+    from commhub.core.conversation.runner import run_files
+
+    settings = _load_settings(args)
+    backend = HubBackend(args.hub, args.token, settings.nats_url, settings.prefix)
+    try:
+        results = run_files(files, backend, args.select)
+    finally:
+        backend.close()
+    seen = ("replies, classifications, events and state" if settings.nats_url
+            else "replies only: give --nats-url to check the rest")
+    return results, f"against {args.hub}; {seen}"
 
 
 def cmd_try(args: argparse.Namespace) -> int:
@@ -519,6 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _is_user_error(exc: Exception) -> bool:
     """Errors whose message is the whole story for a user (no traceback needed)."""
+    from commhub.core.conversation.hubclient import HubClientError
     from commhub.core.conversation.setup import SetupError
     from commhub.core.conversation.testfile import TestFileError
     from commhub.core.hub import HubError
@@ -533,7 +546,7 @@ def _is_user_error(exc: Exception) -> bool:
 
     known = (_UserError, HubError, HubAlreadyRunning, NatsServerError, PluginError,
              SqlError, SchemaError, WorkflowError, OSError, TimeoutError, RebuildError,
-             ExportError, SetupError, TestFileError)
+             ExportError, SetupError, TestFileError, HubClientError)
     return isinstance(exc, known)
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "SeenClassification",
     "SeenEvent",
     "ShownReply",
+    "Unchecked",
     "check_turn",
     "find_button",
     "shown_buttons",
@@ -87,6 +88,15 @@ class Observed:
 
 
 @dataclass(frozen=True)
+class Unchecked:
+    """An expectation that could not be checked (its line and kind), and why."""
+
+    line: int
+    kind: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Mismatch:
     """One expectation that did not hold: where it is written, what, expected, got."""
 
@@ -97,15 +107,15 @@ class Mismatch:
 
 
 # ---------------------------------------------------------------------------------------
-def check_turn(turn: Turn, observed: Observed) -> tuple[list[Mismatch], list[str]]:
-    """The mismatches of ``turn``'s expectations with ``observed``, and notes (as
-    ``LINE: ...``) for the expectations that could not be checked."""
+def check_turn(turn: Turn, observed: Observed) -> tuple[list[Mismatch], list[Unchecked]]:
+    """The mismatches of ``turn``'s expectations with ``observed``, and the
+    expectations that could not be checked."""
     mismatches: list[Mismatch] = []
-    notes: list[str] = []
+    notes: list[Unchecked] = []
     bots = [s for s in turn.expect if s.kind == "bot"]
     for step in turn.expect:
         if step.kind in observed.hidden:
-            notes.append(f"{step.line}: '{step.kind}' not checked: {observed.hidden[step.kind]}")
+            notes.append(Unchecked(step.line, step.kind, observed.hidden[step.kind]))
             continue
         if step.kind == "bot":
             mismatches.extend(_reply(step, bots.index(step), observed.replies))

@@ -42,8 +42,8 @@ def format_failure(result: TestResult) -> str:
 
 
 def format_report(results: Sequence[TestResult], seconds: float, ready: str = "") -> str:
-    """Counts per file, every failure, skip and unchecked expectation, and a summary
-    line (``12 passed, 1 failed, 2 skipped in 0.41 s``)."""
+    """Counts per file, every failure and skip, how many expectations could not be
+    checked and why, and a summary line (``12 passed, 1 failed, 2 skipped in 0.41 s``)."""
     out: list[str] = []
     by_file: dict[str, list[TestResult]] = {}
     for result in results:
@@ -57,10 +57,15 @@ def format_report(results: Sequence[TestResult], seconds: float, ready: str = ""
     if skipped:
         out.append("")
         out.extend(f"SKIP {r.test.where}: {r.test.name}: {r.reason}" for r in skipped)
-    notes = [note for r in results for note in r.notes]
-    if notes:
+    unchecked: dict[str, set[str]] = {}
+    counts: dict[str, int] = {}
+    for note in (note for r in results for note in r.notes):
+        unchecked.setdefault(note.reason, set()).add(note.kind)
+        counts[note.reason] = counts.get(note.reason, 0) + 1
+    if unchecked:
         out.append("")
-        out.extend(f"note: {note}" for note in notes)
+        out.extend(f"note: {counts[reason]} expectations ({', '.join(sorted(kinds))}) not "
+                   f"checked: {reason}" for reason, kinds in unchecked.items())
     out.append("")
     tail = f" ({ready})" if ready else ""
     out.append(f"{_counts(results) or 'no tests ran'} in {seconds:.2f} s{tail}")
@@ -97,7 +102,8 @@ def junit_xml(results: Sequence[TestResult]) -> str:
             elif result.status == "skipped":
                 ET.SubElement(case, "skipped", message=result.reason or "")
             if result.notes:
-                ET.SubElement(case, "system-out").text = "\n".join(result.notes)
+                ET.SubElement(case, "system-out").text = "\n".join(
+                    f"{file}:{n.line}: '{n.kind}' not checked: {n.reason}" for n in result.notes)
         total += len(group)
         failures += failed
         skips += skipped

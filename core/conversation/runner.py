@@ -27,6 +27,7 @@ from commhub.core.conversation.expect import (
     SeenClassification,
     SeenEvent,
     ShownReply,
+    Unchecked,
     check_turn,
     find_button,
     shown_buttons,
@@ -37,6 +38,7 @@ from commhub.core.conversation.testfile import (
     ConversationTest,
     EventInput,
     Step,
+    Turn,
 )
 from commhub.core.routing.state import Emit
 
@@ -46,6 +48,8 @@ __all__ = [
     "TestResult",
     "TurnError",
     "TurnFailure",
+    "conversation_id",
+    "observed_in_process",
     "run_files",
     "run_test",
 ]
@@ -64,9 +68,10 @@ class Backend(Protocol):
     def begin(self, test: ConversationTest) -> None:
         """Start a new conversation for ``test``."""
 
-    def send(self, step: Step, payload: dict[str, Any] | None) -> Observed:
-        """Run one input (``payload``: a pressed button's); raise TurnError if the
-        conversation cannot take it."""
+    def send(self, turn: Turn, payload: dict[str, Any] | None) -> Observed:
+        """Run the turn's input (``payload``: a pressed button's) and observe what it
+        produced (the turn's expectations say how many replies to wait for); raise
+        TurnError if the conversation cannot take it."""
 
     def end(self) -> None:
         """The test is over (passed or not)."""
@@ -84,7 +89,7 @@ class TurnFailure:
 
 @dataclass
 class TestResult:
-    """One test's outcome. ``notes`` name expectations that were not checked."""
+    """One test's outcome. ``notes`` are the expectations that were not checked."""
 
     __test__ = False  # not a pytest test class
 
@@ -92,7 +97,7 @@ class TestResult:
     status: Literal["passed", "failed", "skipped"]
     seconds: float = 0.0
     failure: TurnFailure | None = None
-    notes: list[str] = field(default_factory=list)
+    notes: list[Unchecked] = field(default_factory=list)
     reason: str | None = None
 
 
@@ -103,7 +108,7 @@ def run_test(test: ConversationTest, backend: Backend) -> TestResult:
         return TestResult(test, "skipped", reason=reason)
     started = time.perf_counter()
     shown: list[ShownReply] = []
-    notes: list[str] = []
+    notes: list[Unchecked] = []
     failure: TurnFailure | None = None
     backend.begin(test)
     try:
@@ -119,12 +124,12 @@ def run_test(test: ConversationTest, backend: Backend) -> TestResult:
                         f"{offered})")])
                     break
             try:
-                observed = backend.send(step, payload)
+                observed = backend.send(turn, payload)
             except TurnError as exc:
                 failure = TurnFailure(number, step, error=str(exc))
                 break
             mismatches, turn_notes = check_turn(turn, observed)
-            notes.extend(f"{test.file}:{note}" for note in turn_notes)
+            notes.extend(turn_notes)
             shown.extend(observed.replies)
             if mismatches:
                 failure = TurnFailure(number, step, mismatches)
@@ -172,15 +177,15 @@ class InProcessBackend:
     def begin(self, test: ConversationTest) -> None:
         self.driver = ConversationDriver(
             self.setup.engine, self.setup.policy, self.ranks,
-            conversation=_conversation_id(test.name), now=test.clock,
+            conversation=conversation_id(test.name), now=test.clock,
             idle_expiry=self.setup.idle_expiry, services=test.services,
         )
 
-    def send(self, step: Step, payload: dict[str, Any] | None) -> Observed:
+    def send(self, turn: Turn, payload: dict[str, Any] | None) -> Observed:
         driver = self.driver
         assert driver is not None, "begin() first"
         try:
-            outcome = _input(driver, step, payload)
+            outcome = _input(driver, turn.input, payload)
         except DriverError as exc:
             raise TurnError(str(exc)) from None
         return observed_in_process(outcome, driver)
@@ -225,7 +230,7 @@ def observed_in_process(outcome: Outcome, driver: ConversationDriver) -> Observe
     )
 
 
-def _conversation_id(name: str) -> str:
+def conversation_id(name: str) -> str:
     """A conversation id (a subject token) that reads like the test's name."""
     slug = re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-")[:64]
     return f"test-{slug or 'conversation'}"

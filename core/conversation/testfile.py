@@ -200,6 +200,7 @@ class ConversationTest:
     turns: tuple[Turn, ...]
     services: dict[str, Any] = field(default_factory=dict)
     clock: float = DEFAULT_CLOCK
+    clock_given: bool = False  # the test says ``clock:``: it depends on the date
 
     @property
     def where(self) -> str:
@@ -343,7 +344,8 @@ def _parse_test(doc: _Doc, data: Any, path: Path_) -> ConversationTest:
     assert current is not None  # the first step is an input, or an error above
     turns.append(Turn(current, tuple(expect)))
     return ConversationTest(name, doc.file, doc.line(path), tuple(turns),
-                            {str(k): v for k, v in services.items()}, clock)
+                            {str(k): v for k, v in services.items()}, clock,
+                            data.get("clock") is not None)
 
 
 def _clock(doc: _Doc, value: Any, path: Path_) -> float:
