@@ -111,6 +111,17 @@ def _build_parser() -> argparse.ArgumentParser:
     test.add_argument("-k", dest="select", metavar="TEXT",
                       help="only the tests whose name contains TEXT")
 
+    shell = sub.add_parser("shell", help="chat with a running hub from the terminal")
+    _settings_flags(shell)
+    shell.add_argument("--hub", metavar="URL", help="the hub's WebSocket channel "
+                       "(ws://HOST:PORT); default: the local hub of the data directory")
+    shell.add_argument("--token", help="client token")
+    shell.add_argument("--conversation", help="conversation id (default: a new one)")
+    shell.add_argument("--user", default="shell", help="user id (default: shell)")
+    shell.add_argument("--explain", action="store_true", help="show the router's "
+                       "classification of each message (read from the bus: needs its NATS "
+                       "URL, which the local hub's hub.json has)")
+
     try_ = sub.add_parser("try", help="show how the classifier ranks texts and what the "
                           "router would do with each")
     try_.add_argument("--config", help="TOML config file (or COMMHUB_CONFIG)")
@@ -460,6 +471,38 @@ def _test_against_hub(args: argparse.Namespace, files: Any) -> tuple[Any, str]:
     return results, f"against {args.hub}; {seen}"
 
 
+def cmd_shell(args: argparse.Namespace) -> int:
+    import secrets
+
+    from commhub.core.conversation.hubclient import HubClient, local_hub
+    from commhub.core.conversation.shell import run_shell
+    from commhub.core.subjects import valid_token
+
+    settings = _load_settings(args)
+    if args.hub is not None:
+        hub, nats_url, prefix = args.hub, settings.nats_url, settings.prefix
+    else:
+        local = local_hub(settings.data_dir)
+        hub, nats_url, prefix = local.ws, args.nats_url or local.nats_url, local.prefix
+    if args.explain and not nats_url:
+        raise _UserError("--explain reads the router's classifications from the bus: give "
+                         "--nats-url (the local hub's hub.json has it)")
+    conversation = args.conversation or f"shell-{secrets.token_hex(4)}"
+    for what, value in (("conversation", conversation), ("user", args.user)):
+        if not valid_token(value):
+            raise _UserError(f"invalid {what} {value!r}: use 1-128 letters, digits, - or _")
+
+    async def chat() -> int:
+        client = await HubClient.open(hub, conversation, args.user, args.token, nats_url,
+                                      prefix)
+        try:
+            return await run_shell(client, sys.stdout, explain=args.explain)
+        finally:
+            await client.close()
+
+    return asyncio.run(chat())
+
+
 def cmd_try(args: argparse.Namespace) -> int:
     from commhub.core.conversation.explain import explain
     from commhub.core.conversation.setup import RANKED, load_router_setup
@@ -490,6 +533,7 @@ COMMANDS = {
     "bench": cmd_bench,
     "test": cmd_test,
     "try": cmd_try,
+    "shell": cmd_shell,
 }
 
 
