@@ -5,7 +5,10 @@ runs, from the DuckDB file when it is stopped); ``commhub export`` writes them a
 day-partitioned Parquet; ``commhub rebuild`` replays the streams into a fresh DuckDB
 file (hub stopped); ``commhub schema`` prints the envelope's
 JSON Schema; ``commhub token`` mints a signed client token; ``commhub plugins`` lists
-plugins; ``commhub workflows check|list`` checks workflow files. Every error a user can
+plugins; ``commhub workflows check|list|graph`` checks (and warns about), lists and
+draws workflows; ``commhub test`` runs conversation test files (in process, or against
+a hub with ``--hub``); ``commhub try`` shows how texts would be routed; ``commhub shell``
+chats with a running hub. Every error a user can
 cause ends in one ``commhub: error: ...`` line and exit status 1; bad command-line usage
 and a config file that is missing or not valid TOML exit 2.
 """

@@ -7,6 +7,7 @@ and a JUnit file; a broken test file gets one line naming FILE:LINE.
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -160,3 +161,25 @@ def test_values_compare_as_written() -> None:
     assert slots["time"].matches("19:30") and slots["order_id"].matches("01234")
     assert slots["day"].matches("2030-01-02") and slots["size"].matches(4)
     assert not slots["size"].matches(5)
+
+
+def test_the_tutorial_test_passes_with_the_tutorial_workflow(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/workflows.md's part 3 tests the feedback workflow of part 1: both as the
+    page shows them, the tests fail without the workflow and pass with it."""
+    doc = (ROOT / "docs" / "workflows.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"^```yaml\n(.*?)^```", doc, flags=re.M | re.S)
+    workflow = next(b for b in blocks if b.startswith("name: feedback\n"))
+    tests = next(b for b in blocks if b.startswith("tests:\n  - test: a happy guest"))
+    (tmp_path / "feedback.yaml").write_text(workflow)
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "feedback.yaml").write_text(tests)
+    data = ["--data-dir", str(tmp_path / "data")]
+    assert main(["test", str(tmp_path / "tests"), *data]) == 1
+    assert "3 failed in" in capsys.readouterr().out
+    status = main(["test", str(tmp_path / "tests"), "--workflows",
+                   str(tmp_path / "feedback.yaml"), *data])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "3 passed in" in out

@@ -158,8 +158,10 @@ def find_button(shown: Sequence[ShownReply], label: str) -> dict[str, Any] | Non
 
 
 def shown_buttons(shown: Sequence[ShownReply]) -> list[str]:
-    """The titles of the buttons offered so far, newest reply first (for a report)."""
-    return [str(b.get("title")) for r in reversed(shown) for b in r.buttons]
+    """The titles of the buttons offered so far, newest reply first, each once (for a
+    report)."""
+    titles = [str(b.get("title")) for r in reversed(shown) for b in r.buttons]
+    return list(dict.fromkeys(titles))
 
 
 # ---------------------------------------------------------------------------------------
