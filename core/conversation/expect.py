@@ -189,7 +189,7 @@ def _reply(step: Step, index: int, replies: Sequence[ShownReply]) -> list[Mismat
 
 def _classified(step: Step, seen: SeenClassification | None) -> list[Mismatch]:
     expect: ClassifiedExpect = step.value
-    got = seen.describe() if seen is not None else "none (not classified)"
+    got = seen.describe() if seen is not None else "none (no classification recorded)"
     if expect.none:
         return [] if seen is None else [Mismatch(step.line, "classification", "none", got)]
     wanted = _describe_classified(expect)

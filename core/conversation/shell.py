@@ -124,10 +124,20 @@ async def run_shell(
             await client.replies(since, 0, timeout, settle)
         else:
             await client.replies(since, 1, timeout, settle)
-        if explain and not any(c.message_id == message_id
-                               for c in client.classifications[classified:]):
+        if explain and not await _classified(client, message_id, classified, settle):
             printer.note("not classified: the running workflow took the message")
     return 0
+
+
+async def _classified(client: HubClient, message_id: str, since: int, wait: float) -> bool:
+    """Whether the router recorded a classification of ``message_id`` (the record may
+    come a moment after the replies: it is waited for up to ``wait`` seconds)."""
+    deadline = asyncio.get_running_loop().time() + wait
+    while not any(c.message_id == message_id for c in client.classifications[since:]):
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
 
 
 class _LineReader:

@@ -15,7 +15,7 @@ workflow and state, slots, events)::
           - user: "2"
           - state: ask_day
 
-The format is documented in docs/workflows.md ("Testing conversations"). Everything
+The format is documented in docs/workflows.md ("Conversation tests"). Everything
 here is pure: :func:`parse_test_file` turns a file's text into
 :class:`ConversationFile`, and every problem is a :class:`TestFileError` whose text is
 one line, ``FILE:LINE: problem``.
