@@ -19,6 +19,11 @@ A turn ends when the hub has committed the input's step (with NATS: the state na
 the input), or when the replies the test expects have come (without), and then no
 further message came for ``settle`` seconds; a turn waits at most ``timeout`` seconds
 for its replies. So against a hub a turn takes at least ``settle`` seconds.
+
+Failure behaviour: a hub that cannot be reached when a test begins raises
+:class:`~commhub.core.conversation.hubclient.HubClientError` (the run stops); a message
+the hub refuses or does not ack, a connection it drops mid-test, or an input that does
+not commit in time fails that test at that turn (:class:`TurnError`).
 """
 
 from __future__ import annotations
