@@ -140,6 +140,9 @@ def test_a_broken_test_file_is_one_line_naming_file_and_line(
     ("tests:\n  - test: t\n    steps:\n      - user: [hi\n", 5,
      "invalid YAML: expected ',' or ']', but got '<stream end>'"),
     ("tests: []\n", 1, "'tests:' must be a non-empty list of tests"),
+    ("tests:\n  - test: t\n    services:\n      shop.orders: silnet\n    steps: [{user: a}]\n",
+     4, "service 'shop.orders': an answer is a mapping (the service's JSON reply), silent or "
+     "no_responders"),
 ])
 def test_each_kind_of_broken_file_names_its_line(text: str, line: int, problem: str) -> None:
     """Every problem in a test file is reported with the line it is on."""

@@ -58,6 +58,7 @@ __all__ = [
 INPUTS = ("user", "press", "event", "answer", "wait")
 EXPECTATIONS = ("bot", "silent", "classified", "workflow", "state", "slots", "events")
 DECISIONS = ("workflow", "clarify", "fallback", "button")
+SERVICE_WORDS = ("silent", "no_responders")  # the driver's SILENT and NO_RESPONDERS
 # 2030-01-01 12:00 UTC: where every test's clock starts unless it says ``clock:``.
 DEFAULT_CLOCK = dt.datetime(2030, 1, 1, 12, tzinfo=dt.UTC).timestamp()
 TEST_FILE_SUFFIXES = (".yaml", ".yml")
@@ -325,6 +326,11 @@ def _parse_test(doc: _Doc, data: Any, path: Path_) -> ConversationTest:
     services = data.get("services", {})
     if not isinstance(services, dict):
         raise doc.error((*path, "services"), "'services:' maps an ask subject to its answer")
+    for subject, answer in services.items():
+        if not isinstance(answer, dict) and answer not in SERVICE_WORDS:
+            words = " or ".join(SERVICE_WORDS)
+            raise doc.error((*path, "services", subject), f"service {subject!r}: an answer "
+                            f"is a mapping (the service's JSON reply), {words}")
     clock = _clock(doc, data.get("clock"), (*path, "clock"))
     turns: list[Turn] = []
     current: Step | None = None
