@@ -6,7 +6,10 @@ day-partitioned Parquet; ``commhub rebuild`` replays the streams into a fresh Du
 file (hub stopped); ``commhub nats-url`` prints the running hub's NATS URL with its
 credentials; ``commhub schema`` prints the envelope's
 JSON Schema; ``commhub token`` mints a signed client token; ``commhub plugins`` lists
-plugins; ``commhub workflows check|list`` checks workflow files. Every error a user can
+plugins; ``commhub workflows check|list|graph`` checks (and warns about), lists and
+draws workflows; ``commhub test`` runs conversation test files (in process, or against
+a hub with ``--hub``); ``commhub try`` shows how texts would be routed; ``commhub shell``
+chats with a running hub. Every error a user can
 cause ends in one ``commhub: error: ...`` line and exit status 1; bad command-line usage
 and a config file that is missing or not valid TOML exit 2.
 """
@@ -88,8 +91,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
     wf = sub.add_parser("workflows", help="check or list workflows")
     wf_sub = wf.add_subparsers(dest="workflows_command", required=True)
-    check = wf_sub.add_parser("check", help="check workflow files or folders")
+    check = wf_sub.add_parser("check", help="check workflow files or folders (errors fail; "
+                              "warnings about examples do not)")
     check.add_argument("paths", type=Path, nargs="+")
+    check.add_argument("--config", help="TOML config file (classifier, threshold, "
+                       "disable_plugins)")
+    check.add_argument("--no-overlap", action="store_true", help="skip the overlap check, "
+                       "which trains the classifier on the examples (a few seconds)")
     listing = wf_sub.add_parser("list", help="list the installed workflows")
     listing.add_argument("--config", help="TOML config file (its disable_plugins)")
     graph = wf_sub.add_parser("graph", help="print a workflow's state graph (Mermaid or DOT)")
@@ -98,6 +106,38 @@ def _build_parser() -> argparse.ArgumentParser:
     graph.add_argument("--format", choices=["mermaid", "dot"], default="mermaid")
     graph.add_argument("--workflows", type=Path, action="append", dest="workflow_paths",
                        default=[], help="also load this workflow file or folder (repeatable)")
+
+    test = sub.add_parser("test", help="run conversation test files (in process, or "
+                          "against a running hub with --hub)")
+    _settings_flags(test)
+    test.add_argument("paths", type=Path, nargs="+", help="test files or folders (*.yaml)")
+    test.add_argument("--workflows", type=Path, action="append", dest="workflow_paths",
+                      help="extra workflow file or folder (repeatable)")
+    test.add_argument("--hub", metavar="URL", help="run against a running hub's WebSocket "
+                      "channel (ws://HOST:PORT) instead of in process")
+    test.add_argument("--token", help="client token for --hub")
+    test.add_argument("--junit", type=Path, metavar="FILE", help="also write JUnit XML")
+    test.add_argument("-k", dest="select", metavar="TEXT",
+                      help="only the tests whose name contains TEXT")
+
+    shell = sub.add_parser("shell", help="chat with a running hub from the terminal")
+    _settings_flags(shell)
+    shell.add_argument("--hub", metavar="URL", help="the hub's WebSocket channel "
+                       "(ws://HOST:PORT); default: the local hub of the data directory")
+    shell.add_argument("--token", help="client token")
+    shell.add_argument("--conversation", help="conversation id (default: a new one)")
+    shell.add_argument("--user", default="shell", help="user id (default: shell)")
+    shell.add_argument("--explain", action="store_true", help="show the router's "
+                       "classification of each message (read from the bus: needs its NATS "
+                       "URL, which the local hub's hub.json has)")
+
+    try_ = sub.add_parser("try", help="show how the classifier ranks texts and what the "
+                          "router would do with each")
+    try_.add_argument("--config", help="TOML config file (or COMMHUB_CONFIG)")
+    try_.add_argument("--data-dir", type=Path, help="data directory (its models/ cache)")
+    try_.add_argument("--workflows", type=Path, action="append", dest="workflow_paths",
+                      help="extra workflow file or folder (repeatable)")
+    try_.add_argument("texts", nargs="+", metavar="TEXT", help="what a user might write")
 
     bench = sub.add_parser("bench", help="measure a component")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
@@ -365,15 +405,42 @@ def cmd_workflows(args: argparse.Namespace) -> int:
         print(render_graph(found[args.name], args.format), end="")
         return 0
     if args.workflows_command == "check":
+        from commhub.core.engine.check import example_warnings
+
         definitions = load_workflows(args.paths)
         for name, definition in sorted(definitions.items()):
-            print(f"ok  {name}  ({len(definition.states)} states)  {definition.source or ''}")
+            print(f"ok  {name}  ({len(definition.states)} states)  {definition.source or ''}",
+                  flush=True)
+        warnings = [w for d in definitions.values() for w in example_warnings(d)]
+        if not args.no_overlap:
+            warnings.extend(_overlap_warnings(args, definitions))
+        for warning in warnings:
+            print(f"commhub: warning: {warning}", file=sys.stderr)
         return 0
     definitions = load_workflows(_load_plugins(args).workflow_sources())
     rows = [(name, str(len(d.states)), str(len(d.examples)), d.description)
             for name, d in sorted(definitions.items())]
     print(_table(("workflow", "states", "examples", "description"), rows))
     return 0
+
+
+def _overlap_warnings(args: argparse.Namespace, definitions: dict[str, Any]) -> list[str]:
+    """Train the configured classifier on the checked workflows' examples (not cached)
+    and score every example (see ``overlap_warnings``)."""
+    from commhub.core.config import load_settings
+    from commhub.core.conversation.setup import RANKED, load_classifier
+    from commhub.core.engine.check import overlap_warnings
+    from commhub.core.engine.fsm import Engine
+    from commhub.core.plugins import Plugins
+
+    examples = Engine(definitions).examples()
+    if len(examples) < 2:
+        return []
+    settings = load_settings(args.config)
+    plugins = Plugins.load(disabled=settings.disable_plugins)
+    classifier = load_classifier(settings, plugins, examples, cache=False)
+    return overlap_warnings({name: definitions[name] for name in examples},
+                            lambda texts: classifier.rank(texts, RANKED), settings.threshold)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -393,6 +460,109 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise _UserError(str(exc)) from None
 
 
+def cmd_test(args: argparse.Namespace) -> int:
+    import time
+
+    from commhub.core.conversation.report import format_report, write_junit
+    from commhub.core.conversation.testfile import load_test_files
+
+    started = time.perf_counter()
+    files = load_test_files(args.paths)  # a broken file stops the run before it starts
+    if args.hub is not None:
+        results, ready = _test_against_hub(args, files)
+    else:
+        results, ready = _test_in_process(args, files)
+    seconds = time.perf_counter() - started
+    print(format_report(results, seconds, ready), flush=True)
+    if args.junit is not None:
+        write_junit(results, args.junit)
+    if not results:
+        raise _UserError(f"no test matches -k {args.select!r}" if args.select
+                         else "no tests to run")
+    return 1 if any(r.status == "failed" for r in results) else 0
+
+
+def _test_in_process(args: argparse.Namespace, files: Any) -> tuple[Any, str]:
+    """Run the tests in process: the hub's workflows, policy and classifier, no hub."""
+    import time
+
+    from commhub.core.conversation.runner import InProcessBackend, run_files
+    from commhub.core.conversation.setup import RankCache, load_router_setup
+    from commhub.core.plugins import Plugins
+
+    settings = _load_settings(args)
+    plugins = Plugins.load(disabled=settings.disable_plugins)
+    setup = load_router_setup(settings, plugins)
+    ranks = RankCache(setup.classifier)
+    started = time.perf_counter()
+    ranks.prime(text for file in files for test in file.tests for text in test.texts())
+    ready = (f"classifier {setup.classifier.model_id} ready in {setup.train_seconds:.1f} s, "
+             f"ranked every text in {time.perf_counter() - started:.2f} s")
+    return run_files(files, InProcessBackend(setup, ranks), args.select), ready
+
+
+def _test_against_hub(args: argparse.Namespace, files: Any) -> tuple[Any, str]:
+    """Run the tests against a running hub over WebSocket (and NATS with --nats-url)."""
+    from commhub.core.conversation.hubtest import HubBackend
+    from commhub.core.conversation.runner import run_files
+
+    settings = _load_settings(args)
+    backend = HubBackend(args.hub, args.token, settings.nats_url, settings.prefix)
+    try:
+        results = run_files(files, backend, args.select)
+    finally:
+        backend.close()
+    seen = ("replies, classifications, events and state" if settings.nats_url
+            else "replies only: give --nats-url to check the rest")
+    return results, f"against {args.hub}; {seen}"
+
+
+def cmd_shell(args: argparse.Namespace) -> int:
+    import secrets
+
+    from commhub.core.conversation.hubclient import HubClient, local_hub
+    from commhub.core.conversation.shell import run_shell
+    from commhub.core.subjects import valid_token
+
+    settings = _load_settings(args)
+    if args.hub is not None:
+        hub, nats_url, prefix = args.hub, settings.nats_url, settings.prefix
+    else:
+        local = local_hub(settings.data_dir)
+        hub, nats_url, prefix = local.ws, args.nats_url or local.nats_url, local.prefix
+    if args.explain and not nats_url:
+        raise _UserError("--explain reads the router's classifications from the bus: give "
+                         "--nats-url (the local hub's hub.json has it)")
+    conversation = args.conversation or f"shell-{secrets.token_hex(4)}"
+    for what, value in (("conversation", conversation), ("user", args.user)):
+        if not valid_token(value):
+            raise _UserError(f"invalid {what} {value!r}: use 1-128 letters, digits, - or _")
+
+    async def chat() -> int:
+        client = await HubClient.open(hub, conversation, args.user, args.token, nats_url,
+                                      prefix)
+        try:
+            return await run_shell(client, sys.stdout, explain=args.explain)
+        finally:
+            await client.close()
+
+    return asyncio.run(chat())
+
+
+def cmd_try(args: argparse.Namespace) -> int:
+    from commhub.core.conversation.explain import explain
+    from commhub.core.conversation.setup import RANKED, load_router_setup
+    from commhub.core.plugins import Plugins
+
+    settings = _load_settings(args)
+    setup = load_router_setup(settings, Plugins.load(disabled=settings.disable_plugins))
+    ranked = setup.classifier.rank(args.texts, RANKED)
+    blocks = [explain(text, alternatives, setup.policy, setup.engine)
+              for text, alternatives in zip(args.texts, ranked, strict=True)]
+    print("\n\n".join(blocks))
+    return 0
+
+
 class _UserError(Exception):
     pass
 
@@ -408,6 +578,9 @@ COMMANDS = {
     "plugins": cmd_plugins,
     "workflows": cmd_workflows,
     "bench": cmd_bench,
+    "test": cmd_test,
+    "try": cmd_try,
+    "shell": cmd_shell,
 }
 
 
@@ -449,6 +622,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _is_user_error(exc: Exception) -> bool:
     """Errors whose message is the whole story for a user (no traceback needed)."""
+    from commhub.core.conversation.hubclient import HubClientError
+    from commhub.core.conversation.setup import SetupError
+    from commhub.core.conversation.testfile import TestFileError
     from commhub.core.hub import HubError
     from commhub.core.lock import HubAlreadyRunning
     from commhub.core.natsauth import NatsAuthError
@@ -462,7 +638,7 @@ def _is_user_error(exc: Exception) -> bool:
 
     known = (_UserError, HubError, HubAlreadyRunning, NatsServerError, PluginError,
              SqlError, SchemaError, WorkflowError, OSError, TimeoutError, RebuildError,
-             ExportError, NatsAuthError)
+             ExportError, NatsAuthError, SetupError, TestFileError, HubClientError)
     return isinstance(exc, known)
 
 

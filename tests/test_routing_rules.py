@@ -313,6 +313,29 @@ def test_the_step_that_enters_an_ask_state_is_the_one_that_asks() -> None:
     assert pending_ask(idle(), "m1") is None
 
 
+@pytest.mark.parametrize(("body", "error", "ok", "reason", "filled"), [
+    ({"status": "shipped", "eta": "Friday"}, None, True, None, "found"),
+    ({"error": "no such shop"}, None, False, "error", "unavailable"),
+    (["not", "an", "object"], None, False, "bad_reply", "unavailable"),
+    (None, "no_responders", False, "no_responders", "unavailable"),
+])
+def test_a_service_answer_becomes_the_reply_input_that_takes_its_branch(
+    body: Any, error: str | None, ok: bool, reason: str | None, filled: str
+) -> None:
+    """ask_reply turns an answer (or the failure to get one) into the reply input: an
+    object is ok, an object with an error key or anything else is a failure; its id is
+    derived from the request, and the engine takes the matching branch."""
+    state = decide(at("order_status", "ask_order"), msg("12345"), None, POLICY, ENGINE,
+                   REVISION, NOW).result.state
+    ask = pending_ask(state, "m1")
+    assert ask is not None
+    reply = rules.ask_reply(ask, "c1", body, error, 970.0)
+    assert reply.id == derived_id(ask.id, "reply") and reply.event == "reply"
+    assert (reply.data["ok"], reply.data["error"], reply.ts) == (ok, reason, 970.0)
+    after = decide(state, reply, None, POLICY, ENGINE, REVISION + 1, NOW).result
+    assert after.events[0].to_state == filled
+
+
 # -- layering --------------------------------------------------------------------------
 def test_no_channel_imports_the_routing_package() -> None:
     """Channels talk to the hub through ChannelContext only: no module under channels/

@@ -9,12 +9,17 @@ The first problem found is raised as a :class:`~commhub.core.workflow.WorkflowEr
 reading ``file:line: problem`` (``book_table.yaml:12: state 'confirm': transition
 target 'dne' is not a state``), or ``<workflow NAME>: problem`` for a definition built
 in code. :func:`check_workflow` is also importable from :mod:`commhub.core.workflow`.
+
+Warnings are for definitions that load but will classify badly; they never stop a
+load, and read like errors (``file:line: problem``). :func:`example_warnings`: too few
+examples, examples shorter than two words; :func:`overlap_warnings`: examples of one
+workflow that the classifier, trained on all of them, still scores high for another.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from commhub.core.engine.model import (
@@ -26,9 +31,14 @@ from commhub.core.engine.model import (
     WorkflowDef,
     template_fields,
 )
+from commhub.core.envelope import Alternative
 from commhub.core.routing.state import HANDOFF_END_EVENT, ROUTER_EVENTS
 
-__all__ = ["check_workflow"]
+__all__ = ["MIN_EXAMPLES", "MIN_EXAMPLE_WORDS", "check_workflow", "example_warnings",
+           "overlap_warnings"]
+
+MIN_EXAMPLES = 5  # fewer, and the classifier has too little to tell a workflow by
+MIN_EXAMPLE_WORDS = 2  # a one-word example teaches a word, not a way of asking
 
 # Workflow-event kinds share the subject space ``evt.workflow.{wf}.{kind}`` with emits.
 _RESERVED_EMITS = {
@@ -236,3 +246,60 @@ def _closure(start: Iterable[str], next_of: Any) -> set[str]:
             seen.add(name)
             todo.extend(next_of(name))
     return seen
+
+
+# -- warnings ----------------------------------------------------------------------------
+def example_warnings(defn: WorkflowDef, fallback: str = "fallback") -> list[str]:
+    """Warnings about ``defn``'s examples (none for the ``fallback`` workflow, which the
+    classifier never picks): fewer than :data:`MIN_EXAMPLES` (none at all: only a start
+    button can start it), and each example shorter than :data:`MIN_EXAMPLE_WORDS` words."""
+    if defn.name == fallback:
+        return []
+    found = []
+    count = len(defn.examples)
+    if count == 0:
+        found.append(str(defn.error(("name",), f"workflow {defn.name!r} has no examples: "
+                                    "the classifier never picks it (only a start button "
+                                    "can start it)")))
+    elif count < MIN_EXAMPLES:
+        found.append(str(defn.error(("examples",), f"workflow {defn.name!r} has {count} "
+                                    f"example{'s' if count != 1 else ''}; give it at least "
+                                    f"{MIN_EXAMPLES} (a dozen varied ones is better)")))
+    for i, example in enumerate(defn.examples):
+        if len(example.split()) < MIN_EXAMPLE_WORDS:
+            found.append(str(defn.error(("examples", i), f"workflow {defn.name!r}: example "
+                                        f"{example!r} is shorter than {MIN_EXAMPLE_WORDS} "
+                                        "words; write it as a user would ask")))
+    return found
+
+
+def overlap_warnings(
+    definitions: Mapping[str, WorkflowDef],
+    rank: Callable[[Sequence[str]], list[list[Alternative]]],
+    threshold: float,
+) -> list[str]:
+    """Warnings about examples that overlap another workflow's: ``rank`` is a classifier
+    trained on all the examples of ``definitions`` (best first); an example of A whose
+    ranking gives another workflow B at least ``threshold``, or more than A, would start
+    B (or make the router ask which one) although the classifier learnt it as A. One
+    warning per example, naming the workflow it scores highest for. Near misses are not
+    found this way (the classifier has seen every example); ``commhub bench classifier``
+    measures held-out accuracy."""
+    owned = [(name, i, text) for name, defn in definitions.items()
+             for i, text in enumerate(defn.examples)]
+    if len({name for name, _, _ in owned}) < 2:
+        return []
+    found = []
+    for (name, i, text), ranked in zip(owned, rank([t for _, _, t in owned]), strict=True):
+        own = next((a.confidence for a in ranked if a.workflow == name), 0.0)
+        others = [a for a in ranked if a.workflow != name
+                  and (a.confidence >= threshold or a.confidence > own)]
+        if others:
+            other = max(others, key=lambda a: a.confidence)
+            found.append(str(definitions[name].error(
+                ("examples", i),
+                f"workflow {name!r}: example {text!r} scores {other.confidence:.2f} for "
+                f"{other.workflow!r} ({own:.2f} for its own workflow; threshold "
+                f"{threshold:.2f}): the two workflows' examples overlap",
+            )))
+    return found

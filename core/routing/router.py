@@ -80,7 +80,7 @@ from commhub.core.retry import Permanent, Retry, RetryPolicy
 from commhub.core.routing import rules
 from commhub.core.routing.inputs import decode_input
 from commhub.core.routing.rules import Decision, RoutingPolicy
-from commhub.core.routing.state import REPLY_EVENT, ConversationState, PendingAsk, StepResult
+from commhub.core.routing.state import ConversationState, PendingAsk, StepResult
 from commhub.core.routing.store import OutboxEntry, StateStore, StoredState
 from commhub.core.routing.timers import TimerScheduler
 
@@ -110,7 +110,6 @@ RETRY_POLICY = RetryPolicy(first=0.05, factor=2.0, cap=60.0, in_place_attempts=6
 CONFLICTS_IN_A_ROW = 10  # revision conflicts recomputed at once before it counts as a failure
 # The header that carries an ``ask`` request's stable id, for services to dedupe on.
 REQUEST_ID_HEADER = "Commhub-Request-Id"
-ASK_SENDER = Sender(id="commhub-ask", kind="service", name="ask")
 
 
 @dataclass
@@ -352,10 +351,6 @@ class Router:
                 ask.subject, msgspec.json.encode(ask.data), timeout=ask.timeout, headers=headers
             )
             body = msgspec.json.decode(response.data)
-            if not isinstance(body, dict):
-                error, body = "bad_reply", None
-            elif "error" in body:
-                error = "error"
         except nats.errors.NoRespondersError:
             error = "no_responders"
         except (TimeoutError, nats.errors.TimeoutError):
@@ -364,16 +359,9 @@ class Router:
             error = "bad_reply"
         finally:
             beat.cancel()
-        if error is not None:
+        outcome = rules.ask_reply(ask, conversation, body, error, now())
+        if not outcome.data["ok"]:
             self.stats.ask_failures += 1
-        outcome = WorkflowInput(
-            id=derived_id(ask.id, "reply"),
-            conversation=conversation,
-            event=REPLY_EVENT,
-            data={"id": ask.id, "subject": ask.subject, "ok": error is None, "error": error,
-                  "reply": body},
-            sender=ASK_SENDER,
-        )
         await self.bus.publish(self.bus.subjects.workflow_input(conversation), outcome)
 
     def _classification(

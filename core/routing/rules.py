@@ -14,6 +14,8 @@ decides comes from here:
   :class:`Classification` to record, if any;
 * :func:`dropped`: the decision for a message the inbound middleware dropped;
 * :func:`pending_ask`: did this input's step enter an ``ask`` state?
+* :func:`ask_reply`: the ``reply`` input that a service's answer to it (or the failure
+  to get one) becomes.
 
 A message goes through these rules, the first that applies wins:
 
@@ -51,6 +53,7 @@ from commhub.core.envelope import (
     Alternative,
     ClassificationDecision,
     Message,
+    Sender,
     WorkflowInput,
     derived_id,
 )
@@ -68,6 +71,7 @@ from commhub.core.routing.state import (
 )
 
 __all__ = [
+    "ASK_SENDER",
     "BUTTON_MODEL",
     "RECENT_INPUTS",
     "Action",
@@ -75,6 +79,7 @@ __all__ = [
     "Decision",
     "RoutingPolicy",
     "already_handled",
+    "ask_reply",
     "clarify_candidates",
     "decide",
     "dropped",
@@ -85,6 +90,7 @@ __all__ = [
 
 RECENT_INPUTS = 16  # earlier input ids a state keeps to recognise late redeliveries
 BUTTON_MODEL = "button"  # the "model" a classification chosen by a start button records
+ASK_SENDER = Sender(id="commhub-ask", kind="service", name="ask")  # sends ``reply`` inputs
 
 Action = Literal[
     "start", "restart", "step", "cancel", "clarify", "fallback", "silent", "ignore", "expire"
@@ -188,6 +194,32 @@ def pending_ask(state: ConversationState, input_id: str) -> PendingAsk | None:
                                                   "ask"):
         return None
     return asking
+
+
+def ask_reply(
+    ask: PendingAsk, conversation: str, body: object, error: str | None, ts: float
+) -> WorkflowInput:
+    """The ``reply`` WorkflowInput for the answer to ``ask``, which steps the run.
+
+    ``body`` is the service's decoded JSON answer (None when there was none); ``error``
+    the failure to get one (``timeout``, ``no_responders``, ``bad_reply``), else None.
+    An answer that is not a JSON object is a ``bad_reply``; an object with an ``error``
+    key is the service's own ``error``. The input's id is derived from the request id,
+    so asking again after a crash yields the same input (and JetStream keeps one copy).
+    """
+    if error is None and not isinstance(body, dict):
+        error, body = "bad_reply", None
+    elif error is None and isinstance(body, dict) and "error" in body:
+        error = "error"
+    return WorkflowInput(
+        id=derived_id(ask.id, "reply"),
+        conversation=conversation,
+        event=REPLY_EVENT,
+        data={"id": ask.id, "subject": ask.subject, "ok": error is None, "error": error,
+              "reply": body},
+        sender=ASK_SENDER,
+        ts=ts,
+    )
 
 
 # -- messages ----------------------------------------------------------------------
