@@ -20,6 +20,7 @@ from commhub.core.envelope import (
     Alternative,
     ChannelEvent,
     Classification,
+    Entity,
     Message,
     Sender,
     WorkflowEvent,
@@ -112,6 +113,7 @@ async def test_each_record_type_lands_in_its_table(bus: Bus, recorder: Recorder)
                     model="tfidf-svm",
                     model_version="3",
                     ts=TS,
+                    entities=[Entity(kind="number", value=4, text="four", start=10, end=14)],
                 ),
             ),
             (
@@ -201,7 +203,11 @@ async def test_each_record_type_lands_in_its_table(bus: Bus, recorder: Recorder)
         {"workflow": "booking", "confidence": 0.82},
         {"workflow": "faq", "confidence": 0.1},
     ]
-    assert classification[8:] == ("tfidf-svm", "3", TS_UTC)
+    assert classification[8:11] == ("tfidf-svm", "3", TS_UTC)
+    assert json.loads(classification[11]) == [
+        {"kind": "number", "value": 4, "text": "four", "start": 10, "end": 14,
+         "alternative": None},
+    ]
 
     event, emitted = fetch(recorder, "SELECT * FROM workflow_events ORDER BY id")
     assert event[:8] == (
@@ -415,11 +421,12 @@ def test_migrate_is_versioned_and_refuses_a_newer_database(tmp_path: Path) -> No
     """migrate() applies every version once, is a no-op after, and refuses a newer schema."""
     con = duckdb.connect(str(tmp_path / "m.duckdb"))
     try:
-        assert schema.migrate(con) == schema.latest_version() == 2
-        assert schema.migrate(con) == 2
+        assert schema.migrate(con) == schema.latest_version() == 3
+        assert schema.migrate(con) == 3
         assert con.execute("SELECT version FROM schema_version ORDER BY 1").fetchall() == [
             (1,),
             (2,),
+            (3,),
         ]
         tables = {
             r[0] for r in con.sql("SELECT table_name FROM information_schema.tables").fetchall()
@@ -458,7 +465,7 @@ def test_a_version_1_database_migrates_and_fills_the_derived_tables(tmp_path: Pa
         con.close()
     con = duckdb.connect(str(path))
     try:
-        assert schema.migrate(con) == 2
+        assert schema.migrate(con) == schema.latest_version()
         rows = con.execute(
             "SELECT conversation, channel, user_id, messages, messages_in, messages_out, runs,"
             " workflows, last_workflow, outcome FROM conversations ORDER BY 1"

@@ -80,6 +80,7 @@ _ARROW_SCHEMAS: dict[str, pa.Schema] = {
             ("model", _S),
             ("model_version", _S),
             ("ts", _TS),
+            ("entities", _S),
         ]
     ),
     "workflow_events": pa.schema(
@@ -268,6 +269,7 @@ class Batch:
                     record.model,
                     record.model_version,
                     _micros(record.ts),
+                    _json(record.entities),
                 )
                 table = "classifications"
             case WorkflowEvent():
