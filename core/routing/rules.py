@@ -40,20 +40,24 @@ computed again after a conflict or a crash names everything the same way.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
+import msgspec
 from msgspec.structs import replace
 
 from commhub.core.engine.fsm import Engine, matches_phrase
 from commhub.core.envelope import (
     Alternative,
     ClassificationDecision,
+    Entity,
     Message,
     WorkflowInput,
     derived_id,
 )
+from commhub.core.routing.smalltalk import SmallTalk
 from commhub.core.routing.state import (
     EXPIRE_EVENT,
     REPLY_EVENT,
@@ -78,16 +82,20 @@ __all__ = [
     "clarify_candidates",
     "decide",
     "dropped",
+    "intent_payload",
     "message_trigger",
     "needs_classification",
     "pending_ask",
 ]
 
 RECENT_INPUTS = 16  # earlier input ids a state keeps to recognise late redeliveries
+# Rasa's payload text: "/intent" or "/intent{JSON object}" as the whole message.
+_INTENT_PAYLOAD_RE = re.compile(r"^/([A-Za-z0-9_-]{1,128})(\{.*\})?$", re.S)
 BUTTON_MODEL = "button"  # the "model" a classification chosen by a start button records
 
 Action = Literal[
-    "start", "restart", "step", "cancel", "clarify", "fallback", "silent", "ignore", "expire"
+    "start", "restart", "step", "cancel", "clarify", "fallback", "silent", "ignore", "expire",
+    "smalltalk",
 ]
 
 
@@ -96,7 +104,8 @@ class RoutingPolicy:
     """The settings the rules apply, fixed for a router's lifetime.
 
     ``workflows`` maps every workflow's name to its description (the title of its
-    start button; the name when empty), the fallback included.
+    start button; the name when empty), the fallback included. ``smalltalk`` is the
+    small talk in force (its replies, the intents turned off).
     """
 
     threshold: float
@@ -105,6 +114,7 @@ class RoutingPolicy:
     restart_phrases: tuple[str, ...]
     fallback: str
     workflows: Mapping[str, str]
+    smalltalk: SmallTalk = field(default_factory=SmallTalk)
 
     @classmethod
     def for_engine(
@@ -115,6 +125,7 @@ class RoutingPolicy:
         clarify_margin: float,
         cancel_phrases: Iterable[str],
         restart_phrases: Iterable[str],
+        smalltalk: SmallTalk | None = None,
     ) -> RoutingPolicy:
         """The policy for ``engine``'s workflows and fallback."""
         return cls(
@@ -124,11 +135,18 @@ class RoutingPolicy:
             restart_phrases=tuple(restart_phrases),
             fallback=engine.fallback,
             workflows={name: defn.description for name, defn in engine.definitions.items()},
+            smalltalk=smalltalk or SmallTalk(),
         )
 
     def title(self, workflow: str) -> str:
         """What a start button for ``workflow`` says."""
         return self.workflows.get(workflow) or workflow
+
+    def start_buttons(self) -> list[dict[str, Any]]:
+        """A start button for every workflow but the fallback, titled by its
+        description, in load order: what the bot can do."""
+        return [{"title": self.title(name), "payload": {"start": name}}
+                for name in self.workflows if name != self.fallback]
 
 
 @dataclass(frozen=True)
@@ -145,6 +163,7 @@ class ClassificationFields:
     alternatives: list[Alternative]
     decision: ClassificationDecision
     model: str | None = None
+    entities: list[Entity] = field(default_factory=list)
 
 
 @dataclass
@@ -195,11 +214,14 @@ def needs_classification(
     state: ConversationState, message: Message, policy: RoutingPolicy, engine: Engine
 ) -> bool:
     """True when :func:`decide` needs the classifier's ranking of ``message.text``:
-    no earlier rule applies (handoff, start button, phrase, a run taking the message as
-    its step) and the text is not empty (empty text is unclear without asking)."""
-    if state.handoff or _start_button(message, policy) is not None:
+    no earlier rule applies (a start button or payload, a phrase, a handoff, small talk,
+    a run taking the message as its step) and the text is not empty (empty text is
+    unclear without asking)."""
+    if _start_button(message, policy) is not None or _payload_start(message, policy):
         return False
-    if _phrase(state, message, policy, engine) is not None:
+    if _phrase(state, message, policy, engine) is not None or state.handoff:
+        return False
+    if policy.smalltalk.intent(message.text) is not None:
         return False
     if state.active and state.workflow != policy.fallback:
         return False
@@ -214,6 +236,9 @@ def decide(
     engine: Engine,
     revision: int | None,
     now: float,
+    *,
+    entities: list[Entity] | None = None,
+    agents_available: bool = True,
 ) -> Decision:
     """Decide what ``record`` does to ``state`` (see the module docstring for the rules).
 
@@ -221,12 +246,15 @@ def decide(
     None when :func:`needs_classification` is False. ``revision`` is the state's KV
     revision (None for a new conversation): run ids are derived from it and the input's
     id. ``now`` stamps the state of a step the engine does not take (silence, ignore).
-    Raises ValueError when the rules need alternatives and got None.
+    ``entities`` are the message text's (the engine finds them when None);
+    ``agents_available`` says whether a human agent announced themselves (no handoff
+    without one). Raises ValueError when the rules need alternatives and got None.
     """
     if isinstance(record, WorkflowInput):
         decision = _on_input(state, record, engine, now)
     else:
-        decision = _on_message(state, record, alternatives, policy, engine, revision, now)
+        decision = _on_message(state, record, alternatives, policy, engine, revision, now,
+                               entities, agents_available)
     decision.result.state = _remember_input(state, decision.result.state)
     return decision
 
@@ -238,17 +266,47 @@ def dropped(state: ConversationState, input_id: str, now: float) -> Decision:
     return Decision("ignore", StepResult(state=_remember_input(state, moved)))
 
 
-def message_trigger(message: Message) -> Trigger:
+def intent_payload(text: str | None) -> tuple[str, dict[str, Any]] | None:
+    """Rasa's payload text, ``/intent`` or ``/intent{"slot": value, ...}`` as the whole
+    message: the intent and the slot values, or None for any other text (or a
+    malformed object)."""
+    matched = _INTENT_PAYLOAD_RE.match((text or "").strip())
+    if matched is None:
+        return None
+    data: Any = {}
+    if matched.group(2):
+        try:
+            data = msgspec.json.decode(matched.group(2))
+        except msgspec.DecodeError:
+            return None
+        if not isinstance(data, dict):
+            return None
+    return matched.group(1), data
+
+
+def message_trigger(
+    message: Message, entities: list[Entity] | None = None, agents: bool = True
+) -> Trigger:
     """The engine's trigger for a user's message: a ``button`` when the payload has a
-    ``value`` (its text is the value when the message has no text), else a ``message``."""
+    ``value`` (its text is the value when the message has no text), else a ``message``.
+    A ``/intent{...}`` payload text gives its values as the trigger's ``data`` (slot
+    values) and no text to answer with."""
     payload = message.payload or {}
     value = payload.get("value")
+    text = message.text if message.text is not None else _str_or_none(value)
+    data: dict[str, Any] = {}
+    given = intent_payload(message.text)
+    if given is not None:
+        text, data = None, given[1]
     return Trigger(
         id=message.id,
         kind="button" if "value" in payload else "message",
-        text=message.text if message.text is not None else _str_or_none(value),
+        text=text,
         payload=payload or None,
+        data=data,
         ts=message.ts,
+        entities=[] if given is not None else entities,
+        agents=agents,
     )
 
 
@@ -279,20 +337,21 @@ def _on_message(
     engine: Engine,
     revision: int | None,
     now: float,
+    entities: list[Entity] | None,
+    agents_available: bool,
 ) -> Decision:
     if state.channel is None or state.user is None:
         # The conversation's replies go to the channel it began on.
         state = replace(state, channel=message.channel, user=message.sender.id)
-    if state.handoff:
-        # A person has the conversation: the message is on the bus and recorded, and
-        # counts as activity (idle expiry), but the bot says nothing.
-        silent = replace(state, last_input=message.id, updated=now, turns=state.turns + 1)
-        return Decision("silent", StepResult(state=silent))
-    trigger = message_trigger(message)
+    trigger = message_trigger(message, entities, agents_available)
+    found = list(entities or [])
     ts = message.ts
-    start = _start_button(message, policy)
+    # A start button, a /workflow{...} payload, cancel and restart work in every state,
+    # during a handoff too: the user can always leave.
+    start = _start_button(message, policy) or _payload_start(message, policy)
     if start is not None:
-        picked = ClassificationFields(start, 1.0, [], "button", model=BUTTON_MODEL)
+        picked = ClassificationFields(start, 1.0, [], "button", model=BUTTON_MODEL,
+                                      entities=found)
         return Decision("start", _start(engine, state, start, trigger, revision), picked)
     phrase = _phrase(state, message, policy, engine)
     if phrase == "cancel":
@@ -300,6 +359,14 @@ def _on_message(
     if phrase == "restart":
         run_id = derived_id(trigger.id, revision, "run")
         return Decision("restart", engine.restart(state, trigger, run_id, ts))
+    if state.handoff:
+        # A person has the conversation: the message is on the bus and recorded, and
+        # counts as activity (idle expiry), but the bot says nothing.
+        silent = replace(state, last_input=message.id, updated=now, turns=state.turns + 1)
+        return Decision("silent", StepResult(state=silent))
+    chat = policy.smalltalk.intent(message.text)
+    if chat is not None:
+        return Decision("smalltalk", _small_talk(state, trigger, chat, policy, engine, ts))
     clarifying = state.workflow == policy.fallback
     if state.active and not clarifying:
         return Decision("step", engine.step(state, trigger, ts))
@@ -313,21 +380,50 @@ def _on_message(
     confidence = best.confidence if best is not None else 0.0
     close = clarify_candidates(alternatives, policy)
     if close is not None:
-        asked = ClassificationFields(None, confidence, alternatives, "clarify")
+        asked = ClassificationFields(None, confidence, alternatives, "clarify", entities=found)
         return Decision("clarify", _clarify(state, trigger, close, policy, ts), asked)
     if confident:
         assert best is not None
-        chosen = ClassificationFields(best.workflow, confidence, alternatives, "workflow")
+        chosen = ClassificationFields(best.workflow, confidence, alternatives, "workflow",
+                                      entities=found)
         # Clear text while the fallback asks what they want: leave its run for this one.
         return Decision("start", _start(engine, state, best.workflow, trigger, revision),
                         chosen)
     if clarifying:
-        # Still unclear: the fallback's run goes on (and hands over to a person). Its
-        # first unclear message was recorded when it started.
+        # Still unclear: the fallback's run goes on (it hands over to a person while
+        # one is available). Its first unclear message was recorded when it started.
         return Decision("fallback", engine.step(state, trigger, ts))
-    unclear = ClassificationFields(None, confidence, alternatives, "fallback")
+    unclear = ClassificationFields(None, confidence, alternatives, "fallback", entities=found)
     return Decision("fallback", _start(engine, state, policy.fallback, trigger, revision),
                     unclear)
+
+
+def _small_talk(
+    state: ConversationState,
+    trigger: Trigger,
+    intent: str,
+    policy: RoutingPolicy,
+    engine: Engine,
+    ts: float,
+) -> StepResult:
+    """Answer small talk; a run in progress stays where it is and asks its question
+    again (the fallback's too)."""
+    talk = policy.smalltalk
+    buttons = policy.start_buttons() if talk.lists_workflows(intent) else []
+    replies = [Reply(text=talk.reply(intent), buttons=buttons)]
+    if state.active:
+        replies.extend(engine.question(state))
+    moved = replace(state, last_input=trigger.id, updated=ts, turns=state.turns + 1)
+    return StepResult(state=moved, replies=replies)
+
+
+def _payload_start(message: Message, policy: RoutingPolicy) -> str | None:
+    """The workflow a ``/workflow{...}`` payload text names, if the router knows it
+    (never the fallback)."""
+    given = intent_payload(message.text)
+    if given is None or given[0] not in policy.workflows or given[0] == policy.fallback:
+        return None
+    return given[0]
 
 
 def _start_button(message: Message, policy: RoutingPolicy) -> str | None:
