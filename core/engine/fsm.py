@@ -60,6 +60,10 @@ _MISSING = object()
 _YES = frozenset({"yes", "y", "yeah", "yep", "yes please", "correct", "right", "that s right",
                   "sure", "ok", "okay"})
 _NO = frozenset({"no", "n", "nope", "no thanks", "wrong"})
+# A message that begins with one of these corrects an earlier answer before it answers
+# the current question: "Actually, make it five" is no name.
+_CORRECTION_CUES = ("actually", "no", "sorry", "wait", "oops", "make it", "change it",
+                    "i meant", "i mean", "instead")
 _CONFIRM_BUTTONS = [ButtonDef(title="Yes", value="yes"), ButtonDef(title="No", value="no")]
 
 
@@ -234,6 +238,10 @@ class Engine:
             moved = replace(moved, confirming=None)  # anything else answers the question
             result.state = moved
 
+        if spoken and _corrects(_message_text(trigger)):
+            corrected = self._correct(defn, current, state, moved, entities, given, trigger, now)
+            if corrected is not None:
+                return corrected
         invalid: tuple[TransitionDef, str] | None = None
         for transition in current.on:
             filled = _match(defn, current, transition, trigger, elapsed)
@@ -620,6 +628,12 @@ def _idle(state: ConversationState) -> ConversationState:
     return replace(state, workflow=None, state=None, run_id=None, slots={}, handoff=False,
                    entered=0.0, timeout_at=None, asking=None, expires=True, prefilled=[],
                    confirming=None)
+
+
+def _corrects(text: str | None) -> bool:
+    """Whether a message begins like a correction ("actually", "no, ...", "make it")."""
+    said = normalize_phrase(text or "")
+    return any(said == cue or said.startswith(cue + " ") for cue in _CORRECTION_CUES)
 
 
 def _asked_slot(state: StateDef) -> str | None:

@@ -70,7 +70,9 @@ from commhub.core.envelope import (
 )
 from commhub.core.plugins import Plugins
 from commhub.core.routing import rules
+from commhub.core.routing.agents import AgentPresence
 from commhub.core.routing.rules import Decision, RoutingPolicy
+from commhub.core.routing.smalltalk import SmallTalk
 from commhub.core.routing.state import REPLY_EVENT, ConversationState, PendingAsk, StepResult
 from commhub.core.routing.store import OutboxEntry, StateStore, StoredState
 from commhub.core.routing.timers import TimerScheduler
@@ -132,6 +134,9 @@ class Router:
         idle_expiry: float = 3600.0,
         cancel_phrases: tuple[str, ...] | list[str] = DEFAULT_CANCEL_PHRASES,
         restart_phrases: tuple[str, ...] | list[str] = DEFAULT_RESTART_PHRASES,
+        smalltalk: SmallTalk | None = None,
+        agent_ttl: float = 30.0,
+        handoff_needs_agent: bool = True,
     ) -> None:
         self.bus = bus
         self.engine = engine
@@ -143,12 +148,15 @@ class Router:
             clarify_margin=clarify_margin,
             cancel_phrases=cancel_phrases,
             restart_phrases=restart_phrases,
+            smalltalk=smalltalk,
         )
         self.concurrency = concurrency
         self.model_name, self.model_version = model
         self.exclusive = exclusive  # the only router on this stream: may rewind on start
         self.store = StateStore(bus)
         self.timers = TimerScheduler(bus, idle_expiry, store=self.store)
+        # Human agents' heartbeats; None: hand off without asking who is there.
+        self.agents = AgentPresence(bus, agent_ttl) if handoff_needs_agent else None
         self.stats = RouterStats()
         self._slots = asyncio.Semaphore(concurrency)
         self._runner = KeyedSerialRunner()
@@ -175,12 +183,16 @@ class Router:
             s.messages_stream, config, rewind_unacked=self.exclusive
         )
         await self.timers.start()
+        if self.agents is not None:
+            await self.agents.start()
         self._fetch_task = asyncio.create_task(self._fetch_loop(), name="router-fetch")
 
     async def stop(self) -> None:
         """Stop fetching, let the inputs in hand finish (and ack), then unbind."""
         self._stopping.set()
         await self.timers.stop()
+        if self.agents is not None:
+            await self.agents.stop()
         if self._fetch_task is not None:
             await self._fetch_task
             self._fetch_task = None
@@ -329,8 +341,12 @@ class Router:
         if rules.needs_classification(state, message, self.policy, self.engine):
             alternatives = await self.classifier.classify(message.text or "")
             self.stats.classified += 1
+        at = now()
+        plain = not state.handoff and rules.intent_payload(message.text) is None
+        entities = self.engine.extract(message.text, at) if plain else []
+        agents = self.agents.available(at) if self.agents is not None else True
         decision = rules.decide(state, message, alternatives, self.policy, self.engine,
-                                revision, now())
+                                revision, at, entities=entities, agents_available=agents)
         if decision.action == "fallback":
             self.stats.fallbacks += 1
         elif decision.action == "clarify":
@@ -400,6 +416,7 @@ class Router:
             model_version="" if fields.model else self.model_version,
             ts=now(),
             decision=fields.decision,
+            entities=fields.entities,
         )
         return self.bus.subjects.classified(message.conversation), record
 
