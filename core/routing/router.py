@@ -390,7 +390,7 @@ class Router:
         if error is not None:
             self.stats.ask_failures += 1
         outcome = WorkflowInput(
-            id=derived_id(ask.id, "reply"),
+            id=rules.ask_reply_id(ask),
             conversation=conversation,
             event=REPLY_EVENT,
             data={"id": ask.id, "subject": ask.subject, "ok": error is None, "error": error,

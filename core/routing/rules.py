@@ -79,6 +79,7 @@ __all__ = [
     "Decision",
     "RoutingPolicy",
     "already_handled",
+    "ask_reply_id",
     "clarify_candidates",
     "decide",
     "dropped",
@@ -196,6 +197,12 @@ def already_handled(
     if input_id in state.recent_inputs:
         return "earlier"
     return None
+
+
+def ask_reply_id(ask: PendingAsk) -> str:
+    """The id of the ``reply`` WorkflowInput that carries the answer to ``ask``
+    (derived from the request id, so every router names it the same way)."""
+    return derived_id(ask.id, "reply")
 
 
 def pending_ask(state: ConversationState, input_id: str) -> PendingAsk | None:
