@@ -17,18 +17,24 @@ decides comes from here:
 
 A message goes through these rules, the first that applies wins:
 
-1. the conversation is handed off to a person: the bot stays **silent**;
-2. a start button (``payload.start``) naming a workflow **start** s it (a run in
-   progress is cancelled first);
-3. during a run, a whole-message cancel phrase **cancel** s it, and a restart phrase
+1. a start button (``payload.start``) or a ``/workflow{"slot": value}`` payload text
+   naming a workflow **start** s it, with those slots (a run in progress, a handoff
+   included, is cancelled first);
+2. during a run, a whole-message cancel phrase **cancel** s it, and a restart phrase
    **restart** s it from its initial state, unless the current state has a button of
-   that name (the state's own "cancel" wins);
-4. a run other than the fallback's takes the message as its next **step**;
-5. otherwise the text is classified (empty text counts as unclear): when the top two
+   that name (the state's own "cancel" wins); during a handoff too;
+3. the conversation is handed off to a person: the bot stays **silent**;
+4. small talk (a greeting, thanks, goodbye, "what can you do?", "are you a bot?", as
+   the whole message, see :mod:`.smalltalk`) is answered (**smalltalk**); a run stays
+   where it is and asks its question again;
+5. a run other than the fallback's takes the message as its next **step** (its
+   entities may fill or correct slots);
+6. otherwise the text is classified (empty text counts as unclear): when the top two
    both reach the threshold and are closer than ``clarify_margin``, the user is asked
    to **clarify** ("Did you mean A or B?"); when the best reaches the threshold its
    workflow **start** s (leaving the fallback's run, if the user was in it); else the
-   **fallback** handles it (starts, or its run goes on, which hands over to a person).
+   **fallback** handles it (starts, or its run goes on, which hands over to a person
+   only while ``agents_available``; with nobody there it says so).
 
 A workflow input moves an active run (**step**; the ``expire`` event **expire** s it);
 for an idle conversation it is recorded as handled and otherwise **ignore** d.
