@@ -32,7 +32,7 @@ from commhub.core.routing.rules import (
     pending_ask,
 )
 from commhub.core.routing.state import EXPIRE_EVENT, ConversationState
-from commhub.core.workflow import load_workflows
+from commhub.core.workflow import WorkflowDef, load_workflows
 from commhub.workflows.builtin import DEFINITIONS
 
 ENGINE = Engine(load_workflows([DEFINITIONS]))
@@ -362,3 +362,21 @@ def test_no_channel_imports_the_routing_package() -> None:
             offenders += [f"{path.relative_to(root)}: {name}" for name in names
                           if name.startswith("commhub.core.routing")]
     assert offenders == []
+
+
+# -- small talk and workflows ----------------------------------------------------------
+def test_a_workflow_trained_on_a_greeting_gets_it() -> None:
+    """A phrase that is one of a workflow's examples is that workflow's, not small
+    talk: "hello there" is classified; "hi" (not an example) is still small talk."""
+    greet = WorkflowDef.model_validate({
+        "name": "greet", "description": "Say hello", "examples": ["hello there"],
+        "initial": "done", "states": {"done": {"final": True, "say": "Hello from greet!"}}})
+    engine = Engine({**load_workflows([DEFINITIONS]), "greet": greet})
+    policy = RoutingPolicy.for_engine(engine, threshold=0.35, clarify_margin=0.1,
+                                      cancel_phrases=(), restart_phrases=())
+    assert needs_classification(idle(), msg("Hello there!"), policy, engine)
+    chosen = decide(idle(), msg("Hello there!"), ranked(("greet", 0.9)), policy, engine,
+                    REVISION, NOW)
+    assert chosen.result.replies[0].text == "Hello from greet!"
+    small = decide(idle(), msg("hi"), None, policy, engine, REVISION, NOW)
+    assert small.action == "smalltalk"

@@ -54,7 +54,7 @@ from typing import Any, Literal
 import msgspec
 from msgspec.structs import replace
 
-from commhub.core.engine.fsm import Engine, matches_phrase
+from commhub.core.engine.fsm import Engine, matches_phrase, normalize_phrase
 from commhub.core.envelope import (
     Alternative,
     ClassificationDecision,
@@ -112,7 +112,9 @@ class RoutingPolicy:
 
     ``workflows`` maps every workflow's name to its description (the title of its
     start button; the name when empty), the fallback included. ``smalltalk`` is the
-    small talk in force (its replies, the intents turned off).
+    small talk in force (its replies, the intents turned off); ``claimed`` the
+    workflows' example phrases (normalised), which are theirs, not small talk (a
+    workflow trained on "hello there" gets it).
     """
 
     threshold: float
@@ -122,6 +124,7 @@ class RoutingPolicy:
     fallback: str
     workflows: Mapping[str, str]
     smalltalk: SmallTalk = field(default_factory=SmallTalk)
+    claimed: frozenset[str] = frozenset()
 
     @classmethod
     def for_engine(
@@ -143,6 +146,9 @@ class RoutingPolicy:
             fallback=engine.fallback,
             workflows={name: defn.description for name, defn in engine.definitions.items()},
             smalltalk=smalltalk or SmallTalk(),
+            claimed=frozenset(normalize_phrase(example)
+                              for examples in engine.examples().values()
+                              for example in examples),
         )
 
     def title(self, workflow: str) -> str:
@@ -234,7 +240,7 @@ def needs_classification(
         return False
     if _phrase(state, message, policy, engine) is not None or state.handoff:
         return False
-    if policy.smalltalk.intent(message.text) is not None:
+    if _small_talk(message, policy) is not None:
         return False
     if state.active and state.workflow != policy.fallback:
         return False
@@ -377,9 +383,10 @@ def _on_message(
         # counts as activity (idle expiry), but the bot says nothing.
         silent = replace(state, last_input=message.id, updated=now, turns=state.turns + 1)
         return Decision("silent", StepResult(state=silent))
-    chat = policy.smalltalk.intent(message.text)
+    chat = _small_talk(message, policy)
     if chat is not None:
-        return Decision("smalltalk", _small_talk(state, trigger, chat, policy, engine, ts))
+        return Decision("smalltalk", _answer_small_talk(state, trigger, chat, policy, engine,
+                                                        ts))
     clarifying = state.workflow == policy.fallback
     if state.active and not clarifying:
         return Decision("step", engine.step(state, trigger, ts))
@@ -411,7 +418,16 @@ def _on_message(
                     unclear)
 
 
-def _small_talk(
+def _small_talk(message: Message, policy: RoutingPolicy) -> str | None:
+    """The small-talk intent of the message, unless a workflow claims the phrase as one
+    of its examples."""
+    intent = policy.smalltalk.intent(message.text)
+    if intent is None or normalize_phrase(message.text or "") in policy.claimed:
+        return None
+    return intent
+
+
+def _answer_small_talk(
     state: ConversationState,
     trigger: Trigger,
     intent: str,
