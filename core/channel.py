@@ -92,10 +92,15 @@ class TurnReplies:
     before the step committed (``replies`` is empty), or when later inputs of the
     conversation were handled before the commit was seen (``replies`` are those found
     on the stream).
+
+    ``follow_up`` names the input the conversation now waits for (a service's answer
+    to the workflow's request): :meth:`ChannelContext.turn_replies` with it gives the
+    replies that answer brings. None when the bot waits for nothing but the user.
     """
 
     replies: list[Message]
     complete: bool
+    follow_up: str | None = None
 
 
 class Channel:
@@ -211,7 +216,7 @@ class ChannelContext:
         if found.outbox is not None:
             replies = [entry.record for entry in found.outbox
                        if entry.subject == subject and isinstance(entry.record, Message)]
-            return TurnReplies(replies, complete=True)
+            return TurnReplies(replies, complete=True, follow_up=found.follow_up)
         return TurnReplies(await self._stored_replies(conversation, message_id, after),
                            complete=False)
 

@@ -171,6 +171,20 @@ class Settings(BaseSettings):
         default_factory=lambda: list(DEFAULT_RESTART_PHRASES),
         description="Messages that restart the active workflow (env: comma-separated).",
     )
+    timezone: str = Field(
+        "UTC", description="IANA time zone in which relative dates (tomorrow) are read.",
+    )
+    smalltalk: dict[str, str | bool] = Field(
+        default_factory=dict,
+        description="Small-talk replies by intent (greeting, thanks, goodbye, capabilities, "
+        "bot): a text replaces the built-in one, false turns it off.",
+    )
+    agent_ttl_seconds: float = Field(
+        30.0, gt=0, description="An agent's heartbeat counts for this long.",
+    )
+    handoff_needs_agent: bool = Field(
+        True, description="Hand off only while an agent's heartbeat is present.",
+    )
     workflow_paths: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="Extra workflow files or folders (env: comma-separated)."
     )
@@ -201,6 +215,21 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Bearer tokens for SQL over HTTP (/v1/sql); env: comma-separated.",
     )
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        from commhub.core.engine.entities import valid_timezone
+
+        return valid_timezone(value)
+
+    @field_validator("smalltalk")
+    @classmethod
+    def _known_smalltalk(cls, value: dict[str, str | bool]) -> dict[str, str | bool]:
+        from commhub.core.routing.smalltalk import SmallTalk
+
+        SmallTalk.from_settings(value)
+        return value
 
     @field_validator("prefix")
     @classmethod

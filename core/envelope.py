@@ -29,6 +29,7 @@ __all__ = [
     "Sender",
     "Message",
     "Alternative",
+    "Entity",
     "Classification",
     "WorkflowInput",
     "WorkflowEvent",
@@ -113,6 +114,24 @@ class Alternative(msgspec.Struct, frozen=True):
     confidence: float
 
 
+class Entity(msgspec.Struct, frozen=True, kw_only=True):
+    """A value found in a message's text: its ``kind`` (``number``, ``date``, ``time``,
+    ``email``, or the name of a choice slot's lexicon), the normalised ``value`` (a
+    number; ``YYYY-MM-DD``; ``HH:MM``; the address; the choice as the workflow writes
+    it), and where it was found: ``text[start:end]`` of the message is ``text``.
+
+    ``alternative`` is the other reading of an ambiguous time ("around 8": ``20:00``,
+    alternative ``08:00``), else None.
+    """
+
+    kind: str
+    value: Any
+    text: str
+    start: int
+    end: int
+    alternative: Any = None
+
+
 ClassificationDecision = Literal["workflow", "fallback", "clarify", "button"]
 
 
@@ -122,7 +141,8 @@ class Classification(msgspec.Struct, tag="classification", kw_only=True):
     ``workflow`` is None when no workflow reached ``threshold`` (the fallback ran) or
     when the top two were too close to call. ``decision`` says which: ``workflow``
     (started), ``fallback``, ``clarify`` (the user was asked "Did you mean A or B?"),
-    ``button`` (a start button chose it).
+    ``button`` (a start button chose it). ``entities`` are the values found in the
+    text (see :mod:`commhub.core.engine.entities`), with their spans.
     """
 
     id: str
@@ -137,6 +157,7 @@ class Classification(msgspec.Struct, tag="classification", kw_only=True):
     model_version: str = ""
     ts: float = msgspec.field(default_factory=now)
     decision: ClassificationDecision | None = None
+    entities: list[Entity] = msgspec.field(default_factory=list)
 
 
 class WorkflowInput(msgspec.Struct, tag="workflow_input", kw_only=True):

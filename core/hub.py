@@ -34,6 +34,7 @@ from commhub.core.bus import Bus
 from commhub.core.channel import Channel, ChannelContext
 from commhub.core.classify import BatchingClassifier, Classifier
 from commhub.core.config import Settings
+from commhub.core.engine.entities import warm_up as warm_up_entities
 from commhub.core.engine.fsm import Engine
 from commhub.core.lock import DataDirLock
 from commhub.core.natsauth import load_or_create, redact, without_credentials
@@ -44,6 +45,7 @@ from commhub.core.records.recorder import Recorder
 from commhub.core.records.snapshots import LiveSandbox
 from commhub.core.records.sqlservice import SqlService
 from commhub.core.routing.router import Router
+from commhub.core.routing.smalltalk import SmallTalk
 from commhub.core.routing.store import StateStore
 from commhub.core.web import WebServer, json_error, try_port
 from commhub.core.workflow import load_workflows
@@ -114,7 +116,7 @@ class Hub:
                     "no workflow named 'fallback': the router needs one for messages no "
                     "workflow is confident about (is commhub.workflows.builtin disabled?)"
                 )
-            self.engine = Engine(definitions)
+            self.engine = Engine(definitions, tz=s.timezone)
         if self._runs("recorder") or s.embedded_nats:
             self.lock = DataDirLock(s.data_dir)
             self.lock.acquire()
@@ -193,6 +195,9 @@ class Hub:
             # A missing model file or a broken install: the message is the story; a bug
             # in a plugin raises something else and keeps its traceback.
             raise HubError(f"classifier {cls.name} cannot be trained: {exc}") from exc
+        # The entity parser loads its time zone table once (about a second): now, not
+        # on the first message.
+        await asyncio.to_thread(warm_up_entities, s.timezone)
         self.router = Router(
             self.bus,
             self.engine,
@@ -207,6 +212,9 @@ class Hub:
             idle_expiry=s.idle_expiry_seconds,
             cancel_phrases=s.cancel_phrases,
             restart_phrases=s.restart_phrases,
+            smalltalk=SmallTalk.from_settings(s.smalltalk),
+            agent_ttl=s.agent_ttl_seconds,
+            handoff_needs_agent=s.handoff_needs_agent,
         )
         await self.router.start()
         self.endpoints.append(

@@ -150,6 +150,12 @@ class Subjects:
         return f"{self.prefix}_owners"
 
     @property
+    def agents_bucket(self) -> str:
+        """Human agents' heartbeats: key = agent id, value = JSON ``{name, ts,
+        capacity}``, expiring after the hub's ``agent_ttl_seconds``."""
+        return f"{self.prefix}_agents"
+
+    @property
     def router_consumer(self) -> str:
         return f"{self.prefix}_router"
 

@@ -222,6 +222,11 @@ async def test_handoff_round_trip_with_an_agent(hub: Hub, nats_url: str, prefix:
 
         await agent.subscribe(f"{prefix}.evt.workflow.*.handoff", cb=on_handoff)
         await agent.subscribe(f"{prefix}.in.*.ho1", cb=on_user)
+        # The agent announces itself: without a heartbeat the fallback hands off to nobody.
+        agents = await agent.jetstream().key_value(f"{prefix}_agents")
+        await agents.put("agent-7", json.dumps({"name": "Eve", "ts": 0, "capacity": 1}).encode())
+        assert hub.router is not None and hub.router.agents is not None
+        await wait_until(lambda: _true(hub.router.agents.available()))
         chat = await Chat.open(ws_port(hub), "ho1", user="una")
         await chat.say("xyzzy plugh frobnicate")
         handed = await chat.say("qwerty asdf zxcv")

@@ -54,7 +54,7 @@ def test_start_enters_initial_state_without_consuming_the_trigger(engine: Engine
     """start() sets workflow/state/run, says the initial prompt, and leaves the intent unused."""
     before = idle()
     snapshot = copy.deepcopy(before)
-    result = engine.start(before, "book_table", msg("table for 4 please", 7), "run1", 5.0)
+    result = engine.start(before, "book_table", msg("I want to book a table", 7), "run1", 5.0)
     state = result.state
     assert (state.workflow, state.state, state.run_id, state.slots) == (
         "book_table", "ask_party_size", "run1", {})
@@ -73,7 +73,7 @@ def test_book_table_happy_path_emits_typed_data_and_goes_idle(engine: Engine) ->
                  "ann@example.com")
     assert result.state.state == "confirm"
     assert result.replies[0].text == (
-        "A table for 4 on 2025-06-14 at 7pm, under the name Ann. Shall I book it?")
+        "A table for 4 on 2025-06-14 at 19:00, under the name Ann. Shall I book it?")
     assert [b["payload"] for b in result.replies[0].buttons] == [
         {"value": "yes"}, {"value": "no"}, {"value": "cancel"}]
     done = engine.step(result.state, press("yes", 9), 20.0)
@@ -81,9 +81,9 @@ def test_book_table_happy_path_emits_typed_data_and_goes_idle(engine: Engine) ->
     assert done.events[0].from_state == "confirm" and done.events[0].to_state == "booked"
     assert done.events[1].to_state == "booked"
     assert [e.name for e in done.emits] == ["table.booked"]
-    assert done.emits[0].data == {"party_size": 4, "day": "2025-06-14", "time": "7pm",
+    assert done.emits[0].data == {"party_size": 4, "day": "2025-06-14", "time": "19:00",
                                   "name": "Ann", "email": "ann@example.com"}
-    assert texts(done)[0].startswith("Booked! A table for 4 on 2025-06-14 at 7pm.")
+    assert texts(done)[0].startswith("Booked! A table for 4 on 2025-06-14 at 19:00.")
     assert (done.state.workflow, done.state.state, done.state.run_id, done.state.slots) == (
         None, None, None, {})
     assert not done.state.active
@@ -423,3 +423,192 @@ def test_misuse_raises_but_stale_state_fails_softly(engine: Engine) -> None:
     assert [e.kind for e in result.events] == ["failed"]
     assert result.replies == [Reply(text=LOST_TRACK)]
     assert not result.state.active
+
+
+# --------------------------------------------------------------------------- slots from any message
+# Wednesday 11 June 2025, 10:00 UTC: "tomorrow" is the 12th, "the 15th" a Sunday.
+WED = 1749636000.0
+
+
+def chat(engine: Engine, state: ConversationState, *lines: str) -> StepResult:
+    """The user says each line in turn (a minute apart); the last step's result."""
+    result = StepResult(state=state)
+    for n, line in enumerate(lines, start=1):
+        result = engine.step(result.state, msg(line, n), WED + 60 * n)
+    return result
+
+
+def booking(engine: Engine, first: str) -> StepResult:
+    return engine.start(idle(), "book_table", msg(first, 0), "run1", WED)
+
+
+def test_table_for_four_tomorrow_at_8pm_asks_for_the_name_next(engine: Engine) -> None:
+    """The message that starts the booking fills size, day and time; their questions
+    are passed over and the next one asked is the name."""
+    result = booking(engine, "Table for four tomorrow at 8pm")
+    assert result.state.state == "ask_name"
+    assert result.state.slots == {"party_size": 4, "day": "2025-06-12", "time": "20:00"}
+    assert texts(result) == ["Under which name should I book it?"]
+    started, *passed = result.events
+    assert (started.kind, started.to_state) == ("started", "ask_party_size")
+    assert started.slots_changed == {"party_size": 4, "day": "2025-06-12", "time": "20:00"}
+    assert [(e.from_state, e.to_state, e.trigger) for e in passed] == [
+        ("ask_party_size", "ask_day", "prefilled"), ("ask_day", "ask_time", "prefilled"),
+        ("ask_time", "ask_name", "prefilled")]
+
+
+def test_a_start_with_only_the_size_asks_for_the_day(engine: Engine) -> None:
+    """"Can I reserve a table for four?" is not answered "How many people?"."""
+    result = booking(engine, "Can I reserve a table for four?")
+    assert (result.state.state, result.state.slots) == ("ask_day", {"party_size": 4})
+    assert texts(result)[0].startswith("Which day")
+
+
+def test_an_answer_that_names_more_fills_the_later_questions_too(engine: Engine) -> None:
+    """Asked for the day, "next friday around 8" gives the day and the time (read
+    within opening hours: 20:00)."""
+    result = chat(engine, booking(engine, "book a table").state, "4", "next friday around 8")
+    assert result.state.slots == {"party_size": 4, "day": "2025-06-20", "time": "20:00"}
+    assert texts(result) == ["Under which name should I book it?"]
+
+
+def test_actually_make_it_five_while_the_time_is_asked(engine: Engine) -> None:
+    """A correction while another question is asked changes the size and asks the
+    time again."""
+    asked_time = chat(engine, booking(engine, "book a table").state, "4", "tomorrow")
+    assert asked_time.state.state == "ask_time"
+    result = chat(engine, asked_time.state, "Actually, make it five")
+    assert result.state.state == "ask_time"
+    assert result.state.slots["party_size"] == 5
+    assert texts(result) == ["Got it, I've changed that.",
+                             "At what time? (for example 19:30, 7pm or half past seven)"]
+    [event] = result.events
+    assert (event.from_state, event.to_state, event.slots_changed) == (
+        "ask_time", "ask_time", {"party_size": 5})
+    assert chat(engine, result.state, "8pm").state.state == "ask_name"
+
+
+def test_no_the_15th_at_the_confirmation_changes_the_day(engine: Engine) -> None:
+    """At the Yes/No confirmation, "no, the 15th" changes the day and confirms again."""
+    confirm = chat(engine, booking(engine, "Table for two tomorrow at 7pm").state,
+                   "Ann", "ann@example.com")
+    assert confirm.state.state == "confirm"
+    result = chat(engine, confirm.state, "no, the 15th")
+    assert result.state.state == "confirm"
+    assert result.state.slots["day"] == "2025-06-15"
+    assert texts(result)[1] == ("A table for 2 on 2025-06-15 at 19:00, under the name Ann. "
+                                "Shall I book it?")
+
+
+def test_a_message_that_changes_nothing_still_gets_the_reprompt(engine: Engine) -> None:
+    """Text with no value for any slot at the confirmation is answered as before."""
+    confirm = chat(engine, booking(engine, "Table for two tomorrow at 7pm").state,
+                   "Ann", "ann@example.com")
+    result = chat(engine, confirm.state, "hmm, let me think")
+    assert texts(result) == ["Please answer yes to book the table, no to start over, or cancel."]
+
+
+def test_rasa_style_intent_payload_fills_slots(engine: Engine) -> None:
+    """`/book_table{"party_size": 3}`-style values (the message's data) fill slots,
+    validated by their types; values that do not fit are dropped."""
+    trigger = Trigger(id="m0", kind="message", text="/book_table",
+                      data={"party_size": "3", "day": "2025-06-20", "email": "not an email"})
+    result = engine.start(idle(), "book_table", trigger, "run1", WED)
+    assert result.state.slots == {"party_size": 3, "day": "2025-06-20"}
+    assert result.state.state == "ask_time"
+
+
+PIZZA = {
+    "ask_size": {"say": "What size?", "on": [{"message": {"slot": "size"}, "to": "ask_count"}]},
+    "ask_count": {"say": "How many?", "on": [{"message": {"slot": "count"}, "to": "done"}]},
+    "done": {"final": True, "say": "{count} {size} pizzas."},
+}
+PIZZA_SLOTS = {
+    "size": {"type": "choice", "choices": ["small", "medium", "large"],
+             "synonyms": {"medium": ["regular"]}, "fill": ["answer", "button", "entity"]},
+    "count": {"type": "number", "min": 1, "max": 9, "integer": True,
+              "fill": ["answer", "button", "entity"], "confirm": "{count} pizzas, right?"},
+}
+
+
+def test_i_want_a_medium_pizza_is_not_asked_what_size(engine: Engine) -> None:
+    """A choice slot's values and synonyms are entities too."""
+    pizza = make(PIZZA, PIZZA_SLOTS)
+    result = pizza.start(idle(), "t", msg("I want a medium pizza", 0), "run1", WED)
+    assert (result.state.state, result.state.slots) == ("ask_count", {"size": "medium"})
+    regular = pizza.start(idle(), "t", msg("a regular one", 0), "run1", WED)
+    assert regular.state.slots == {"size": "medium"}
+
+
+def test_a_prefilled_value_with_confirm_is_asked_yes_or_no(engine: Engine) -> None:
+    """A slot with `confirm` filled before its question says that text with Yes/No:
+    yes goes on, no asks the question, any other answer answers it."""
+    pizza = make(PIZZA, PIZZA_SLOTS)
+    start = pizza.start(idle(), "t", msg("two large pizzas", 0), "run1", WED)
+    assert start.state.state == "ask_count" and start.state.confirming == "count"
+    assert texts(start) == ["2 pizzas, right?"]
+    assert [b["payload"] for b in start.replies[0].buttons] == [{"value": "yes"}, {"value": "no"}]
+    assert texts(chat(pizza, start.state, "yes")) == ["2 large pizzas."]
+    no = chat(pizza, start.state, "no")
+    assert texts(no) == ["How many?"] and "count" not in no.state.slots
+    assert texts(chat(pizza, no.state, "3")) == ["3 large pizzas."]
+    assert texts(chat(pizza, start.state, "make it 4")) == ["4 large pizzas."]
+
+
+def test_a_slot_filled_by_buttons_only_refuses_typed_text(engine: Engine) -> None:
+    """`fill: [button]`: typing a valid value does not answer; pressing does."""
+    only = make({"ask": {"say": {"text": "Pick", "buttons": [{"title": "A", "value": "a"}]},
+                         "reprompt": "Press a button.",
+                         "on": [{"message": {"slot": "pick"}, "to": "done"}]},
+                 "done": {"final": True, "say": "Picked {pick}."}},
+                {"pick": {"type": "choice", "choices": ["a"], "fill": ["button"]}})
+    start = only.start(idle(), "t", msg("go", 0), "run1", WED)
+    assert texts(only.step(start.state, msg("a", 1), WED)) == ["Press a button."]
+    assert texts(only.step(start.state, press("a", 1), WED)) == ["Picked a."]
+
+
+def test_no_agent_means_no_handoff(engine: Engine) -> None:
+    """A transition into a handoff state is not taken while no agent is available: the
+    fallback says nobody is there, offers the workflows and ends its run, so the next
+    unclear message is answered again."""
+    clarify = engine.start(idle(), "fallback", msg("blah", 0), "run1", WED)
+    alone = Trigger(id="m1", kind="message", text="still blah", agents=False)
+    result = engine.step(clarify.state, alone, WED)
+    assert not result.state.handoff and not result.state.active
+    [reply] = result.replies
+    assert reply.text.startswith("Sorry, I still don't understand, and no colleague")
+    assert {"start": "book_table"} in [b["payload"] for b in reply.buttons]
+    staffed = engine.step(clarify.state, msg("still blah", 1), WED)
+    assert staffed.state.handoff
+
+
+def test_the_user_is_told_when_an_agent_joins_and_leaves(engine: Engine) -> None:
+    """handoff.accepted with the agent's name says who joined; handoff.end says they
+    left and the bot is back."""
+    handed = engine.step(engine.start(idle(), "fallback", msg("blah", 0), "r", WED).state,
+                         msg("still blah", 1), WED)
+    joined = engine.step(handed.state, Trigger(id="a1", kind="event", event="handoff.accepted",
+                                               data={"agent": "Eve"}), WED + 5)
+    assert texts(joined) == ["Eve has joined the conversation."]
+    assert joined.state.handoff
+    left = engine.step(joined.state, Trigger(id="a2", kind="event", event="handoff.end"),
+                       WED + 50)
+    assert texts(left)[0].startswith("Your colleague has left the conversation.")
+    assert not left.state.active
+
+
+def test_a_handoff_nobody_takes_comes_back_to_the_bot_after_a_minute(engine: Engine) -> None:
+    """The fallback's waiting state times out after 60 s (the fake clock of the timer's
+    input): the bot takes the conversation back and says what it can do."""
+    handed = engine.step(engine.start(idle(), "fallback", msg("blah", 0), "r", WED).state,
+                         msg("still blah", 1), WED)
+    state = handed.state
+    assert state.timeout_at == WED + 60
+    due = Trigger(id="t1", kind="timeout", ts=WED + 60,
+                  data={"run_id": state.run_id, "state": state.state,
+                        "entered": state.entered, "at": state.timeout_at})
+    back = engine.step(state, due, WED + 60)
+    assert not back.state.active and not back.state.handoff
+    [reply] = back.replies
+    assert reply.text.startswith("Sorry, no colleague could take your conversation.")
+    assert {"start": "book_table"} in [b["payload"] for b in reply.buttons]

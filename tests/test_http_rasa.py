@@ -37,10 +37,14 @@ from commhub.core.subjects import valid_token
 WAIT = 30  # seconds: a safety net against hangs, never an assertion about speed
 
 
-def rasa_post(url: str, sender: str, message: str) -> Any:
-    """Rasa's documented REST client: POST JSON, read the JSON list of bot messages."""
+def rasa_post(url: str, sender: str, message: str, wait: float | None = None) -> Any:
+    """Rasa's documented REST client: POST JSON, read the JSON list of bot messages
+    (``wait``: commhub's body field asking for later replies too)."""
+    body: dict[str, Any] = {"sender": sender, "message": message}
+    if wait is not None:
+        body["wait"] = wait
     request = urllib.request.Request(
-        url, data=json.dumps({"sender": sender, "message": message}).encode(),
+        url, data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json"}, method="POST",
     )
     with urllib.request.urlopen(request, timeout=WAIT) as response:
@@ -75,10 +79,48 @@ async def test_a_rasa_client_books_a_table_unchanged(hub: Hub) -> None:
     assert state["channel"] == "http" and state["workflow"] is None  # the run finished
 
 
-async def test_a_rasa_hello_gets_the_fallback_with_buttons(hub: Hub) -> None:
-    """'hi' matches no workflow: the fallback's question and its start buttons come back
-    in Rasa's button shape, and pressing one starts that workflow."""
-    replies = await say(hub, "visitor 7 <a@b>", "hi")
+async def test_a_rasa_hello_gets_a_greeting(hub: Hub) -> None:
+    """'hi' is small talk: a greeting with the workflows as Rasa buttons."""
+    [greeting] = await say(hub, "v8", "hi")
+    assert greeting["text"] == "Hello! I can help with:"
+    assert "Book a table at the restaurant" in [b["title"] for b in greeting["buttons"]]
+
+
+async def test_a_rasa_client_waits_for_a_service_s_answer_with_wait(
+    hub: Hub, nats_url: str
+) -> None:
+    """Without ?wait= the turn is the step's own replies; with ?wait=N the replies a
+    service's answer brings within N seconds come in the same response."""
+    import nats
+
+    nc = await nats.connect(nats_url)
+
+    async def orders(msg: Any) -> None:
+        await msg.respond(json.dumps({"status": "shipped", "eta": "2030-01-02"}).encode())
+
+    await nc.subscribe("shop.orders.status", cb=orders)
+    await nc.flush()
+    try:
+        assert hub.web is not None
+        url = f"{hub.web.url}/webhooks/rest/webhook"
+        await say(hub, "o1", "where is my order")
+        alone = await say(hub, "o1", "12345")
+        assert [r["text"] for r in alone] == ["Let me look up order 12345..."]
+        await say(hub, "o1", "where is my order")
+        waited = await asyncio.to_thread(rasa_post, url + "?wait=20", "o1", "12345")
+        assert [r["text"] for r in waited] == [
+            "Let me look up order 12345...", "Order 12345: shipped. Expected delivery: 2030-01-02."]
+        await say(hub, "o1", "where is my order")
+        body_wait = await asyncio.to_thread(rasa_post, url, "o1", "55555", 20)
+        assert len(body_wait) == 2
+    finally:
+        await nc.close()
+
+
+async def test_a_rasa_unclear_message_gets_the_fallback_with_buttons(hub: Hub) -> None:
+    """Text that matches no workflow: the fallback's question and its start buttons
+    come back in Rasa's button shape, and pressing one starts that workflow."""
+    replies = await say(hub, "visitor 7 <a@b>", "qwerty asdf zxcv")
     assert len(replies) == 1 and replies[0]["recipient_id"] == "visitor 7 <a@b>"
     assert replies[0]["text"].startswith("Sorry, I'm not sure what you mean")
     titles = {b["title"]: b["payload"] for b in replies[0]["buttons"]}
@@ -173,7 +215,9 @@ async def test_bad_webhook_bodies_get_json_errors(bus: Bus, settings: Settings) 
         for data, status in ((b"nope", 400), (b'{"sender": "u"}', 422),
                              (b'{"message": "hi"}', 422),
                              (b'{"sender": 1, "message": "x"}', 422),
-                             (deep, 400), (deep_button, 400)):
+                             (deep, 400), (deep_button, 400),
+                             (b'{"sender": "u", "message": "x", "wait": "soon"}', 400),
+                             (b'{"sender": "u", "message": "x", "wait": -1}', 400)):
             request = urllib.request.Request(url, data=data, method="POST")
             with pytest.raises(urllib.error.HTTPError) as caught:
                 await asyncio.to_thread(urllib.request.urlopen, request, None, WAIT)

@@ -47,7 +47,8 @@ LINES_SOURCE = ROOT / "examples" / "commhub-channel-lines"
 LINES_MODULE = "commhub_channel_lines"
 BOOKING_TEXT = "I'd like to book a table for dinner"
 ASK_PARTY_SIZE = "How many people is the table for?"
-ASK_DAY = "Which day would you like to come? (today, tomorrow, or a date like 14/06/2025)"
+ASK_DAY = ("Which day would you like to come? (today, tomorrow, next friday, or a date like "
+           "14/06/2025)")
 ASK_DESCRIPTION = "I'm sorry to hear that. Please describe the problem in a few sentences."
 
 

@@ -20,6 +20,7 @@ from commhub.core.envelope import (
     Alternative,
     ChannelEvent,
     Classification,
+    Entity,
     Message,
     Sender,
     WorkflowEvent,
@@ -112,6 +113,7 @@ async def test_each_record_type_lands_in_its_table(bus: Bus, recorder: Recorder)
                     model="tfidf-svm",
                     model_version="3",
                     ts=TS,
+                    entities=[Entity(kind="number", value=4, text="four", start=10, end=14)],
                 ),
             ),
             (
@@ -201,7 +203,11 @@ async def test_each_record_type_lands_in_its_table(bus: Bus, recorder: Recorder)
         {"workflow": "booking", "confidence": 0.82},
         {"workflow": "faq", "confidence": 0.1},
     ]
-    assert classification[8:] == ("tfidf-svm", "3", TS_UTC, "workflow")  # inferred
+    assert classification[8:12] == ("tfidf-svm", "3", TS_UTC, "workflow")  # inferred
+    assert json.loads(classification[12]) == [
+        {"kind": "number", "value": 4, "text": "four", "start": 10, "end": 14,
+         "alternative": None},
+    ]
 
     event, emitted = fetch(recorder, "SELECT * FROM workflow_events ORDER BY id")
     assert event[:8] == (

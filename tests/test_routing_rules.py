@@ -32,7 +32,7 @@ from commhub.core.routing.rules import (
     pending_ask,
 )
 from commhub.core.routing.state import EXPIRE_EVENT, ConversationState
-from commhub.core.workflow import load_workflows
+from commhub.core.workflow import WorkflowDef, load_workflows
 from commhub.workflows.builtin import DEFINITIONS
 
 ENGINE = Engine(load_workflows([DEFINITIONS]))
@@ -104,6 +104,7 @@ class Row:
     at: str | None  # its state afterwards
     decision: str | None  # the classification's decision recorded, if any
     reply: str | None  # the start of the first reply (None: nothing said)
+    agents: bool = True  # a human agent is available
 
 
 ROWS = [
@@ -135,16 +136,50 @@ ROWS = [
     Row("clear text while clarifying leaves the fallback for its workflow", CLARIFYING,
         msg("book a table"), CLEAR, True,
         "start", "book_table", "ask_party_size", "workflow", "How many people"),
-    Row("unclear text while clarifying lets the fallback go on", CLARIFYING,
+    Row("unclear text while clarifying hands over while an agent is there", CLARIFYING,
         msg("purple"), UNCLEAR, True,
         "fallback", "fallback", "waiting_for_agent", None, "Let me hand you over"),
+    Row("unclear text while clarifying, nobody there: the bot says so and keeps it",
+        CLARIFYING, msg("purple"), UNCLEAR, True,
+        "fallback", None, None, None, "Sorry, I still don't understand, and no colleague",
+        agents=False),
+    Row("a greeting is answered with what the bot can do", idle(), msg("hello"), None,
+        False, "smalltalk", None, None, None, "Hello! I can help with:"),
+    Row("what's up? is a greeting too", idle(), msg("what's up?"), None, False,
+        "smalltalk", None, None, None, "Hello!"),
+    Row("a greeting during a booking leaves the booking where it was", BOOKING,
+        msg("Hi!"), None, False, "smalltalk", "book_table", "ask_party_size", None,
+        "Hello!"),
+    Row("thanks", idle(), msg("thanks a lot"), None, False, "smalltalk", None, None, None,
+        "You're welcome!"),
+    Row("goodbye", idle(), msg("bye"), None, False, "smalltalk", None, None, None,
+        "Goodbye!"),
+    Row("what can you do? lists the workflows", CLARIFYING, msg("what can you do?"), None,
+        False, "smalltalk", "fallback", "clarify", None, "I can help with:"),
+    Row("are you a bot?", idle(), msg("Are you a bot?"), None, False, "smalltalk", None,
+        None, None, "Yes, I'm an automated assistant."),
+    Row("a greeting inside a request is the request", idle(),
+        msg("hello, I'd like to book a table"), CLEAR, True,
+        "start", "book_table", "ask_party_size", "workflow", "How many people"),
+    Row("a /workflow{...} payload starts it with its slots", idle(),
+        msg('/book_table{"party_size": 4, "day": "2030-01-01"}'), None, False,
+        "start", "book_table", "ask_time", "button", "At what time?"),
+    Row("a /intent{...} payload during a run fills its slots", BOOKING,
+        msg('/inform{"party_size": 3}'), None, False,
+        "step", "book_table", "ask_day", None, "Which day"),
     Row("close candidates while clarifying ask again, the fallback stays", CLARIFYING,
         msg("my table order"), CLOSE, True,
         "clarify", "fallback", "clarify", "clarify", "Did you mean"),
     Row("the bot is silent during a handoff", HANDED_OFF, msg("hello?"), None, False,
         "silent", "fallback", "waiting_for_agent", None, None),
-    Row("a start button is silent during a handoff too", HANDED_OFF, start("book_table"),
-        None, False, "silent", "fallback", "waiting_for_agent", None, None),
+    Row("a start button leaves a handoff", HANDED_OFF, start("book_table"),
+        None, False, "start", "book_table", "ask_party_size", "button", "How many people"),
+    Row("cancel ends a handoff", HANDED_OFF, msg("cancel"), None, False,
+        "cancel", None, None, None, CANCELLED),
+    Row("restart during a handoff starts the fallback again", HANDED_OFF, msg("restart"),
+        None, False, "restart", "fallback", "clarify", None, "Sorry, I'm not sure"),
+    Row("small talk gets no answer during a handoff", HANDED_OFF, msg("hello"), None, False,
+        "silent", "fallback", "waiting_for_agent", None, None),
     Row("empty text is unclear without asking the classifier", idle(), msg("   "), None,
         False, "fallback", "fallback", "clarify", "fallback", "Sorry, I'm not"),
     Row("a pressed value with no run is unclear", idle(), msg(None, {"value": "yes"}),
@@ -154,7 +189,7 @@ ROWS = [
     Row("a workflow input for an idle conversation is ignored", idle(), wf("refund.ok"),
         None, False, "ignore", None, None, None, None),
     Row("a service event moves the run", HANDED_OFF, wf("handoff.end"), None, False,
-        "step", None, None, None, "You're back with the assistant."),
+        "step", None, None, None, "Your colleague has left the conversation."),
     Row("an event the state does not expect changes nothing", BOOKING, wf("refund.ok"),
         None, False, "step", "book_table", "ask_party_size", None, None),
     Row("an expiry for the current run ends it", BOOKING,
@@ -171,7 +206,8 @@ def run_row(row: Row) -> Decision:
     if isinstance(row.record, Message) and needs_classification(
             row.state, row.record, POLICY, ENGINE):
         alternatives = row.alternatives
-    return decide(row.state, row.record, alternatives, POLICY, ENGINE, REVISION, NOW)
+    return decide(row.state, row.record, alternatives, POLICY, ENGINE, REVISION, NOW,
+                  agents_available=row.agents)
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[row.name for row in ROWS])
@@ -349,3 +385,21 @@ def test_no_channel_imports_the_routing_package() -> None:
             offenders += [f"{path.relative_to(root)}: {name}" for name in names
                           if name.startswith("commhub.core.routing")]
     assert offenders == []
+
+
+# -- small talk and workflows ----------------------------------------------------------
+def test_a_workflow_trained_on_a_greeting_gets_it() -> None:
+    """A phrase that is one of a workflow's examples is that workflow's, not small
+    talk: "hello there" is classified; "hi" (not an example) is still small talk."""
+    greet = WorkflowDef.model_validate({
+        "name": "greet", "description": "Say hello", "examples": ["hello there"],
+        "initial": "done", "states": {"done": {"final": True, "say": "Hello from greet!"}}})
+    engine = Engine({**load_workflows([DEFINITIONS]), "greet": greet})
+    policy = RoutingPolicy.for_engine(engine, threshold=0.35, clarify_margin=0.1,
+                                      cancel_phrases=(), restart_phrases=())
+    assert needs_classification(idle(), msg("Hello there!"), policy, engine)
+    chosen = decide(idle(), msg("Hello there!"), ranked(("greet", 0.9)), policy, engine,
+                    REVISION, NOW)
+    assert chosen.result.replies[0].text == "Hello from greet!"
+    small = decide(idle(), msg("hi"), None, policy, engine, REVISION, NOW)
+    assert small.action == "smalltalk"

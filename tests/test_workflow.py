@@ -242,7 +242,12 @@ def test_slot_options_must_fit_the_type(tmp_path: Path) -> None:
         ("{type: choice}", "needs a non-empty 'choices'"),
         ("{type: regex, pattern: '(['}", "bad regex"),
         ("{type: number, min: 5, max: 1}", "min 5.0 is greater than max 1.0"),
-        ("{type: text, min: 1}", "apply to type number only"),
+        ("{type: text, min: 1}", "apply to types number and time only"),
+        ("{type: text, integer: true}", "integer applies to type number only"),
+        ("{type: time, max: 25}", "hours from 0 to 24"),
+        ("{type: text, synonyms: {a: [b]}}", "synonyms apply to type choice only"),
+        ("{type: choice, choices: [a], synonyms: {b: [c]}}", "synonyms of 'b'"),
+        ("{type: text, fill: [entity]}", "needs 'entity: KIND'"),
     ]:
         text = GOOD.replace("{type: number, min: 1, max: 9}", slot).replace(
             "{slot: size}", "{}").replace("Got {size}.", "Done.")
@@ -395,30 +400,44 @@ def test_python_definition_passes_the_same_checks() -> None:
 
 # --------------------------------------------------------------------------- slots, templates
 def test_number_slot_parsing() -> None:
-    """number finds digits or number words, keeps ints whole, enforces min/max/integer."""
+    """number finds digits or numbers in words, keeps ints whole, enforces
+    min/max/integer."""
     slot = SlotDef(type="number", min=1, max=20, integer=True)
     assert slot.parse("we are 4") == (True, 4)
     assert slot.parse("four of us") == (True, 4)
+    assert slot.parse("a party of twelve") == (True, 12)
     assert slot.parse("21")[0] is False
     assert slot.parse("2.5")[0] is False
     assert slot.parse("lots")[0] is False
     assert SlotDef(type="number").parse("2,5") == (True, 2.5)
 
 
+# 2025-12-31 12:00 UTC
+NEW_YEARS_EVE = dt.datetime(2025, 12, 31, 12, tzinfo=dt.UTC).timestamp()
+
+
 def test_other_slot_types_parse() -> None:
-    """email, choice, regex, date and text validate and normalise as documented."""
+    """email, choice, regex, date, time and text validate and normalise as documented."""
     assert SlotDef(type="email").parse("it's ann@example.com thanks") == (True, "ann@example.com")
     assert SlotDef(type="email").parse("ann at example")[0] is False
-    choice = SlotDef(type="choice", choices=["low", "urgent"])
+    choice = SlotDef(type="choice", choices=["low", "urgent"], synonyms={"urgent": ["asap"]})
     assert choice.parse("URGENT") == (True, "urgent")
+    assert choice.parse("it's urgent, please") == (True, "urgent")
+    assert choice.parse("ASAP") == (True, "urgent")
     assert choice.parse("medium")[0] is False
     assert SlotDef(type="regex", pattern=r"\d{4}").parse("code 1234 ok") == (True, "1234")
     date = SlotDef(type="date")
     assert date.parse("14/06/2025") == (True, "2025-06-14")
     assert date.parse("2025-06-14") == (True, "2025-06-14")
     assert date.parse("31/02/2025")[0] is False
-    assert date.parse("tomorrow", today=dt.date(2025, 12, 31)) == (True, "2026-01-01")
-    assert date.parse("tomorrow")[0] is False
+    assert date.parse("tomorrow", now=NEW_YEARS_EVE) == (True, "2026-01-01")
+    assert date.parse("next friday", now=NEW_YEARS_EVE) == (True, "2026-01-09")
+    time = SlotDef(type="time", min=11, max=23)
+    assert time.parse("8pm") == (True, "20:00")
+    assert time.parse("around 8", now=NEW_YEARS_EVE) == (True, "20:00")
+    assert time.parse("8") == (True, "20:00")  # a bare hour, within opening hours
+    assert time.parse("half past seven") == (True, "19:30")
+    assert time.parse("3am")[0] is False
     assert SlotDef().parse("  hi  ") == (True, "hi")
     assert SlotDef().parse("   ")[0] is False
 

@@ -257,7 +257,7 @@ class HttpChannel(Channel):
     async def _rasa(self, request: web.Request) -> web.Response:
         """Rasa's ``POST /webhooks/rest/webhook``: the replies of this turn as a list."""
         authorize(self.ctx.tokens, request, user=None, conversation=None)  # before the body
-        rasa = parse_request(await read_json_object(request))
+        rasa = parse_request(await read_json_object(request), request.query.get("wait"))
         request[_BODY_CONVERSATION] = rasa.conversation
         identity = authorize(self.ctx.tokens, request, user=rasa.user,
                              conversation=rasa.conversation)
@@ -277,8 +277,9 @@ class HttpChannel(Channel):
             meta=meta,
         )
         try:
-            turn = await run_turn(self.ctx, message, self.config.rest_wait_seconds,
-                                  self.stopping)
+            follow = min(rasa.wait or 0.0, self.config.max_wait_seconds)
+            turn = await run_turn(self.ctx, message, max(self.config.rest_wait_seconds, follow),
+                                  self.stopping, follow=follow)
         except Exception as exc:
             log.warning("http: rasa turn failed: %r", exc)
             raise ApiError(503, "unavailable", "the hub could not store the message") from exc

@@ -58,6 +58,7 @@ class RasaRequest(msgspec.Struct, frozen=True):
     text: str | None
     payload: dict[str, Any] | None
     metadata: dict[str, Any] | None
+    wait: float | None = None
 
 
 def conversation_for(sender: str) -> tuple[str, str]:
@@ -92,8 +93,10 @@ def _pressed(text: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def parse_request(body: dict[str, Any]) -> RasaRequest:
-    """Check a webhook body; 422 for a missing or mistyped field."""
+def parse_request(body: dict[str, Any], wait: str | None = None) -> RasaRequest:
+    """Check a webhook body and the ``?wait=`` parameter; 422 for a missing or mistyped
+    field, 400 for a bad ``wait``. ``wait`` (seconds, the query's or the body's) asks
+    to include the replies that come later in the turn: a service's answer."""
     sender, text, metadata = body.get("sender"), body.get("message"), body.get("metadata")
     if not isinstance(sender, str) or not sender:
         raise ApiError(422, "invalid", "'sender' must be a non-empty string")
@@ -101,6 +104,7 @@ def parse_request(body: dict[str, Any]) -> RasaRequest:
         raise ApiError(422, "invalid", "'message' must be a non-empty string")
     if metadata is not None and not isinstance(metadata, dict):
         raise ApiError(422, "invalid", "'metadata' must be a JSON object")
+    follow = _wait(wait if wait is not None else body.get("wait"))
     conversation, user = conversation_for(sender)
     payload = _pressed(text)
     return RasaRequest(
@@ -110,7 +114,21 @@ def parse_request(body: dict[str, Any]) -> RasaRequest:
         text=None if payload is not None else text,
         payload=payload,
         metadata=metadata,
+        wait=follow,
     )
+
+
+def _wait(value: object) -> float | None:
+    """``wait`` as seconds (from the query string or the body), or None."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ApiError(400, "bad_request", "'wait' must be a number of seconds") from None
+    if isinstance(value, bool) or not 0 <= seconds < float("inf"):
+        raise ApiError(400, "bad_request", "'wait' must be a number of seconds") from None
+    return seconds
 
 
 def rasa_replies(recipient: str, replies: list[Message]) -> list[dict[str, Any]]:

@@ -37,7 +37,7 @@ from commhub.core.envelope import Alternative, Message, Sender, WorkflowInput, d
 from commhub.core.routing import rules
 from commhub.core.routing.rules import ClassificationFields, RoutingPolicy
 from commhub.core.routing.state import ConversationState, Emit, PendingAsk, Reply, StepEvent
-from commhub.core.routing.timers import _Timing, due_timers
+from commhub.core.routing.timers import Timing, due_timers
 
 __all__ = [
     "NO_RESPONDERS",
@@ -202,7 +202,7 @@ class ConversationDriver:
 
     def _next_timer(self) -> tuple[float, WorkflowInput] | None:
         """The earliest timer the current state asks for, with the input it publishes."""
-        timing = msgspec.convert(self.state, _Timing, from_attributes=True)
+        timing = msgspec.convert(self.state, Timing, from_attributes=True)
         timers = due_timers(self.conversation, timing, self.idle_expiry)
         if self._waiting is not None:
             asking, at = self._waiting

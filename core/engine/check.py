@@ -83,14 +83,31 @@ def _check_slot(defn: WorkflowDef, name: str, slot: SlotDef) -> None:
     if slot.type not in SLOT_TYPES:
         raise defn.error((*path, "type"), f"slot {name!r}: unknown type {slot.type!r} "
                          f"(expected one of: {', '.join(SLOT_TYPES)})")
-    if slot.type != "number" and (slot.min is not None or slot.max is not None or slot.integer):
-        raise defn.error(path, f"slot {name!r}: min, max and integer apply to type number only")
+    if slot.type not in ("number", "time") and (slot.min is not None or slot.max is not None):
+        raise defn.error(path, f"slot {name!r}: min and max apply to types number and time only")
+    if slot.type != "number" and slot.integer:
+        raise defn.error(path, f"slot {name!r}: integer applies to type number only")
+    if slot.type == "time" and any(v is not None and not 0 <= v <= 24
+                                   for v in (slot.min, slot.max)):
+        raise defn.error(path, f"slot {name!r}: a time's min and max are hours from 0 to 24")
     if slot.min is not None and slot.max is not None and slot.min > slot.max:
         raise defn.error(path, f"slot {name!r}: min {slot.min} is greater than max {slot.max}")
     if slot.type == "choice" and not slot.choices:
         raise defn.error(path, f"slot {name!r}: type choice needs a non-empty 'choices' list")
     if slot.type != "choice" and slot.choices is not None:
         raise defn.error((*path, "choices"), f"slot {name!r}: choices apply to type choice only")
+    if slot.synonyms and slot.type != "choice":
+        raise defn.error((*path, "synonyms"), f"slot {name!r}: synonyms apply to type choice only")
+    for choice in slot.synonyms:
+        if choice not in (slot.choices or ()):
+            raise defn.error((*path, "synonyms"),
+                             f"slot {name!r}: synonyms of {choice!r}, which is not a choice")
+    if "entity" in slot.fill and slot.entity_kind(name) is None:
+        raise defn.error((*path, "fill"), f"slot {name!r}: a {slot.type} slot filled from an "
+                         "entity needs 'entity: KIND' (number, date, time, email, or a choice "
+                         "slot's name)")
+    if slot.confirm is not None:
+        _check_template(defn, (*path, "confirm"), f"slot {name!r}", slot.confirm)
     if slot.type == "regex":
         if not slot.pattern:
             raise defn.error(path, f"slot {name!r}: type regex needs a 'pattern'")

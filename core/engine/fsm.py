@@ -14,14 +14,14 @@ User input never raises: it matches a transition, fails a slot's validation (the
 
 from __future__ import annotations
 
-import datetime as dt
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from msgspec.structs import replace
 
-from commhub.core.envelope import derived_id
+from commhub.core.engine import entities as entity_extractor
+from commhub.core.envelope import Entity, derived_id
 from commhub.core.routing.state import (
     ConversationState,
     Emit,
@@ -32,7 +32,9 @@ from commhub.core.routing.state import (
     Trigger,
 )
 from commhub.core.workflow import (
+    ButtonDef,
     SayDef,
+    SlotDef,
     StateDef,
     TransitionDef,
     WorkflowDef,
@@ -44,6 +46,7 @@ __all__ = [
     "CANCELLED",
     "DIDNT_GET_THAT",
     "LOST_TRACK",
+    "UPDATED",
     "Engine",
     "matches_phrase",
     "normalize_phrase",
@@ -52,7 +55,16 @@ __all__ = [
 DIDNT_GET_THAT = "Sorry, I didn't get that."
 CANCELLED = "Okay, I've stopped that. What else can I do for you?"
 LOST_TRACK = "Sorry, I lost track of our conversation. Could you say that again?"
+UPDATED = "Got it, I've changed that."
 _MISSING = object()
+_YES = frozenset({"yes", "y", "yeah", "yep", "yes please", "correct", "right", "that s right",
+                  "sure", "ok", "okay"})
+_NO = frozenset({"no", "n", "nope", "no thanks", "wrong"})
+# A message that begins with one of these corrects an earlier answer before it answers
+# the current question: "Actually, make it five" is no name.
+_CORRECTION_CUES = ("actually", "no", "sorry", "wait", "oops", "make it", "change it",
+                    "i meant", "i mean", "instead")
+_CONFIRM_BUTTONS = [ButtonDef(title="Yes", value="yes"), ButtonDef(title="No", value="no")]
 
 
 class Engine:
@@ -60,11 +72,37 @@ class Engine:
 
     ``fallback`` names the workflow the router starts when no workflow is confident
     enough; it is left out of :meth:`examples` and of ``buttons_from: workflows``.
+    ``tz`` is the time zone relative dates are read in ("tomorrow").
     """
 
-    def __init__(self, definitions: Mapping[str, WorkflowDef], fallback: str = "fallback") -> None:
+    def __init__(
+        self, definitions: Mapping[str, WorkflowDef], fallback: str = "fallback",
+        tz: str = "UTC",
+    ) -> None:
         self.definitions: dict[str, WorkflowDef] = dict(definitions)
         self.fallback = fallback
+        self.tz = tz
+        # Every choice slot's phrases by entity kind (slots of one name share them).
+        self.lexicon: dict[str, dict[str, str]] = {}
+        for defn in self.definitions.values():
+            for name, slot in defn.slots.items():
+                if slot.type == "choice":
+                    kind = slot.entity_kind(name) or name
+                    self.lexicon.setdefault(kind, {}).update(slot.lexicon())
+
+    def extract(self, text: str | None, now: float) -> list[Entity]:
+        """The entities in ``text`` said at ``now``, in the engine's time zone, with
+        every choice slot's lexicon (see :mod:`commhub.core.engine.entities`)."""
+        if not text:
+            return []
+        return entity_extractor.extract(text, now, self.tz, self.lexicon)
+
+    def _entities(self, trigger: Trigger, now: float) -> list[Entity]:
+        if trigger.kind not in ("message", "button"):
+            return []
+        if trigger.entities is not None:
+            return trigger.entities
+        return self.extract(_message_text(trigger), now)
 
     def examples(self) -> dict[str, list[str]]:
         """Training phrases by workflow, leaving out the fallback and workflows without any."""
@@ -96,15 +134,21 @@ class Engine:
         if workflow not in self.definitions:
             raise KeyError(f"unknown workflow {workflow!r}")
         defn = self.definitions[workflow]
+        # "Table for four tomorrow at 8pm": the message that chose the workflow fills
+        # the slots that take entities; their questions are passed over.
+        prefill = _fills(defn, {}, self._entities(trigger, now), self._given(defn, trigger, now),
+                         overwrite=False)
         begun = replace(
             state,
             workflow=workflow,
             state=defn.initial,
             run_id=run_id,
-            slots={},
+            slots=prefill,
             last_input=trigger.id,
             updated=now,
             turns=state.turns + 1,
+            prefilled=sorted(prefill),
+            confirming=None,
         )
         result = StepResult(state=begun)
         started = StepEvent(kind="started", workflow=workflow, run_id=run_id,
@@ -184,26 +228,57 @@ class Engine:
             result.state = replace(moved, updated=state.updated)  # a stale timer is no activity
             return result
         elapsed = _timer_elapsed(state, trigger)
+        spoken = trigger.kind in ("message", "button")
+        entities = self._entities(trigger, now)
+        given = self._given(defn, trigger, now)
+        if spoken and state.confirming is not None:
+            confirmed = self._confirmation(defn, current, state, moved, trigger, now)
+            if confirmed is not None:
+                return confirmed
+            moved = replace(moved, confirming=None)  # anything else answers the question
+            result.state = moved
 
+        if spoken and _corrects(_message_text(trigger)):
+            corrected = self._correct(defn, current, state, moved, entities, given, trigger, now)
+            if corrected is not None:
+                return corrected
         invalid: tuple[TransitionDef, str] | None = None
         for transition in current.on:
             filled = _match(defn, current, transition, trigger, elapsed)
             if filled is None:
                 continue
+            if not trigger.agents and defn.states[transition.to].handoff and not current.handoff:
+                continue  # no human agent is there to hand over to
             slot = transition.slot
+            answered: Entity | None = None
             if slot is not None:
-                ok, value = defn.slots[slot].parse(_message_text(trigger) or "", _utc_date(now))
+                slot_def = defn.slots[slot]
+                source = "button" if trigger.kind == "button" else "answer"
+                if source not in slot_def.fill:
+                    continue
+                if slot in given:
+                    ok, value = True, given[slot]  # named with the message: /inform{...}
+                else:
+                    ok, value = slot_def.parse(_message_text(trigger) or "", entities)
                 if not ok:
                     invalid = invalid or (transition, slot)
                     continue
                 filled = {**filled, slot: value}
+                answered = _entity_of(slot_def, slot, entities, value)
             tentative = {**state.slots, **filled}
             if transition.if_ is not None and not transition.if_.holds(tentative):
                 continue
+            # The other values the message names fill the slots still empty.
+            rest = [e for e in entities if e is not answered]
+            extra = _fills(defn, tentative, rest, given, overwrite=False,
+                           exclude={slot} if slot else set())
+            tentative.update(extra)
+            prefilled = sorted((set(state.prefilled) | set(extra)) - set(filled))
             event = StepEvent(kind="transition", workflow=defn.name, run_id=state.run_id or "",
                               from_state=state.state, to_state=transition.to,
                               trigger=_trigger_name(trigger))
-            result.state = replace(moved, state=transition.to, slots=tentative)
+            result.state = replace(moved, state=transition.to, slots=tentative,
+                                   prefilled=prefilled)
             self._enter(defn, transition.to, result, event, state.slots, trigger.id, now)
             return result
 
@@ -217,6 +292,9 @@ class Engine:
             return _with_state(result, asking=None)  # answered; nothing listens for it
         if trigger.kind == "event":
             return result  # a service event this state does not expect
+        corrected = self._correct(defn, current, state, moved, entities, given, trigger, now)
+        if corrected is not None:
+            return corrected
         buttons = self._buttons(current, state.slots)
         if invalid is not None:
             transition, slot = invalid
@@ -229,6 +307,101 @@ class Engine:
             result.replies.append(Reply(text=DIDNT_GET_THAT))
             result.replies.extend(self._say(current.say, state.slots))
         return result
+
+    def _given(self, defn: WorkflowDef, trigger: Trigger, now: float) -> dict[str, Any]:
+        """Slot values a message names explicitly (``/intent{"slot": value}``), each
+        validated by its slot's type; values that do not fit are left out."""
+        if trigger.kind not in ("message", "button") or not trigger.data:
+            return {}
+        given: dict[str, Any] = {}
+        for name, value in trigger.data.items():
+            slot = defn.slots.get(name)
+            if slot is None or value is None or isinstance(value, dict | list):
+                continue
+            text = str(value)
+            ok, parsed = slot.parse(text, self.extract(text, now))
+            if ok:
+                given[name] = parsed
+        return given
+
+    def _correct(
+        self,
+        defn: WorkflowDef,
+        current: StateDef,
+        state: ConversationState,
+        moved: ConversationState,
+        entities: Sequence[Entity],
+        given: Mapping[str, Any],
+        trigger: Trigger,
+        now: float,
+    ) -> StepResult | None:
+        """A message that answers nothing here may change what was said before
+        ("Actually, make it five" while the time is asked; "no, the 15th" at the
+        confirmation): its entities replace the values of the slots that take them,
+        and the current state is entered again (its question asked again). None when
+        the message changes no slot."""
+        asked = _asked_slot(current)
+        changes = {k: v for k, v in _fills(defn, state.slots, entities, given, overwrite=True,
+                                           exclude={asked} if asked else set()).items()
+                   if state.slots.get(k, _MISSING) != v}
+        if not changes:
+            return None
+        result = StepResult(state=moved)
+        newly = {k for k in changes if state.slots.get(k) is None}
+        result.state = replace(moved, slots={**state.slots, **changes},
+                               prefilled=sorted(set(state.prefilled) | newly))
+        result.replies.append(Reply(text=UPDATED))
+        event = StepEvent(kind="transition", workflow=defn.name, run_id=state.run_id or "",
+                          from_state=state.state, to_state=state.state,
+                          trigger=_trigger_name(trigger))
+        self._enter(defn, state.state or defn.initial, result, event, state.slots, trigger.id,
+                    now)
+        return result
+
+    def _confirmation(
+        self,
+        defn: WorkflowDef,
+        current: StateDef,
+        state: ConversationState,
+        moved: ConversationState,
+        trigger: Trigger,
+        now: float,
+    ) -> StepResult | None:
+        """The answer to "A table for 4, right?" (a prefilled slot's ``confirm``): yes
+        takes the question's transition with that value, no clears it and asks the
+        question. None for any other message, which answers the question itself."""
+        slot = state.confirming or ""
+        said = normalize_phrase(_message_text(trigger) or "")
+        result = StepResult(state=replace(moved, confirming=None))
+        if said in _YES:
+            transition = _slot_transition(current, slot, state.slots)
+            if transition is None:
+                return None
+            event = StepEvent(kind="transition", workflow=defn.name, run_id=state.run_id or "",
+                              from_state=state.state, to_state=transition.to,
+                              trigger=_trigger_name(trigger))
+            result.state = replace(result.state, state=transition.to)
+            self._enter(defn, transition.to, result, event, state.slots, trigger.id, now)
+            return result
+        if said in _NO:
+            slots = {k: v for k, v in state.slots.items() if k != slot}
+            result.state = replace(result.state, slots=slots)
+            result.replies.extend(self._say(current.say, slots))
+            return result
+        return None
+
+    def question(self, state: ConversationState) -> list[Reply]:
+        """What the current state asks, said again after an aside (small talk): its
+        ``say`` (or its confirmation of a prefilled value), with its buttons; nothing
+        for an idle conversation or a state that no longer exists."""
+        defn = self.definitions.get(state.workflow or "")
+        current = defn.states.get(state.state or "") if defn is not None else None
+        if defn is None or current is None:
+            return []
+        if state.confirming is not None and state.confirming == _asked_slot(current):
+            text = defn.slots[state.confirming].confirm or ""
+            return self._say([SayDef(text=text, buttons=_CONFIRM_BUTTONS)], state.slots)
+        return self._say(current.say, state.slots)
 
     def offers(self, state: ConversationState, text: str) -> bool:
         """True when the current state has a button whose value or title is ``text``
@@ -275,7 +448,35 @@ class Engine:
         now: float,
     ) -> None:
         """Run ``name``'s entry actions on ``result`` (set, say, emit, ask); arm its
-        timeout; hand off if it is a handoff state; finish the run if it is final."""
+        timeout; hand off if it is a handoff state; finish the run if it is final.
+
+        A state that asks for a slot filled from an entity before its question came is
+        passed over: its question's transition is taken with that value (events record
+        the state entered and left, trigger ``prefilled``), and its actions do not run.
+        When the slot has a ``confirm`` text, the state is entered and says that
+        instead of its question, with Yes/No buttons.
+        """
+        for _ in range(len(defn.states)):
+            target = defn.states[name]
+            asked = _asked_slot(target)
+            if asked is None or asked not in result.state.prefilled:
+                break
+            prefilled = [p for p in result.state.prefilled if p != asked]
+            if defn.slots[asked].confirm is not None:
+                result.state = replace(result.state, prefilled=prefilled, confirming=asked)
+                break
+            transition = _slot_transition(target, asked, result.state.slots)
+            if transition is None:
+                break
+            slots = result.state.slots
+            changed = {k: slots.get(k) for k in sorted(set(slots) | set(before))
+                       if slots.get(k, _MISSING) != before.get(k, _MISSING)}
+            result.events.append(replace(first_event, slots_changed=changed))
+            first_event = StepEvent(kind="transition", workflow=defn.name,
+                                    run_id=result.state.run_id or "", from_state=name,
+                                    to_state=transition.to, trigger="prefilled")
+            result.state = replace(result.state, state=transition.to, prefilled=prefilled)
+            before, name = slots, transition.to
         target = defn.states[name]
         slots = dict(result.state.slots)
         for slot, value in target.set.items():
@@ -283,7 +484,12 @@ class Engine:
         changed = {k: slots.get(k) for k in sorted(set(slots) | set(before))
                    if slots.get(k, _MISSING) != before.get(k, _MISSING)}
         result.events.append(replace(first_event, slots_changed=changed))
-        result.replies.extend(self._say(target.say, slots))
+        confirming = result.state.confirming
+        if confirming is not None and confirming == _asked_slot(target):
+            text = defn.slots[confirming].confirm or ""
+            result.replies.extend(self._say([SayDef(text=text, buttons=_CONFIRM_BUTTONS)], slots))
+        else:
+            result.replies.extend(self._say(target.say, slots))
         result.emits.extend(
             Emit(name=emit.name, data=_render_value(emit.data, slots)) for emit in target.emit
         )
@@ -418,15 +624,74 @@ def matches_phrase(text: str | None, phrases: Iterable[str]) -> bool:
     return bool(typed) and any(typed == normalize_phrase(p) for p in phrases)
 
 
-def _utc_date(now: float) -> dt.date:
-    """The UTC calendar day of ``now``: what "today" means to a date slot (UTC, so the
-    result does not depend on the machine's time zone)."""
-    return dt.datetime.fromtimestamp(now, dt.UTC).date()
-
-
 def _idle(state: ConversationState) -> ConversationState:
     return replace(state, workflow=None, state=None, run_id=None, slots={}, handoff=False,
-                   entered=0.0, timeout_at=None, asking=None, expires=True)
+                   entered=0.0, timeout_at=None, asking=None, expires=True, prefilled=[],
+                   confirming=None)
+
+
+def _corrects(text: str | None) -> bool:
+    """Whether a message begins like a correction ("actually", "no, ...", "make it")."""
+    said = normalize_phrase(text or "")
+    return any(said == cue or said.startswith(cue + " ") for cue in _CORRECTION_CUES)
+
+
+def _asked_slot(state: StateDef) -> str | None:
+    """The slot a state asks for: that of its first ``message: {slot}`` transition."""
+    return next((t.slot for t in state.on if t.slot is not None), None)
+
+
+def _slot_transition(
+    state: StateDef, slot: str, slots: Mapping[str, Any]
+) -> TransitionDef | None:
+    """The first transition of ``state`` that fills ``slot`` and whose guard holds with
+    the slots as they are: where an answer already given leads."""
+    for transition in state.on:
+        if transition.slot == slot and (transition.if_ is None or transition.if_.holds(slots)):
+            return transition
+    return None
+
+
+def _fills(
+    defn: WorkflowDef,
+    slots: Mapping[str, Any],
+    entities: Sequence[Entity],
+    given: Mapping[str, Any],
+    *,
+    overwrite: bool,
+    exclude: set[str] | frozenset[str] = frozenset(),
+) -> dict[str, Any]:
+    """The slots a message's entities and explicitly given values fill: each slot that
+    takes entities (``fill: [entity]``) gets the first unused entity of its kind that
+    is a valid value, in the order slots are declared; ``given`` values (already
+    validated) fill any slot. Slots with a value are left alone unless ``overwrite``;
+    ``exclude`` is never filled from entities."""
+    fills: dict[str, Any] = {}
+    used: set[int] = set()
+    for name, slot in defn.slots.items():
+        if name in exclude or name in given or "entity" not in slot.fill:
+            continue
+        if not overwrite and slots.get(name) is not None:
+            continue
+        kind = slot.entity_kind(name)
+        for i, entity in enumerate(entities):
+            if i in used or entity.kind != kind:
+                continue
+            ok, value = slot.accept(entity)
+            if ok:
+                fills[name] = value
+                used.add(i)
+                break
+    for name, value in given.items():
+        if overwrite or slots.get(name) is None:
+            fills[name] = value
+    return fills
+
+
+def _entity_of(slot: SlotDef, name: str, entities: Sequence[Entity], value: Any) -> Entity | None:
+    """The entity an answer's value came from, so it fills no other slot."""
+    kind = slot.entity_kind(name)
+    return next((e for e in entities if e.kind == kind and slot.accept(e)[1] == value), None)
 
 
 def _trigger_name(trigger: Trigger) -> str:

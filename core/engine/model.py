@@ -13,10 +13,9 @@ the ``{slot}`` template functions). The load-time checks live in
 
 from __future__ import annotations
 
-import datetime as dt
 import re
 import string
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import (
@@ -28,10 +27,13 @@ from pydantic import (
     model_validator,
 )
 
+from commhub.core.envelope import Entity
+
 __all__ = [
     "REPLY_OUTCOMES",
     "SLOT_TYPES",
     "WORKFLOW_FILE_SUFFIXES",
+    "FILL_SOURCES",
     "AskDef",
     "ButtonDef",
     "EmitDef",
@@ -47,20 +49,18 @@ __all__ = [
     "template_fields",
 ]
 
-SLOT_TYPES = ("text", "number", "email", "choice", "regex", "date")
+SLOT_TYPES = ("text", "number", "email", "choice", "regex", "date", "time")
+# Where a slot's value may come from: the reply to the state that asks for it (typed),
+# a pressed button's value there, or an entity found in any message of the run.
+FILL_SOURCES = ("answer", "button", "entity")
+FillSource = Literal["answer", "button", "entity"]
+_DEFAULT_FILL: tuple[FillSource, ...] = ("answer", "button")
+# The entity kind that fills a slot of each type unless the slot names another.
+_ENTITY_OF_TYPE = {"number": "number", "date": "date", "time": "time", "email": "email"}
 # What a ``reply:`` trigger can wait for: ``error`` is any failure, ``timeout`` only a
 # service that did not answer in time.
 REPLY_OUTCOMES = ("ok", "error", "timeout")
 WORKFLOW_FILE_SUFFIXES = (".yaml", ".yml", ".toml")
-_EMAIL_RE = re.compile(r"[^@\s<>(),;:\"']+@[^@\s<>(),;:\"']+\.[A-Za-z]{2,}")
-_NUMBER_RE = re.compile(r"-?\d+(?:[.,]\d+)?")
-_NUMBER_WORDS = {
-    "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
-    "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13,
-    "fourteen": 14, "fifteen": 15, "sixteen": 16, "seventeen": 17, "eighteen": 18,
-    "nineteen": 19, "twenty": 20,
-}  # fmt: skip
-_DATE_FORMATS = ("%Y-%m-%d", "%d/%m/%Y", "%d.%m.%Y")
 
 Path_ = tuple[str | int, ...]
 
@@ -138,10 +138,18 @@ class _Model(BaseModel):
 
 
 class SlotDef(_Model):
-    """A typed value the workflow collects; :meth:`parse` validates user text into it.
+    """A typed value the workflow collects; :meth:`parse` validates an answer into it.
 
-    ``min``/``max``/``integer`` apply to ``number``, ``choices`` to ``choice``,
+    ``min``/``max``/``integer`` apply to ``number`` (and ``min``/``max`` to ``time``, as
+    the hours of the day it accepts), ``choices`` and ``synonyms`` to ``choice``,
     ``pattern`` to ``regex`` (searched in the text; the matched part is the value).
+
+    ``fill`` says where the value may come from: ``answer`` (typed, in reply to a state
+    that asks for the slot), ``button`` (pressed there), ``entity`` (an entity of kind
+    ``entity`` found in any message of the run, the one that starts it included; by
+    default the type's own kind, or the slot's name for a choice). ``confirm`` is a
+    template said with Yes/No buttons, instead of passing over the question, when the
+    slot was filled from an entity before its question came.
     """
 
     type: str = "text"
@@ -149,67 +157,119 @@ class SlotDef(_Model):
     max: float | None = None
     integer: bool = False
     choices: list[str] | None = None
+    synonyms: dict[str, list[str]] = Field(default_factory=dict)
     pattern: str | None = None
+    fill: list[FillSource] = Field(default_factory=lambda: list(_DEFAULT_FILL))
+    entity: str | None = None
+    confirm: str | None = None
 
     @field_validator("choices", mode="before")
     @classmethod
     def _choices_as_text(cls, value: Any) -> Any:
         return [_as_text(v) for v in value] if isinstance(value, list) else value
 
-    def parse(self, text: str, today: dt.date | None = None) -> tuple[bool, Any]:
-        """``(True, value)`` when ``text`` is a valid value of this slot, else ``(False, None)``.
+    @field_validator("synonyms", mode="before")
+    @classmethod
+    def _synonyms_as_text(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        return {_as_text(k): [_as_text(v) for v in vs] if isinstance(vs, list) else vs
+                for k, vs in value.items()}
 
-        text: stripped, non-empty. number: the first number in the text ("4", "for 4
-        people", "four"), an int when whole, within min/max. email: the first address in
-        the text. choice: one of ``choices``, case-insensitively, as written in the
-        definition. regex: the first match of ``pattern`` searched in the text (anchor it
-    with ``^...$`` to require the whole text). date: ``YYYY-MM-DD``, ``DD/MM/YYYY`` or
-        ``DD.MM.YYYY``, or "today"/"tomorrow" when ``today`` is given, returned as
-        ``YYYY-MM-DD``. Never raises.
+    @field_validator("fill", mode="before")
+    @classmethod
+    def _fill_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    def entity_kind(self, name: str) -> str | None:
+        """The entity kind that fills this slot (named ``name``): its ``entity``, else
+        its type's (``number``, ``date``, ``time``, ``email``; a choice's own name)."""
+        if self.entity is not None:
+            return self.entity
+        if self.type == "choice":
+            return name
+        return _ENTITY_OF_TYPE.get(self.type)
+
+    def lexicon(self) -> dict[str, str]:
+        """A choice slot's phrases and the choice each stands for: every choice, and
+        its synonyms."""
+        phrases = {choice: choice for choice in self.choices or ()}
+        for choice, words in self.synonyms.items():
+            phrases.update({word: choice for word in words})
+        return phrases
+
+    def parse(
+        self, text: str, entities: Sequence[Entity] | None = None, now: float = 0.0,
+        tz: str = "UTC",
+    ) -> tuple[bool, Any]:
+        """``(True, value)`` when ``text``, a whole answer, is a valid value of this
+        slot, else ``(False, None)``; ``entities`` are the text's
+        (:func:`commhub.core.engine.entities.extract`), found here when None (relative
+        dates then count from ``now`` in ``tz``).
+
+        text: stripped, non-empty. number: the first number entity ("4", "a party of
+        four", "twenty one"), within min/max, whole if ``integer``; an int when whole.
+        email, date (``YYYY-MM-DD``): the first entity of that kind. time (``HH:MM``):
+        the first time entity, read within the min/max hours when it was said without
+        am/pm, or a bare hour ("8"). choice: a choice or synonym found in the text, as
+        the definition writes the choice. regex: the first match of ``pattern``
+        searched in the text (anchor it with ``^...$`` to require the whole text).
+        Never raises.
         """
         text = (text or "").strip()
         if not text:
             return False, None
         if self.type == "text":
             return True, text
-        if self.type == "number":
-            return self._parse_number(text)
-        if self.type == "email":
-            found = _EMAIL_RE.search(text)
-            return (True, found.group(0)) if found else (False, None)
-        if self.type == "choice":
-            for choice in self.choices or ():
-                if text.casefold() == choice.casefold():
-                    return True, choice
-            return False, None
+        if entities is None and self.type != "regex":
+            from commhub.core.engine.entities import extract
+
+            lexicon = {"choice": self.lexicon()} if self.type == "choice" else None
+            entities = extract(text, now, tz, lexicon)
+        entities = entities or []
         if self.type == "regex":
             try:
                 matched = re.search(self.pattern or "", text)
             except re.error:
                 return False, None
             return (True, matched.group(0)) if matched else (False, None)
-        if self.type == "date":
-            relative = {"today": 0, "tomorrow": 1}.get(text.casefold().rstrip(".!"))
-            if relative is not None and today is not None:
-                return True, (today + dt.timedelta(days=relative)).isoformat()
-            for fmt in _DATE_FORMATS:
-                try:
-                    return True, dt.datetime.strptime(text, fmt).date().isoformat()
-                except ValueError:
-                    continue
-            return False, None
+        if self.type == "choice":
+            typed = text.casefold()
+            for phrase, choice in self.lexicon().items():
+                if typed == phrase.casefold():
+                    return True, choice
+        if self.type == "time":
+            return self._parse_time(text, entities)
+        # A choice takes its values found by any lexicon kind (its own, or a same-named
+        # slot's); the other types take the entities of their own kind.
+        kind = self.entity_kind("") if self.type != "choice" else None
+        for entity in entities:
+            if kind is not None and entity.kind != kind:
+                continue
+            if self.type == "choice" and entity.value not in (self.choices or ()):
+                continue
+            ok, value = self.accept(entity)
+            if ok:
+                return True, value
         return False, None
 
-    def _parse_number(self, text: str) -> tuple[bool, Any]:
-        found = _NUMBER_RE.search(text)
-        if found:
-            number = float(found.group(0).replace(",", "."))
-        else:
-            words = [_NUMBER_WORDS.get(w) for w in re.findall(r"[a-z]+", text.casefold())]
-            numbers = [w for w in words if w is not None]
-            if not numbers:
-                return False, None
-            number = float(numbers[0])
+    def accept(self, entity: Entity) -> tuple[bool, Any]:
+        """``(True, value)`` when ``entity`` is a valid value of this slot (a number
+        within min/max, a time within the hours, a choice of this slot), else
+        ``(False, None)``."""
+        if self.type == "number":
+            return self._number(entity.value)
+        if self.type == "time":
+            return self._time(entity)
+        if self.type == "choice":
+            ok = entity.value in (self.choices or ())
+            return (True, entity.value) if ok else (False, None)
+        return True, entity.value
+
+    def _number(self, value: Any) -> tuple[bool, Any]:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return False, None
+        number = float(value)
         if self.integer and not number.is_integer():
             return False, None
         if (self.min is not None and number < self.min) or (
@@ -217,6 +277,40 @@ class SlotDef(_Model):
         ):
             return False, None
         return True, int(number) if number.is_integer() else number
+
+    def _time(self, entity: Entity) -> tuple[bool, Any]:
+        """The entity's time, or its other reading (``alternative``) when only that
+        one falls within the min/max hours."""
+        for reading in (entity.value, entity.alternative):
+            if isinstance(reading, str) and self._in_hours(reading):
+                return True, reading
+        return False, None
+
+    def _in_hours(self, clock: str) -> bool:
+        hours, _, minutes = clock.partition(":")
+        try:
+            at = int(hours) + int(minutes or 0) / 60
+        except ValueError:
+            return False
+        return (self.min is None or at >= self.min) and (self.max is None or at <= self.max)
+
+    def _parse_time(self, text: str, entities: Sequence[Entity]) -> tuple[bool, Any]:
+        for entity in entities:
+            if entity.kind == "time":
+                ok, value = self._time(entity)
+                if ok:
+                    return True, value
+        # A bare hour answering the question ("8"): either half of the day.
+        numbers = [e for e in entities if e.kind == "number"]
+        if len(numbers) == 1 and numbers[0].text.strip() == text.strip(" .!?"):
+            hour = numbers[0].value
+            if isinstance(hour, int) and 0 <= hour <= 23:
+                bare = Entity(kind="time", value=f"{hour:02d}:00", text=text, start=0,
+                              end=len(text),
+                              alternative=f"{(hour + 12) % 24:02d}:00" if 1 <= hour <= 12
+                              else None)
+                return self._time(bare)
+        return False, None
 
     def default_invalid(self) -> str:
         """What the engine says when a value is invalid and the transition gives no text."""
@@ -235,8 +329,19 @@ class SlotDef(_Model):
         if self.type == "choice":
             return "Please answer with one of: " + ", ".join(self.choices or ()) + "."
         if self.type == "date":
-            return "Please give a date as YYYY-MM-DD or DD/MM/YYYY."
+            return "Please give a date, like tomorrow, next friday or 14/06/2025."
+        if self.type == "time":
+            lo, hi = _fmt_hour(self.min), _fmt_hour(self.max)
+            if lo is not None and hi is not None:
+                return f"Please give a time between {lo} and {hi}, like 19:30 or 8pm."
+            return "Please give a time, like 19:30 or 8pm."
         return "Sorry, that doesn't look right. Please try again."
+
+
+def _fmt_hour(value: float | None) -> str | None:
+    if value is None:
+        return None
+    return f"{int(value):02d}:{round((value % 1) * 60):02d}"
 
 
 def _fmt_num(value: float | None) -> str | None:

@@ -84,6 +84,7 @@ _ARROW_SCHEMAS: dict[str, pa.Schema] = {
             ("model_version", _S),
             ("ts", _TS),
             ("decision", _S),
+            ("entities", _S),
         ]
     ),
     "workflow_events": pa.schema(
@@ -158,6 +159,7 @@ RECORDED_AS: dict[str, tuple[str, dict[str, str]]] = {
         "text": "text", "workflow": "workflow", "confidence": "confidence",
         "threshold": "threshold", "alternatives": "alternatives", "model": "model",
         "model_version": "model_version", "ts": "ts", "decision": "decision",
+        "entities": "entities",
     }),
     "workflow_event": ("workflow_events", {
         "id": "id", "run_id": "run_id", "conversation": "conversation",
@@ -352,6 +354,7 @@ class Batch:
                     record.model_version,
                     _micros(record.ts),
                     decision_of(record),
+                    _json(record.entities),
                 )
                 table = "classifications"
             case WorkflowEvent():

@@ -606,8 +606,17 @@ _V3 = Migration(
     ),
 )
 
+_V4 = Migration(
+    version=4,
+    description="classifications.entities: the values found in the text, with their spans",
+    statements=(
+        # [{"kind", "value", "text", "start", "end", "alternative"}, ...]
+        "ALTER TABLE classifications ADD COLUMN entities JSON",
+    ),
+)
+
 #: Every schema step, oldest first. Append new steps; never edit a released one.
-MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3)
+MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3, _V4)
 
 #: The recorder's refresh of ``workflow_runs`` for the run ids ``{runs}`` yields (the
 #: latest schema's shape); run it before :data:`REFRESH_CONVERSATIONS`.

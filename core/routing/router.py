@@ -78,8 +78,10 @@ from commhub.core.plugins import Plugins
 from commhub.core.retry import Decision as RetryDecision
 from commhub.core.retry import Permanent, Retry, RetryPolicy
 from commhub.core.routing import rules
+from commhub.core.routing.agents import AgentPresence
 from commhub.core.routing.inputs import decode_input
 from commhub.core.routing.rules import Decision, RoutingPolicy
+from commhub.core.routing.smalltalk import SmallTalk
 from commhub.core.routing.state import ConversationState, PendingAsk, StepResult
 from commhub.core.routing.store import OutboxEntry, StateStore, StoredState
 from commhub.core.routing.timers import TimerScheduler
@@ -145,6 +147,9 @@ class Router:
         idle_expiry: float = 3600.0,
         cancel_phrases: tuple[str, ...] | list[str] = DEFAULT_CANCEL_PHRASES,
         restart_phrases: tuple[str, ...] | list[str] = DEFAULT_RESTART_PHRASES,
+        smalltalk: SmallTalk | None = None,
+        agent_ttl: float = 30.0,
+        handoff_needs_agent: bool = True,
     ) -> None:
         self.bus = bus
         self.engine = engine
@@ -156,12 +161,15 @@ class Router:
             clarify_margin=clarify_margin,
             cancel_phrases=cancel_phrases,
             restart_phrases=restart_phrases,
+            smalltalk=smalltalk,
         )
         self.concurrency = concurrency
         self.model_name, self.model_version = model
         self.exclusive = exclusive  # the only router on this stream: may rewind on start
         self.store = StateStore(bus)
         self.timers = TimerScheduler(bus, idle_expiry, store=self.store)
+        # Human agents' heartbeats; None: hand off without asking who is there.
+        self.agents = AgentPresence(bus, agent_ttl) if handoff_needs_agent else None
         self.stats = RouterStats()
         self._deliveries: DeliveryLoop[Message | WorkflowInput] | None = None
 
@@ -196,6 +204,8 @@ class Router:
         await self._deliveries.start()
         try:
             await self.timers.start()
+            if self.agents is not None:
+                await self.agents.start()
         except BaseException:
             await self._deliveries.stop()
             raise
@@ -203,6 +213,8 @@ class Router:
     async def stop(self) -> None:
         """Stop fetching, let the inputs in hand finish (and ack), then unbind."""
         await self.timers.stop()
+        if self.agents is not None:
+            await self.agents.stop()
         deliveries, self._deliveries = self._deliveries, None
         if deliveries is not None:
             await deliveries.stop()
@@ -321,8 +333,12 @@ class Router:
         if rules.needs_classification(state, message, self.policy, self.engine):
             alternatives = await self.classifier.classify(message.text or "")
             self.stats.classified += 1
+        at = now()
+        plain = not state.handoff and rules.intent_payload(message.text) is None
+        entities = self.engine.extract(message.text, at) if plain else []
+        agents = self.agents.available(at) if self.agents is not None else True
         decision = rules.decide(state, message, alternatives, self.policy, self.engine,
-                                revision, now())
+                                revision, at, entities=entities, agents_available=agents)
         if decision.action == "fallback":
             self.stats.fallbacks += 1
         elif decision.action == "clarify":
@@ -381,6 +397,7 @@ class Router:
             model_version="" if fields.model else self.model_version,
             ts=now(),
             decision=fields.decision,
+            entities=fields.entities,
         )
         return self.bus.subjects.classified(message.conversation), record
 

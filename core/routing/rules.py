@@ -19,18 +19,24 @@ decides comes from here:
 
 A message goes through these rules, the first that applies wins:
 
-1. the conversation is handed off to a person: the bot stays **silent**;
-2. a start button (``payload.start``) naming a workflow **start** s it (a run in
-   progress is cancelled first);
-3. during a run, a whole-message cancel phrase **cancel** s it, and a restart phrase
+1. a start button (``payload.start``) or a ``/workflow{"slot": value}`` payload text
+   naming a workflow **start** s it, with those slots (a run in progress, a handoff
+   included, is cancelled first);
+2. during a run, a whole-message cancel phrase **cancel** s it, and a restart phrase
    **restart** s it from its initial state, unless the current state has a button of
-   that name (the state's own "cancel" wins);
-4. a run other than the fallback's takes the message as its next **step**;
-5. otherwise the text is classified (empty text counts as unclear): when the top two
+   that name (the state's own "cancel" wins); during a handoff too;
+3. the conversation is handed off to a person: the bot stays **silent**;
+4. small talk (a greeting, thanks, goodbye, "what can you do?", "are you a bot?", as
+   the whole message, see :mod:`.smalltalk`) is answered (**smalltalk**); a run stays
+   where it is and asks its question again;
+5. a run other than the fallback's takes the message as its next **step** (its
+   entities may fill or correct slots);
+6. otherwise the text is classified (empty text counts as unclear): when the top two
    both reach the threshold and are closer than ``clarify_margin``, the user is asked
    to **clarify** ("Did you mean A or B?"); when the best reaches the threshold its
    workflow **start** s (leaving the fallback's run, if the user was in it); else the
-   **fallback** handles it (starts, or its run goes on, which hands over to a person).
+   **fallback** handles it (starts, or its run goes on, which hands over to a person
+   only while ``agents_available``; with nobody there it says so).
 
 A workflow input moves an active run (**step**; the ``expire`` event **expire** s it);
 for an idle conversation it is recorded as handled and otherwise **ignore** d.
@@ -42,21 +48,25 @@ computed again after a conflict or a crash names everything the same way.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
+import msgspec
 from msgspec.structs import replace
 
-from commhub.core.engine.fsm import Engine, matches_phrase
+from commhub.core.engine.fsm import Engine, matches_phrase, normalize_phrase
 from commhub.core.envelope import (
     Alternative,
     ClassificationDecision,
+    Entity,
     Message,
     Sender,
     WorkflowInput,
     derived_id,
 )
+from commhub.core.routing.smalltalk import SmallTalk
 from commhub.core.routing.state import (
     EXPIRE_EVENT,
     REPLY_EVENT,
@@ -80,20 +90,25 @@ __all__ = [
     "RoutingPolicy",
     "already_handled",
     "ask_reply",
+    "ask_reply_id",
     "clarify_candidates",
     "decide",
     "dropped",
+    "intent_payload",
     "message_trigger",
     "needs_classification",
     "pending_ask",
 ]
 
 RECENT_INPUTS = 16  # earlier input ids a state keeps to recognise late redeliveries
+# Rasa's payload text: "/intent" or "/intent{JSON object}" as the whole message.
+_INTENT_PAYLOAD_RE = re.compile(r"^/([A-Za-z0-9_-]{1,128})(\{.*\})?$", re.S)
 BUTTON_MODEL = "button"  # the "model" a classification chosen by a start button records
 ASK_SENDER = Sender(id="commhub-ask", kind="service", name="ask")  # sends ``reply`` inputs
 
 Action = Literal[
-    "start", "restart", "step", "cancel", "clarify", "fallback", "silent", "ignore", "expire"
+    "start", "restart", "step", "cancel", "clarify", "fallback", "silent", "ignore", "expire",
+    "smalltalk",
 ]
 
 
@@ -102,7 +117,10 @@ class RoutingPolicy:
     """The settings the rules apply, fixed for a router's lifetime.
 
     ``workflows`` maps every workflow's name to its description (the title of its
-    start button; the name when empty), the fallback included.
+    start button; the name when empty), the fallback included. ``smalltalk`` is the
+    small talk in force (its replies, the intents turned off); ``claimed`` the
+    workflows' example phrases (normalised), which are theirs, not small talk (a
+    workflow trained on "hello there" gets it).
     """
 
     threshold: float
@@ -111,6 +129,8 @@ class RoutingPolicy:
     restart_phrases: tuple[str, ...]
     fallback: str
     workflows: Mapping[str, str]
+    smalltalk: SmallTalk = field(default_factory=SmallTalk)
+    claimed: frozenset[str] = frozenset()
 
     @classmethod
     def for_engine(
@@ -121,6 +141,7 @@ class RoutingPolicy:
         clarify_margin: float,
         cancel_phrases: Iterable[str],
         restart_phrases: Iterable[str],
+        smalltalk: SmallTalk | None = None,
     ) -> RoutingPolicy:
         """The policy for ``engine``'s workflows and fallback."""
         return cls(
@@ -130,11 +151,21 @@ class RoutingPolicy:
             restart_phrases=tuple(restart_phrases),
             fallback=engine.fallback,
             workflows={name: defn.description for name, defn in engine.definitions.items()},
+            smalltalk=smalltalk or SmallTalk(),
+            claimed=frozenset(normalize_phrase(example)
+                              for examples in engine.examples().values()
+                              for example in examples),
         )
 
     def title(self, workflow: str) -> str:
         """What a start button for ``workflow`` says."""
         return self.workflows.get(workflow) or workflow
+
+    def start_buttons(self) -> list[dict[str, Any]]:
+        """A start button for every workflow but the fallback, titled by its
+        description, in load order: what the bot can do."""
+        return [{"title": self.title(name), "payload": {"start": name}}
+                for name in self.workflows if name != self.fallback]
 
 
 @dataclass(frozen=True)
@@ -151,6 +182,7 @@ class ClassificationFields:
     alternatives: list[Alternative]
     decision: ClassificationDecision
     model: str | None = None
+    entities: list[Entity] = field(default_factory=list)
 
 
 @dataclass
@@ -185,6 +217,12 @@ def already_handled(
     return None
 
 
+def ask_reply_id(ask: PendingAsk) -> str:
+    """The id of the ``reply`` WorkflowInput that carries the answer to ``ask``
+    (derived from the request id, so every router names it the same way)."""
+    return derived_id(ask.id, "reply")
+
+
 def pending_ask(state: ConversationState, input_id: str) -> PendingAsk | None:
     """The service request to make because input ``input_id``'s step entered an ``ask``
     state (the engine derives the request id from the input, run and state), or None
@@ -212,7 +250,7 @@ def ask_reply(
     elif error is None and isinstance(body, dict) and "error" in body:
         error = "error"
     return WorkflowInput(
-        id=derived_id(ask.id, "reply"),
+        id=ask_reply_id(ask),
         conversation=conversation,
         event=REPLY_EVENT,
         data={"id": ask.id, "subject": ask.subject, "ok": error is None, "error": error,
@@ -227,11 +265,14 @@ def needs_classification(
     state: ConversationState, message: Message, policy: RoutingPolicy, engine: Engine
 ) -> bool:
     """True when :func:`decide` needs the classifier's ranking of ``message.text``:
-    no earlier rule applies (handoff, start button, phrase, a run taking the message as
-    its step) and the text is not empty (empty text is unclear without asking)."""
-    if state.handoff or _start_button(message, policy) is not None:
+    no earlier rule applies (a start button or payload, a phrase, a handoff, small talk,
+    a run taking the message as its step) and the text is not empty (empty text is
+    unclear without asking)."""
+    if _start_button(message, policy) is not None or _payload_start(message, policy):
         return False
-    if _phrase(state, message, policy, engine) is not None:
+    if _phrase(state, message, policy, engine) is not None or state.handoff:
+        return False
+    if _small_talk(message, policy) is not None:
         return False
     if state.active and state.workflow != policy.fallback:
         return False
@@ -246,6 +287,9 @@ def decide(
     engine: Engine,
     revision: int | None,
     now: float,
+    *,
+    entities: list[Entity] | None = None,
+    agents_available: bool = True,
 ) -> Decision:
     """Decide what ``record`` does to ``state`` (see the module docstring for the rules).
 
@@ -253,12 +297,15 @@ def decide(
     None when :func:`needs_classification` is False. ``revision`` is the state's KV
     revision (None for a new conversation): run ids are derived from it and the input's
     id. ``now`` stamps the state of a step the engine does not take (silence, ignore).
-    Raises ValueError when the rules need alternatives and got None.
+    ``entities`` are the message text's (the engine finds them when None);
+    ``agents_available`` says whether a human agent announced themselves (no handoff
+    without one). Raises ValueError when the rules need alternatives and got None.
     """
     if isinstance(record, WorkflowInput):
         decision = _on_input(state, record, engine, now)
     else:
-        decision = _on_message(state, record, alternatives, policy, engine, revision, now)
+        decision = _on_message(state, record, alternatives, policy, engine, revision, now,
+                               entities, agents_available)
     decision.result.state = _remember_input(state, decision.result.state)
     return decision
 
@@ -270,17 +317,47 @@ def dropped(state: ConversationState, input_id: str, now: float) -> Decision:
     return Decision("ignore", StepResult(state=_remember_input(state, moved)))
 
 
-def message_trigger(message: Message) -> Trigger:
+def intent_payload(text: str | None) -> tuple[str, dict[str, Any]] | None:
+    """Rasa's payload text, ``/intent`` or ``/intent{"slot": value, ...}`` as the whole
+    message: the intent and the slot values, or None for any other text (or a
+    malformed object)."""
+    matched = _INTENT_PAYLOAD_RE.match((text or "").strip())
+    if matched is None:
+        return None
+    data: Any = {}
+    if matched.group(2):
+        try:
+            data = msgspec.json.decode(matched.group(2))
+        except msgspec.DecodeError:
+            return None
+        if not isinstance(data, dict):
+            return None
+    return matched.group(1), data
+
+
+def message_trigger(
+    message: Message, entities: list[Entity] | None = None, agents: bool = True
+) -> Trigger:
     """The engine's trigger for a user's message: a ``button`` when the payload has a
-    ``value`` (its text is the value when the message has no text), else a ``message``."""
+    ``value`` (its text is the value when the message has no text), else a ``message``.
+    A ``/intent{...}`` payload text gives its values as the trigger's ``data`` (slot
+    values) and no text to answer with."""
     payload = message.payload or {}
     value = payload.get("value")
+    text = message.text if message.text is not None else _str_or_none(value)
+    data: dict[str, Any] = {}
+    given = intent_payload(message.text)
+    if given is not None:
+        text, data = None, given[1]
     return Trigger(
         id=message.id,
         kind="button" if "value" in payload else "message",
-        text=message.text if message.text is not None else _str_or_none(value),
+        text=text,
         payload=payload or None,
+        data=data,
         ts=message.ts,
+        entities=[] if given is not None else entities,
+        agents=agents,
     )
 
 
@@ -311,20 +388,21 @@ def _on_message(
     engine: Engine,
     revision: int | None,
     now: float,
+    entities: list[Entity] | None,
+    agents_available: bool,
 ) -> Decision:
     if state.channel is None or state.user is None:
         # The conversation's replies go to the channel it began on.
         state = replace(state, channel=message.channel, user=message.sender.id)
-    if state.handoff:
-        # A person has the conversation: the message is on the bus and recorded, and
-        # counts as activity (idle expiry), but the bot says nothing.
-        silent = replace(state, last_input=message.id, updated=now, turns=state.turns + 1)
-        return Decision("silent", StepResult(state=silent))
-    trigger = message_trigger(message)
+    trigger = message_trigger(message, entities, agents_available)
+    found = list(entities or [])
     ts = message.ts
-    start = _start_button(message, policy)
+    # A start button, a /workflow{...} payload, cancel and restart work in every state,
+    # during a handoff too: the user can always leave.
+    start = _start_button(message, policy) or _payload_start(message, policy)
     if start is not None:
-        picked = ClassificationFields(start, 1.0, [], "button", model=BUTTON_MODEL)
+        picked = ClassificationFields(start, 1.0, [], "button", model=BUTTON_MODEL,
+                                      entities=found)
         return Decision("start", _start(engine, state, start, trigger, revision), picked)
     phrase = _phrase(state, message, policy, engine)
     if phrase == "cancel":
@@ -332,6 +410,15 @@ def _on_message(
     if phrase == "restart":
         run_id = derived_id(trigger.id, revision, "run")
         return Decision("restart", engine.restart(state, trigger, run_id, ts))
+    if state.handoff:
+        # A person has the conversation: the message is on the bus and recorded, and
+        # counts as activity (idle expiry), but the bot says nothing.
+        silent = replace(state, last_input=message.id, updated=now, turns=state.turns + 1)
+        return Decision("silent", StepResult(state=silent))
+    chat = _small_talk(message, policy)
+    if chat is not None:
+        return Decision("smalltalk", _answer_small_talk(state, trigger, chat, policy, engine,
+                                                        ts))
     clarifying = state.workflow == policy.fallback
     if state.active and not clarifying:
         return Decision("step", engine.step(state, trigger, ts))
@@ -345,21 +432,59 @@ def _on_message(
     confidence = best.confidence if best is not None else 0.0
     close = clarify_candidates(alternatives, policy)
     if close is not None:
-        asked = ClassificationFields(None, confidence, alternatives, "clarify")
+        asked = ClassificationFields(None, confidence, alternatives, "clarify", entities=found)
         return Decision("clarify", _clarify(state, trigger, close, policy, ts), asked)
     if confident:
         assert best is not None
-        chosen = ClassificationFields(best.workflow, confidence, alternatives, "workflow")
+        chosen = ClassificationFields(best.workflow, confidence, alternatives, "workflow",
+                                      entities=found)
         # Clear text while the fallback asks what they want: leave its run for this one.
         return Decision("start", _start(engine, state, best.workflow, trigger, revision),
                         chosen)
     if clarifying:
-        # Still unclear: the fallback's run goes on (and hands over to a person). Its
-        # first unclear message was recorded when it started.
+        # Still unclear: the fallback's run goes on (it hands over to a person while
+        # one is available). Its first unclear message was recorded when it started.
         return Decision("fallback", engine.step(state, trigger, ts))
-    unclear = ClassificationFields(None, confidence, alternatives, "fallback")
+    unclear = ClassificationFields(None, confidence, alternatives, "fallback", entities=found)
     return Decision("fallback", _start(engine, state, policy.fallback, trigger, revision),
                     unclear)
+
+
+def _small_talk(message: Message, policy: RoutingPolicy) -> str | None:
+    """The small-talk intent of the message, unless a workflow claims the phrase as one
+    of its examples."""
+    intent = policy.smalltalk.intent(message.text)
+    if intent is None or normalize_phrase(message.text or "") in policy.claimed:
+        return None
+    return intent
+
+
+def _answer_small_talk(
+    state: ConversationState,
+    trigger: Trigger,
+    intent: str,
+    policy: RoutingPolicy,
+    engine: Engine,
+    ts: float,
+) -> StepResult:
+    """Answer small talk; a run in progress stays where it is and asks its question
+    again (the fallback's too)."""
+    talk = policy.smalltalk
+    buttons = policy.start_buttons() if talk.lists_workflows(intent) else []
+    replies = [Reply(text=talk.reply(intent), buttons=buttons)]
+    if state.active:
+        replies.extend(engine.question(state))
+    moved = replace(state, last_input=trigger.id, updated=ts, turns=state.turns + 1)
+    return StepResult(state=moved, replies=replies)
+
+
+def _payload_start(message: Message, policy: RoutingPolicy) -> str | None:
+    """The workflow a ``/workflow{...}`` payload text names, if the router knows it
+    (never the fallback)."""
+    given = intent_payload(message.text)
+    if given is None or given[0] not in policy.workflows or given[0] == policy.fallback:
+        return None
+    return given[0]
 
 
 def _start_button(message: Message, policy: RoutingPolicy) -> str | None:

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from commhub.core.envelope import Entity
+
 __all__ = [
     "EXPIRE_EVENT",
     "HANDOFF_END_EVENT",
@@ -64,6 +66,10 @@ class ConversationState(msgspec.Struct, kw_only=True):
     ``expires`` whether the current state is subject to idle expiry. The
     router's timer scheduler reads ``timeout_at`` and ``updated`` (idle expiry) from
     the bucket, so timers survive restarts and every router knows them.
+
+    ``prefilled`` names the slots filled from entities whose questions have not come
+    yet (the engine passes over those states, or asks to confirm); ``confirming`` is
+    the slot whose prefilled value the current state asks the user to confirm.
     """
 
     conversation: str
@@ -82,6 +88,8 @@ class ConversationState(msgspec.Struct, kw_only=True):
     asking: PendingAsk | None = None
     expires: bool = True
     recent_inputs: list[str] = msgspec.field(default_factory=list)
+    prefilled: list[str] = msgspec.field(default_factory=list)
+    confirming: str | None = None
 
     @property
     def active(self) -> bool:
@@ -102,6 +110,11 @@ class Trigger(msgspec.Struct, frozen=True, kw_only=True):
 
     ``id`` is the id of the inbound message or workflow input; derived ids of the step's
     outputs are built from it, so a re-run step yields the same ids.
+
+    For a message, ``data`` holds slot values given with it (Rasa's
+    ``/intent{"slot": value}`` form) and ``entities`` the entities found in its text
+    (None: the engine finds them itself). ``agents`` says whether a human agent is
+    available: a transition into a handoff state is not taken while none is.
     """
 
     id: str
@@ -111,6 +124,8 @@ class Trigger(msgspec.Struct, frozen=True, kw_only=True):
     event: str | None = None
     data: dict[str, Any] = msgspec.field(default_factory=dict)
     ts: float = 0.0
+    entities: list[Entity] | None = None
+    agents: bool = True
 
 
 class Reply(msgspec.Struct, frozen=True, kw_only=True):

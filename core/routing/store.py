@@ -36,7 +36,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from commhub.core.bus import Bus
 from commhub.core.envelope import Record
-from commhub.core.routing.rules import already_handled
+from commhub.core.routing.rules import already_handled, ask_reply_id
 from commhub.core.routing.state import ConversationState
 
 __all__ = [
@@ -83,9 +83,12 @@ class StateConflict(KeyWrongLastSequenceError):
 class Handled:
     """An input's step has committed. ``outbox`` holds that step's outputs, or is None
     when steps of later inputs replaced them before they were seen (those outputs were
-    published before the later steps ran, by the same router)."""
+    published before the later steps ran, by the same router). ``follow_up`` is the id
+    of the input that will carry a service's answer the run now waits for (an ``ask``),
+    whose step says more, or None."""
 
     outbox: list[OutboxEntry] | None
+    follow_up: str | None = None
 
 
 def handled(stored: StoredState | None, input_id: str) -> Handled | None:
@@ -93,7 +96,10 @@ def handled(stored: StoredState | None, input_id: str) -> Handled | None:
     seen = already_handled(stored.state if stored is not None else None, input_id)
     if seen is None or stored is None:
         return None
-    return Handled(stored.outbox if seen == "last" else None)
+    if seen != "last":
+        return Handled(None)
+    asking = stored.state.asking
+    return Handled(stored.outbox, ask_reply_id(asking) if asking is not None else None)
 
 
 _stored_decoder = msgspec.json.Decoder(StoredState)
