@@ -115,15 +115,15 @@ def test_a_broken_test_file_is_one_line_naming_file_and_line(
     assert main(["test", str(path), "--data-dir", str(tmp_path / "data")]) == 1
     err = capsys.readouterr().err
     assert err == (f"commhub: error: {path}:5: unknown step 'bott' (expected one of: user, "
-                   "press, event, answer, wait, bot, silent, classified, workflow, state, "
-                   "slots, events)\n")
+                   "press, event, answer, wait, agent, bot, silent, classified, workflow, "
+                   "state, slots, events)\n")
     assert not (tmp_path / "data" / "models").exists()
 
 
 @pytest.mark.parametrize(("text", "line", "problem"), [
     ("tests:\n  - test: t\n    steps:\n      - bot: Hi\n", 4,
-     "'bot:' expects something of an input, but no input (user, press, event, answer, wait)"
-     " comes before it"),
+     "'bot:' expects something of an input, but no input (user, press, event, answer, wait,"
+     " agent) comes before it"),
     ("tests:\n  - test: t\n    steps:\n      - user: hi\n      - bot: {regex: '('}\n", 5,
      "bad regex '(': missing ), unterminated subpattern at position 0"),
     ("tests:\n  - test: t\n    steps:\n      - wait: soon\n", 4,
@@ -131,10 +131,10 @@ def test_a_broken_test_file_is_one_line_naming_file_and_line(
     ("tests:\n  - test: t\n    steps: [{user: a}]\n  - test: t\n    steps: [{user: b}]\n", 4,
      "test 't' is already defined on line 2"),
     ("tests:\n  - test: t\n    stepz: []\n", 3,
-     "unknown key 'stepz' (expected one of: test, steps, services, clock)"),
+     "unknown key 'stepz' (expected one of: test, steps, services, clock, agents)"),
     ("tests:\n  - test: t\n    steps:\n      - user: hi\n        bot: Hi\n", 4,
-     "a step has exactly one of user, press, event, answer, wait, bot, silent, classified, "
-     "workflow, state, slots, events (got user, bot)"),
+     "a step has exactly one of user, press, event, answer, wait, agent, bot, silent, "
+     "classified, workflow, state, slots, events (got user, bot)"),
     ("tests:\n  - test: t\n    steps:\n      - user: hi\n      - silent: false\n", 5,
      "'silent:' takes true (the input gets no reply)"),
     ("tests:\n  - test: t\n    steps:\n      - user: [hi\n", 5,
@@ -143,6 +143,10 @@ def test_a_broken_test_file_is_one_line_naming_file_and_line(
     ("tests:\n  - test: t\n    services:\n      shop.orders: silnet\n    steps: [{user: a}]\n",
      4, "service 'shop.orders': an answer is a mapping (the service's JSON reply), silent or "
      "no_responders"),
+    ("tests:\n  - test: t\n    agents: yes\n    steps: [{user: a}]\n", 3,
+     "agents 'yes' is not one of: present, absent"),
+    ("tests:\n  - test: t\n    steps:\n      - user: hi\n      - agent: arrives\n", 5,
+     "agent 'arrives' is not one of: joins, leaves"),
 ])
 def test_each_kind_of_broken_file_names_its_line(text: str, line: int, problem: str) -> None:
     """Every problem in a test file is reported with the line it is on."""

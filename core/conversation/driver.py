@@ -6,7 +6,13 @@ a service's answer to an ``ask``, and the passing of time. For each it calls wha
 router and the timer scheduler call, in the same order:
 
 * :func:`~commhub.core.routing.rules.needs_classification`, then the classifier;
-* :func:`~commhub.core.routing.rules.decide` (which calls the pure engine);
+* for a message, :func:`~commhub.core.routing.rules.message_entities` (the engine reads
+  the text's entities on the driver's clock, in the engine's time zone) and whether a
+  human agent is available (:attr:`ConversationDriver.agents`, set by
+  :meth:`ConversationDriver.agent`; always when the hub hands off without asking,
+  ``needs_agent=False``);
+* :func:`~commhub.core.routing.rules.decide` (which calls the pure engine; small talk,
+  slots filled from entities, corrections and handoffs are its rules);
 * :func:`~commhub.core.routing.rules.pending_ask`, then the service's canned answer
   through :func:`~commhub.core.routing.rules.ask_reply`;
 * :func:`~commhub.core.routing.timers.due_timers` for state timeouts and idle expiry,
@@ -17,8 +23,10 @@ emits, the classification) into an :class:`Outcome`. The clock is the driver's o
 (``now``): nothing reads the machine's time, so a run is the same every time.
 
 Differences from a hub, on purpose: no inbound or outbound middleware plugins run, no
-records are written, and a service's answer to an ``ask`` comes from ``services``
-(a mapping of subject to answer) instead of the bus.
+records are written, a service's answer to an ``ask`` comes from ``services``
+(a mapping of subject to answer) instead of the bus, and human agents are present or
+not as the driver is told (:meth:`ConversationDriver.agent`) instead of by their
+heartbeats in the agents bucket.
 
 Errors: :class:`DriverError` for an input the conversation cannot take (an answer when
 no request waits, a negative wait). Classifier errors propagate.
@@ -81,7 +89,9 @@ class ConversationDriver:
     ``services`` maps an ``ask`` subject to its answer: a JSON object (the reply),
     :data:`SILENT`, :data:`NO_RESPONDERS` (also for a subject not listed), or any other
     JSON value (a reply that is not an object: ``bad_reply``). ``now`` is the clock in
-    epoch seconds; only :meth:`wait` moves it.
+    epoch seconds; only :meth:`wait` moves it. ``agents``: whether a human agent is
+    there to take a handoff (as their heartbeats would say; :meth:`agent` changes it);
+    ``needs_agent`` is the hub's ``handoff_needs_agent`` (False: hand off regardless).
     """
 
     def __init__(
@@ -96,6 +106,8 @@ class ConversationDriver:
         now: float = 0.0,
         idle_expiry: float = 3600.0,
         services: Mapping[str, Any] | None = None,
+        agents: bool = False,
+        needs_agent: bool = True,
     ) -> None:
         self.engine = engine
         self.policy = policy
@@ -106,6 +118,8 @@ class ConversationDriver:
         self.now = now
         self.idle_expiry = idle_expiry
         self.services = dict(services or {})
+        self.agents = agents
+        self.needs_agent = needs_agent
         self.state = ConversationState(conversation=conversation)
         self.revision: int | None = None  # as the KV bucket would number the commits
         self._inputs = 0
@@ -143,6 +157,12 @@ class ConversationDriver:
         self._handle(rules.ask_reply(asking, self.conversation, body, None, self.now), outcome)
         return outcome
 
+    def agent(self, present: bool) -> Outcome:
+        """A human agent comes (their heartbeats start) or goes (the last one's stop).
+        Nothing is said: presence only decides whether later handoffs are taken."""
+        self.agents = present
+        return Outcome()
+
     def wait(self, seconds: float) -> Outcome:
         """Move the clock ``seconds`` on, firing every timer that falls due on the way,
         at its due time and in order: state timeouts, idle expiry, and the timeout of a
@@ -165,13 +185,17 @@ class ConversationDriver:
 
     # -- the router's step --------------------------------------------------------------
     def _handle(self, record: Message | WorkflowInput, outcome: Outcome) -> None:
-        alternatives = None
-        if isinstance(record, Message) and rules.needs_classification(
-            self.state, record, self.policy, self.engine
-        ):
-            alternatives = self.classify(record.text or "")
-        decision = rules.decide(self.state, record, alternatives, self.policy, self.engine,
-                                self.revision, self.now)
+        if isinstance(record, Message):
+            alternatives = None
+            if rules.needs_classification(self.state, record, self.policy, self.engine):
+                alternatives = self.classify(record.text or "")
+            entities = rules.message_entities(self.state, record, self.engine, self.now)
+            decision = rules.decide(self.state, record, alternatives, self.policy, self.engine,
+                                    self.revision, self.now, entities=entities,
+                                    agents_available=self.agents or not self.needs_agent)
+        else:
+            decision = rules.decide(self.state, record, None, self.policy, self.engine,
+                                    self.revision, self.now)
         result = decision.result
         channel = result.state.channel or (record.channel if isinstance(record, Message)
                                            else None)

@@ -10,10 +10,11 @@ channel. What can be checked there:
   ``event:`` inputs (published on ``{prefix}.wf.{conversation}``). Without it those
   expectations are skipped with a note, and tests with ``event:`` inputs are skipped.
 
-Tests that set or move the clock (``clock:``, ``wait:``) or play a service
-(``services:``, ``answer:``) are skipped: a hub runs on the real time and asks the
-real services. (A test without ``clock:`` runs on 2030-01-01 in process and on today's
-date against a hub, so a test whose replies name a date says ``clock:``.)
+Tests that set or move the clock (``clock:``, ``wait:``), play a service
+(``services:``, ``answer:``) or human agents (``agents:``, ``agent:``) are skipped: a
+hub runs on the real time, asks the real services and sees the real agents. (A test
+without ``clock:`` runs on 2030-01-01 in process and on today's date against a hub, so
+a test whose replies name a date says ``clock:``.)
 
 A turn ends when the hub has committed the input's step (with NATS: the state names
 the input), or when the replies the test expects have come (without), and then no
@@ -78,6 +79,9 @@ class HubBackend:
         if test.services or test.uses("answer"):
             return "'services:' and 'answer:' play a service, which only the in-process run " \
                    "can do (a hub asks the real services)"
+        if test.agents_given or test.uses("agent"):
+            return "'agents:' and 'agent:' play the human agents, which only the in-process " \
+                   "run can do (a hub sees the real agents' heartbeats)"
         if test.uses("event") and not self.nats_url:
             return "'event:' publishes a workflow input on the bus: give --nats-url"
         return None

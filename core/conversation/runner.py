@@ -2,7 +2,8 @@
 at its first turn that does not show what the test expects.
 
 Two backends: :class:`InProcessBackend` (a :class:`ConversationDriver` per test: the
-real rules, engine and classifier, a fixed clock, no hub) and
+real rules, engine and classifier, a fixed clock, human agents as the test says, no
+hub) and
 :class:`~commhub.core.conversation.hubtest.HubBackend` (a running hub over WebSocket).
 A backend says which tests it cannot run (``skip_reason``) and, per turn, which
 expectations it could not observe (:attr:`Observed.hidden`).
@@ -163,8 +164,9 @@ def run_files(
 
 # -- in process ------------------------------------------------------------------------
 class InProcessBackend:
-    """Each test is a :class:`ConversationDriver` on the test's clock and services,
-    with the real engine, routing policy and classifier (ranked through ``ranks``)."""
+    """Each test is a :class:`ConversationDriver` on the test's clock, services and
+    agents, with the real engine, routing policy and classifier (ranked through
+    ``ranks``)."""
 
     def __init__(self, setup: RouterSetup, ranks: RankCache) -> None:
         self.setup = setup
@@ -179,6 +181,7 @@ class InProcessBackend:
             self.setup.engine, self.setup.policy, self.ranks,
             conversation=conversation_id(test.name), now=test.clock,
             idle_expiry=self.setup.idle_expiry, services=test.services,
+            agents=test.agents, needs_agent=self.setup.needs_agent,
         )
 
     def send(self, turn: Turn, payload: dict[str, Any] | None) -> Observed:
@@ -204,6 +207,8 @@ def _input(driver: ConversationDriver, step: Step, payload: dict[str, Any] | Non
         return driver.event(event.name, event.data)
     if step.kind == "answer":
         return driver.answer(step.value)
+    if step.kind == "agent":
+        return driver.agent(step.value)
     assert step.kind == "wait", step.kind
     return driver.wait(float(step.value))
 

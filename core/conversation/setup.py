@@ -1,5 +1,6 @@
 """The router's parts, set up in process as ``commhub up`` sets them up: the workflows
-(the plugins' and ``workflow_paths``), the routing policy from the settings, and the
+(the plugins' and ``workflow_paths``) on an engine in the hub's ``timezone``, the routing
+policy from the settings (small talk included), whether a handoff needs an agent, and the
 configured classifier plugin, trained on the workflows' examples or loaded from its
 cache in ``{data_dir}/models`` (the same cache the hub uses, so a second run, or a run
 after the hub started, loads instead of training).
@@ -28,6 +29,7 @@ from commhub.core.engine.fsm import Engine
 from commhub.core.envelope import Alternative
 from commhub.core.plugins import Plugins
 from commhub.core.routing.rules import RoutingPolicy
+from commhub.core.routing.smalltalk import SmallTalk
 from commhub.core.workflow import WorkflowDef, load_workflows
 
 __all__ = ["RANKED", "RankCache", "RouterSetup", "SetupError", "load_classifier",
@@ -50,17 +52,21 @@ class RouterSetup:
     classifier: Classifier
     idle_expiry: float
     train_seconds: float  # how long training (or loading from the cache) took
+    needs_agent: bool = True  # handoff_needs_agent: hand off only while an agent is there
 
 
-def load_engine(plugins: Plugins, paths: Iterable[Path | str | WorkflowDef]) -> Engine:
-    """The engine over the plugins' workflows and ``paths``; raises SetupError without a
-    ``fallback`` workflow (the router needs one), WorkflowError for a broken one."""
+def load_engine(
+    plugins: Plugins, paths: Iterable[Path | str | WorkflowDef], tz: str = "UTC"
+) -> Engine:
+    """The engine over the plugins' workflows and ``paths``, reading relative dates in
+    ``tz``; raises SetupError without a ``fallback`` workflow (the router needs one),
+    WorkflowError for a broken one."""
     definitions = load_workflows([*plugins.workflow_sources(), *paths])
     if "fallback" not in definitions:
         raise SetupError("no workflow named 'fallback': the router needs one for messages "
                          "no workflow is confident about (is commhub.workflows.builtin "
                          "disabled?)")
-    return Engine(definitions)
+    return Engine(definitions, tz=tz)
 
 
 def load_classifier(
@@ -98,18 +104,19 @@ def load_router_setup(
 ) -> RouterSetup:
     """Workflows (plugins', ``settings.workflow_paths``, ``extra_paths``), the policy
     from ``settings`` and the trained classifier."""
-    engine = load_engine(plugins, [*settings.workflow_paths, *extra_paths])
+    engine = load_engine(plugins, [*settings.workflow_paths, *extra_paths], settings.timezone)
     policy = RoutingPolicy.for_engine(
         engine,
         threshold=settings.threshold,
         clarify_margin=settings.clarify_margin,
         cancel_phrases=settings.cancel_phrases,
         restart_phrases=settings.restart_phrases,
+        smalltalk=SmallTalk.from_settings(settings.smalltalk),
     )
     started = time.perf_counter()
     classifier = load_classifier(settings, plugins, engine.examples())
     return RouterSetup(engine, policy, classifier, settings.idle_expiry_seconds,
-                       time.perf_counter() - started)
+                       time.perf_counter() - started, settings.handoff_needs_agent)
 
 
 class RankCache:

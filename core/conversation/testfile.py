@@ -2,7 +2,8 @@
 
 A file holds ``tests:``, a list of tests; each has a name (``test:``) and ``steps:``,
 in the order the chat goes. A step is an **input** (the user writes, presses a
-button, a service sends an event or answers a request, time passes) or an
+button, a service sends an event or answers a request, time passes, a human agent
+comes or goes) or an
 **expectation** about what the last input produced (a reply, the classification, the
 workflow and state, slots, events)::
 
@@ -55,10 +56,13 @@ __all__ = [
     "parse_test_file",
 ]
 
-INPUTS = ("user", "press", "event", "answer", "wait")
+INPUTS = ("user", "press", "event", "answer", "wait", "agent")
 EXPECTATIONS = ("bot", "silent", "classified", "workflow", "state", "slots", "events")
 DECISIONS = ("workflow", "clarify", "fallback", "button")
 SERVICE_WORDS = ("silent", "no_responders")  # the driver's SILENT and NO_RESPONDERS
+# A test's ``agents:`` (is a human agent there when it begins?) and the ``agent:`` step.
+AGENTS_WORDS = {"present": True, "absent": False}
+AGENT_WORDS = {"joins": True, "leaves": False}
 # 2030-01-01 12:00 UTC: where every test's clock starts unless it says ``clock:``.
 DEFAULT_CLOCK = dt.datetime(2030, 1, 1, 12, tzinfo=dt.UTC).timestamp()
 TEST_FILE_SUFFIXES = (".yaml", ".yml")
@@ -193,7 +197,8 @@ class Turn:
 
 @dataclass(frozen=True)
 class ConversationTest:
-    """One test: a conversation from its first input, on its own clock."""
+    """One test: a conversation from its first input, on its own clock, with a human
+    agent there (``agents``) or not (the default, as on a hub nobody staffs)."""
 
     name: str
     file: str
@@ -202,6 +207,8 @@ class ConversationTest:
     services: dict[str, Any] = field(default_factory=dict)
     clock: float = DEFAULT_CLOCK
     clock_given: bool = False  # the test says ``clock:``: it depends on the date
+    agents: bool = False
+    agents_given: bool = False  # the test says ``agents:``: it depends on who is there
 
     @property
     def where(self) -> str:
@@ -317,7 +324,7 @@ class _Doc:
 def _parse_test(doc: _Doc, data: Any, path: Path_) -> ConversationTest:
     if not isinstance(data, dict) or "test" not in data:
         raise doc.error(path, "a test is a mapping with 'test: NAME' and 'steps:'")
-    doc.only(data, path, ("test", "steps", "services", "clock"))
+    doc.only(data, path, ("test", "steps", "services", "clock", "agents"))
     name = doc.text(data["test"], (*path, "test"), "'test:'")
     steps = data.get("steps")
     if not isinstance(steps, list) or not steps:
@@ -332,6 +339,10 @@ def _parse_test(doc: _Doc, data: Any, path: Path_) -> ConversationTest:
             raise doc.error((*path, "services", subject), f"service {subject!r}: an answer "
                             f"is a mapping (the service's JSON reply), {words}")
     clock = _clock(doc, data.get("clock"), (*path, "clock"))
+    agents = data.get("agents", "absent")
+    if not isinstance(agents, str) or agents not in AGENTS_WORDS:
+        raise doc.error((*path, "agents"), f"agents {doc.raw((*path, 'agents'), agents)!r} "
+                        f"is not one of: {', '.join(AGENTS_WORDS)}")
     turns: list[Turn] = []
     current: Step | None = None
     expect: list[Step] = []
@@ -343,15 +354,15 @@ def _parse_test(doc: _Doc, data: Any, path: Path_) -> ConversationTest:
             current, expect = step, []
         elif current is None:
             raise doc.error((*path, "steps", i), f"'{step.kind}:' expects something of an "
-                            "input, but no input (user, press, event, answer, wait) comes "
-                            "before it")
+                            f"input, but no input ({', '.join(INPUTS)}) comes before it")
         else:
             expect.append(step)
     assert current is not None  # the first step is an input, or an error above
     turns.append(Turn(current, tuple(expect)))
     return ConversationTest(name, doc.file, doc.line(path), tuple(turns),
                             {str(k): v for k, v in services.items()}, clock,
-                            data.get("clock") is not None)
+                            data.get("clock") is not None, AGENTS_WORDS[agents],
+                            "agents" in data)
 
 
 def _clock(doc: _Doc, value: Any, path: Path_) -> float:
@@ -403,6 +414,10 @@ def _parse_step(doc: _Doc, data: Any, path: Path_) -> Step:
         if seconds is None:
             raise doc.error(at, f"wait {raw!r} is not a duration like 90s, 15m, 1h or 1h30m")
         return Step(kind, seconds, line, f"wait: {raw}")
+    if kind == "agent":
+        if raw not in AGENT_WORDS:
+            raise doc.error(at, f"agent {raw!r} is not one of: {', '.join(AGENT_WORDS)}")
+        return Step(kind, AGENT_WORDS[raw], line, f"agent: {raw}")
     return Step(kind, _expectation(doc, kind, value, at), line, f"{kind}: {raw}")
 
 

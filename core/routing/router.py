@@ -334,8 +334,7 @@ class Router:
             alternatives = await self.classifier.classify(message.text or "")
             self.stats.classified += 1
         at = now()
-        plain = not state.handoff and rules.intent_payload(message.text) is None
-        entities = self.engine.extract(message.text, at) if plain else []
+        entities = rules.message_entities(state, message, self.engine, at)
         agents = self.agents.available(at) if self.agents is not None else True
         decision = rules.decide(state, message, alternatives, self.policy, self.engine,
                                 revision, at, entities=entities, agents_available=agents)
