@@ -2,8 +2,9 @@
 
 :func:`explain` runs the classifier's ranking of a text through the real routing rules
 (:func:`~commhub.core.routing.rules.decide`) for a conversation with no workflow
-running, and says what they decided and why: start a workflow (its confidence reaches
-the threshold), ask "Did you mean A or B?" (the top two are closer than
+running, and says what they decided and why: answer small talk (the whole text is a
+greeting, thanks, ...: not classified), start a workflow (its confidence reaches the
+threshold), ask "Did you mean A or B?" (the top two are closer than
 ``clarify_margin``), or the fallback (nothing reaches the threshold). Pure.
 """
 
@@ -31,12 +32,19 @@ def explain(
     width = max([len(a.workflow) for a in ranked] + [8])
     lines = [f"{text!r}"]
     lines.extend(f"  {a.workflow.ljust(width)}  {a.confidence:.3f}" for a in ranked)
-    lines.append(f"  -> {_why(decision, ranked, policy)}")
+    lines.append(f"  -> {_why(decision, ranked, policy, text)}")
     return "\n".join(lines)
 
 
-def _why(decision: rules.Decision, ranked: list[Alternative], policy: RoutingPolicy) -> str:
+def _why(
+    decision: rules.Decision, ranked: list[Alternative], policy: RoutingPolicy, text: str
+) -> str:
     threshold = f"{policy.threshold:.2f}"
+    if decision.action == "smalltalk":
+        reply = decision.result.replies[0]
+        shown = " and the start buttons" if reply.buttons else ""
+        return (f"small talk ({policy.smalltalk.intent(text)}): answered with "
+                f"\"{reply.text}\"{shown}; not classified")
     if decision.action == "clarify":
         first, second = ranked[0], ranked[1]
         gap = first.confidence - second.confidence
