@@ -2,7 +2,8 @@
 
 The built-in workflows' own test files (workflows/tests/) must pass; a wrong
 expectation must fail with a readable diff (turn, test, FILE:LINE, expected and got)
-and a JUnit file; a broken test file gets one line naming FILE:LINE.
+and a JUnit file; a broken test file gets one line naming FILE:LINE; whether a human
+agent is there is the test's to say (`agents:`, `agent:`), and decides the handoff.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from commhub.core.cli import main
+from commhub.core.conversation.hubtest import HubBackend
 from commhub.core.conversation.testfile import TestFileError, parse_test_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,7 +53,7 @@ def test_the_built_in_workflows_pass_their_conversation_tests(
     status = main(["test", str(BUILT_IN_TESTS), "--data-dir", str(data_dir)])
     out = capsys.readouterr().out
     assert status == 0, out
-    for name in ("book_table", "fallback", "order_status", "support_request"):
+    for name in ("book_table", "fallback", "order_status", "support_request", "smalltalk"):
         assert f"{name}.yaml: " in out, out
     assert "failed" not in out and "skipped" not in out
 
@@ -73,8 +75,8 @@ def test_a_wrong_expectation_fails_with_a_readable_diff_and_a_junit_file(
         f"  turn 2 at {path}:6: user: 4\n"
         f"    {path}:7: reply 1\n"
         f"      expected: Which day?\n"
-        f"      got:      Which day would you like to come? (today, tomorrow, or a date like "
-        f"14/06/2025)\n"
+        f"      got:      Which day would you like to come? (today, tomorrow, next friday, or a "
+        f"date like 14/06/2025)\n"
     )
     assert diff in out, out
     assert f"{path}: 1 passed, 1 failed" in out
@@ -88,6 +90,87 @@ def test_a_wrong_expectation_fails_with_a_readable_diff_and_a_junit_file(
     assert failure.text is not None and diff.rstrip("\n") in failure.text
     assert cases["cancels"].find("failure") is None
     assert cases["books a table"].get("line") == "2"
+
+
+AGENTS = """\
+tests:
+  - test: nobody is there
+    steps:
+      - user: blorp
+      - user: I just want to talk to a human
+      - bot: Let me hand you over to a colleague, who will answer you here shortly.
+  - test: an agent is there
+    agents: present
+    steps:
+      - user: blorp
+      - user: I just want to talk to a human
+      - bot: Let me hand you over to a colleague, who will answer you here shortly.
+      - state: waiting_for_agent
+  - test: an agent comes, then goes
+    steps:
+      - user: blorp
+      - agent: joins
+      - silent: true
+      - user: I just want to talk to a human
+      - state: waiting_for_agent
+      - agent: leaves
+      - wait: 61s
+      - bot: {regex: "^Sorry, no colleague could take your conversation"}
+"""
+
+
+def test_the_agents_option_decides_the_handoff_and_a_wrong_guess_reads_as_a_diff(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A test starts with no human agent there, as a hub nobody staffs: a handoff it
+    expects anyway fails at that turn with the reply that came instead. `agents:
+    present` and `agent: joins` make one available, `agent: leaves` takes it away (the
+    handoff it had stays, and times out after 60 s). Against a hub, which sees its real
+    agents, tests that say either are skipped."""
+    path = tmp_path / "agents.yaml"
+    path.write_text(AGENTS)
+    status = main(["test", str(path), "--data-dir", str(data_dir)])
+    out = capsys.readouterr().out
+    assert status == 1
+    assert (
+        f"FAIL {path}:2: nobody is there\n"
+        f"  turn 2 at {path}:5: user: I just want to talk to a human\n"
+        f"    {path}:6: reply 1\n"
+        f"      expected: Let me hand you over to a colleague, who will answer you here "
+        f"shortly.\n"
+        f"      got:      Sorry, I still don't understand, and no colleague is available "
+        f"right now. I can help with:\n"
+    ) in out, out
+    assert f"{path}: 2 passed, 1 failed" in out
+
+    parsed = parse_test_file(AGENTS, "agents.yaml").tests
+    assert [(t.agents, t.agents_given) for t in parsed] == [
+        (False, False), (True, True), (False, False)]
+    joins = parse_test_file("tests:\n  - test: t\n    steps:\n      - user: blorp\n"
+                            "      - agent: joins\n", "joins.yaml").tests[0]
+    hub = HubBackend("ws://127.0.0.1:1")
+    try:
+        reasons = [hub.skip_reason(t) for t in (parsed[0], parsed[1], joins)]
+    finally:
+        hub.close()
+    assert reasons[0] is None
+    assert reasons[1] == reasons[2] == (
+        "'agents:' and 'agent:' play the human agents, which only the in-process run can "
+        "do (a hub sees the real agents' heartbeats)")
+
+
+def test_try_says_small_talk_is_answered_without_classifying(
+    data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`commhub try` runs the same rules as `commhub test`: a greeting is small talk,
+    not a text the fallback gets."""
+    assert main(["try", "hello", "thanks", "--data-dir", str(data_dir)]) == 0
+    assert capsys.readouterr().out == (
+        "'hello'\n"
+        "  -> small talk (greeting): answered with \"Hello! I can help with:\" and the start "
+        "buttons; not classified\n\n"
+        "'thanks'\n"
+        "  -> small talk (thanks): answered with \"You're welcome!\"; not classified\n")
 
 
 def test_a_button_never_shown_fails_naming_the_buttons_that_were(
