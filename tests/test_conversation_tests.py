@@ -159,6 +159,43 @@ def test_the_agents_option_decides_the_handoff_and_a_wrong_guess_reads_as_a_diff
         "do (a hub sees the real agents' heartbeats)")
 
 
+SETTINGS_TESTS = """\
+tests:
+  - test: tomorrow is read on the test's clock in the hub's time zone
+    steps:
+      - user: Table for four tomorrow at 8pm
+      - bot: Under which name should I book it?
+      - slots: {party_size: 4, day: 2030-01-03, time: "20:00"}
+  - test: the hub's own greeting
+    steps:
+      - user: hello
+      - bot: {regex: "^Kia ora from Resto"}
+  - test: a hub that does not ask who is there hands over
+    steps:
+      - user: blorp
+      - user: I just want to talk to a human
+      - state: waiting_for_agent
+"""
+
+
+def test_the_hubs_time_zone_small_talk_and_handoff_settings_apply(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The settings the router applies around the rules apply in process too: entities
+    are read in `timezone` (at 2030-01-01 12:00 UTC it is already the 2nd in Auckland,
+    so tomorrow is the 3rd), `smalltalk` replaces a reply, and `handoff_needs_agent =
+    false` hands over with nobody announced."""
+    config = tmp_path / "commhub.toml"
+    config.write_text('timezone = "Pacific/Auckland"\nhandoff_needs_agent = false\n'
+                      '[smalltalk]\ngreeting = "Kia ora from Resto! I can help with:"\n')
+    path = tmp_path / "settings.yaml"
+    path.write_text(SETTINGS_TESTS)
+    status = main(["test", str(path), "--config", str(config), "--data-dir", str(data_dir)])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert f"{path}: 3 passed" in out
+
+
 def test_try_says_small_talk_is_answered_without_classifying(
     data_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
