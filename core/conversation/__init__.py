@@ -2,8 +2,8 @@
 ``commhub try`` and ``commhub shell``.
 
 * ``driver``: :class:`~.driver.ConversationDriver`, one conversation run in process as
-  the router runs it (the routing rules, the engine, the classifier, the timers), on a
-  clock of its own;
+  the router runs it (the routing rules, the engine, the classifier, the timers, the
+  message's entities), on a clock of its own, with human agents present or not as told;
 * ``setup``: the workflows, the routing policy and the trained classifier, as the hub
   sets them up;
 * ``testfile``: the conversation test format (YAML), read with line numbers;
