@@ -529,7 +529,9 @@ def cmd_shell(args: argparse.Namespace) -> int:
         hub, nats_url, prefix = args.hub, settings.nats_url, settings.prefix
     else:
         local = local_hub(settings.data_dir)
-        hub, nats_url, prefix = local.ws, args.nats_url or local.nats_url, local.prefix
+        # The local hub's URL with its embedded server's credentials (hub.json has none).
+        hub_url, _ = _hub_bus(settings)
+        hub, nats_url, prefix = local.ws, args.nats_url or hub_url or local.nats_url, local.prefix
     if args.explain and not nats_url:
         raise _UserError("--explain reads the router's classifications from the bus: give "
                          "--nats-url (the local hub's hub.json has it)")

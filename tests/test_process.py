@@ -207,6 +207,9 @@ async def test_sigkill_during_a_burst_loses_and_doubles_no_record(
                              "--max-rows", "100000")
     assert result.returncode == 0, result.stderr
     recorded = [row["id"] for row in json.loads(result.stdout)]
-    assert len(recorded) == len(set(recorded))
-    assert sorted(recorded) == sorted(ids)
+    assert len(recorded) == len(set(recorded))  # nothing doubled
+    assert set(ids) <= set(recorded)  # nothing lost
+    # The router goes on answering the burst after the ids were read: whatever else was
+    # recorded is in the stream too.
+    assert set(recorded) <= set(await _stream_message_ids(hub_process.nats_url, prefix))
     assert hub_process.terminate() == 0
