@@ -61,6 +61,7 @@ from commhub.core.envelope import (
     decode_message,
     invalid_id,
     new_id,
+    record_problem,
 )
 from commhub.core.fanout import OutboundFanout
 from commhub.core.owners import OwnerBook, client_of
@@ -155,13 +156,18 @@ class ChannelContext:
     async def publish_inbound(self, message: Message) -> int:
         """Publish a user's message durably; return its stream sequence.
 
-        Raises on a bus failure (the caller tells its client it was not accepted).
-        A re-sent message with the same id is dropped by JetStream and returns the
-        original's sequence.
+        Raises :class:`~commhub.core.envelope.EnvelopeError` for a message that breaks
+        the bus contract (:func:`~commhub.core.envelope.record_problem`: a short id,
+        malformed buttons, another channel, ...), before anything is stored: answer the
+        client that its input is bad. Raises anything else on a bus failure (the caller
+        tells its client it was not accepted). A re-sent message with the same id is
+        dropped by JetStream and returns the original's sequence.
         """
-        ack = await self.bus.publish(
-            self.subjects.inbound(self.channel, message.conversation), message
-        )
+        subject = self.subjects.inbound(self.channel, message.conversation)
+        problem = record_problem(subject, message)  # the router would refuse it anyway
+        if problem is not None:
+            raise EnvelopeError(problem)
+        ack = await self.bus.publish(subject, message)
         return int(ack.seq)
 
     async def publish_event(

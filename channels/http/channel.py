@@ -49,7 +49,7 @@ from commhub.channels.http.request import (
 from commhub.channels.http.turn import run_turn
 from commhub.channels.ratelimit import TokenBucket
 from commhub.core.channel import Channel, ChannelContext
-from commhub.core.envelope import ChannelEventKind, Message, Sender, new_id
+from commhub.core.envelope import ChannelEventKind, EnvelopeError, Message, Sender, new_id
 from commhub.core.hookspecs import hookimpl
 from commhub.core.owners import FORBIDDEN_CODE, FORBIDDEN_MESSAGE, ConversationForbidden
 from commhub.core.tokens import Identity
@@ -235,6 +235,8 @@ class HttpChannel(Channel):
         """Store a user's message; a bus failure is 503 (retry with the same id)."""
         try:
             return await self.ctx.publish_inbound(message)
+        except EnvelopeError as exc:  # the bus contract: bad input, nothing stored
+            raise ApiError(422, "invalid", str(exc)) from None
         except Exception as exc:
             log.warning("http: publish failed: %r", exc)
             raise ApiError(503, "unavailable",
@@ -280,6 +282,8 @@ class HttpChannel(Channel):
             follow = min(rasa.wait or 0.0, self.config.max_wait_seconds)
             turn = await run_turn(self.ctx, message, max(self.config.rest_wait_seconds, follow),
                                   self.stopping, follow=follow)
+        except EnvelopeError as exc:  # the bus contract: bad input, nothing stored
+            raise ApiError(422, "invalid", str(exc)) from None
         except Exception as exc:
             log.warning("http: rasa turn failed: %r", exc)
             raise ApiError(503, "unavailable", "the hub could not store the message") from exc

@@ -58,7 +58,7 @@ from commhub.channels.websocket.admission import (
 )
 from commhub.core.aio import cancel_and_wait
 from commhub.core.channel import Channel, ChannelContext
-from commhub.core.envelope import Message, Sender, new_id
+from commhub.core.envelope import EnvelopeError, Message, Sender, new_id
 from commhub.core.hookspecs import hookimpl
 from commhub.core.owners import ConversationForbidden
 from commhub.core.web import listen_error
@@ -311,6 +311,10 @@ class WebSocketChannel(Channel):
         )
         try:
             await self.ctx.publish_inbound(message)
+        except EnvelopeError as exc:  # the bus contract: bad input, nothing stored
+            await self._event_error(conn, f"bad_frame: {exc}")
+            await _send(conn.ws, frames.error_frame("bad_frame", str(exc), message_id))
+            return
         except Exception as exc:
             log.warning("websocket %s: publish failed: %r", conn.id, exc)
             await self._event_error(conn, f"unavailable: {exc!r}")
