@@ -85,3 +85,28 @@ async def hub(settings: Settings) -> AsyncIterator[Hub]:
     await hub.start()
     yield hub
     await hub.stop()
+
+
+# -- the quick run ---------------------------------------------------------------------
+# `pytest -m "not slow"` is the quick run a developer makes while working (under a
+# minute on two cores); CI runs everything. Slow are the tests that start a whole hub
+# (in this process or as `commhub up`), train the classifier, run commands as
+# subprocesses or drive a browser: seconds each. Pure tests and tests on the bus alone
+# stay in the quick run.
+SLOW_FIXTURES = frozenset({"hub", "hub_process"})
+SLOW_MODULES = frozenset({
+    "test_analytics", "test_bench_classifier", "test_capacity", "test_channel_plugin_doc",
+    "test_classifier", "test_cli", "test_conversation_tests", "test_converse",
+    "test_dashboard", "test_dashboard_browser", "test_flows", "test_http_callbacks",
+    "test_hub", "test_hub_tools", "test_natsserver", "test_plugins", "test_process",
+    "test_rebuild", "test_resume", "test_roles", "test_sql", "test_static_embeddings",
+    "test_telegram", "test_try", "test_workflow_class", "test_workflow_warnings",
+})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__ if isinstance(item, pytest.Function) else ""
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if module in SLOW_MODULES or fixtures & SLOW_FIXTURES:
+            item.add_marker(pytest.mark.slow)
