@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from commhub.core.bus import Bus
 from commhub.core.channel import Channel, ChannelContext
-from commhub.core.classify import BatchingClassifier, Classifier
+from commhub.core.classify import BatchingClassifier, Classifier, routing_threshold
 from commhub.core.config import Settings
 from commhub.core.engine.fsm import Engine
 from commhub.core.lock import DataDirLock
@@ -45,6 +45,14 @@ from commhub.core.workflow import load_workflows
 __all__ = ["Hub", "HubError"]
 
 log = logging.getLogger(__name__)
+
+
+# How the banner's router line says where the threshold comes from.
+_THRESHOLD_SOURCES = {
+    "fixed": "fixed",
+    "calibrated": "calibrated",
+    "default": "auto: the classifier has no calibration",
+}
 
 
 class HubError(RuntimeError):
@@ -174,12 +182,16 @@ class Hub:
             # A missing model file or a broken install: the message is the story; a bug
             # in a plugin raises something else and keeps its traceback.
             raise HubError(f"classifier {cls.name} cannot be trained: {exc}") from exc
+        try:
+            threshold, source = routing_threshold(s.threshold, self.classifier.threshold)
+        except ValueError as exc:
+            raise HubError(f"classifier {cls.name}: {exc}") from exc
         self.router = Router(
             self.bus,
             self.engine,
             BatchingClassifier(self.classifier),
             self.plugins,
-            threshold=s.threshold,
+            threshold=threshold,
             concurrency=s.router_concurrency,
             model=(self.classifier.model_id, cls.version),
             # With the server it started itself, this hub is the only router there.
@@ -192,7 +204,9 @@ class Hub:
         await self.router.start()
         self.endpoints.append(
             f"router: {len(self.engine.definitions)} workflows "
-            f"({', '.join(sorted(self.engine.definitions))}), classifier {self.classifier.model_id}"
+            f"({', '.join(sorted(self.engine.definitions))}), "
+            f"classifier {self.classifier.model_id}, "
+            f"threshold {threshold:.3f} ({_THRESHOLD_SOURCES[source]})"
         )
 
     async def _start_channels(self) -> None:

@@ -360,7 +360,7 @@ async def test_a_timeout_fires_once_with_two_routers(
         assert hub.router is not None and hub.engine is not None and hub.bus is not None
         bus2 = await Bus.connect(nats_url, hub.bus.subjects)
         second = Router(bus2, hub.engine, hub.router.classifier, hub.plugins,
-                        threshold=settings.threshold)
+                        threshold=hub.router.threshold)
         await second.start()
         try:
             chat = await Chat.open(ws_port(hub), "tm1")
