@@ -21,11 +21,23 @@ generic, unrelated phrases (``background.txt`` beside this file). Its probabilit
 returned as a workflow, but it takes its share of the mass, so text unlike every
 workflow's examples gets low confidences and the router falls back.
 
+**Actions.** "Cancel my reservation" shares every telling word with a booking workflow's
+examples but asks for the opposite. A workflow none of whose examples names an action on
+something that exists (``ACTION_STEMS``: cancel, change, delete, ...) loses
+``action_penalty`` from its score on messages that name one; the background class then
+takes the mass, and the router falls back instead of starting a new booking at 0.93.
+
 **Temperature.** With ``temperature: null`` (the default) ``T`` is fitted on held-out
 data: out-of-fold decision scores from stratified k-fold cross-validation (only the first
 fold from 3,000 examples on), then the ``T`` of a fixed grid with the lowest negative
-log-likelihood. Too few examples for the folds
-means ``T = 1``. A number fixes ``T``.
+log-likelihood. A workflow with fewer examples than folds lowers the folds to its count;
+one with a single example leaves nothing to hold out, and ``T = 1``. A number fixes ``T``.
+
+**Calibrated threshold.** The same held-out scores (background phrases held out too) give
+the threshold (``calibrate``, on by default): the one that best separates the examples'
+top confidences from the background phrases', but no higher than what sends
+``fallback_target`` of the held-out examples to the fallback (:func:`calibrate_threshold`).
+After :meth:`fit` it is ``self.threshold``; the hub uses it when ``threshold = "auto"``.
 
 **Cache.** With ``cache_dir`` set, the trained model is pickled to
 ``tfidf-{examples_key}-v{version}.pkl``; a later :meth:`fit` on the same examples loads
@@ -39,6 +51,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -65,6 +78,7 @@ __all__ = [
     "BACKGROUND",
     "TfidfClassifier",
     "TfidfSettings",
+    "actions",
     "calibrate_threshold",
     "fit_temperature",
     "load_background",
@@ -106,11 +120,31 @@ class TfidfSettings(BaseModel):
         description="Calibrate a threshold by cross-validation over the examples and the "
                     "background (the hub uses it with threshold = \"auto\").",
     )
+    action_penalty: float = Field(
+        default=5.0, ge=0,
+        description="Score taken from a workflow none of whose examples names an action "
+                    "(cancel, change, ...) when the message names one; 0: off.",
+    )
     fallback_target: float = Field(
         default=0.02, ge=0, le=0.5,
         description="Calibration: the share of held-out examples the threshold may send "
                     "to the fallback at most.",
     )
+
+
+# Actions on something that already exists, by the stem of their word forms ("cancel"
+# matches cancel, cancelled, cancellation). A message naming one of them is not for a
+# workflow whose examples name none: "cancel my reservation" is no new booking. (English
+# only; a workflow about changing things names some of them and is not penalised.)
+ACTION_STEMS = ("cancel", "chang", "modif", "reschedul", "postpon", "delet", "remov", "edit",
+                "updat", "amend", "undo", "rebook", "unsubscrib")
+_WORD = re.compile(r"\w+")
+
+
+def actions(text: str) -> frozenset[str]:
+    """The action stems (``ACTION_STEMS``) that words of ``text`` start with."""
+    words = _WORD.findall(text.casefold())
+    return frozenset(stem for stem in ACTION_STEMS for word in words if word.startswith(stem))
 
 
 def load_background() -> list[str]:
@@ -128,13 +162,20 @@ class _Model:
 
     def __init__(self, features: FeatureUnion, regression: LinearSVC, temperature: float,
                  meaning: LogisticRegression | None = None, meaning_weight: float = 0.0,
-                 threshold: float | None = None):
+                 threshold: float | None = None,
+                 known_actions: Sequence[frozenset[str] | None] = (),
+                 action_penalty: float = 0.0):
         self.features = features
         self.regression = regression
         self.temperature = temperature
         self.meaning = meaning
         self.meaning_weight = meaning_weight
         self.threshold = threshold
+        # Per class (``regression.classes_`` order): the actions its examples name; None
+        # for a class never penalised (the background). A class that names none loses
+        # ``action_penalty`` on messages that name one.
+        self.known_actions = list(known_actions)
+        self.action_penalty = action_penalty
 
     def decision(self, texts: Sequence[str], embed: Embedder) -> np.ndarray:
         """One column of scores per class in ``regression.classes_`` order; ``embed`` gives
@@ -146,6 +187,14 @@ class _Model:
         if self.meaning is not None:
             # Both experts were fitted on the same labels, so their columns line up.
             scores = scores + self.meaning_weight * self.meaning.predict_log_proba(embed(texts))
+        if self.action_penalty > 0 and self.known_actions:
+            for row, text in enumerate(texts):
+                named = actions(text)
+                if not named:
+                    continue
+                for column, known in enumerate(self.known_actions):
+                    if known is not None and not known:
+                        scores[row, column] -= self.action_penalty
         return np.asarray(scores)
 
     def probabilities(self, texts: Sequence[str], embed: Embedder) -> np.ndarray:
@@ -284,7 +333,13 @@ class TfidfClassifier(Classifier):
                 # Not converging to the last digit within max_iter changes no ranking.
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 meaning.fit(self.embed(list(texts)), list(labels))
-        return _Model(features, regression, temperature, meaning, o.embedding_weight)
+        named: dict[str, set[str]] = {}
+        for text, label in zip(texts, labels, strict=True):
+            named.setdefault(label, set()).update(actions(text))
+        known = [None if c == BACKGROUND else frozenset(named.get(str(c), ()))
+                 for c in regression.classes_]
+        return _Model(features, regression, temperature, meaning, o.embedding_weight,
+                      known_actions=known, action_penalty=o.action_penalty)
 
     # ------------------------------------------------------------------ rank
     def rank(self, texts: Sequence[str], top: int = 3) -> list[list[Alternative]]:

@@ -19,6 +19,7 @@ from commhub.plugins.tfidf import (
     BACKGROUND,
     TfidfClassifier,
     TfidfSettings,
+    actions,
     calibrate_threshold,
     load_background,
 )
@@ -333,3 +334,43 @@ def test_routing_threshold_prefers_the_setting_then_the_calibration() -> None:
         routing_threshold("auto", 1.5)
     with pytest.raises(ValueError, match='"auto" or a number'):
         routing_threshold("sometimes", 0.2)
+
+
+ACTION_PHRASES = {
+    "cancel my reservation": "book_table",
+    "I want to change my booking to 8pm": "book_table",
+    "cancel my order": "order_status",
+    "delete my account": "support_request",
+}
+
+
+def test_a_known_action_on_a_workflows_subject_is_not_confident(
+    fitted: TfidfClassifier, examples: dict[str, list[str]]
+) -> None:
+    """"Cancel my reservation" looks like a booking to the words and the embeddings, but no
+    booking example names an action: it falls below the calibrated threshold (the router
+    falls back) instead of starting a new booking. Without the penalty it does not."""
+    assert fitted.threshold is not None
+    for text, alternatives in zip(ACTION_PHRASES, fitted.rank(list(ACTION_PHRASES)),
+                                  strict=True):
+        assert alternatives[0].confidence < fitted.threshold, (text, alternatives)
+    plain = TfidfClassifier(TfidfSettings(action_penalty=0))
+    plain.fit(examples)
+    ranked = plain.rank(list(ACTION_PHRASES), 1)
+    assert [r[0].workflow for r in ranked] == list(ACTION_PHRASES.values())
+    assert all(r[0].confidence >= DEFAULT_THRESHOLD for r in ranked)
+
+
+def test_a_workflow_that_names_actions_keeps_its_messages() -> None:
+    """A workflow whose examples name an action (here cancelling) still takes messages
+    that name one, and recognises word forms ("cancelled", "cancellation")."""
+    assert actions("Cancellation of my cancelled ORDER, then change it") == {"cancel", "chang"}
+    assert actions("book a table") == frozenset()
+    classifier = TfidfClassifier()
+    classifier.fit({"book_table": ["book a table", "reserve a table for two",
+                                   "table for four tonight", "make a reservation"],
+                    "cancel_booking": ["cancel my booking", "cancel the reservation",
+                                       "I need to cancel my table", "call off my booking"]})
+    [ranked] = classifier.rank(["please cancel my reservation for tonight"], 1)
+    assert ranked[0].workflow == "cancel_booking"
+    assert classifier.threshold is not None and ranked[0].confidence >= classifier.threshold
