@@ -163,8 +163,7 @@ class _Model:
 
     def __init__(self, features: FeatureUnion, regression: LinearSVC, temperature: float,
                  meaning: LogisticRegression | None = None, meaning_weight: float = 0.0,
-                 threshold: float | None = None,
-                 known_actions: Sequence[frozenset[str] | None] = (),
+                 threshold: float | None = None, actionless: Sequence[bool] = (),
                  action_penalty: float = 0.0):
         self.features = features
         self.regression = regression
@@ -172,10 +171,9 @@ class _Model:
         self.meaning = meaning
         self.meaning_weight = meaning_weight
         self.threshold = threshold
-        # Per class (``regression.classes_`` order): the actions its examples name; None
-        # for a class never penalised (the background). A class that names none loses
-        # ``action_penalty`` on messages that name one.
-        self.known_actions = list(known_actions)
+        # Per class (``regression.classes_`` order): True for a workflow whose examples
+        # name no action; it loses ``action_penalty`` on messages that name one.
+        self.actionless = np.asarray(actionless, dtype=bool)
         self.action_penalty = action_penalty
 
     def decision(self, texts: Sequence[str], embed: Embedder) -> np.ndarray:
@@ -188,14 +186,9 @@ class _Model:
         if self.meaning is not None:
             # Both experts were fitted on the same labels, so their columns line up.
             scores = scores + self.meaning_weight * self.meaning.predict_log_proba(embed(texts))
-        if self.action_penalty > 0 and self.known_actions:
-            for row, text in enumerate(texts):
-                named = actions(text)
-                if not named:
-                    continue
-                for column, known in enumerate(self.known_actions):
-                    if known is not None and not known:
-                        scores[row, column] -= self.action_penalty
+        if self.action_penalty > 0 and self.actionless.any():
+            naming = np.asarray([bool(actions(text)) for text in texts], dtype=bool)
+            scores = scores - self.action_penalty * np.outer(naming, self.actionless)
         return np.asarray(scores)
 
     def probabilities(self, texts: Sequence[str], embed: Embedder) -> np.ndarray:
@@ -334,13 +327,10 @@ class TfidfClassifier(Classifier):
                 # Not converging to the last digit within max_iter changes no ranking.
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 meaning.fit(self.embed(list(texts)), list(labels))
-        named: dict[str, set[str]] = {}
-        for text, label in zip(texts, labels, strict=True):
-            named.setdefault(label, set()).update(actions(text))
-        known = [None if c == BACKGROUND else frozenset(named.get(str(c), ()))
-                 for c in regression.classes_]
+        acting = {label for text, label in zip(texts, labels, strict=True) if actions(text)}
+        actionless = [c != BACKGROUND and c not in acting for c in regression.classes_]
         return _Model(features, regression, temperature, meaning, o.embedding_weight,
-                      known_actions=known, action_penalty=o.action_penalty)
+                      actionless=actionless, action_penalty=o.action_penalty)
 
     # ------------------------------------------------------------------ rank
     def rank(self, texts: Sequence[str], top: int = 3) -> list[list[Alternative]]:
