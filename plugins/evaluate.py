@@ -107,7 +107,8 @@ def sample(data: Dataset, shots: int | None = None, intents: int | None = None,
     all; an intent with fewer keeps all it has). The ``val`` and ``test`` messages of the
     intents left out move to ``oos_val`` and ``oos_test``: no workflow should take them.
     The same ``seed`` draws the same sample. Raises :class:`BenchOptionError` for
-    ``shots`` below 1 or ``intents`` outside 1 to the number of intents in ``train``.
+    ``shots`` below 1, ``intents`` outside 1 to the number of intents in ``train``, or
+    intents drawn that have no test messages.
     """
     rng = random.Random(seed)
     grouped = data.examples()
@@ -126,10 +127,14 @@ def sample(data: Dataset, shots: int | None = None, intents: int | None = None,
         if shots is not None and shots < len(texts):
             texts = rng.sample(texts, shots)
         train.extend((text, name) for text in texts)
+    test = [pair for pair in data.test if pair[1] in kept]
+    if not test:
+        raise BenchOptionError(f"--intents {intents} (seed {seed}): the intents drawn have no "
+                               "test messages")
     return Dataset(
         train=train,
         val=[pair for pair in data.val if pair[1] in kept],
-        test=[pair for pair in data.test if pair[1] in kept],
+        test=test,
         oos_train=data.oos_train,
         oos_val=[*data.oos_val, *(pair for pair in data.val if pair[1] not in kept)],
         oos_test=[*data.oos_test, *(pair for pair in data.test if pair[1] not in kept)],

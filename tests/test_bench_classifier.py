@@ -15,6 +15,7 @@ from commhub.core.cli import main
 from commhub.plugins.evaluate import (
     BenchDataError,
     BenchOptionError,
+    Dataset,
     evaluate,
     format_report,
     load_dataset,
@@ -185,6 +186,13 @@ def test_sample_refuses_impossible_sizes(
     data = load_dataset(write(tmp_path, clinc(with_oos=False)))
     with pytest.raises(BenchOptionError, match=re.escape(problem)):
         sample(data, shots=shots, intents=intents)
+
+
+def test_sample_refuses_intents_without_test_messages() -> None:
+    """Intents drawn with nothing to test on stop the bench instead of scoring nothing."""
+    data = Dataset(train=[("book a table", "book")], val=[], test=[("hi", "other")])
+    with pytest.raises(BenchOptionError, match="the intents drawn have no test messages"):
+        sample(data, intents=1)
 
 
 def test_cli_shots_and_intents_print_the_sample_and_score_the_rest_as_oos(
