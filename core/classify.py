@@ -80,7 +80,10 @@ class Classifier:
 def check_threshold(value: float, what: str = "threshold") -> float:
     """``value`` as a float if it is a number in [0, 1]; ValueError naming ``what`` otherwise
     (NaN included)."""
-    number = float(value)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
     if not 0.0 <= number <= 1.0:  # also False for NaN
         raise ValueError(f"{what} must be a number in [0, 1], not {value!r}")
     return number

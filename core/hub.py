@@ -183,7 +183,8 @@ class Hub:
             # in a plugin raises something else and keeps its traceback.
             raise HubError(f"classifier {cls.name} cannot be trained: {exc}") from exc
         try:
-            threshold, source = routing_threshold(s.threshold, self.classifier.threshold)
+            threshold, source = routing_threshold(
+                s.threshold, getattr(self.classifier, "threshold", None))
         except ValueError as exc:
             raise HubError(f"classifier {cls.name}: {exc}") from exc
         self.router = Router(

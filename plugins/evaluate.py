@@ -360,7 +360,8 @@ def evaluate(
             cut = tune_threshold(val_correct, val_conf, val_oos_conf, criterion)
             report.criterion = criterion
         else:  # "auto", or nothing to tune on: what the hub would use by default
-            cut, report.criterion = routing_threshold("auto", classifier.threshold)
+            cut, report.criterion = routing_threshold(
+                "auto", getattr(classifier, "threshold", None))
         accepted = test_conf >= cut
         report.threshold = cut
         report.in_scope_accuracy = 100.0 * float((test_correct & accepted).mean())
