@@ -20,7 +20,17 @@ from pydantic import BaseModel
 
 from commhub.core.envelope import Alternative
 
-__all__ = ["Classifier", "BatchingClassifier", "examples_key"]
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "BatchingClassifier",
+    "Classifier",
+    "check_threshold",
+    "examples_key",
+    "routing_threshold",
+]
+
+# The threshold used when ``threshold = "auto"`` but the classifier calibrated none.
+DEFAULT_THRESHOLD = 0.35
 
 
 def examples_key(examples: Mapping[str, Sequence[str]]) -> str:
@@ -34,6 +44,11 @@ class Classifier:
 
     ``fit`` is called once at start (it may load a cached model from ``cache_dir``
     instead of training); ``rank`` is then called from one worker thread at a time.
+
+    ``threshold`` is the classifier's own calibrated threshold, in [0, 1]: a plugin that
+    can tell from its training data which confidence separates its workflows' messages
+    from unrelated text sets it in ``fit``. None (the default) means "no calibration":
+    the hub then uses ``DEFAULT_THRESHOLD`` when its ``threshold`` setting is ``"auto"``.
     """
 
     name: ClassVar[str]
@@ -44,6 +59,7 @@ class Classifier:
         self.settings = settings
         self.cache_dir = cache_dir
         self.model_id = ""
+        self.threshold: float | None = None
 
     def fit(self, examples: Mapping[str, Sequence[str]]) -> None:
         """Train on ``{workflow: [example phrase, ...]}``; set ``self.model_id``."""
@@ -59,6 +75,35 @@ class Classifier:
         them and returns False. ``commhub bench classifier`` offers a data set's
         ``oos_train`` split this way."""
         return False
+
+
+def check_threshold(value: float, what: str = "threshold") -> float:
+    """``value`` as a float if it is a number in [0, 1]; ValueError naming ``what`` otherwise
+    (NaN included)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not 0.0 <= number <= 1.0:  # also False for NaN
+        raise ValueError(f"{what} must be a number in [0, 1], not {value!r}")
+    return number
+
+
+def routing_threshold(setting: float | str, calibrated: float | None) -> tuple[float, str]:
+    """The threshold the router uses and where it comes from.
+
+    ``setting`` is the hub's ``threshold`` setting: a number in [0, 1] is used as given
+    (``"fixed"``); ``"auto"`` takes ``calibrated`` (the classifier's ``threshold`` after
+    ``fit``; ``"calibrated"``), or ``DEFAULT_THRESHOLD`` when that is None (``"default"``).
+    Raises ValueError for any other setting or a calibrated value outside [0, 1].
+    """
+    if setting == "auto":
+        if calibrated is None:
+            return DEFAULT_THRESHOLD, "default"
+        return check_threshold(calibrated, "the classifier's calibrated threshold"), "calibrated"
+    if isinstance(setting, str):
+        raise ValueError(f'threshold must be "auto" or a number in [0, 1], not {setting!r}')
+    return check_threshold(setting), "fixed"
 
 
 class BatchingClassifier:

@@ -427,6 +427,7 @@ def cmd_workflows(args: argparse.Namespace) -> int:
 def _overlap_warnings(args: argparse.Namespace, definitions: dict[str, Any]) -> list[str]:
     """Train the configured classifier on the checked workflows' examples (not cached)
     and score every example (see ``overlap_warnings``)."""
+    from commhub.core.classify import routing_threshold
     from commhub.core.config import load_settings
     from commhub.core.conversation.setup import RANKED, load_classifier
     from commhub.core.engine.check import overlap_warnings
@@ -439,8 +440,9 @@ def _overlap_warnings(args: argparse.Namespace, definitions: dict[str, Any]) -> 
     settings = load_settings(args.config)
     plugins = Plugins.load(disabled=settings.disable_plugins)
     classifier = load_classifier(settings, plugins, examples, cache=False)
+    threshold, _ = routing_threshold(settings.threshold, classifier.threshold)
     return overlap_warnings({name: definitions[name] for name in examples},
-                            lambda texts: classifier.rank(texts, RANKED), settings.threshold)
+                            lambda texts: classifier.rank(texts, RANKED), threshold)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -32,7 +32,7 @@ from pydantic import ValidationError
 
 from commhub.core.bus import Bus
 from commhub.core.channel import Channel, ChannelContext
-from commhub.core.classify import BatchingClassifier, Classifier
+from commhub.core.classify import BatchingClassifier, Classifier, routing_threshold
 from commhub.core.config import Settings
 from commhub.core.engine.entities import warm_up as warm_up_entities
 from commhub.core.engine.fsm import Engine
@@ -53,6 +53,14 @@ from commhub.core.workflow import load_workflows
 __all__ = ["Hub", "HubError"]
 
 log = logging.getLogger(__name__)
+
+
+# How the banner's router line says where the threshold comes from.
+_THRESHOLD_SOURCES = {
+    "fixed": "fixed",
+    "calibrated": "calibrated",
+    "default": "auto: the classifier has no calibration",
+}
 
 
 class HubError(RuntimeError):
@@ -198,12 +206,17 @@ class Hub:
         # The entity parser loads its time zone table once (about a second): now, not
         # on the first message.
         await asyncio.to_thread(warm_up_entities, s.timezone)
+        try:
+            threshold, source = routing_threshold(
+                s.threshold, getattr(self.classifier, "threshold", None))
+        except ValueError as exc:
+            raise HubError(f"classifier {cls.name}: {exc}") from exc
         self.router = Router(
             self.bus,
             self.engine,
             BatchingClassifier(self.classifier),
             self.plugins,
-            threshold=s.threshold,
+            threshold=threshold,
             concurrency=s.router_concurrency,
             model=(self.classifier.model_id, cls.version),
             # With the server it started itself, this hub is the only router there.
@@ -219,7 +232,9 @@ class Hub:
         await self.router.start()
         self.endpoints.append(
             f"router: {len(self.engine.definitions)} workflows "
-            f"({', '.join(sorted(self.engine.definitions))}), classifier {self.classifier.model_id}"
+            f"({', '.join(sorted(self.engine.definitions))}), "
+            f"classifier {self.classifier.model_id}, "
+            f"threshold {threshold:.3f} ({_THRESHOLD_SOURCES[source]})"
         )
 
     def _claim_ports(self) -> None:

@@ -21,11 +21,23 @@ generic, unrelated phrases (``background.txt`` beside this file). Its probabilit
 returned as a workflow, but it takes its share of the mass, so text unlike every
 workflow's examples gets low confidences and the router falls back.
 
+**Actions.** "Cancel my reservation" shares every telling word with a booking workflow's
+examples but asks for the opposite. A workflow none of whose examples names an action on
+something that exists (``ACTION_STEMS``: cancel, change, delete, ...) loses
+``action_penalty`` from its score on messages that name one; the background class then
+takes the mass, and the router falls back instead of starting a new booking at 0.93.
+
 **Temperature.** With ``temperature: null`` (the default) ``T`` is fitted on held-out
 data: out-of-fold decision scores from stratified k-fold cross-validation (only the first
 fold from 3,000 examples on), then the ``T`` of a fixed grid with the lowest negative
-log-likelihood. Too few examples for the folds
-means ``T = 1``. A number fixes ``T``.
+log-likelihood. A workflow with fewer examples than folds lowers the folds to its count;
+one with a single example leaves nothing to hold out, and ``T = 1``. A number fixes ``T``.
+
+**Calibrated threshold.** The same held-out scores (background phrases held out too) give
+the threshold (``calibrate``, on by default): the one that best separates the examples'
+top confidences from the background phrases', but no higher than what sends
+``fallback_target`` of the held-out examples to the fallback (:func:`calibrate_threshold`).
+After :meth:`fit` it is ``self.threshold``; the hub uses it when ``threshold = "auto"``.
 
 **Cache.** With ``cache_dir`` set, the trained model is pickled to
 ``tfidf-{examples_key}-v{version}.pkl``; a later :meth:`fit` on the same examples loads
@@ -39,6 +51,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -61,7 +74,15 @@ from commhub.core.envelope import Alternative
 from commhub.core.hookspecs import hookimpl
 from commhub.plugins.static_embeddings import shipped
 
-__all__ = ["BACKGROUND", "TfidfClassifier", "TfidfSettings", "load_background"]
+__all__ = [
+    "BACKGROUND",
+    "TfidfClassifier",
+    "TfidfSettings",
+    "actions",
+    "calibrate_threshold",
+    "fit_temperature",
+    "load_background",
+]
 
 Embedder = Callable[[Sequence[str]], np.ndarray]
 
@@ -94,6 +115,37 @@ class TfidfSettings(BaseModel):
     embedding_C: float = Field(
         default=20.0, gt=0, description="Inverse regularisation of the embedding expert."
     )
+    calibrate: bool = Field(
+        default=True,
+        description="Calibrate a threshold by cross-validation over the examples and the "
+                    "background (the hub uses it with threshold = \"auto\").",
+    )
+    action_penalty: float = Field(
+        default=5.0, ge=0,
+        description="Score taken from a workflow none of whose examples names an action "
+                    "(cancel, change, ...) when the message names one; 0: off.",
+    )
+    fallback_target: float = Field(
+        default=0.03, ge=0, le=0.5,
+        description="Calibration: the share of held-out examples the threshold may send "
+                    "to the fallback at most.",
+    )
+
+
+# Actions on something that already exists, by the stem of their word forms ("cancel"
+# matches cancel, cancelled, cancellation). A message naming one of them is not for a
+# workflow whose examples name none: "cancel my reservation" is no new booking. (English
+# only; a workflow about changing things names some of them and is not penalised.)
+# ("update" is left out: "a weather update", "a points update" are things, not actions.)
+ACTION_STEMS = ("cancel", "chang", "modif", "reschedul", "postpon", "delet", "remov", "edit",
+                "amend", "undo", "rebook", "unsubscrib")
+_WORD = re.compile(r"\w+")
+
+
+def actions(text: str) -> frozenset[str]:
+    """The action stems (``ACTION_STEMS``) that words of ``text`` start with."""
+    words = _WORD.findall(text.casefold())
+    return frozenset(stem for stem in ACTION_STEMS for word in words if word.startswith(stem))
 
 
 def load_background() -> list[str]:
@@ -110,12 +162,19 @@ class _Model:
     and names the source in the cache fingerprint."""
 
     def __init__(self, features: FeatureUnion, regression: LinearSVC, temperature: float,
-                 meaning: LogisticRegression | None = None, meaning_weight: float = 0.0):
+                 meaning: LogisticRegression | None = None, meaning_weight: float = 0.0,
+                 threshold: float | None = None, actionless: Sequence[bool] = (),
+                 action_penalty: float = 0.0):
         self.features = features
         self.regression = regression
         self.temperature = temperature
         self.meaning = meaning
         self.meaning_weight = meaning_weight
+        self.threshold = threshold
+        # Per class (``regression.classes_`` order): True for a workflow whose examples
+        # name no action; it loses ``action_penalty`` on messages that name one.
+        self.actionless = np.asarray(actionless, dtype=bool)
+        self.action_penalty = action_penalty
 
     def decision(self, texts: Sequence[str], embed: Embedder) -> np.ndarray:
         """One column of scores per class in ``regression.classes_`` order; ``embed`` gives
@@ -127,6 +186,9 @@ class _Model:
         if self.meaning is not None:
             # Both experts were fitted on the same labels, so their columns line up.
             scores = scores + self.meaning_weight * self.meaning.predict_log_proba(embed(texts))
+        if self.action_penalty > 0 and self.actionless.any():
+            naming = np.asarray([bool(actions(text)) for text in texts], dtype=bool)
+            scores = scores - self.action_penalty * np.outer(naming, self.actionless)
         return np.asarray(scores)
 
     def probabilities(self, texts: Sequence[str], embed: Embedder) -> np.ndarray:
@@ -147,7 +209,7 @@ class TfidfClassifier(Classifier):
     """
 
     name: ClassVar[str] = "tfidf"
-    version: ClassVar[str] = "3"
+    version: ClassVar[str] = "4"
     Settings: ClassVar[type[BaseModel] | None] = TfidfSettings
 
     def __init__(self, settings: BaseModel | None = None, cache_dir: Path | None = None) -> None:
@@ -171,26 +233,31 @@ class TfidfClassifier(Classifier):
     def fit(self, examples: Mapping[str, Sequence[str]]) -> None:
         """Train on ``{workflow: phrases}`` (workflows without phrases are left out), or
         load the cached model for these examples. No workflows: :meth:`rank` returns
-        empty lists. One workflow without a background: it always gets confidence 1."""
+        empty lists. One workflow without a background: it always gets confidence 1.
+
+        Sets ``threshold`` to the calibrated threshold (see :func:`calibrate_threshold`),
+        or None when calibration is off or there are too few examples to hold any out
+        (some workflow with fewer than two phrases, or only one class to tell apart)."""
         examples = {name: list(phrases) for name, phrases in examples.items() if phrases}
         key = examples_key(examples)
         self.model_id = f"{self.name}-{key}"
         self._classes = sorted(examples)
         self.trained = False
         self._model = None
+        self.threshold = None
         if not examples:
             return
         path = self.cache_path(key)
         fingerprint = self._fingerprint()
-        if path is not None:
-            cached = _read_cache(path, fingerprint)
-            if cached is not None:
-                self._model = cached
-                return
-        self._model = self._train(examples)
-        self.trained = True
-        if path is not None and self._model is not None:
-            _write_cache(path, fingerprint, self._model)
+        cached = _read_cache(path, fingerprint) if path is not None else None
+        if cached is not None:
+            self._model = cached
+        else:
+            self._model = self._train(examples)
+            self.trained = True
+            if path is not None and self._model is not None:
+                _write_cache(path, fingerprint, self._model)
+        self.threshold = self._model.threshold if self._model is not None else None
 
     def cache_path(self, key: str) -> Path | None:
         """Where the model for examples with ``key`` is cached, or None without a cache."""
@@ -214,14 +281,28 @@ class TfidfClassifier(Classifier):
         return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
 
     def _train(self, examples: Mapping[str, Sequence[str]]) -> _Model | None:
+        o = self.options
         texts, labels = _dataset(examples, self.background)
         if len(set(labels)) < 2:
             return None  # one class, nothing to tell apart: rank() answers 1.0
-        temperature = self.options.temperature
+        held_out = None
+        if o.temperature is None or o.calibrate:
+            held_out = _out_of_fold(texts, labels, self._build, o.folds, self.embed)
+        temperature = o.temperature
         if temperature is None:
-            temperature = _fit_temperature(texts, labels, self._build, self.options.folds,
-                                           self.embed)
-        return self._build(texts, labels, temperature)
+            temperature = 1.0 if held_out is None else fit_temperature(*held_out[:2])
+        threshold = None
+        if o.calibrate and held_out is not None:
+            scores, truth, classes = held_out
+            probabilities = _softmax(scores / temperature)
+            workflows = [i for i, name in enumerate(classes) if name != BACKGROUND]
+            top = probabilities[:, workflows].max(axis=1)
+            background = np.asarray([classes[i] == BACKGROUND for i in truth])
+            threshold = calibrate_threshold(top[~background], top[background],
+                                            o.fallback_target)
+        model = self._build(texts, labels, temperature)
+        model.threshold = threshold
+        return model
 
     def _build(self, texts: Sequence[str], labels: Sequence[str], temperature: float) -> _Model:
         o = self.options
@@ -246,7 +327,10 @@ class TfidfClassifier(Classifier):
                 # Not converging to the last digit within max_iter changes no ranking.
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 meaning.fit(self.embed(list(texts)), list(labels))
-        return _Model(features, regression, temperature, meaning, o.embedding_weight)
+        acting = {label for text, label in zip(texts, labels, strict=True) if actions(text)}
+        actionless = [c != BACKGROUND and c not in acting for c in regression.classes_]
+        return _Model(features, regression, temperature, meaning, o.embedding_weight,
+                      actionless=actionless, action_penalty=o.action_penalty)
 
     # ------------------------------------------------------------------ rank
     def rank(self, texts: Sequence[str], top: int = 3) -> list[list[Alternative]]:
@@ -289,21 +373,25 @@ def _dataset(
     return texts, labels
 
 
-def _fit_temperature(
+def _out_of_fold(
     texts: Sequence[str],
     labels: Sequence[str],
     build: Callable[[Sequence[str], Sequence[str], float], _Model],
     folds: int,
     embed: Embedder,
-) -> float:
-    """The grid temperature minimising held-out negative log-likelihood (1.0 when some
-    class has fewer examples than folds). Above ``_ONE_FOLD_FROM`` examples only the first
-    fold is held out: a few thousand scores fix one number well, and training stays at two
-    fits instead of ``folds + 1``."""
+) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
+    """Held-out decision scores by stratified k-fold cross-validation: ``(scores, truth,
+    classes)``, one row of scores (columns in ``classes`` order) and the index of the true
+    class for each held-out text. The folds are ``folds``, or fewer when the smallest class
+    has fewer texts; None when it has fewer than two (nothing can be held out). From
+    ``_ONE_FOLD_FROM`` texts on only the first fold is held out: a few thousand scores fix
+    a temperature and a threshold well, and training stays at two fits instead of
+    ``folds + 1``."""
     label_array = np.asarray(labels)
     _, counts = np.unique(label_array, return_counts=True)
-    if counts.min() < folds:
-        return 1.0
+    folds = min(folds, int(counts.min()))
+    if folds < 2:
+        return None
     text_array = np.asarray(texts, dtype=object)
     classes = sorted(set(labels))
     scores = np.zeros((len(texts), len(classes)))
@@ -321,8 +409,13 @@ def _fit_temperature(
         for column, name in enumerate(fold_classes):
             fold_scores[:, classes.index(name)] = decision[:, column]
         scores[test] = fold_scores
-    scores = scores[held_out]
     truth = np.asarray([classes.index(label) for label in label_array[held_out]])
+    return scores[held_out], truth, classes
+
+
+def fit_temperature(scores: np.ndarray, truth: np.ndarray) -> float:
+    """The temperature of a fixed grid that gives held-out ``scores`` (one row per text)
+    the lowest negative log-likelihood of the true classes ``truth`` (column indices)."""
     best, best_loss = 1.0, float("inf")
     for temperature in _TEMPERATURES:
         probabilities = _softmax(scores / temperature)
@@ -330,6 +423,43 @@ def _fit_temperature(
         if loss < best_loss:
             best, best_loss = float(temperature), loss
     return best
+
+
+def calibrate_threshold(
+    in_scope: np.ndarray, background: np.ndarray, fallback_target: float = 0.03
+) -> float | None:
+    """The threshold between held-out top confidences of workflow examples (``in_scope``)
+    and of background phrases (``background``).
+
+    It is the one that best separates the two (the most examples kept plus background
+    phrases rejected, each as a share of its own kind; the middle of the best range when
+    several thresholds do equally well), but never above the level that sends more than
+    ``fallback_target`` of ``in_scope`` to the fallback: few shots give real messages a
+    low, spread-out confidence, and a needless fallback is what a flow author notices
+    first. Without background scores, only that cap applies. Returns None when
+    ``in_scope`` is empty (nothing to calibrate on).
+    """
+    in_scope = np.sort(np.asarray(in_scope, dtype=float))
+    background = np.sort(np.asarray(background, dtype=float))
+    if not len(in_scope):
+        return None
+    # The largest threshold that keeps all but fallback_target of in_scope.
+    cap = float(in_scope[int(np.floor(fallback_target * len(in_scope)))])
+    if not len(background):
+        return cap
+    candidates = np.unique(np.concatenate([in_scope, background, [cap]]))
+    candidates = candidates[candidates <= cap]
+    kept = 1.0 - np.searchsorted(in_scope, candidates, side="left") / len(in_scope)
+    rejected = np.searchsorted(background, candidates, side="left") / len(background)
+    score = kept + rejected
+    first = int(np.argmax(score))
+    last = first
+    while last + 1 < len(score) and score[last + 1] == score[first]:
+        last += 1
+    # Every threshold above the candidate before ``first`` and up to ``last`` counts the
+    # same: take the middle of that range.
+    below = float(candidates[first - 1]) if first else 0.0
+    return float((below + candidates[last]) / 2)
 
 
 def _read_cache(path: Path, fingerprint: str) -> _Model | None:

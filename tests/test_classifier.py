@@ -4,18 +4,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pluggy
 import pytest
+from pydantic import ValidationError
 
 from commhub.core import hookspecs
+from commhub.core.classify import DEFAULT_THRESHOLD, routing_threshold
 from commhub.core.config import Settings
 from commhub.core.engine.fsm import Engine
 from commhub.core.workflow import load_workflows
 from commhub.plugins import tfidf
-from commhub.plugins.tfidf import BACKGROUND, TfidfClassifier, TfidfSettings, load_background
+from commhub.plugins.tfidf import (
+    BACKGROUND,
+    TfidfClassifier,
+    TfidfSettings,
+    actions,
+    calibrate_threshold,
+    load_background,
+)
 from commhub.workflows.builtin import DEFINITIONS
 
-THRESHOLD = Settings.model_fields["threshold"].default  # the router's default cut-off
+THRESHOLD = DEFAULT_THRESHOLD  # the router's cut-off when the classifier has no calibration
 
 IN_SCOPE = {
     "book a table for 4": "book_table",
@@ -53,18 +63,23 @@ def fitted(examples: dict[str, list[str]]) -> TfidfClassifier:
 
 
 def test_in_scope_phrases_pick_their_workflow(fitted: TfidfClassifier) -> None:
-    """Unseen phrasings of each built-in workflow rank it first, above the threshold."""
+    """Unseen phrasings of each built-in workflow rank it first, above the fixed default
+    threshold and above the calibrated one."""
+    assert fitted.threshold is not None
     ranked = fitted.rank(list(IN_SCOPE))
     for (text, expected), alternatives in zip(IN_SCOPE.items(), ranked, strict=True):
         assert alternatives[0].workflow == expected, text
-        assert alternatives[0].confidence >= THRESHOLD, (text, alternatives)
+        assert alternatives[0].confidence >= max(THRESHOLD, fitted.threshold), (
+            text, alternatives)
 
 
 def test_out_of_scope_phrases_fall_below_threshold(fitted: TfidfClassifier) -> None:
-    """Unrelated text gives every workflow a confidence below the router's threshold."""
+    """Unrelated text gives every workflow a confidence below the calibrated threshold
+    (and so below the fixed default, which is higher)."""
+    assert fitted.threshold is not None and fitted.threshold <= THRESHOLD
     for text, alternatives in zip(OUT_OF_SCOPE, fitted.rank(OUT_OF_SCOPE), strict=True):
         assert alternatives, text
-        assert alternatives[0].confidence < THRESHOLD, (text, alternatives)
+        assert alternatives[0].confidence < fitted.threshold, (text, alternatives)
 
 
 def test_rank_shape_order_and_hidden_background(
@@ -219,3 +234,143 @@ def test_the_embedding_expert_ranks_paraphrases_that_share_no_words() -> None:
     words_only.fit(MEANING_EXAMPLES)
     wrong = words_only.rank(list(PARAPHRASES), 1)
     assert [r[0].workflow for r in wrong] != list(PARAPHRASES.values())
+
+
+# Three topics with their own words; the background is about something else entirely.
+TOPIC_WORDS = {
+    "weather": ["rain", "forecast", "sunny", "snow", "umbrella", "storm", "wind", "fog"],
+    "music": ["song", "playlist", "album", "guitar", "concert", "radio", "band", "tune"],
+    "banking": ["account", "balance", "transfer", "deposit", "loan", "card", "bank", "cash"],
+}
+TOPIC_FRAMES = ["tell me about the {}", "what about the {}", "{} please", "I need the {}",
+                "show me the {}", "any {} today", "check the {}", "{} now"]
+UNRELATED_WORDS = ["volcano", "penguin", "origami", "glacier", "pyramid", "telescope",
+                   "marathon", "chess", "knitting", "castle", "parrot", "canoe"]
+
+
+def test_calibration_puts_the_threshold_between_background_and_examples() -> None:
+    """On a small synthetic set the calibrated threshold lies above every unrelated
+    phrase's top confidence and below every unseen in-scope phrase's, and it is kept
+    after fit for the router (None when calibration is off)."""
+    examples = {name: [frame.format(word) for word in words[:6] for frame in TOPIC_FRAMES[:5]]
+                for name, words in TOPIC_WORDS.items()}
+    background = [frame.format(word) for word in UNRELATED_WORDS for frame in TOPIC_FRAMES[:5]]
+    classifier = TfidfClassifier(TfidfSettings(background=True))
+    classifier.background = background  # this set's background instead of the shipped one
+    classifier.fit(examples)
+    threshold = classifier.threshold
+    assert threshold is not None and 0.0 < threshold < 1.0
+    # Unseen phrasings of both kinds: the same words in other frames.
+    unseen = [frame.format(word) for words in TOPIC_WORDS.values() for word in words[:6]
+              for frame in TOPIC_FRAMES[5:]]
+    unrelated = [frame.format(word) for word in UNRELATED_WORDS for frame in TOPIC_FRAMES[5:]]
+    seen = [r[0].confidence for r in classifier.rank(unseen)]
+    other = [r[0].confidence for r in classifier.rank(unrelated)]
+    assert max(other) < threshold < min(seen), (max(other), threshold, min(seen))
+
+    off = TfidfClassifier(TfidfSettings(calibrate=False))
+    off.fit(examples)
+    assert off.threshold is None
+
+
+def test_calibrate_threshold_separates_and_caps_the_fallbacks() -> None:
+    """Separable scores: the middle of the gap between background and examples.
+    Overlapping scores: no higher than what keeps all but fallback_target of the examples,
+    however many background phrases that lets through."""
+    in_scope = np.array([0.6, 0.7, 0.8, 0.9, 0.95])
+    background = np.array([0.05, 0.1, 0.2, 0.3])
+    assert calibrate_threshold(in_scope, background) == pytest.approx((0.3 + 0.6) / 2)
+    # The best split of these would be near 0.5, losing 4 of 10 examples; 2% keeps them all.
+    overlapping = np.linspace(0.2, 0.9, 10)
+    high_background = np.linspace(0.1, 0.5, 50)
+    capped = calibrate_threshold(overlapping, high_background, 0.02)
+    assert capped is not None and capped <= overlapping[0]
+    loose = calibrate_threshold(overlapping, high_background, 0.4)
+    assert loose is not None and overlapping[0] < loose <= overlapping[4]
+    # No background: only the cap.
+    assert calibrate_threshold(in_scope, np.array([])) == 0.6
+    assert calibrate_threshold(np.array([]), background) is None
+
+
+def test_calibrated_threshold_survives_the_cache(
+    tmp_path: Path, examples: dict[str, list[str]]
+) -> None:
+    """A model loaded from the cache brings its calibrated threshold back."""
+    first = TfidfClassifier(cache_dir=tmp_path)
+    first.fit(examples)
+    second = TfidfClassifier(cache_dir=tmp_path)
+    second.fit(examples)
+    assert not second.trained and second.threshold == first.threshold is not None
+
+
+def test_too_few_examples_to_hold_out_means_no_calibration() -> None:
+    """A workflow with a single phrase leaves nothing to hold out: no threshold, T = 1."""
+    classifier = TfidfClassifier()
+    classifier.fit({"one": ["book a table"], "two": ["where is my order", "track my parcel"]})
+    assert classifier.threshold is None
+    assert classifier._model is not None and classifier._model.temperature == 1.0
+
+
+def test_threshold_setting_is_auto_or_a_number_in_range(tmp_path: Path) -> None:
+    """threshold defaults to "auto", takes a number in [0, 1] (also from the environment's
+    text), and refuses anything else with one sentence naming the setting."""
+    assert Settings(data_dir=tmp_path).threshold == "auto"
+    assert Settings(data_dir=tmp_path, threshold="AUTO").threshold == "auto"
+    assert Settings(data_dir=tmp_path, threshold="0.4").threshold == 0.4
+    assert Settings(data_dir=tmp_path, threshold=1).threshold == 1.0
+    for bad in (1.5, -0.1, "high", "nan", True):
+        with pytest.raises(ValidationError, match=r'threshold\n.*must be "auto" or a number in '
+                                                  r"\[0, 1\], not"):
+            Settings(data_dir=tmp_path, threshold=bad)
+
+
+def test_routing_threshold_prefers_the_setting_then_the_calibration() -> None:
+    """A number is used as given; "auto" takes the classifier's calibrated threshold, or
+    the default when it has none; a calibrated value out of range is refused."""
+    assert routing_threshold(0.5, 0.2) == (0.5, "fixed")
+    assert routing_threshold("auto", 0.2) == (0.2, "calibrated")
+    assert routing_threshold("auto", None) == (DEFAULT_THRESHOLD, "default")
+    with pytest.raises(ValueError, match="calibrated threshold must be a number in"):
+        routing_threshold("auto", 1.5)
+    with pytest.raises(ValueError, match='"auto" or a number'):
+        routing_threshold("sometimes", 0.2)
+
+
+ACTION_PHRASES = {
+    "cancel my reservation": "book_table",
+    "I want to change my booking to 8pm": "book_table",
+    "cancel my order": "order_status",
+    "delete my account": "support_request",
+}
+
+
+def test_a_known_action_on_a_workflows_subject_is_not_confident(
+    fitted: TfidfClassifier, examples: dict[str, list[str]]
+) -> None:
+    """"Cancel my reservation" looks like a booking to the words and the embeddings, but no
+    booking example names an action: it falls below the calibrated threshold (the router
+    falls back) instead of starting a new booking. Without the penalty it does not."""
+    assert fitted.threshold is not None
+    for text, alternatives in zip(ACTION_PHRASES, fitted.rank(list(ACTION_PHRASES)),
+                                  strict=True):
+        assert alternatives[0].confidence < fitted.threshold, (text, alternatives)
+    plain = TfidfClassifier(TfidfSettings(action_penalty=0))
+    plain.fit(examples)
+    ranked = plain.rank(list(ACTION_PHRASES), 1)
+    assert [r[0].workflow for r in ranked] == list(ACTION_PHRASES.values())
+    assert all(r[0].confidence >= DEFAULT_THRESHOLD for r in ranked)
+
+
+def test_a_workflow_that_names_actions_keeps_its_messages() -> None:
+    """A workflow whose examples name an action (here cancelling) still takes messages
+    that name one, and recognises word forms ("cancelled", "cancellation")."""
+    assert actions("Cancellation of my cancelled ORDER, then change it") == {"cancel", "chang"}
+    assert actions("book a table") == frozenset()
+    classifier = TfidfClassifier()
+    classifier.fit({"book_table": ["book a table", "reserve a table for two",
+                                   "table for four tonight", "make a reservation"],
+                    "cancel_booking": ["cancel my booking", "cancel the reservation",
+                                       "I need to cancel my table", "call off my booking"]})
+    [ranked] = classifier.rank(["please cancel my reservation for tonight"], 1)
+    assert ranked[0].workflow == "cancel_booking"
+    assert classifier.threshold is not None and ranked[0].confidence >= classifier.threshold

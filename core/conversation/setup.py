@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from commhub.core.classify import Classifier
+from commhub.core.classify import Classifier, routing_threshold
 from commhub.core.config import Settings
 from commhub.core.engine.fsm import Engine
 from commhub.core.envelope import Alternative
@@ -105,16 +105,20 @@ def load_router_setup(
     """Workflows (plugins', ``settings.workflow_paths``, ``extra_paths``), the policy
     from ``settings`` and the trained classifier."""
     engine = load_engine(plugins, [*settings.workflow_paths, *extra_paths], settings.timezone)
+    started = time.perf_counter()
+    classifier = load_classifier(settings, plugins, engine.examples())
+    try:  # the hub's rule: the setting, or the classifier's calibration for "auto"
+        threshold, _ = routing_threshold(settings.threshold, classifier.threshold)
+    except ValueError as exc:
+        raise SetupError(str(exc)) from exc
     policy = RoutingPolicy.for_engine(
         engine,
-        threshold=settings.threshold,
+        threshold=threshold,
         clarify_margin=settings.clarify_margin,
         cancel_phrases=settings.cancel_phrases,
         restart_phrases=settings.restart_phrases,
         smalltalk=SmallTalk.from_settings(settings.smalltalk),
     )
-    started = time.perf_counter()
-    classifier = load_classifier(settings, plugins, engine.examples())
     return RouterSetup(engine, policy, classifier, settings.idle_expiry_seconds,
                        time.perf_counter() - started, settings.handoff_needs_agent)
 
