@@ -312,9 +312,9 @@ def test_too_few_examples_to_hold_out_means_no_calibration() -> None:
 
 
 def test_threshold_setting_is_auto_or_a_number_in_range(tmp_path: Path) -> None:
-    """threshold defaults to "auto", takes a number in [0, 1] (also from the environment's
-    text), and refuses anything else with one sentence naming the setting."""
-    assert Settings(data_dir=tmp_path).threshold == "auto"
+    """threshold defaults to 0.35, takes "auto" or a number in [0, 1] (also from the
+    environment's text), and refuses anything else with one sentence naming the setting."""
+    assert Settings(data_dir=tmp_path).threshold == 0.35
     assert Settings(data_dir=tmp_path, threshold="AUTO").threshold == "auto"
     assert Settings(data_dir=tmp_path, threshold="0.4").threshold == 0.4
     assert Settings(data_dir=tmp_path, threshold=1).threshold == 1.0

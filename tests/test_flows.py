@@ -372,7 +372,7 @@ async def test_a_timeout_fires_once_with_two_routers(
         router = hub.router
         bus2 = await Bus.connect(nats_url, hub.bus.subjects)
         second = Router(bus2, hub.engine, router.classifier, hub.plugins,
-                        threshold=router.threshold)
+                        threshold=router.policy.threshold)
         clock = FakeClock().attach(router.timers, second.timers)
         await second.start()
         try:

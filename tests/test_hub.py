@@ -90,12 +90,11 @@ async def test_a_conversation_runs_a_workflow_to_its_final_state(
         assert inbound[0].conversation == "conv1" and inbound[0].sender.id == "ann"
         (classification,) = seen.of(Classification)
         assert classification.workflow == "book_table"
-        # The default threshold is "auto": the classifier's calibration, recorded here.
-        assert hub.classifier is not None and hub.classifier.threshold is not None
-        assert classification.threshold == hub.classifier.threshold
+        # The default threshold is the fixed 0.35, recorded with each classification.
+        assert classification.threshold == 0.35
         assert classification.confidence >= classification.threshold
         [router_line] = [e for e in hub.endpoints if e.startswith("router:")]
-        assert router_line.endswith(f"threshold {classification.threshold:.3f} (calibrated)")
+        assert router_line.endswith("threshold 0.350 (fixed)")
         assert classification.alternatives[0].workflow == "book_table"
         kinds = [e.kind for e in seen.of(WorkflowEvent)
                  if e.workflow == "book_table" and e.kind != "emitted"]
