@@ -6,7 +6,7 @@
   signed, retried callbacks, on the hub's HTTP server;
 * :mod:`commhub.channels.telegram`: a Telegram bot by long polling or webhook.
 
-:mod:`commhub.channels.ratelimit` (a token bucket) and :mod:`commhub.channels.sendqueue`
-(a client's bounded send queue: slow clients are dropped, never their messages) are
-shared by the WebSocket and HTTP channels.
+:mod:`commhub.channels.sendqueue` (a client's bounded send queue: slow clients are
+dropped, never their messages) is shared by the WebSocket and HTTP channels; their rate
+limits use :mod:`commhub.core.ratelimit`'s token bucket, as the SQL service does.
 """

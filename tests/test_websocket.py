@@ -22,7 +22,6 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError
 
-from commhub.channels.ratelimit import TokenBucket
 from commhub.channels.sendqueue import SendQueue, SlowConsumer
 from commhub.channels.websocket import channel as websocket_plugin
 from commhub.channels.websocket.admission import Admitted, Refused, admit
@@ -42,6 +41,7 @@ from commhub.core.envelope import (
     new_id,
 )
 from commhub.core.hub import Hub
+from commhub.core.ratelimit import TokenBucket
 from commhub.core.tokens import Identity, TokenAuthority, mint
 
 ID1 = "5f0c7e1e-2b1d-4c55-9a43-0d8f6b1f9b21"  # client ids must look unique (a UUID)

@@ -47,11 +47,11 @@ from commhub.channels.http.request import (
     read_json_object,
 )
 from commhub.channels.http.turn import run_turn
-from commhub.channels.ratelimit import TokenBucket
 from commhub.core.channel import Channel, ChannelContext
 from commhub.core.envelope import ChannelEventKind, EnvelopeError, Message, Sender, new_id
 from commhub.core.hookspecs import hookimpl
 from commhub.core.owners import FORBIDDEN_CODE, FORBIDDEN_MESSAGE, ConversationForbidden
+from commhub.core.ratelimit import TokenBucket
 from commhub.core.tokens import Identity
 
 __all__ = ["HttpChannel", "HttpSettings", "RASA_WEBHOOK", "register_channels"]

@@ -44,7 +44,6 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
-from commhub.channels.ratelimit import TokenBucket
 from commhub.channels.sendqueue import SendQueue, SlowConsumer
 from commhub.channels.websocket import frames
 from commhub.channels.websocket.admission import (
@@ -61,6 +60,7 @@ from commhub.core.channel import Channel, ChannelContext
 from commhub.core.envelope import EnvelopeError, Message, Sender, new_id
 from commhub.core.hookspecs import hookimpl
 from commhub.core.owners import ConversationForbidden
+from commhub.core.ratelimit import TokenBucket
 from commhub.core.web import listen_error
 
 __all__ = ["WebSocketChannel", "WebSocketSettings", "register_channels"]

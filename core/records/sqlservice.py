@@ -17,8 +17,8 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from commhub.channels.ratelimit import TokenBucket
 from commhub.core.bus import Bus
+from commhub.core.ratelimit import TokenBucket
 from commhub.core.records.sandbox import (
     DEFAULT_MAX_RESULT_BYTES,
     QueryResult,
