@@ -223,7 +223,7 @@ class WebSocketChannel(Channel):
         conn = _Conn(ws, conn_id, verdict, bucket)
         self._conns[conn_id] = conn  # no await since the count check: the limit holds
         try:
-            await self._serve(conn, verdict.after)
+            await self._serve(conn, verdict.after, verdict.both)
         except Exception:
             log.exception("websocket connection %s failed", conn_id)
             await self._close(ws, CLOSE_INTERNAL, "internal error")
@@ -248,7 +248,7 @@ class WebSocketChannel(Channel):
                            "conversation; reconnect", who.conversation, who.user)
         return who
 
-    async def _serve(self, conn: _Conn, after: int | None) -> None:
+    async def _serve(self, conn: _Conn, after: int | None, both: bool = False) -> None:
         ctx, ws = self.ctx, conn.ws
         await ctx.publish_event(
             "accepted", connection=conn.id, conversation=conn.conversation, user=conn.user
@@ -256,11 +256,12 @@ class WebSocketChannel(Channel):
         try:
             await _send(ws, frames.event_frame(
                 "connected", connection=conn.id, conversation=conn.conversation,
-                user=conn.user, after=after,
+                user=conn.user, after=after, both=both,
             ))
         except ConnectionClosed:
             return
-        outbound = asyncio.create_task(self._outbound(conn, after), name=f"ws-out-{conn.id}")
+        outbound = asyncio.create_task(self._outbound(conn, after, both),
+                                       name=f"ws-out-{conn.id}")
         try:
             async for data in ws:
                 await self._on_frame(conn, data)
@@ -321,8 +322,9 @@ class WebSocketChannel(Channel):
             return
         await _send(conn.ws, frames.ack_frame(message_id))
 
-    async def _outbound(self, conn: _Conn, after: int | None) -> None:
-        """Send the conversation's outbound messages after ``after``, then live ones.
+    async def _outbound(self, conn: _Conn, after: int | None, both: bool = False) -> None:
+        """Send the conversation's outbound messages after ``after``, then live ones
+        (with ``both``, its inbound messages on this channel too).
 
         Ends by cancellation (client gone), by a closed socket, or by closing the
         connection itself: 1013 when the client is too slow, 1011 when the bus failed.
@@ -332,7 +334,7 @@ class WebSocketChannel(Channel):
         async def send(cursor: int, message: Message) -> None:
             await _send(conn.ws, frames.message_frame(cursor, message))
 
-        items = self.ctx.outbound(conn.conversation, after=after)
+        items = self.ctx.outbound(conn.conversation, after=after, inbound=both)
         try:
             async with aclosing(items):  # type: ignore[type-var]  # an async generator
                 await queue.run(items, send)
