@@ -31,6 +31,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from commhub.core.origins import OriginPolicy, check_origin
 from commhub.core.subjects import Subjects
 from commhub.core.tokens import TokenAuthority
 
@@ -147,6 +148,11 @@ class Settings(BaseSettings):
     allow_anonymous: bool | None = Field(
         None, description="Accept clients without a token; default: only on a loopback host."
     )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Web origins (scheme://host[:port], '*' for any) whose pages may use "
+        "the HTTP API and the WebSocket from a browser (env: comma-separated).",
+    )
     max_frame_bytes: int = Field(64 * 1024, ge=256)
     max_body_bytes: int = Field(
         1024 * 1024, ge=1024, description="Largest HTTP request body the hub accepts."
@@ -231,6 +237,11 @@ class Settings(BaseSettings):
         SmallTalk.from_settings(value)
         return value
 
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        return [check_origin(origin) for origin in value]
+
     @field_validator("prefix")
     @classmethod
     def _prefix_is_token(cls, value: str) -> str:
@@ -239,7 +250,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "tokens", "disable_plugins", "workflow_paths", "cancel_phrases", "restart_phrases",
-        "sql_tokens", mode="before",
+        "sql_tokens", "cors_origins", mode="before",
     )
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
@@ -277,6 +288,10 @@ class Settings(BaseSettings):
         if self.allow_anonymous is not None:
             return self.allow_anonymous
         return is_loopback(self.host)
+
+    def origin_policy(self) -> OriginPolicy:
+        """Which browser pages may use the hub (``cors_origins`` and its own pages)."""
+        return OriginPolicy(self.cors_origins)
 
     def token_authority(self) -> TokenAuthority:
         """The checker every built-in channel uses for client tokens."""

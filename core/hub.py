@@ -232,7 +232,8 @@ class Hub:
         names the setting if another process took the port meanwhile.
         """
         s = self.settings
-        self.web = WebServer(s.host, s.http_port, max_body_bytes=s.max_body_bytes)
+        self.web = WebServer(s.host, s.http_port, max_body_bytes=s.max_body_bytes,
+                             origins=s.origin_policy())
         self.web.bind()
         if s.ws_port and "websocket" in self.plugins.channels():
             try_port("WebSocket channel", s.host, s.ws_port, "COMMHUB_WS_PORT")

@@ -60,6 +60,7 @@ from commhub.core.aio import cancel_and_wait
 from commhub.core.channel import Channel, ChannelContext
 from commhub.core.envelope import Message, Sender, new_id
 from commhub.core.hookspecs import hookimpl
+from commhub.core.origins import OriginPolicy, OriginVerdict
 from commhub.core.owners import ConversationForbidden
 from commhub.core.web import listen_error
 
@@ -135,6 +136,10 @@ class WebSocketChannel(Channel):
         self._server: Server | None = None
         self._conns: dict[str, _Conn] = {}
         self._authority = ctx.tokens
+        try:  # the HTTP server's policy knows its port: the hub's own pages connect
+            self._origins: OriginPolicy = ctx.web.origins
+        except RuntimeError:  # a process without an HTTP server
+            self._origins = ctx.hub_settings.origin_policy()
 
     @property
     def connection_count(self) -> int:
@@ -191,13 +196,25 @@ class WebSocketChannel(Channel):
             await server.wait_closed()
 
     # -- HTTP -------------------------------------------------------------------------
-    def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
+    async def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
         if path == HEALTH_PATH:
             return ws.respond(HTTPStatus.OK, "ok\n")
         if path != WS_PATH:
             return _json_response(
                 ws, HTTPStatus.NOT_FOUND, '{"error":"not_found","message":"connect to /ws"}\n'
+            )
+        origin = request.headers.get("Origin")
+        if self._origins.judge(origin, request.headers.get("Host")) is OriginVerdict.REFUSED:
+            # Refused before the upgrade: a page of another site must not chat with the
+            # hub in its visitor's name (the page cannot read why; the hub log can).
+            reason = f"origin not allowed: {(origin or '')[:80]}"
+            await self.ctx.publish_event("rejected", connection=new_id()[:16],
+                                         reason=reason, code=403)
+            return _json_response(
+                ws, HTTPStatus.FORBIDDEN,
+                '{"error":"origin_not_allowed","message":"this page\'s origin is not in '
+                'cors_origins"}\n',
             )
         return None  # go on with the WebSocket handshake; admission happens after it
 
