@@ -153,6 +153,11 @@ class Settings(BaseSettings):
         description="Web origins (scheme://host[:port], '*' for any) whose pages may use "
         "the HTTP API and the WebSocket from a browser (env: comma-separated).",
     )
+    widget_ws_url: str | None = Field(
+        None, pattern=r"^wss?://[^\s]+$",
+        description="The WebSocket URL the chat widget connects to (behind a proxy); "
+        "unset: the host the page reached the hub on, with ws_port.",
+    )
     max_frame_bytes: int = Field(64 * 1024, ge=256)
     max_body_bytes: int = Field(
         1024 * 1024, ge=1024, description="Largest HTTP request body the hub accepts."

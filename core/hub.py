@@ -48,6 +48,7 @@ from commhub.core.routing.router import Router
 from commhub.core.routing.smalltalk import SmallTalk
 from commhub.core.routing.store import StateStore
 from commhub.core.web import WebServer, json_error, try_port
+from commhub.core.widget.pages import mount_widget
 from commhub.core.workflow import load_workflows
 
 __all__ = ["Hub", "HubError"]
@@ -250,6 +251,7 @@ class Hub:
         self._mount_hub_routes(self.web)
         self.endpoints.append(f"http: {self.web.url} (health: /healthz, readiness: /readyz)")
         self.endpoints.append(f"dashboard: {self.web.url}/dashboard (SQL over HTTP: POST /v1/sql)")
+        self.endpoints.append(f"widget: {self.web.url}/widget.js (demo: {self.web.url}/chat)")
         for name, cls in self.plugins.channels().items():
             settings = _plugin_settings(cls, s.plugin_settings(name), f"channel {name}")
             channel = cls(ChannelContext(name, self.bus, s, self.web), settings)
@@ -274,6 +276,13 @@ class Hub:
         web.add_get("/readyz", readyz)
         assert self.bus is not None
         mount_dashboard(web, self.settings, self.bus)
+        mount_widget(web, self.settings, self._ws_port)
+
+    def _ws_port(self) -> int | None:
+        """The WebSocket channel's port, once it listens (the widget connects to it)."""
+        channel = self.channels.get("websocket")
+        port = getattr(channel, "port", None)
+        return port if isinstance(port, int) else None
 
     async def _start_apis(self) -> None:
         """Request/reply APIs any service can call: health and conversation state."""
