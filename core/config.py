@@ -53,7 +53,8 @@ __all__ = [
 Role = Literal["all", "channels", "router", "recorder"]
 
 # Settings whose values an error message must not show.
-SECRET_SETTINGS = frozenset({"tokens", "token_secret", "sql_tokens", "plugins"})
+SECRET_SETTINGS = frozenset({"tokens", "token_secret", "sql_tokens", "agent_tokens",
+                             "plugins"})
 
 
 class ConfigFileError(ValueError):
@@ -226,6 +227,11 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Bearer tokens for SQL over HTTP (/v1/sql); env: comma-separated.",
     )
+    agent_tokens: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Bearer tokens for the agents' inbox (/inbox, /v1/inbox); "
+        "env: comma-separated.",
+    )
 
     @field_validator("timezone")
     @classmethod
@@ -255,7 +261,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "tokens", "disable_plugins", "workflow_paths", "cancel_phrases", "restart_phrases",
-        "sql_tokens", "cors_origins", mode="before",
+        "sql_tokens", "cors_origins", "agent_tokens", mode="before",
     )
     @classmethod
     def _comma_list(cls, value: Any) -> Any:

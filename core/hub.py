@@ -48,6 +48,7 @@ from commhub.core.routing.router import Router
 from commhub.core.routing.smalltalk import SmallTalk
 from commhub.core.routing.store import StateStore
 from commhub.core.web import WebServer, json_error, try_port
+from commhub.core.widget.inbox import Inbox
 from commhub.core.widget.pages import mount_widget
 from commhub.core.workflow import load_workflows
 
@@ -76,6 +77,7 @@ class Hub:
         self.sql: SqlService | None = None
         self.channels: dict[str, Channel] = {}
         self.web: WebServer | None = None
+        self.inbox: Inbox | None = None
         self.endpoints: list[str] = []
         self.nats_url: str | None = None
         self._api_subs: list[Any] = []
@@ -249,9 +251,12 @@ class Hub:
         assert self.bus is not None and self.web is not None
         s = self.settings
         self._mount_hub_routes(self.web)
+        assert self.inbox is not None
+        await self.inbox.start()
         self.endpoints.append(f"http: {self.web.url} (health: /healthz, readiness: /readyz)")
         self.endpoints.append(f"dashboard: {self.web.url}/dashboard (SQL over HTTP: POST /v1/sql)")
-        self.endpoints.append(f"widget: {self.web.url}/widget.js (demo: {self.web.url}/chat)")
+        self.endpoints.append(f"widget: {self.web.url}/widget.js (demo: {self.web.url}/chat); "
+                              f"agents' inbox: {self.web.url}/inbox")
         for name, cls in self.plugins.channels().items():
             settings = _plugin_settings(cls, s.plugin_settings(name), f"channel {name}")
             channel = cls(ChannelContext(name, self.bus, s, self.web), settings)
@@ -277,6 +282,8 @@ class Hub:
         assert self.bus is not None
         mount_dashboard(web, self.settings, self.bus)
         mount_widget(web, self.settings, self._ws_port)
+        self.inbox = Inbox(self.bus, self.settings)
+        self.inbox.mount(web)
 
     def _ws_port(self) -> int | None:
         """The WebSocket channel's port, once it listens (the widget connects to it)."""
@@ -326,6 +333,9 @@ class Hub:
         if self.web is not None:
             await _quietly(self.web.stop, "http server")
             self.web = None
+        if self.inbox is not None:
+            await _quietly(self.inbox.stop, "inbox")
+            self.inbox = None
         if self.router is not None:
             await _quietly(self.router.stop, "router")
             self.router = None
