@@ -451,6 +451,7 @@ def _check_conversations(driver: Any, base: str, port: int, screenshot: Any) -> 
     _wait(driver, lambda d: "tomorrow" in [t["text"] for t in _timeline(d)],
           "the new message in the open transcript")
     assert int(driver.find_element("id", "transcript").get_attribute("data-loads")) > loads
+    driver.set_window_size(1280, 1000)
     driver.execute_script("document.getElementById('transcript').scrollIntoView();")
     screenshot(driver, "dashboard-transcript")
 

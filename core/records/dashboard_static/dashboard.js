@@ -268,7 +268,7 @@
     // One conversation's records on one timeline (UTC), in time order.
     transcript: (id) => sqlText([
       "SELECT ts, 'message' AS source, direction AS kind,",
-      "  sender_kind || coalesce(' ' || sender_name, '') AS who,",
+      "  sender_kind || ' ' || coalesce(sender_name, sender_id) AS who,",
       "  coalesce(text, json_extract_string(payload, '$.title'), CAST(payload AS VARCHAR)) AS text,",
       "  CASE WHEN json_array_length(payload -> '$.buttons') > 0 THEN 'buttons: ' ||",
       "    array_to_string(CAST(json_extract_string(payload, '$.buttons[*].title') AS VARCHAR[]), ', ')",
@@ -280,17 +280,21 @@
       "  text, printf('confidence %.2f, threshold %.2f', confidence, threshold), NULL",
       `FROM classifications WHERE conversation = ${quote(id)}`,
       "UNION ALL",
-      "SELECT ts, 'workflow', kind, workflow, coalesce(event, trigger),",
-      "  concat_ws(' → ', from_state, to_state), NULL",
+      "SELECT ts, 'workflow', kind, workflow, event,",
+      "  concat_ws(' ', concat_ws(' → ', from_state, to_state), 'on ' || trigger), NULL",
       `FROM workflow_events WHERE conversation = ${quote(id)}`,
       "UNION ALL",
-      "SELECT ts, 'input', event, sender_kind || coalesce(' ' || sender_name, ''), NULL,",
+      "SELECT ts, 'input', event, sender_kind || ' ' || coalesce(sender_name, sender_id), NULL,",
       "  CAST(data AS VARCHAR), NULL",
       `FROM workflow_inputs WHERE conversation = ${quote(id)}`,
       "UNION ALL",
-      "SELECT ts, 'channel', kind, channel, reason, CAST(code AS VARCHAR), NULL",
+      "SELECT ts, 'channel', kind, channel, reason, 'code ' || code, NULL",
       `FROM channel_events WHERE conversation = ${quote(id)}`,
-      "ORDER BY ts, seq NULLS LAST, source",
+      // Records of one step share its time: the input, what the router decided, the
+      // workflow's step, then the replies.
+      "ORDER BY ts, CASE source WHEN 'message' THEN (CASE kind WHEN 'in' THEN 0 ELSE 3 END)",
+      "  WHEN 'input' THEN 0 WHEN 'classification' THEN 1 WHEN 'workflow' THEN 2 ELSE 4 END,",
+      "  seq NULLS LAST",
     ]),
   };
 
