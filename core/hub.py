@@ -251,8 +251,6 @@ class Hub:
         assert self.bus is not None and self.web is not None
         s = self.settings
         self._mount_hub_routes(self.web)
-        assert self.inbox is not None
-        await self.inbox.start()
         self.endpoints.append(f"http: {self.web.url} (health: /healthz, readiness: /readyz)")
         self.endpoints.append(f"dashboard: {self.web.url}/dashboard (SQL over HTTP: POST /v1/sql)")
         self.endpoints.append(f"widget: {self.web.url}/widget.js (demo: {self.web.url}/chat); "

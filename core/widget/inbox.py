@@ -35,6 +35,8 @@ it once, and the widget shows the bot's reply to it as an "agent joined" notice
 conversation whose state has ``handoff`` set is listed, and leaves the list when its
 handoff ends, whoever ended it (an agent, the user's "cancel", the 60 s timeout). So
 every hub process with an HTTP server shows the same list, live, without a database.
+The watch (and the buckets) start with the first inbox request of a process, so a hub
+whose inbox nobody opens pays nothing for it.
 
 Concurrency: one event loop; the watch task updates a dictionary and wakes long polls
 through an :class:`asyncio.Condition`. Failure: a bus error in a request is 503 (the
@@ -212,8 +214,23 @@ class Inbox:
         self._tasks: list[asyncio.Task[None]] = []
         self._watch: Any = None
         self._ready = asyncio.Event()
+        self._starting = asyncio.Lock()
+        self._started = False
+        self._stopped = False
 
     # -- life cycle -----------------------------------------------------------------------
+    async def ensure_started(self) -> None:
+        """Start on first use (see :meth:`start`); concurrent first requests wait for
+        one start."""
+        if self._started:
+            return
+        async with self._starting:
+            if self._stopped:
+                raise _Refused(503, "unavailable", "the hub is stopping")
+            if not self._started:
+                await self.start()
+                self._started = True
+
     async def start(self) -> None:
         """Open the buckets and start watching the states; returns once the current
         states are read."""
@@ -230,6 +247,7 @@ class Inbox:
             await self._ready.wait()
 
     async def stop(self) -> None:
+        self._stopped = True
         if self._watch is not None:
             with contextlib.suppress(Exception):
                 await self._watch.stop()
@@ -312,6 +330,7 @@ class Inbox:
             if refusal is not None:
                 return refusal
             try:
+                await self.ensure_started()
                 return await handler(request)  # type: ignore[no-any-return]
             except _Refused as exc:
                 return exc.response
