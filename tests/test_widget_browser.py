@@ -35,10 +35,12 @@ from browserkit import (
 from hubproc import HubProcess
 
 from commhub.core.envelope import Message, Sender, encode, new_id
+from commhub.core.tokens import mint
 
 XSS = '<img src=x onerror="window.__xss=1"><b>bold?</b>'
 WIDGET_JS = Path(__file__).resolve().parent.parent / "core" / "widget" / "static" / "widget.js"
 GZIP_BUDGET = 30 * 1024  # bytes: the widget's size budget, gzipped
+SECRET = "widget-test-secret"
 
 
 def test_widget_fits_its_size_budget() -> None:
@@ -50,7 +52,7 @@ def test_widget_fits_its_size_budget() -> None:
     assert "eval(" not in text and "document.write" not in text
 
 
-def page_html(hub: str, title: str = "Shop chat") -> str:
+def page_html(hub: str, title: str = "Shop chat", token: str = "") -> str:
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -59,7 +61,8 @@ def page_html(hub: str, title: str = "Shop chat") -> str:
 <h1>Trattoria Example</h1>
 <p>Fresh pasta every day. Book a table with our assistant.</p>
 <script src="{hub}/widget.js" data-hub="{hub}" data-title="{title}" data-color="#0f766e"
-  data-lang="en" data-start="Hello! I can book a table for you." async></script>
+  data-lang="en" data-start="Hello! I can book a table for you." data-token="{token}"
+  async></script>
 </body></html>"""
 
 
@@ -180,6 +183,7 @@ def hub(tmp_path: Path, ports: dict[str, int]) -> Iterator[HubProcess]:
         "COMMHUB_WS_PORT": str(ports["ws"]),
         "COMMHUB_HTTP_PORT": str(ports["http"]),
         "COMMHUB_CORS_ORIGINS": page_origin,
+        "COMMHUB_TOKEN_SECRET": SECRET,
     })
     try:
         yield process.start()
@@ -338,6 +342,21 @@ def test_widget_badge_links_and_notices(hub: HubProcess, driver: Any,
         notice = wait(driver, lambda d: next(
             (m for m in messages(d) if m["text"] == "Eve has joined."), None), "the notice")
         assert notice["notice"] == "1"
+
+    # A site with its own login: a signed token minted by its back end (data-token).
+    # The widget speaks as the token's user; an expired token stops it with a reason.
+    pages = {"/signed": page_html(hub.http_url, token=mint(SECRET, "shop-42", 600)),
+             "/expired": page_html(hub.http_url, token=mint(SECRET, "shop-42", -10))}
+    with PageServer(pages, port=ports["page"]) as site:
+        driver.get(site.url("/signed"))
+        widget_ready(driver)
+        stored = json.loads(driver.execute_script(
+            "return localStorage.getItem(arguments[0])", f"commhub-widget:{hub.http_url}:t"))
+        assert stored["user"] == "shop-42"
+        driver.execute_script("localStorage.clear();")
+        driver.get(site.url("/expired"))
+        wait(driver, lambda d: "expired" in d.execute_script(
+            f"return {SHADOW}.querySelector('.status').textContent"), "the expired notice")
 
 
 async def _bot_replies_to(nats_url: str, prefix: str, conversation: str, reply_to: str,
