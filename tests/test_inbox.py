@@ -120,6 +120,10 @@ async def test_take_answer_hand_back(hub: Hub) -> None:
     assert left["reply_to"].startswith("handoff-end-")
     assert (await hub_state(hub, "i1"))["handoff"] is False
     await until(lambda: _empty(listed()), "the conversation to leave the list")
+    status, body = await call(hub, "GET", "/v1/inbox/conversations/i1")
+    assert (status, body["error"]["code"]) == (404, "not_waiting")  # not handed over now
+    status, _ = await call(hub, "GET", "/v1/inbox/conversations/i0")
+    assert status == 404  # never handed over: not for the inbox to read
     # The bot answers again.
     again = await chat.say("I'd like to book a table")
     assert again["text"] == "How many people is the table for?"

@@ -14,7 +14,8 @@ Routes (mounted by :meth:`Inbox.mount`; every ``/v1/inbox`` call needs an agent 
   it there; answers at once, or, given the ``version`` the page has, when it changes
   (a long poll of at most ``S`` seconds).
 * ``GET /v1/inbox/conversations/{c}?after=N``: one conversation's messages, both sides
-  and every channel, after a cursor, and its classifications.
+  and every channel, after a cursor, and its classifications; only while it is handed
+  over (404 ``not_waiting`` otherwise).
 * ``POST /v1/inbox/conversations/{c}/take|messages|release|close``: take it, answer
   (an ``out`` Message with sender kind ``agent`` on ``{prefix}.out.{channel}.{c}``,
   as any agent answers), hand it back to the bot, or close it (both end the handoff
@@ -137,6 +138,7 @@ class InboxEntry:
     claim: Claim | None = None
     reason: dict[str, Any] | None = None
     reasons_read: bool = False
+    claim_read: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def public(self) -> dict[str, Any]:
@@ -376,9 +378,12 @@ class Inbox:
         }, headers={"Cache-Control": "no-store"})
 
     async def _fill(self, entry: InboxEntry) -> None:
-        """Who took it, and the classification that sent it here (read once)."""
-        if entry.run_id is not None and entry.claim is None:
+        """Who took it, and the classification that sent it here: read once per entry
+        (an entry is made again when the conversation's state changes, as it does when
+        the agent who took it is announced)."""
+        if entry.run_id is not None and entry.claim is None and not entry.claim_read:
             entry.claim = await self._claim_of(entry.conversation, entry.run_id)
+            entry.claim_read = True
         if not entry.reasons_read:
             found = await self._classifications(entry.conversation)
             entry.reason = found[-1] if found else None
@@ -386,6 +391,10 @@ class Inbox:
 
     async def _conversation(self, request: web.Request) -> web.Response:
         conversation = _conversation(request)
+        if conversation not in self.entries:
+            # The inbox shows conversations while they are handed over, no others.
+            raise _Refused(404, "not_waiting", "the conversation is not handed over to "
+                           "agents (any more)")
         after = int(_number(request.query.get("after"), 0.0))
         subject = f"{self.subjects.prefix}.*.*.{conversation}"
         messages = []

@@ -194,9 +194,12 @@
         $("detail").dataset.handoff = st && st.handoff ? "1" : "0";
         drawActions();
       })
-      .catch(function () { /* the next poll retries */ })
-      .then(function () {
-        if (conversation === selected) pollTimer = setTimeout(poll, 1000);
+      .catch(function (e) {
+        // Handed back or closed: the transcript stays as it was, and polling stops.
+        if (e.status === 404 && conversation === selected) { selected = null; return "stop"; }
+      })
+      .then(function (stop) {
+        if (stop !== "stop" && conversation === selected) pollTimer = setTimeout(poll, 1000);
       });
   }
 
@@ -233,7 +236,10 @@
     $("close").hidden = !mine;
     $("reply-form").hidden = !mine;
     $("detail").dataset.mine = mine ? "1" : "0";
-    if (!c && selected) $("detail-title").textContent = "Conversation " + selected + " (no longer waiting)";
+    if (!c && $("detail").hidden === false) {
+      $("detail-title").textContent = $("detail-title").textContent.replace(/ \(.*\)$/, "") +
+        " (no longer handed over)";
+    }
   }
 
   function act(what, body) {
