@@ -8,7 +8,8 @@ A channel carries people's messages between a chat network and the bus. It imple
   the message id is the ``Nats-Msg-Id``, so a client that retries with the same id
   never produces a second inbound message.
 * ``ctx.outbound(conversation, after=cursor)``: every outbound message of one
-  conversation on this channel after a cursor, in order, then live ones. The cursor is
+  conversation on this channel after a cursor, in order, then live ones (with
+  ``inbound=True``, the conversation's inbound messages on the channel too). The cursor is
   the message's stream sequence: a client that reconnects with the last cursor it saw
   misses nothing and sees nothing twice. One live consumer per channel and process
   serves every reader (:mod:`commhub.core.fanout`), so readers cost no server state.
@@ -266,7 +267,7 @@ class ChannelContext:
         )
 
     def outbound(
-        self, conversation: str, after: int | None = None
+        self, conversation: str, after: int | None = None, *, inbound: bool = False
     ) -> AsyncIterator[OutboundItem]:
         """Yield ``(cursor, message)`` for each outbound message of ``conversation``.
 
@@ -282,10 +283,16 @@ class ChannelContext:
         request. An undecodable or invalid outbound record is reported on
         ``evt.invalid`` and skipped. Raises if the bus is unavailable when it starts or
         while it reads the history; the caller resumes from its last cursor.
+
+        With ``inbound=True`` the conversation's inbound messages on this channel come
+        too (``message.direction == "in"``), in stream order with the replies, each
+        with its cursor: a client can redraw both sides of the conversation and see
+        what its other tabs send. The first such reader widens the process's live
+        consumer to the channel's inbound subjects as well.
         """
         if self._fanout is None:
             self._fanout = OutboundFanout(self.bus, self.channel)
-        return self._fanout.follow(conversation, after)
+        return self._fanout.follow(conversation, after, inbound=inbound)
 
     async def close(self) -> None:
         """End every outbound iteration and remove the channel's live consumer.

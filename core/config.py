@@ -31,6 +31,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from commhub.core.origins import OriginPolicy, check_origin
 from commhub.core.subjects import Subjects
 from commhub.core.tokens import TokenAuthority
 
@@ -52,7 +53,8 @@ __all__ = [
 Role = Literal["all", "channels", "router", "recorder"]
 
 # Settings whose values an error message must not show.
-SECRET_SETTINGS = frozenset({"tokens", "token_secret", "sql_tokens", "plugins"})
+SECRET_SETTINGS = frozenset({"tokens", "token_secret", "sql_tokens", "agent_tokens",
+                             "plugins"})
 
 
 class ConfigFileError(ValueError):
@@ -147,6 +149,16 @@ class Settings(BaseSettings):
     allow_anonymous: bool | None = Field(
         None, description="Accept clients without a token; default: only on a loopback host."
     )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Web origins (scheme://host[:port], '*' for any) whose pages may use "
+        "the HTTP API and the WebSocket from a browser (env: comma-separated).",
+    )
+    widget_ws_url: str | None = Field(
+        None, pattern=r"^wss?://[^\s]+$",
+        description="The WebSocket URL the chat widget connects to (behind a proxy); "
+        "unset: the host the page reached the hub on, with ws_port.",
+    )
     max_frame_bytes: int = Field(64 * 1024, ge=256)
     max_body_bytes: int = Field(
         1024 * 1024, ge=1024, description="Largest HTTP request body the hub accepts."
@@ -220,6 +232,11 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Bearer tokens for SQL over HTTP (/v1/sql); env: comma-separated.",
     )
+    agent_tokens: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Bearer tokens for the agents' inbox (/inbox, /v1/inbox); "
+        "env: comma-separated.",
+    )
 
     @field_validator("timezone")
     @classmethod
@@ -249,6 +266,10 @@ class Settings(BaseSettings):
         if isinstance(value, bool) or not 0.0 <= number <= 1.0:
             raise ValueError(f'must be "auto" or a number in [0, 1], not {value!r}')
         return number
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        return [check_origin(origin) for origin in value]
 
     @field_validator("prefix")
     @classmethod
@@ -258,7 +279,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "tokens", "disable_plugins", "workflow_paths", "cancel_phrases", "restart_phrases",
-        "sql_tokens", mode="before",
+        "sql_tokens", "cors_origins", "agent_tokens", mode="before",
     )
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
@@ -296,6 +317,10 @@ class Settings(BaseSettings):
         if self.allow_anonymous is not None:
             return self.allow_anonymous
         return is_loopback(self.host)
+
+    def origin_policy(self) -> OriginPolicy:
+        """Which browser pages may use the hub (``cors_origins`` and its own pages)."""
+        return OriginPolicy(self.cors_origins)
 
     def token_authority(self) -> TokenAuthority:
         """The checker every built-in channel uses for client tokens."""

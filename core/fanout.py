@@ -22,6 +22,14 @@ conversation has readers here. A record that does not decode as an outbound
 :class:`~commhub.core.envelope.Message` of its subject's conversation is skipped and
 reported on ``{prefix}.evt.invalid`` (once per process), never raised to the reader.
 
+**Both directions.** A reader may ask for the conversation's inbound messages too
+(``inbound=True``: a chat widget redrawing both sides, other tabs' messages live). Its
+history then reads ``{prefix}.*.{channel}.{conversation}`` (the ``in`` and ``out``
+subjects, in stream order), and the process's live feed is widened once, on the first
+such reader, to ``{prefix}.*.{channel}.>``: processes without such readers never
+receive inbound messages. An inbound record that does not decode is skipped without a
+report (the router reports it).
+
 Concurrency: one event loop; the feed's callback runs synchronously and only appends to
 readers' hand-overs and wakes them, so a slow reader never holds up the feed or another
 reader. Cancel: cancelling a reader's iteration at any await is safe; its cleanup is
@@ -71,13 +79,15 @@ class OutboundLagged(Exception):
 
 
 class _Reader:
-    """One follower of one conversation: its hand-over and the event that wakes it."""
+    """One follower of one conversation: its hand-over and the event that wakes it;
+    ``inbound``: it wants the conversation's inbound messages too."""
 
-    __slots__ = ("handover", "wake")
+    __slots__ = ("handover", "inbound", "wake")
 
-    def __init__(self, after: int | None, max_held: int) -> None:
+    def __init__(self, after: int | None, max_held: int, inbound: bool = False) -> None:
         self.handover: Handover[Message] = Handover(after, max_held)
         self.wake = asyncio.Event()
+        self.inbound = inbound
 
 
 class OutboundFanout:
@@ -90,6 +100,10 @@ class OutboundFanout:
         subjects = bus.subjects
         self._stream = subjects.messages_stream
         self._prefix = subjects.outbound(channel, "")  # "{p}.out.{channel}."
+        self._in_prefix = subjects.inbound(channel, "")  # "{p}.in.{channel}."
+        self._both = f"{subjects.prefix}.*.{channel}."  # in and out of the channel
+        self._widened = False
+        self._widening = asyncio.Lock()
         self._source = f"channel:{channel}"
         self._readers: dict[str, set[_Reader]] = {}
         self._feed: LiveFeed | None = None
@@ -109,18 +123,22 @@ class OutboundFanout:
         """Readers registered now (reading history or following live messages)."""
         return sum(len(readers) for readers in self._readers.values())
 
-    async def follow(self, conversation: str, after: int | None = None
-                     ) -> AsyncIterator[OutboundItem]:
+    async def follow(self, conversation: str, after: int | None = None, *,
+                     inbound: bool = False) -> AsyncIterator[OutboundItem]:
         """Yield ``(cursor, message)`` for every outbound message of ``conversation``
         after stream sequence ``after`` (all when None), in order, each once, then live
-        ones until the caller stops iterating or :meth:`close` is called."""
+        ones until the caller stops iterating or :meth:`close` is called. With
+        ``inbound``, the conversation's inbound messages on this channel come too, in
+        stream order with the outbound ones (``message.direction`` tells them apart)."""
         if self._closed:
             return
         await self._ensure_feed()
-        reader = _Reader(after, self.max_held)
+        if inbound:
+            await self._widen()
+        reader = _Reader(after, self.max_held, inbound)
         self._readers.setdefault(conversation, set()).add(reader)
         try:
-            subject = self._prefix + conversation
+            subject = (self._both if inbound else self._prefix) + conversation
             for attempt in range(HISTORY_ATTEMPTS):
                 try:  # resumes after the last message handed out: nothing twice
                     async for stored in self._history.read(subject, reader.handover.last):
@@ -173,6 +191,18 @@ class OutboundFanout:
             await asyncio.wait(self._reports, timeout=2)
 
     # -- internals --------------------------------------------------------------------
+    async def _widen(self) -> None:
+        """Make the live feed follow the channel's inbound messages too (once per
+        process; it stays wide). Returns once the wider consumer exists, so a reader
+        registered after it misses no inbound message stored after its history."""
+        async with self._widening:
+            if self._widened:
+                return
+            feed = self._feed
+            assert feed is not None
+            await feed.refilter(self._both + ">")
+            self._widened = True
+
     async def _ensure_feed(self) -> None:
         """Start the feed once. The start runs in a task of its own, so a reader that
         goes away meanwhile (a client that connects and closes at once) does not cut
@@ -202,14 +232,25 @@ class OutboundFanout:
         return feed
 
     def _dispatch(self, seq: int, subject: str, data: bytes) -> None:
-        """The feed's callback: hand a live message to its conversation's readers."""
-        readers = self._readers.get(subject[len(self._prefix):])
-        if not readers:
-            return
-        message = self._decode(seq, subject, data, subject[len(self._prefix):])
+        """The feed's callback: hand a live message to its conversation's readers
+        (an inbound one only to those that asked for inbound messages)."""
+        inbound = not subject.startswith(self._prefix)
+        if inbound:
+            if not subject.startswith(self._in_prefix):
+                return
+            readers = self._readers.get(subject[len(self._in_prefix):])
+            if not readers or not any(reader.inbound for reader in readers):
+                return
+        else:
+            readers = self._readers.get(subject[len(self._prefix):])
+            if not readers:
+                return
+        message = self._decode(seq, subject, data, "")
         if message is None:
             return
         for reader in readers:
+            if inbound and not reader.inbound:
+                continue
             reader.handover.live(seq, message)
             reader.wake.set()
 
@@ -223,6 +264,9 @@ class OutboundFanout:
             return decode_message(subject, data)  # the bus contract (record_problem)
         except EnvelopeError as exc:  # any decoder failure, deep nesting included
             problem = str(exc)
+        if not subject.startswith(self._prefix):  # inbound: the router reports it
+            log.debug("%s: skipped invalid inbound record %d: %s", self._source, seq, problem)
+            return None
         self._report(seq, subject, data, problem)
         return None
 

@@ -48,6 +48,8 @@ from commhub.core.routing.router import Router
 from commhub.core.routing.smalltalk import SmallTalk
 from commhub.core.routing.store import StateStore
 from commhub.core.web import WebServer, json_error, try_port
+from commhub.core.widget.inbox import Inbox
+from commhub.core.widget.pages import mount_widget
 from commhub.core.workflow import load_workflows
 
 __all__ = ["Hub", "HubError"]
@@ -83,6 +85,7 @@ class Hub:
         self.sql: SqlService | None = None
         self.channels: dict[str, Channel] = {}
         self.web: WebServer | None = None
+        self.inbox: Inbox | None = None
         self.endpoints: list[str] = []
         self.nats_url: str | None = None
         self._api_subs: list[Any] = []
@@ -247,7 +250,8 @@ class Hub:
         names the setting if another process took the port meanwhile.
         """
         s = self.settings
-        self.web = WebServer(s.host, s.http_port, max_body_bytes=s.max_body_bytes)
+        self.web = WebServer(s.host, s.http_port, max_body_bytes=s.max_body_bytes,
+                             origins=s.origin_policy())
         self.web.bind()
         if s.ws_port and "websocket" in self.plugins.channels():
             try_port("WebSocket channel", s.host, s.ws_port, "COMMHUB_WS_PORT")
@@ -264,6 +268,8 @@ class Hub:
         self._mount_hub_routes(self.web)
         self.endpoints.append(f"http: {self.web.url} (health: /healthz, readiness: /readyz)")
         self.endpoints.append(f"dashboard: {self.web.url}/dashboard (SQL over HTTP: POST /v1/sql)")
+        self.endpoints.append(f"widget: {self.web.url}/widget.js (demo: {self.web.url}/chat); "
+                              f"agents' inbox: {self.web.url}/inbox")
         for name, cls in self.plugins.channels().items():
             settings = _plugin_settings(cls, s.plugin_settings(name), f"channel {name}")
             channel = cls(ChannelContext(name, self.bus, s, self.web), settings)
@@ -288,6 +294,15 @@ class Hub:
         web.add_get("/readyz", readyz)
         assert self.bus is not None
         mount_dashboard(web, self.settings, self.bus)
+        mount_widget(web, self.settings, self._ws_port)
+        self.inbox = Inbox(self.bus, self.settings)
+        self.inbox.mount(web)
+
+    def _ws_port(self) -> int | None:
+        """The WebSocket channel's port, once it listens (the widget connects to it)."""
+        channel = self.channels.get("websocket")
+        port = getattr(channel, "port", None)
+        return port if isinstance(port, int) else None
 
     async def _start_apis(self) -> None:
         """Request/reply APIs any service can call: health and conversation state."""
@@ -331,6 +346,9 @@ class Hub:
         if self.web is not None:
             await _quietly(self.web.stop, "http server")
             self.web = None
+        if self.inbox is not None:
+            await _quietly(self.inbox.stop, "inbox")
+            self.inbox = None
         if self.router is not None:
             await _quietly(self.router.stop, "router")
             self.router = None

@@ -20,6 +20,10 @@ tasks). Cancel and failure: a failed re-creation is retried with a backoff of 0.
 doubling to 2 s, forever, until :meth:`LiveFeed.close`; messages stored meanwhile come
 once the consumer is back. :meth:`LiveFeed.start` raises if the first consumer cannot be
 created. ``on_message`` raising is logged and the message counts as handed on.
+
+The filter can be changed while the feed runs (:meth:`LiveFeed.refilter`): the consumer
+is re-created with the new filter from the sequence after the last message handed on,
+so a wider filter delivers every newly matching message stored after that point.
 """
 
 from __future__ import annotations
@@ -136,6 +140,8 @@ class LiveFeed:
         self._task: asyncio.Task[None] | None = None
         self._deletes: set[asyncio.Task[None]] = set()
         self._remove_listener: Callable[[], None] | None = None
+        self._created = asyncio.Event()  # set while the current consumer exists
+        self._filter_in_use: str | None = None  # the filter of the current consumer
 
     @property
     def consumer(self) -> str | None:
@@ -167,6 +173,27 @@ class LiveFeed:
         if self._deletes:
             await asyncio.wait(self._deletes, timeout=REQUEST_TIMEOUT)
             await cancel_and_wait(*self._deletes)
+
+    async def refilter(self, filter_subject: str, timeout: float = 10.0) -> None:
+        """Follow ``filter_subject`` from now on; returns once the consumer with the new
+        filter exists. It starts right after the last message handed on, so a message
+        stored since then that matches the new filter is handed on (once), even one
+        stored before this call. Raises TimeoutError if the consumer cannot be created
+        within ``timeout`` seconds (the supervisor keeps trying)."""
+        if filter_subject == self.filter_subject:
+            return
+        if self._task is None:
+            raise RuntimeError("live feed not started")
+        self.filter_subject = filter_subject
+        self._created.clear()
+        self._reset("filter changed")
+        async with asyncio.timeout(timeout):
+            while not (self._created.is_set() and self._consumer is not None
+                       and self._filter_in_use == filter_subject):
+                await self._created.wait()
+                if self._filter_in_use != filter_subject:
+                    self._created.clear()
+                    self._reset("filter changed")
 
     # -- supervision ----------------------------------------------------------------
     def _reset(self, why: str) -> None:
@@ -210,6 +237,7 @@ class LiveFeed:
     async def _create(self) -> None:
         """Replace the consumer with a new one from the sequence after the last one seen."""
         assert self.position is not None
+        self._created.clear()
         await self._discard()
         self._generation += 1
         nc = self.bus.nc
@@ -235,6 +263,8 @@ class LiveFeed:
         self._sub, self._consumer = sub, name  # a failed create is deleted by name too
         await self.bus.js.add_consumer(self.stream, config=config, timeout=REQUEST_TIMEOUT)
         self._last_activity = asyncio.get_running_loop().time()
+        self._filter_in_use = config.filter_subject
+        self._created.set()
 
     async def _discard(self) -> None:
         """Drop the current subscription; delete its consumer in the background (it may

@@ -15,6 +15,14 @@ Life cycle (driven by :class:`commhub.core.hub.Hub`):
 3. :meth:`start` serves; :meth:`stop` stops accepting, lets in-flight requests finish
    for ``shutdown_timeout`` seconds, then closes.
 
+Browsers (``core/origins.py``): a request whose ``Origin`` is a page of another site is
+answered only when that origin is in ``cors_origins``: a CORS preflight (``OPTIONS``
+with ``Access-Control-Request-Method``) gets 204 and the CORS headers, and every answer
+to it carries ``Access-Control-Allow-Origin``; any other foreign origin gets 403
+``origin_not_allowed`` (the preflight too), except on the public paths
+(:data:`PUBLIC_PATHS`). Requests without ``Origin`` (scripts, services) and the hub's
+own pages are not affected.
+
 Errors: every 4xx/5xx leaves as JSON ``{"error": {"code": ..., "message": ...}}``, also
 aiohttp's own (unknown path, wrong method, body over ``max_body_bytes``), so a client
 never has to parse HTML. An exception in a handler is logged and answered with 500;
@@ -32,11 +40,21 @@ from typing import Any
 
 from aiohttp import web
 
-__all__ = ["ListenError", "WebServer", "json_error", "listen_error", "try_port"]
+from commhub.core.origins import OriginPolicy, OriginVerdict
+
+__all__ = ["PUBLIC_PATHS", "ListenError", "WebServer", "json_error", "listen_error",
+           "try_port"]
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = web.AppKey("max_body_bytes", int)
+ORIGINS = web.AppKey("origins", OriginPolicy)
+#: Paths any page may fetch (the widget's script, the probes): no origin is refused.
+PUBLIC_PATHS = frozenset({"/widget.js", "/healthz", "/readyz"})
+_CORS_METHODS = "GET, POST, DELETE, OPTIONS"
+_CORS_HEADERS = "Authorization, Content-Type, Last-Event-ID"
+_CORS_EXPOSE = "Retry-After, WWW-Authenticate"
+_PREFLIGHT_MAX_AGE = "600"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _CODES = {
@@ -127,6 +145,47 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return json_error(500, "internal error; the hub log has the details")
 
 
+@web.middleware
+async def _origin_check(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer CORS preflights, and refuse requests from pages of origins not allowed."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return await handler(request)
+    verdict = request.app[ORIGINS].judge(origin, request.host)
+    refused = verdict is OriginVerdict.REFUSED
+    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+        if refused:
+            return _origin_refused(origin)
+        return web.Response(status=204, headers={
+            "Access-Control-Allow-Origin": origin,
+            "Access-Control-Allow-Methods": _CORS_METHODS,
+            "Access-Control-Allow-Headers": _CORS_HEADERS,
+            "Access-Control-Max-Age": _PREFLIGHT_MAX_AGE,
+            "Vary": "Origin",
+        })
+    if refused and request.path not in PUBLIC_PATHS:
+        return _origin_refused(origin)
+    return await handler(request)
+
+
+def _origin_refused(origin: str) -> web.Response:
+    return json_error(403, f"pages of {origin[:200]} may not use this hub: the origin is "
+                      "not in cors_origins", "origin_not_allowed")
+
+
+async def _cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: the CORS headers of an answer to an allowed origin (also
+    on streams and errors, which are prepared after the handler returned or raised)."""
+    origin = request.headers.get("Origin")
+    if origin is None or "Access-Control-Allow-Origin" in response.headers:
+        return
+    if request.app[ORIGINS].judge(origin, request.host) is OriginVerdict.ALLOWED:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = _CORS_EXPOSE
+        vary = response.headers.get("Vary")
+        response.headers["Vary"] = f"{vary}, Origin" if vary else "Origin"
+
+
 def _kept_headers(exc: web.HTTPException) -> dict[str, str]:
     keep = ("Allow", "Retry-After", "WWW-Authenticate")
     return {name: exc.headers[name] for name in keep if name in exc.headers}
@@ -144,13 +203,20 @@ class WebServer:
         max_body_bytes: int = 1024 * 1024,
         shutdown_timeout: float = 5.0,
         port_setting: str = "COMMHUB_HTTP_PORT",
+        origins: OriginPolicy | None = None,
     ) -> None:
         self.host = host
         self.requested_port = port
         self.port_setting = port_setting
         self.shutdown_timeout = shutdown_timeout
-        self.app = web.Application(client_max_size=max_body_bytes, middlewares=[_json_errors])
+        #: Which browser pages may call the server (``cors_origins``); shared with the
+        #: WebSocket channel, which learns the server's port from it.
+        self.origins = origins or OriginPolicy()
+        self.app = web.Application(client_max_size=max_body_bytes,
+                                   middlewares=[_origin_check, _json_errors])
         self.app[MAX_BODY] = max_body_bytes
+        self.app[ORIGINS] = self.origins
+        self.app.on_response_prepare.append(_cors_headers)
         self.port: int | None = None
         self._sock: socket.socket | None = None
         self._runner: web.AppRunner | None = None
@@ -179,6 +245,7 @@ class WebServer:
         sock.setblocking(False)
         self._sock = sock
         self.port = int(sock.getsockname()[1])
+        self.origins.add_own_port(self.port)
         return self.port
 
     def add_routes(self, routes: Iterable[web.AbstractRouteDef]) -> None:

@@ -362,3 +362,123 @@ async def test_dashboard_renders_recorded_conversations_and_runs_sql(
     assert hub.web is not None
     # Selenium blocks: drive it from a worker thread so the hub keeps serving meanwhile.
     await asyncio.to_thread(_check_page, driver, hub.web.url, truth)
+
+
+# -- the conversations list, a transcript, and the layout fixes -------------------------
+def _conversations(driver: Any) -> list[dict[str, str]]:
+    return _marks(driver, "#conv-list tbody tr")
+
+
+def _search(driver: Any, workflow: str = "", outcome: str = "", text: str = "") -> None:
+    from selenium.webdriver.support.ui import Select
+
+    before = int(driver.find_element("tag name", "body").get_attribute("data-conversations")
+                 or 0)
+    Select(driver.find_element("id", "conv-workflow")).select_by_value(workflow)
+    Select(driver.find_element("id", "conv-outcome")).select_by_value(outcome)
+    box = driver.find_element("id", "conv-text")
+    box.clear()
+    box.send_keys(text)
+    driver.find_element("id", "conv-search").click()
+    _wait(driver, lambda d: int(d.find_element("tag name", "body").get_attribute(
+        "data-conversations") or 0) > before, "the conversations list again")
+
+
+def _timeline(driver: Any) -> list[dict[str, str]]:
+    return list(driver.execute_script(
+        "return [...document.querySelectorAll('#timeline li')].map(e => ({...e.dataset,"
+        " text: (e.querySelector('.text') || {}).textContent || ''}));"))
+
+
+def _check_conversations(driver: Any, base: str, port: int, screenshot: Any) -> None:
+    driver.set_window_size(1280, 2000)
+    driver.get(f"{base}/dashboard?token={TOKEN}")
+    assert _refreshed(driver, 0)["state"] == "ready"
+    # "Updated" is in UTC, like the date filters.
+    assert driver.find_element("id", "status").text.endswith(" UTC.")
+    # A channel's colour is its own, not its place in the list.
+    fills = {m["channel"]: f for m, f in zip(
+        _marks(driver, "#chart-volume rect.bar"),
+        driver.execute_script("return [...document.querySelectorAll('#chart-volume rect.bar')]"
+                              ".map(r => r.getAttribute('fill'));"), strict=True)}
+    assert fills["websocket"] == "#0072B2"
+    # The confidence chart marks the threshold.
+    [marker] = _marks(driver, "#chart-confidence g.marker")
+    assert float(marker["threshold"]) == pytest.approx(0.35)
+    # The fallback's funnel line says where its runs went.
+    fallback = driver.find_element("css selector", '#chart-funnel h3[data-workflow="fallback"]')
+    assert "handed to a person" in fallback.text and "went on to a workflow" in fallback.text
+    # The latency chart is drawn at its box's width: its text keeps its size.
+    scale = driver.execute_script(
+        "const s = document.querySelector('#chart-latency svg');"
+        "return s.getBoundingClientRect().width / s.viewBox.baseVal.width;")
+    assert scale == pytest.approx(1, abs=0.05)
+
+    # Every conversation, newest first; filters by workflow, outcome and text.
+    _wait(driver, lambda d: len(_conversations(d)) == 6, "six conversations")
+    _search(driver, workflow="book_table")
+    assert {m["conversation"] for m in _conversations(driver)} == {"ws-book", "sms-book"}
+    _search(driver, text="ELEPHANTS")
+    assert [m["conversation"] for m in _conversations(driver)] == ["sms-what"]
+    _search(driver, text="100%_ off")  # LIKE's own characters are plain text
+    assert _conversations(driver) == []
+    _search(driver, outcome="open", workflow="book_table")
+    assert {m["outcome"] for m in _conversations(driver)} == {"open"}
+    _search(driver)
+
+    # One conversation's transcript: every kind of record on one timeline.
+    driver.find_element("css selector", '#conv-list tr[data-conversation="ws-book"] button'
+                        ).click()
+    _wait(driver, lambda d: len(_timeline(d)) > 0, "the transcript")
+    timeline = _timeline(driver)
+    sources = [t["source"] for t in timeline]
+    assert {"message", "classification", "workflow", "channel"} <= set(sources)
+    said = [t["text"] for t in timeline if t["source"] == "message" and t["kind"] == "in"]
+    assert said == ["I'd like to book a table", "4"]
+    first_in = sources.index("message")
+    assert timeline[first_in]["kind"] == "in"
+    assert sources.index("classification") < len(sources)
+    assert driver.current_url.endswith("#conversation=ws-book")
+    # It refreshes itself while open: a new message shows without a click.
+    loads = int(driver.find_element("id", "transcript").get_attribute("data-loads"))
+
+    async def more() -> None:
+        chat = await Chat.open(port, "ws-book", user="ann")
+        await chat.say("tomorrow")
+        await chat.close()
+
+    asyncio.run(more())
+    _wait(driver, lambda d: "tomorrow" in [t["text"] for t in _timeline(d)],
+          "the new message in the open transcript")
+    assert int(driver.find_element("id", "transcript").get_attribute("data-loads")) > loads
+    driver.set_window_size(1280, 1000)
+    driver.execute_script("document.getElementById('transcript').scrollIntoView();")
+    screenshot(driver, "dashboard-transcript")
+
+    # At 400 px nothing spills sideways.
+    driver.set_window_size(400, 900)
+    _wait(driver, lambda d: d.execute_script(
+        "return document.documentElement.scrollWidth <= window.innerWidth;"),
+        "no sideways scrolling at 400 px")
+    spill = driver.execute_script(
+        "return [...document.querySelectorAll('.card, .tile, .filters')]"
+        ".filter(e => e.getBoundingClientRect().right > window.innerWidth + 1).length;")
+    assert spill == 0
+
+
+async def test_dashboard_conversations_transcript_and_layout(driver: Any, hub: Hub) -> None:
+    """The conversations list filters by workflow, outcome and text; a conversation's
+    transcript puts its messages, classifications, workflow and channel events on one
+    timeline and refreshes itself; channel colours are stable, the threshold is drawn,
+    the fallback's funnel line reads, the latency chart keeps its text size, "Updated"
+    is UTC, and nothing spills at 400 px."""
+    from browserkit import screenshot
+
+    assert hub.router is not None and hub.classifier is not None
+    hub.router.classifier = BatchingClassifier(Scripted(hub.classifier))
+    await _converse(hub)
+    await _wait_until_recorded(hub)
+    assert hub.web is not None
+    # Selenium blocks, and the test sends a message meanwhile: both in a worker thread,
+    # the hub keeps serving on this loop.
+    await asyncio.to_thread(_check_conversations, driver, hub.web.url, ws_port(hub), screenshot)

@@ -294,7 +294,8 @@ async def test_history_then_live_messages_with_increasing_cursors(
     assert [frame["text"] for frame in got] == ["one", "two", "three"]
     assert got[0]["cursor"] < got[1]["cursor"] < got[2]["cursor"]
     assert got[0] == {
-        "type": "message", "id": first.id, "text": "one", "payload": first.payload,
+        "type": "message", "id": first.id, "direction": "out", "text": "one",
+        "payload": first.payload,
         "sender": {"id": "bot", "kind": "bot", "name": "Bot"}, "reply_to": None,
         "ts": first.ts, "cursor": got[0]["cursor"],
     }

@@ -6,12 +6,14 @@ the reference with examples is ``docs/http.md``):
 * ``POST /v1/conversations/{conversation}/messages``: store a user's message durably,
   answer 202 ``{"id", "conversation", "cursor"}`` once JetStream acknowledged it. The
   same ``id`` posted again is answered the same way and stored once (``Nats-Msg-Id``).
-* ``GET /v1/conversations/{conversation}/messages?after=&wait=&limit=``: the outbound
-  messages after a cursor, in order. With nothing to return yet it waits up to ``wait``
-  seconds for the first (a long poll).
+* ``GET /v1/conversations/{conversation}/messages?after=&wait=&limit=&both=``: the
+  outbound messages after a cursor, in order (with ``both=1``, the conversation's
+  inbound messages on this channel too). With nothing to return yet it waits up to
+  ``wait`` seconds for the first (a long poll).
 * ``GET /v1/conversations/{conversation}/events``: a server-sent events stream of the
-  outbound messages, each event's ``id`` its cursor; resumes after ``Last-Event-ID``
-  (or ``?after=``); keepalive comments while nothing happens.
+  outbound messages (``?both=1``: inbound ones too), each event's ``id`` its cursor;
+  resumes after ``Last-Event-ID`` (or ``?after=``); keepalive comments while nothing
+  happens.
 * ``POST|GET|DELETE /v1/conversations/{conversation}/callback``: a conversation's
   callback URL (see :mod:`commhub.channels.http.callbacks`).
 
@@ -48,6 +50,7 @@ from commhub.channels.http.request import (
     check_user,
     cursor_param,
     encode_message,
+    flag_param,
     message_id,
     number_param,
     read_json_object,
@@ -128,23 +131,24 @@ class NativeApi:
         wait = number_param(request, "wait", 0.0, 0.0, self.config.max_wait_seconds)
         limit = int(number_param(request, "limit", self.config.default_limit, 1,
                                  self.config.max_limit))
-        items = await self._read(conversation, after, wait, limit)
+        both = flag_param(request, "both")
+        items = await self._read(conversation, after, wait, limit, both)
         cursor = items[-1][0] if items else after
         body = b'{"messages":[' + b",".join(encode_message(c, m) for c, m in items)
         body += b'],"cursor":' + str(cursor).encode() + b"}"
         return web.Response(body=body, content_type="application/json")
 
     async def _read(
-        self, conversation: str, after: int, wait: float, limit: int
+        self, conversation: str, after: int, wait: float, limit: int, both: bool = False
     ) -> list[OutboundItem]:
         """Up to ``limit`` messages after ``after``: those stored when the request came,
         or, when there were none, the first to arrive within ``wait`` seconds (plus any
-        stored with it)."""
-        last = await self._last_cursor(conversation)
+        stored with it). ``both``: inbound messages too."""
+        last = await self._last_cursor(conversation, both)
         found: list[OutboundItem] = []
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
-        items = self.ctx.outbound(conversation, after=after)
+        items = self.ctx.outbound(conversation, after=after, inbound=both)
         async with aclosing(items):  # type: ignore[type-var]  # an async generator
             while len(found) < limit:
                 cursor = found[-1][0] if found else after
@@ -168,12 +172,15 @@ class NativeApi:
                         break
                 found.append(item)
                 if item[0] > last:  # a live one arrived: take the rest stored with it
-                    last = await self._last_cursor(conversation)
+                    last = await self._last_cursor(conversation, both)
         return found
 
-    async def _last_cursor(self, conversation: str) -> int:
-        """The stream sequence of the conversation's last outbound message (0: none)."""
+    async def _last_cursor(self, conversation: str, both: bool = False) -> int:
+        """The stream sequence of the conversation's last outbound message (0: none);
+        ``both``: its last inbound or outbound message on this channel."""
         subject = self.ctx.subjects.outbound(self.ctx.channel, conversation)
+        if both:
+            subject = f"{self.ctx.subjects.prefix}.*.{self.ctx.channel}.{conversation}"
         try:
             msg = await self.ctx.bus.js.get_last_msg(self.ctx.subjects.messages_stream, subject)
         except NotFoundError:
@@ -190,6 +197,7 @@ class NativeApi:
         resumed = cursor_param(request.headers.get("Last-Event-ID"), "Last-Event-ID")
         after = resumed if resumed is not None else cursor_param(request.query.get("after"),
                                                                   "after")
+        both = flag_param(request, "both")
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream",
             "Cache-Control": "no-cache",
@@ -199,7 +207,7 @@ class NativeApi:
         connection = new_id()[:16]
         await self.ctx.publish_event("accepted", connection=connection,
                                      conversation=conversation, user=user)
-        items = self.ctx.outbound(conversation, after=after)
+        items = self.ctx.outbound(conversation, after=after, inbound=both)
         async with aclosing(items):  # type: ignore[type-var]  # an async generator
             reason = await stream_events(
                 response, items, after, max_queue=self.config.sse_max_queue,

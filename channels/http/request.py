@@ -33,6 +33,7 @@ __all__ = [
     "check_user",
     "cursor_param",
     "encode_message",
+    "flag_param",
     "message_id",
     "message_object",
     "number_param",
@@ -157,6 +158,14 @@ def cursor_param(raw: str | None, name: str) -> int | None:
     return int(raw)
 
 
+def flag_param(request: web.Request, name: str) -> bool:
+    """A yes/no query parameter: ``1``/``true`` or ``0``/``false`` (absent: no)."""
+    raw = request.query.get(name, "").lower()
+    if raw not in ("", "0", "1", "true", "false"):
+        raise ApiError(400, "bad_request", f"invalid {name}: use 1 or 0")
+    return raw in ("1", "true")
+
+
 def number_param(
     request: web.Request, name: str, default: float, low: float, high: float
 ) -> float:
@@ -211,6 +220,7 @@ def message_object(cursor: int, message: Message) -> dict[str, Any]:
         "cursor": cursor,
         "id": message.id,
         "conversation": message.conversation,
+        "direction": message.direction,
         "text": message.text,
         "payload": message.payload,
         "sender": {"id": sender.id, "kind": sender.kind, "name": sender.name},

@@ -1,12 +1,14 @@
 """Who may connect to the WebSocket channel: the connect URL's rules, as pure functions.
 
-:func:`admit` reads ``/ws?conversation=ID&user=ID&token=T&after=CURSOR`` and returns
+:func:`admit` reads ``/ws?conversation=ID&user=ID&token=T&after=CURSOR&both=1`` and returns
 either a :class:`Admitted` (the connection's conversation, user and start cursor) or a
 :class:`Refused` carrying the close code and reason the client will see. The rules:
 
 * ``conversation`` is required and must be one subject token;
 * ``user`` is optional (default ``anon-<8 hex>``) and must be one subject token;
 * ``after`` is optional, a non-negative integer cursor;
+* ``both`` is optional: ``1`` (or ``true``) replays and follows the conversation's
+  inbound messages too, ``0``/``false``/absent only the outbound ones;
 * ``token`` is checked by :class:`commhub.core.tokens.TokenAuthority`: a static token, or
   a signed token whose user (and conversation, if it names one) the client is bound to;
   without ``user`` a signed token's user is taken. A token that is given but wrong is
@@ -60,6 +62,7 @@ class Admitted:
     after: int | None
     anonymous: bool
     identity: Identity  # what the token admitted: the owner check needs it
+    both: bool = False  # inbound messages too (``both=1``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +106,9 @@ def admit(path: str, *, authority: TokenAuthority) -> Admitted | Refused:
             return Refused(CLOSE_BAD_REQUEST, "invalid after: use a cursor from a message frame",
                            conv_shown, user_shown)
         after = int(raw_after)
+    raw_both = (one("both") or "").lower()
+    if raw_both not in ("", "0", "1", "true", "false"):
+        return Refused(CLOSE_BAD_REQUEST, "invalid both: use 1 or 0", conv_shown, user_shown)
     token = one("token")
     try:
         identity = authority.check(token, user=user, conversation=conversation)
@@ -114,4 +120,5 @@ def admit(path: str, *, authority: TokenAuthority) -> Admitted | Refused:
         after=after,
         anonymous=identity.kind == "anonymous",
         identity=identity,
+        both=raw_both in ("1", "true"),
     )

@@ -59,6 +59,7 @@ from commhub.core.aio import cancel_and_wait
 from commhub.core.channel import Channel, ChannelContext
 from commhub.core.envelope import EnvelopeError, Message, Sender, new_id
 from commhub.core.hookspecs import hookimpl
+from commhub.core.origins import OriginPolicy, OriginVerdict
 from commhub.core.owners import ConversationForbidden
 from commhub.core.ratelimit import TokenBucket
 from commhub.core.web import listen_error
@@ -135,6 +136,10 @@ class WebSocketChannel(Channel):
         self._server: Server | None = None
         self._conns: dict[str, _Conn] = {}
         self._authority = ctx.tokens
+        try:  # the HTTP server's policy knows its port: the hub's own pages connect
+            self._origins: OriginPolicy = ctx.web.origins
+        except RuntimeError:  # a process without an HTTP server
+            self._origins = ctx.hub_settings.origin_policy()
 
     @property
     def connection_count(self) -> int:
@@ -191,13 +196,25 @@ class WebSocketChannel(Channel):
             await server.wait_closed()
 
     # -- HTTP -------------------------------------------------------------------------
-    def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
+    async def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
         if path == HEALTH_PATH:
             return ws.respond(HTTPStatus.OK, "ok\n")
         if path != WS_PATH:
             return _json_response(
                 ws, HTTPStatus.NOT_FOUND, '{"error":"not_found","message":"connect to /ws"}\n'
+            )
+        origin = request.headers.get("Origin")
+        if self._origins.judge(origin, request.headers.get("Host")) is OriginVerdict.REFUSED:
+            # Refused before the upgrade: a page of another site must not chat with the
+            # hub in its visitor's name (the page cannot read why; the hub log can).
+            reason = f"origin not allowed: {(origin or '')[:80]}"
+            await self.ctx.publish_event("rejected", connection=new_id()[:16],
+                                         reason=reason, code=403)
+            return _json_response(
+                ws, HTTPStatus.FORBIDDEN,
+                '{"error":"origin_not_allowed","message":"this page\'s origin is not in '
+                'cors_origins"}\n',
             )
         return None  # go on with the WebSocket handshake; admission happens after it
 
@@ -223,7 +240,7 @@ class WebSocketChannel(Channel):
         conn = _Conn(ws, conn_id, verdict, bucket)
         self._conns[conn_id] = conn  # no await since the count check: the limit holds
         try:
-            await self._serve(conn, verdict.after)
+            await self._serve(conn, verdict.after, verdict.both)
         except Exception:
             log.exception("websocket connection %s failed", conn_id)
             await self._close(ws, CLOSE_INTERNAL, "internal error")
@@ -248,7 +265,7 @@ class WebSocketChannel(Channel):
                            "conversation; reconnect", who.conversation, who.user)
         return who
 
-    async def _serve(self, conn: _Conn, after: int | None) -> None:
+    async def _serve(self, conn: _Conn, after: int | None, both: bool = False) -> None:
         ctx, ws = self.ctx, conn.ws
         await ctx.publish_event(
             "accepted", connection=conn.id, conversation=conn.conversation, user=conn.user
@@ -256,11 +273,12 @@ class WebSocketChannel(Channel):
         try:
             await _send(ws, frames.event_frame(
                 "connected", connection=conn.id, conversation=conn.conversation,
-                user=conn.user, after=after,
+                user=conn.user, after=after, both=both,
             ))
         except ConnectionClosed:
             return
-        outbound = asyncio.create_task(self._outbound(conn, after), name=f"ws-out-{conn.id}")
+        outbound = asyncio.create_task(self._outbound(conn, after, both),
+                                       name=f"ws-out-{conn.id}")
         try:
             async for data in ws:
                 await self._on_frame(conn, data)
@@ -325,8 +343,9 @@ class WebSocketChannel(Channel):
             return
         await _send(conn.ws, frames.ack_frame(message_id))
 
-    async def _outbound(self, conn: _Conn, after: int | None) -> None:
-        """Send the conversation's outbound messages after ``after``, then live ones.
+    async def _outbound(self, conn: _Conn, after: int | None, both: bool = False) -> None:
+        """Send the conversation's outbound messages after ``after``, then live ones
+        (with ``both``, its inbound messages on this channel too).
 
         Ends by cancellation (client gone), by a closed socket, or by closing the
         connection itself: 1013 when the client is too slow, 1011 when the bus failed.
@@ -336,7 +355,7 @@ class WebSocketChannel(Channel):
         async def send(cursor: int, message: Message) -> None:
             await _send(conn.ws, frames.message_frame(cursor, message))
 
-        items = self.ctx.outbound(conn.conversation, after=after)
+        items = self.ctx.outbound(conn.conversation, after=after, inbound=both)
         try:
             async with aclosing(items):  # type: ignore[type-var]  # an async generator
                 await queue.run(items, send)

@@ -121,12 +121,14 @@ def _message(obj: dict[str, Any]) -> MessageFrame | FrameError:
 
 
 def message_frame(cursor: int, message: Message) -> bytes:
-    """An outbound ``message`` frame: the bus message plus its resume ``cursor``."""
+    """A ``message`` frame: the bus message plus its resume ``cursor``; ``direction``
+    is ``out`` (to the user) or ``in`` (the user's own, on a ``both=1`` connection)."""
     sender = message.sender
     return _encode(
         {
             "type": "message",
             "id": message.id,
+            "direction": message.direction,
             "text": message.text,
             "payload": message.payload,
             "sender": {"id": sender.id, "kind": sender.kind, "name": sender.name},

@@ -158,6 +158,29 @@
       "ORDER BY bucket",
     ]),
 
+    // The threshold the latest classification was judged against (the hub's setting).
+    threshold: () => "SELECT arg_max(threshold, ts) AS threshold FROM classifications",
+
+    // How the fallback's runs ended: its own "completed" (any final state) says little.
+    fallbackRuns: () => sqlText([
+      "WITH handed AS (SELECT DISTINCT run_id FROM workflow_events WHERE kind = 'handoff')",
+      "SELECT",
+      "  count(*) AS runs,",
+      "  count(*) FILTER (WHERE run_id IN (SELECT run_id FROM handed)) AS handed_off,",
+      "  count(*) FILTER (WHERE run_id NOT IN (SELECT run_id FROM handed)",
+      "    AND outcome = 'cancelled') AS went_on,",
+      "  count(*) FILTER (WHERE run_id NOT IN (SELECT run_id FROM handed)",
+      "    AND outcome = 'open') AS open",
+      "FROM workflow_runs",
+      where([
+        "workflow = 'fallback'",
+        ...dayConditions("started_ts"),
+        ...(filters.channel
+          ? [`conversation IN (SELECT conversation FROM messages WHERE channel = ${quote(filters.channel)})`]
+          : []),
+      ]),
+    ]),
+
     latency: () => sqlText([
       "SELECT",
       "  coalesce(channel, '(all)') AS channel,",
@@ -212,6 +235,66 @@
       "WHERE s.to_state IS NOT NULL",
       "GROUP BY s.workflow, s.to_state, o.started, o.completed",
       "ORDER BY s.workflow, first_step, state",
+    ]),
+  };
+
+  // The conversations list: the page's channel and dates, plus its own workflow,
+  // outcome and text filters. A conversation is in the date range when it was active in
+  // it (its first message before the end, its last after the start).
+  const convFilters = { workflow: "", outcome: "", text: "" };
+  function likePattern(text) {
+    return quote(`%${text.replace(/[\\%_]/g, (c) => `\\${c}`)}%`);
+  }
+  const CONVERSATION_QUERIES = {
+    workflows: () => "SELECT DISTINCT workflow FROM workflow_runs ORDER BY workflow",
+
+    conversations: () => sqlText([
+      "SELECT conversation, channel, user_id, first_ts, last_ts, messages, workflows,",
+      "  last_workflow, outcome",
+      "FROM conversations",
+      where([
+        ...(DATE.test(filters.from) ? [`CAST(last_ts AS DATE) >= DATE ${quote(filters.from)}`] : []),
+        ...(DATE.test(filters.to) ? [`CAST(first_ts AS DATE) <= DATE ${quote(filters.to)}`] : []),
+        ...channelConditions("channel"),
+        ...(convFilters.workflow ? [`list_contains(workflows, ${quote(convFilters.workflow)})`] : []),
+        ...(convFilters.outcome ? [`outcome = ${quote(convFilters.outcome)}`] : []),
+        ...(convFilters.text ? [`conversation IN (SELECT conversation FROM messages\n` +
+          `    WHERE text ILIKE ${likePattern(convFilters.text)} ESCAPE '\\')`] : []),
+      ]),
+      "ORDER BY last_ts DESC, conversation",
+      "LIMIT 200",
+    ]),
+
+    // One conversation's records on one timeline (UTC), in time order.
+    transcript: (id) => sqlText([
+      "SELECT ts, 'message' AS source, direction AS kind,",
+      "  sender_kind || ' ' || coalesce(sender_name, sender_id) AS who,",
+      "  coalesce(text, json_extract_string(payload, '$.title'), CAST(payload AS VARCHAR)) AS text,",
+      "  CASE WHEN json_array_length(payload -> '$.buttons') > 0 THEN 'buttons: ' ||",
+      "    array_to_string(CAST(json_extract_string(payload, '$.buttons[*].title') AS VARCHAR[]), ', ')",
+      "  END AS detail,",
+      "  stream_seq AS seq",
+      `FROM messages WHERE conversation = ${quote(id)}`,
+      "UNION ALL",
+      "SELECT ts, 'classification', coalesce(decision, 'workflow'), coalesce(workflow, '(none)'),",
+      "  text, printf('confidence %.2f, threshold %.2f', confidence, threshold), NULL",
+      `FROM classifications WHERE conversation = ${quote(id)}`,
+      "UNION ALL",
+      "SELECT ts, 'workflow', kind, workflow, event,",
+      "  concat_ws(' ', concat_ws(' → ', from_state, to_state), 'on ' || trigger), NULL",
+      `FROM workflow_events WHERE conversation = ${quote(id)}`,
+      "UNION ALL",
+      "SELECT ts, 'input', event, sender_kind || ' ' || coalesce(sender_name, sender_id), NULL,",
+      "  CAST(data AS VARCHAR), NULL",
+      `FROM workflow_inputs WHERE conversation = ${quote(id)}`,
+      "UNION ALL",
+      "SELECT ts, 'channel', kind, channel, reason, 'code ' || code, NULL",
+      `FROM channel_events WHERE conversation = ${quote(id)}`,
+      // Records of one step share its time: the input, what the router decided, the
+      // workflow's step, then the replies.
+      "ORDER BY ts, CASE source WHEN 'message' THEN (CASE kind WHEN 'in' THEN 0 ELSE 3 END)",
+      "  WHEN 'input' THEN 0 WHEN 'classification' THEN 1 WHEN 'workflow' THEN 2 ELSE 4 END,",
+      "  seq NULLS LAST",
     ]),
   };
 
@@ -275,9 +358,16 @@
     return { max: Math.ceil(max / step) * step, step };
   }
 
-  function colorFor(key, keys) {
-    const i = keys.indexOf(key);
-    return PALETTE[(i < 0 ? keys.length : i) % PALETTE.length];
+  // A channel keeps its colour whatever other channels appear: the built-in ones have
+  // their own, any other is picked by a hash of its name (not by its place in a list,
+  // which shifted every colour when a channel sorting before it appeared).
+  const CHANNEL_COLORS = { websocket: "#0072B2", http: "#E69F00", telegram: "#009E73" };
+  const OTHER_COLORS = ["#CC79A7", "#56B4E9", "#D55E00", "#8C6D1F", "#000000", "#7B61A8"];
+  function colorFor(key) {
+    if (CHANNEL_COLORS[key]) return CHANNEL_COLORS[key];
+    let hash = 0;
+    for (const ch of String(key)) hash = (hash * 31 + ch.codePointAt(0)) >>> 0;
+    return OTHER_COLORS[hash % OTHER_COLORS.length];
   }
 
   function legend(items) {
@@ -290,7 +380,8 @@
 
   // Columns over categories, each column a stack of series. values(category, series)
   // returns {value, attrs, title} or null. Used for volume, fallback and confidence.
-  function columnChart({ categories, series, values, label, yFormat, yMax, xFormat, width = 640 }) {
+  function columnChart({ categories, series, values, label, yFormat, yMax, xFormat, width = 640,
+    marker = null }) {
     const height = 240;
     const m = { top: 12, right: 12, bottom: 42, left: 52 };
     const plotW = width - m.left - m.right;
@@ -338,6 +429,17 @@
       }
     });
     svg.append(marks);
+    if (marker) {
+      // A vertical line at a position in category units (the threshold on the
+      // confidence axis), with its label.
+      const x = m.left + band * marker.at;
+      const g = s("g", { class: "marker", ...marker.attrs });
+      g.append(s("line", { x1: x, x2: x, y1: m.top, y2: m.top + plotH, stroke: "#1c2430",
+        "stroke-width": 2, "stroke-dasharray": "5 4" }));
+      g.append(s("text", { x: x + 4, y: m.top + 12, class: "marker-label" }, marker.label));
+      g.append(s("title", {}, marker.label));
+      svg.append(g);
+    }
     return svg;
   }
 
@@ -411,7 +513,7 @@
         const svg = columnChart({
           width,
           categories: days,
-          series: channels.map((c) => ({ key: c, color: colorFor(c, allChannels) })),
+          series: channels.map((c) => ({ key: c, color: colorFor(c) })),
           values(day, channel) {
             const r = byKey.get(`${day}|${channel}`);
             if (!r) return null;
@@ -426,7 +528,7 @@
           yFormat: fmtInt,
           xFormat: (day) => day.slice(5),
         });
-        return [svg, legend(channels.map((c) => [c, colorFor(c, allChannels)]))];
+        return [svg, legend(channels.map((c) => [c, colorFor(c)]))];
       },
     },
 
@@ -483,9 +585,11 @@
     },
 
     "chart-confidence": {
-      queries: ["confidence"],
-      render([result], width) {
+      queries: ["confidence", "threshold"],
+      render([result, thresholdResult], width) {
         const rows = objects(result);
+        const threshold = thresholdResult && thresholdResult.rows.length
+          ? thresholdResult.rows[0][0] : null;
         if (!rows.length) return [empty()];
         const byBucket = new Map(rows.map((r) => [r.bucket, r]));
         const buckets = [...Array(10).keys()];
@@ -510,12 +614,20 @@
               title: `confidence ${name(bucket)}: ${r[key]} ${SERIES_TEXT[key]}`,
             };
           },
-          label: "Classifications by confidence, in tenths",
+          label: "Classifications by confidence, in tenths" +
+            (threshold === null ? "" : `; threshold ${fmtConf(threshold)}`),
           yFormat: fmtInt,
           xFormat: (b) => (b / 10).toFixed(1),
+          marker: threshold === null ? null : {
+            at: threshold * 10, label: `threshold ${fmtConf(threshold)}`,
+            attrs: data({ threshold }),
+          },
         });
         return [svg, legend([["routed to a workflow", ROUTED_COLOR], ["fallback", FALLBACK_COLOR],
-          ["asked to clarify", CLARIFY_COLOR]])];
+          ["asked to clarify", CLARIFY_COLOR]]),
+          threshold === null ? null : h("p", { class: "hint" },
+            `Dashed line: the threshold (${fmtConf(threshold)}). Below it no workflow starts ` +
+            "and the fallback runs (unless two close candidates get a clarifying question).")];
       },
     },
 
@@ -536,21 +648,32 @@
             });
           }
         }
-        return [barList({ rows: bars, label: "First-response latency, p50 and p95 seconds per channel" })];
+        return [barList({ width, rows: bars,
+          label: "First-response latency, p50 and p95 seconds per channel" })];
       },
     },
 
     "chart-funnel": {
-      queries: ["funnel"],
-      render([result], width) {
+      queries: ["funnel", "fallbackRuns"],
+      render([result, fallbackResult], width) {
         const rows = objects(result);
         if (!rows.length) return [empty()];
         const workflows = [...new Set(rows.map((r) => r.workflow))];
+        const ends = fallbackResult ? objects(fallbackResult)[0] : null;
+        const runs = (n) => `${fmtInt(n)} run${n === 1 ? "" : "s"}`;
         return workflows.map((workflow) => {
           const states = rows.filter((r) => r.workflow === workflow);
           const { started, completed } = states[0];
-          const heading = h("h3", { ...data({ workflow, started, completed }) },
-            `${workflow}: ${fmtInt(started)} run${started === 1 ? "" : "s"}, ${fmtInt(completed)} completed (${fmtPct(started ? completed / started : null)})`);
+          let text = `${workflow}: ${runs(started)}, ${fmtInt(completed)} completed ` +
+            `(${fmtPct(started ? completed / started : null)})`;
+          if (workflow === "fallback" && ends) {
+            // The fallback has no goal to complete: say where its runs went instead.
+            const others = Math.max(0, ends.runs - ends.handed_off - ends.went_on - ends.open);
+            text = `fallback (messages no workflow was sure about): ${runs(ends.runs)}: ` +
+              `${fmtInt(ends.handed_off)} handed to a person, ${fmtInt(ends.went_on)} went on ` +
+              `to a workflow, ${fmtInt(others)} ended with the bot, ${fmtInt(ends.open)} still open`;
+          }
+          const heading = h("h3", { ...data({ workflow, started, completed }) }, text);
           const chart = barList({
             width,
             rows: states.map((r) => ({
@@ -651,9 +774,137 @@
     else $("token-note").textContent = token() ? "Using the token kept for this tab." : "";
     setStatus(problems.length
       ? `${problems.length} of ${names.length} queries failed: ${problems[0]}`
-      : `Updated ${new Date().toLocaleTimeString()}.`);
+      : `Updated ${new Date().toISOString().slice(11, 19)} UTC.`);
     document.body.dataset.state = problems.length ? "error" : "ready";
     document.body.dataset.refreshes = String(Number(document.body.dataset.refreshes) + 1);
+    refreshConversations();
+  }
+
+  // ---------------------------------------------------------------- conversations
+  const OUTCOMES = ["open", "completed", "cancelled", "handed_off", "failed", "expired"];
+  let convGeneration = 0;
+
+  function utc(ts) {
+    // DuckDB timestamps come as "YYYY-MM-DD HH:MM:SS[.ffffff]" (UTC, like the filters).
+    return ts === null || ts === undefined ? "–" : String(ts).slice(0, 19).replace("T", " ");
+  }
+
+  function updateWorkflows(result) {
+    const select = $("conv-workflow");
+    const chosen = convFilters.workflow;
+    const names = result.rows.map((row) => row[0]);
+    if (chosen && !names.includes(chosen)) names.push(chosen);
+    select.replaceChildren(h("option", { value: "" }, "All workflows"),
+      ...names.map((w) => h("option", { value: w }, w)));
+    select.value = chosen;
+  }
+
+  async function refreshConversations() {
+    const mine = ++convGeneration;
+    const sql = CONVERSATION_QUERIES.conversations();
+    $("conv-status").textContent = "Loading…";
+    const [workflows, list] = await Promise.allSettled([
+      runSql(CONVERSATION_QUERIES.workflows(), 1000), runSql(sql, 200)]);
+    if (mine !== convGeneration) return;
+    if (workflows.status === "fulfilled") updateWorkflows(workflows.value);
+    const box = $("conv-list");
+    if (list.status === "rejected") {
+      box.replaceChildren(failure(list.reason));
+      $("conv-status").textContent = "";
+    } else {
+      const rows = objects(list.value);
+      $("conv-status").textContent = `${fmtInt(rows.length)} conversation${rows.length === 1 ? "" : "s"}` +
+        (rows.length === 200 ? " (the newest 200)" : "") + ", newest first.";
+      box.replaceChildren(rows.length ? conversationTable(rows) : empty());
+    }
+    $("conv-sql").replaceChildren(h("code", {}, sql));
+    document.body.dataset.conversations = String(Number(document.body.dataset.conversations || 0) + 1);
+  }
+
+  function conversationTable(rows) {
+    return h("table", { class: "conversations" },
+      h("thead", {}, h("tr", {}, ["Conversation", "Channel", "User", "Last activity (UTC)",
+        "Messages", "Workflows", "Outcome"].map((c) => h("th", { scope: "col" }, c)))),
+      h("tbody", {}, rows.map((r) => {
+        const open = h("button", { type: "button", class: "link", "aria-label": `Open the transcript of ${r.conversation}` },
+          r.conversation);
+        open.addEventListener("click", () => openTranscript(r.conversation));
+        return h("tr", data({ conversation: r.conversation, outcome: r.outcome, channel: r.channel }),
+          h("td", {}, open), h("td", {}, r.channel || "–"), h("td", {}, r.user_id || "–"),
+          h("td", {}, utc(r.last_ts)), h("td", { class: "num" }, fmtInt(r.messages)),
+          h("td", {}, (r.workflows || []).join(", ") || "–"),
+          h("td", {}, h("span", { class: `outcome ${r.outcome}` }, r.outcome)));
+      })));
+  }
+
+  // ---------------------------------------------------------------- one transcript
+  const TRANSCRIPT_REFRESH_MS = 3000;
+  let transcriptOf = null;
+  let transcriptTimer = 0;
+  let transcriptGeneration = 0;
+  const SOURCE_TEXT = {
+    message: "message", classification: "classified", workflow: "workflow", input: "input",
+    channel: "channel",
+  };
+
+  function openTranscript(id) {
+    transcriptOf = id;
+    $("transcript").hidden = false;
+    $("h-transcript").textContent = `Conversation ${id}`;
+    $("timeline").replaceChildren();
+    if (window.location.hash !== `#conversation=${id}`) {
+      window.history.replaceState(null, "", `#conversation=${encodeURIComponent(id)}`);
+    }
+    loadTranscript(true);
+    $("transcript").scrollIntoView({ block: "start" });
+    $("transcript-close").focus();
+  }
+
+  function closeTranscript() {
+    transcriptOf = null;
+    clearTimeout(transcriptTimer);
+    $("transcript").hidden = true;
+    window.history.replaceState(null, "", window.location.pathname + window.location.search);
+  }
+
+  async function loadTranscript(first) {
+    clearTimeout(transcriptTimer);
+    const id = transcriptOf;
+    if (id === null) return;
+    const mine = ++transcriptGeneration;
+    const sql = CONVERSATION_QUERIES.transcript(id);
+    let result = null;
+    let problem = null;
+    if (first || document.visibilityState !== "hidden") {
+      try { result = await runSql(sql, 5000); } catch (error) { problem = error; }
+    }
+    if (mine !== transcriptGeneration || id !== transcriptOf) return;
+    if (problem) {
+      $("transcript-status").textContent = `Could not load: ${problem}`;
+    } else if (result) {
+      drawTimeline(objects(result));
+      $("transcript-status").textContent =
+        `${fmtInt(result.rows.length)} records · updated ${new Date().toISOString().slice(11, 19)} UTC · ` +
+        "refreshes every 3 s while open";
+      $("transcript-sql").replaceChildren(h("code", {}, sql));
+      $("transcript").dataset.loads = String(Number($("transcript").dataset.loads || 0) + 1);
+    }
+    transcriptTimer = setTimeout(() => loadTranscript(false), TRANSCRIPT_REFRESH_MS);
+  }
+
+  function drawTimeline(rows) {
+    const list = $("timeline");
+    const stick = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
+    list.replaceChildren(...rows.map((r) => {
+      const side = r.source === "message" ? r.kind : "event";
+      return h("li", { class: `${r.source} ${side}`, ...data({ source: r.source, kind: r.kind }) },
+        h("span", { class: "when" }, utc(r.ts).slice(11)),
+        h("span", { class: "what" }, `${SOURCE_TEXT[r.source] || r.source} · ${r.kind}`),
+        h("span", { class: "who" }, r.who || ""),
+        r.text === null || r.text === undefined ? null : h("span", { class: "text" }, r.text),
+        r.detail ? h("span", { class: "detail" }, r.detail) : null);
+    }));
+    if (stick) list.scrollTop = list.scrollHeight;
   }
 
   // ---------------------------------------------------------------- the SQL box
@@ -707,6 +958,21 @@
       setToken($("token-input").value.trim());
       $("token-input").value = "";
       refresh();
+    });
+    $("conv-filters").addEventListener("submit", (event) => {
+      event.preventDefault();
+      convFilters.workflow = $("conv-workflow").value;
+      convFilters.outcome = $("conv-outcome").value;
+      convFilters.text = $("conv-text").value.trim();
+      refreshConversations();
+    });
+    $("conv-outcome").replaceChildren(h("option", { value: "" }, "Any outcome"),
+      ...OUTCOMES.map((o) => h("option", { value: o }, o)));
+    $("transcript-close").addEventListener("click", closeTranscript);
+    const linked = /^#conversation=([A-Za-z0-9_-]{1,128})$/.exec(window.location.hash);
+    if (linked) openTranscript(linked[1]);
+    document.addEventListener("visibilitychange", () => {
+      if (document.visibilityState === "visible" && transcriptOf !== null) loadTranscript(false);
     });
     $("sql-form").addEventListener("submit", (event) => {
       event.preventDefault();
