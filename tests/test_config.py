@@ -80,8 +80,8 @@ def test_a_wrong_type_in_the_file_names_the_file_line_and_setting(
         "integer, unable to parse string as an integer",
         "invalid setting http_port = 'many' (from COMMHUB_HTTP_PORT): Input should be a "
         "valid integer, unable to parse string as an integer",
-        f"invalid setting threshold = 2 (from {config}, line 4): Input should be less than "
-        "or equal to 1",
+        f"invalid setting threshold = 2 (from {config}, line 4): Value error, must be "
+        '"auto" or a number in [0, 1], not 2',
     ]
     monkeypatch.delenv("COMMHUB_HTTP_PORT")
     with pytest.raises(SettingsError) as info:
