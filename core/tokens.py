@@ -30,7 +30,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["PREFIX", "Identity", "TokenAuthority", "TokenRefused", "mint"]
+__all__ = [
+    "PREFIX", "AccessRefusal", "BearerAccess", "Identity", "TokenAuthority", "TokenRefused",
+    "mint",
+]
 
 PREFIX: Final = "ch1"
 
@@ -143,3 +146,59 @@ class TokenAuthority:
         if conv is not None and conversation is not None and conversation != conv:
             raise TokenRefused("token is for another conversation")
         return Identity("signed", user=sub, conversation=conv, expires=exp)
+
+
+@dataclass(frozen=True, slots=True)
+class AccessRefusal:
+    """Why a request may not use a token-guarded hub API: HTTP status, code, message."""
+
+    status: int
+    code: str
+    message: str
+
+
+class BearerAccess:
+    """Decides whether an ``Authorization`` header admits a request to a hub API that
+    has its own token list (SQL over HTTP: ``sql_tokens``; the agents' inbox:
+    ``agent_tokens``), apart from the chat channels' tokens.
+
+    With tokens configured, a request needs ``Authorization: Bearer <one of them>``.
+    With none, the API is open on a loopback hub that allows anonymous clients
+    (``open_without_tokens``) and disabled everywhere else, with a 403 that names the
+    setting to set. Side-effect free and thread-safe; tokens are compared in constant
+    time against every configured token.
+    """
+
+    def __init__(
+        self, tokens: Sequence[str], open_without_tokens: bool, api: str, setting: str
+    ) -> None:
+        tokens = [token for token in tokens if token]
+        # The chat channels' checker, with only these tokens: no secret, no anonymity.
+        self._authority = TokenAuthority(tokens)
+        #: True when no token is needed (no tokens, loopback host, anonymous allowed).
+        self.open = not tokens and open_without_tokens
+        self.enabled = bool(tokens) or self.open
+        self._disabled = (f"{api} is disabled: this hub listens beyond loopback and has no "
+                          f"{setting}; set {setting} (COMMHUB_{setting.upper()}) to enable it")
+
+    def check(self, authorization: str | None) -> AccessRefusal | None:
+        """None when the request may go on, else the refusal to answer with."""
+        if not self.enabled:
+            return AccessRefusal(403, "forbidden", self._disabled)
+        if not authorization:
+            if self.open:
+                return None
+            return AccessRefusal(
+                401, "unauthorized", "token required: send 'Authorization: Bearer <token>'"
+            )
+        scheme, _, token = authorization.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            return AccessRefusal(
+                401, "unauthorized", "malformed Authorization header: use 'Bearer <token>'"
+            )
+        try:
+            self._authority.check(token)
+        except TokenRefused as exc:
+            return AccessRefusal(401, "unauthorized", str(exc))
+        return None

@@ -14,7 +14,7 @@ import pytest
 from commhub.core.bus import Bus
 from commhub.core.config import Settings
 from commhub.core.hub import Hub
-from commhub.core.records.dashboard import SqlAccess, mount_dashboard
+from commhub.core.records.dashboard import mount_dashboard, sql_access
 from commhub.core.web import WebServer
 
 ENDLESS = "SELECT count(*) FROM range(10000000000000) a, range(1000) b"
@@ -230,7 +230,7 @@ async def test_public_hub_without_sql_tokens_refuses_all_sql(bus: Bus, settings:
 def test_access_rules_follow_the_settings(settings: Settings) -> None:
     """No token is needed only on loopback with no sql_tokens and anonymous not denied."""
     def refusal(update: dict[str, Any], header: str | None) -> int | None:
-        found = SqlAccess.from_settings(settings.model_copy(update=update)).check(header)
+        found = sql_access(settings.model_copy(update=update)).check(header)
         return None if found is None else found.status
 
     assert refusal({}, None) is None

@@ -15,7 +15,7 @@ whichever process runs the recorder's SQL service, so the page works in role ``a
 and in a ``channels`` process alike, and the same sandbox applies (one read-only SELECT,
 no files, a time and a row limit).
 
-Who may run SQL (:class:`SqlAccess`): a request must carry ``Authorization: Bearer T``
+Who may run SQL (:func:`sql_access`): a request must carry ``Authorization: Bearer T``
 with ``T`` in the setting ``sql_tokens``. With no ``sql_tokens`` configured, requests
 without a token are allowed only while the hub listens on a loopback address and
 ``allow_anonymous`` is not false (the one-command demo); on any other interface the
@@ -39,8 +39,6 @@ wait; the query itself still finishes, bounded by its time limit, in the SQL ser
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Final
 
@@ -51,10 +49,10 @@ from aiohttp import web
 from commhub.core.bus import Bus
 from commhub.core.config import Settings, is_loopback
 from commhub.core.jsonlimit import JsonInputError, decode_json
-from commhub.core.tokens import TokenAuthority, TokenRefused
+from commhub.core.tokens import BearerAccess
 from commhub.core.web import WebServer, json_error
 
-__all__ = ["SqlAccess", "SqlRefusal", "mount_dashboard"]
+__all__ = ["mount_dashboard", "sql_access"]
 
 log = logging.getLogger(__name__)
 
@@ -96,62 +94,10 @@ _SQL_STATUS: Final = {
 _ROUND_TRIP_MARGIN: Final = 5.0
 
 
-@dataclass(frozen=True, slots=True)
-class SqlRefusal:
-    """Why a request may not run SQL: the HTTP status, error code and message."""
-
-    status: int
-    code: str
-    message: str
-
-
-class SqlAccess:
-    """Decides whether an ``Authorization`` header admits a request to run SQL.
-
-    Side-effect free and thread-safe. Tokens are compared in constant time, against
-    every configured token.
-    """
-
-    def __init__(self, tokens: Sequence[str], open_without_tokens: bool) -> None:
-        tokens = [token for token in tokens if token]
-        # The chat channels' checker, with only the SQL tokens: no secret, no anonymity.
-        self._authority = TokenAuthority(tokens)
-        #: True when no token is needed (no sql_tokens, loopback host, anonymous allowed).
-        self.open = not tokens and open_without_tokens
-        self.enabled = bool(tokens) or self.open
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> SqlAccess:
-        """The rules described in the module docstring, for these settings."""
-        local = is_loopback(settings.host) and settings.allow_anonymous is not False
-        return cls(settings.sql_tokens, open_without_tokens=local)
-
-    def check(self, authorization: str | None) -> SqlRefusal | None:
-        """None when the request may run SQL, else the refusal to answer with."""
-        if not self.enabled:
-            return SqlRefusal(
-                403,
-                "forbidden",
-                "SQL over HTTP is disabled: this hub listens beyond loopback and has no "
-                "sql_tokens; set sql_tokens (COMMHUB_SQL_TOKENS) to enable it",
-            )
-        if not authorization:
-            if self.open:
-                return None
-            return SqlRefusal(
-                401, "unauthorized", "token required: send 'Authorization: Bearer <token>'"
-            )
-        scheme, _, token = authorization.strip().partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            return SqlRefusal(
-                401, "unauthorized", "malformed Authorization header: use 'Bearer <token>'"
-            )
-        try:
-            self._authority.check(token)
-        except TokenRefused as exc:
-            return SqlRefusal(401, "unauthorized", str(exc))
-        return None
+def sql_access(settings: Settings) -> BearerAccess:
+    """Who may run SQL over HTTP, for these settings (see the module docstring)."""
+    local = is_loopback(settings.host) and settings.allow_anonymous is not False
+    return BearerAccess(settings.sql_tokens, local, "SQL over HTTP", "sql_tokens")
 
 
 def _load_assets() -> dict[str, tuple[bytes, str]]:
@@ -173,7 +119,7 @@ def mount_dashboard(web_server: WebServer, settings: Settings, bus: Bus) -> None
     Raises RuntimeError when the page's files are not installed (a broken package).
     """
     assets = _load_assets()
-    access = SqlAccess.from_settings(settings)
+    access = sql_access(settings)
     round_trip = settings.sql_timeout_seconds + _ROUND_TRIP_MARGIN
     subject = bus.subjects.api("sql")
 

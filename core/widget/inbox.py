@@ -2,7 +2,7 @@
 with one, over HTTP for the ``/inbox`` page.
 
 Routes (mounted by :meth:`Inbox.mount`; every ``/v1/inbox`` call needs an agent token,
-:class:`AgentAccess`):
+:func:`agent_access`):
 
 * ``GET /inbox`` (and its files): the page. It holds no data.
 * ``POST /v1/inbox/presence`` ``{"agent", "name"}``: a heartbeat. It puts the agent into
@@ -50,7 +50,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -78,11 +77,11 @@ from commhub.core.envelope import (
 from commhub.core.history import HistoryError, HistoryReader
 from commhub.core.routing.store import StateStore
 from commhub.core.subjects import valid_id, valid_token
-from commhub.core.tokens import TokenAuthority, TokenRefused
+from commhub.core.tokens import BearerAccess
 from commhub.core.web import WebServer, json_error
 from commhub.core.widget.assets import Assets
 
-__all__ = ["AgentAccess", "Inbox", "InboxEntry"]
+__all__ = ["Inbox", "InboxEntry", "agent_access"]
 
 log = logging.getLogger(__name__)
 
@@ -151,40 +150,12 @@ class InboxEntry:
         }
 
 
-class AgentAccess:
+def agent_access(settings: Settings) -> BearerAccess:
     """Who may use the inbox: a bearer token of ``agent_tokens``; with none configured,
     anyone on a loopback hub (unless ``allow_anonymous`` is false), nobody elsewhere.
     The chat channels' tokens and the SQL tokens never grant it."""
-
-    def __init__(self, tokens: Sequence[str], open_without_tokens: bool) -> None:
-        tokens = [token for token in tokens if token]
-        self._authority = TokenAuthority(tokens)
-        self.open = not tokens and open_without_tokens
-        self.enabled = bool(tokens) or self.open
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> AgentAccess:
-        local = is_loopback(settings.host) and settings.allow_anonymous is not False
-        return cls(settings.agent_tokens, open_without_tokens=local)
-
-    def check(self, authorization: str | None) -> web.Response | None:
-        """None when the request may act as an agent, else the error to answer."""
-        if not self.enabled:
-            return json_error(403, "the inbox is disabled: this hub listens beyond loopback "
-                              "and has no agent_tokens; set agent_tokens "
-                              "(COMMHUB_AGENT_TOKENS) to enable it", "forbidden")
-        if not authorization:
-            if self.open:
-                return None
-            return _unauthorized("token required: send 'Authorization: Bearer <token>'")
-        scheme, _, token = authorization.strip().partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return _unauthorized("malformed Authorization header: use 'Bearer <token>'")
-        try:
-            self._authority.check(token.strip())
-        except TokenRefused as exc:
-            return _unauthorized(str(exc))
-        return None
+    local = is_loopback(settings.host) and settings.allow_anonymous is not False
+    return BearerAccess(settings.agent_tokens, local, "the inbox", "agent_tokens")
 
 
 def _unauthorized(message: str) -> web.Response:
@@ -205,7 +176,7 @@ class Inbox:
         self.bus = bus
         self.settings = settings
         self.subjects = bus.subjects
-        self.access = AgentAccess.from_settings(settings)
+        self.access = agent_access(settings)
         self.entries: dict[str, InboxEntry] = {}
         self.version = 0
         self._changed = asyncio.Condition()
@@ -330,7 +301,9 @@ class Inbox:
         async def wrapped(request: web.Request) -> web.StreamResponse:
             refusal = self.access.check(request.headers.get("Authorization"))
             if refusal is not None:
-                return refusal
+                if refusal.status == 401:
+                    return _unauthorized(refusal.message)
+                return json_error(refusal.status, refusal.message, refusal.code)
             try:
                 await self.ensure_started()
                 return await handler(request)  # type: ignore[no-any-return]
