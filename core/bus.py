@@ -19,7 +19,6 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import nats
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -34,6 +33,7 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
+from commhub.core import natsconnect
 from commhub.core.envelope import InvalidRecord, Record, encode, new_id
 from commhub.core.subjects import Subjects
 
@@ -59,14 +59,15 @@ class Bus:
 
     @classmethod
     async def connect(
-        cls, url: str, subjects: Subjects, name: str = "commhub", replicas: int = 1
+        cls, url: str, subjects: Subjects, name: str = "commhub", replicas: int = 1,
+        **options: Any,
     ) -> Bus:
-        """Connect to ``url`` (comma-separated servers allowed) with reconnects forever."""
+        """Connect to ``url`` (comma-separated servers allowed), then reconnect forever.
 
-        async def error_cb(exc: Exception) -> None:
-            # A JetStream permission denial only shows up here; the publish just times out.
-            log.warning("nats error: %s", exc)
-
+        The first connect is bounded: no server within the deadline, or a refused login,
+        raises :class:`~commhub.core.natsconnect.NatsConnectError` (one line, no
+        secrets). ``options`` go to nats-py (credentials, TLS).
+        """
         listeners: list[Callable[[], None]] = []
 
         async def reconnected_cb() -> None:
@@ -76,15 +77,7 @@ class Bus:
                 except Exception:
                     log.exception("reconnect listener failed")
 
-        nc = await nats.connect(
-            servers=url.split(","),
-            name=name,
-            error_cb=error_cb,
-            reconnected_cb=reconnected_cb,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            connect_timeout=5,
-        )
+        nc = await natsconnect.connect(url, name=name, reconnected_cb=reconnected_cb, **options)
         bus = cls(nc, subjects, replicas)
         bus._reconnect_listeners = listeners
         return bus

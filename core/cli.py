@@ -182,7 +182,7 @@ def _load_plugins(args: argparse.Namespace) -> Any:
 def cmd_up(args: argparse.Namespace) -> int:
     settings = _load_settings(args)
     _try_ports(settings)
-    from commhub.core.hub import Hub
+    from commhub.core.hub import Hub, StartInterrupted
 
     hub = Hub(settings)
 
@@ -192,8 +192,17 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"  {line}", flush=True)
         print("Press Ctrl-C to stop.", flush=True)
 
-    with asyncio.Runner(loop_factory=_fast_loop_factory()) as runner:
+    runner = asyncio.Runner(loop_factory=_fast_loop_factory())
+    try:
         runner.run(hub.run_until_signalled(ready))
+    except StartInterrupted as exc:
+        # Everything the start had made is stopped. A worker thread may still be busy
+        # (training the classifier) and would hold up the interpreter's exit: leave now.
+        print(f"commhub: stopped: {exc}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(128 + exc.signum)
+    finally:
+        runner.close()
     print("commhub stopped.", flush=True)
     return 0
 
@@ -284,23 +293,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 async def _connect(url: str) -> Any:
-    """A connection for one command; refused credentials or no server is one error line
-    (the URL shown without its password)."""
-    from nats.aio.client import Client
+    """A connection for one command (comma-separated servers allowed); no server within
+    the deadline or a refused login is one error line (the URL without its password)."""
+    from commhub.core.natsconnect import connect
 
-    from commhub.core.natsauth import redact
-
-    async def quiet(exc: Exception) -> None:
-        pass  # raised below as one line; nats-py would log a traceback
-
-    nc = Client()
-    try:
-        # One attempt: nats-py retries a refused first connect forever otherwise.
-        await nc.connect(url, connect_timeout=5, allow_reconnect=False, error_cb=quiet)
-    except Exception as exc:
-        await nc.close()  # a failed first connect leaves its socket open
-        raise _UserError(f"cannot connect to NATS at {redact(url)}: {exc}") from None
-    return nc
+    return await connect(url, name="commhub-cli")
 
 
 async def _export_over_bus(
@@ -632,6 +629,7 @@ def _is_user_error(exc: Exception) -> bool:
     from commhub.core.hub import HubError
     from commhub.core.lock import HubAlreadyRunning
     from commhub.core.natsauth import NatsAuthError
+    from commhub.core.natsconnect import NatsConnectError
     from commhub.core.natsserver import NatsServerError
     from commhub.core.plugins import PluginError
     from commhub.core.records.export import ExportError
@@ -642,7 +640,8 @@ def _is_user_error(exc: Exception) -> bool:
 
     known = (_UserError, HubError, HubAlreadyRunning, NatsServerError, PluginError,
              SqlError, SchemaError, WorkflowError, OSError, TimeoutError, RebuildError,
-             ExportError, NatsAuthError, SetupError, TestFileError, HubClientError)
+             ExportError, NatsAuthError, SetupError, TestFileError, HubClientError,
+             NatsConnectError)
     return isinstance(exc, known)
 
 

@@ -258,6 +258,7 @@ class DeliveryLoop(Generic[T]):
 
     # -- fetching -----------------------------------------------------------------------
     async def _fetch_loop(self) -> None:
+        failing = False  # an outage is logged once, not on every retry
         while not self._stopping.is_set():
             free = self.max_in_flight - len(self._held)
             if free <= 0:
@@ -267,13 +268,18 @@ class DeliveryLoop(Generic[T]):
             try:
                 msgs = await self._sub.fetch(min(free, self.batch), timeout=self.fetch_timeout)
             except (TimeoutError, nats.errors.TimeoutError):
+                failing = False
                 continue  # nothing pending: not an error
             except Exception as exc:  # the bus is reconnecting, or closing
                 if self._stopping.is_set():
                     break
-                log.warning("%s: fetch failed (%r); retrying", self.durable, exc)
+                if not failing:
+                    log.warning("%s: fetch failed (%r); retrying every %.0f s until it works",
+                                self.durable, exc, FETCH_RETRY_SECONDS)
+                failing = True
                 await asyncio.sleep(FETCH_RETRY_SECONDS)
                 continue
+            failing = False
             for msg in msgs:
                 self._take(msg)
 

@@ -52,7 +52,7 @@ from commhub.core.widget.inbox import Inbox
 from commhub.core.widget.pages import mount_widget
 from commhub.core.workflow import load_workflows
 
-__all__ = ["Hub", "HubError"]
+__all__ = ["Hub", "HubError", "StartInterrupted"]
 
 log = logging.getLogger(__name__)
 
@@ -375,19 +375,48 @@ class Hub:
             self.lock = None
 
     async def run_until_signalled(self, on_ready: Callable[[list[str]], None]) -> None:
-        """Start, call ``on_ready`` with the endpoint lines, run until SIGINT/SIGTERM, stop."""
+        """Start, call ``on_ready`` with the endpoint lines, run until SIGINT/SIGTERM, stop.
+
+        A signal during the start cancels it wherever it is (connecting, training the
+        classifier, binding consumers): what already started is stopped, and
+        :class:`StartInterrupted` says which signal it was.
+        """
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        received: list[int] = []
+        starting: asyncio.Task[list[str]] | None = None
+
+        def on_signal(sig: int) -> None:
+            received.append(sig)
+            stop.set()
+            if starting is not None and not starting.done():
+                starting.cancel()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
         try:
-            on_ready(await self.start())
+            starting = asyncio.create_task(self.start(), name="hub-start")
+            try:
+                lines = await starting
+            except asyncio.CancelledError:
+                if received and starting.cancelled():
+                    raise StartInterrupted(received[0]) from None
+                raise
+            on_ready(lines)
             await stop.wait()
             log.info("stopping: draining and acking what is in flight")
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             await self.stop()
+
+
+class StartInterrupted(Exception):
+    """SIGINT or SIGTERM arrived while the hub was starting; it was stopped again."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"{signal.Signals(signum).name} while starting")
 
 
 def _plugin_settings(cls: type, raw: dict[str, Any], what: str) -> Any:

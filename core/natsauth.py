@@ -157,12 +157,14 @@ def without_credentials(url: str) -> str:
 
 
 def redact(url: str) -> str:
-    """``url`` as it may be shown: a password it carries becomes ``***``."""
+    """``url`` as it may be shown: a password (or a token) it carries becomes ``***``."""
 
     def one(part: str) -> str:
         head, userinfo, tail = _split_userinfo(part.strip())
-        if userinfo is None or ":" not in userinfo:
+        if userinfo is None:
             return part.strip()
+        if ":" not in userinfo:  # nats://TOKEN@host: the whole of it is the secret
+            return f"{head}***@{tail}"
         return f"{head}{userinfo.split(':', 1)[0]}:***@{tail}"
 
     return ",".join(one(part) for part in url.split(","))

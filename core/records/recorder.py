@@ -334,18 +334,24 @@ class Recorder:
     async def _fetch_loop(self, stream: str, sub: JetStreamContext.PullSubscription) -> None:
         # Not cancelled on stop: a cancelled fetch can leave a pull request on the server
         # that captures records for a dead inbox (they would wait ACK_WAIT to come back).
+        failing = False  # an outage is logged once, not on every retry
         while not self._stopping:
             try:
                 msgs = await sub.fetch(self.batch, timeout=self.flush_seconds)
             except TimeoutError:  # nats.errors.TimeoutError too: nothing pending
+                failing = False
                 self._set_pending(stream, 0)
                 continue
             except Exception as exc:  # reconnecting, server restart, ...
                 if self._stopping:
                     break
-                log.warning("recorder: fetch from %s failed, retrying: %s", stream, exc)
+                if not failing:
+                    log.warning("recorder: fetch from %s failed, retrying every second "
+                                "until it works: %s", stream, exc)
+                failing = True
                 await asyncio.sleep(1.0)
                 continue
+            failing = False
             if msgs:
                 pending = num_pending(msgs[-1])
                 self._in_flight += len(msgs)
