@@ -137,8 +137,12 @@ class Hub:
             connect_url = s.nats_url
             self.nats_url = without_credentials(s.nats_url)
             self.endpoints.append(f"nats: {redact(s.nats_url)} (external)")
-        self.bus = await Bus.connect(connect_url, s.subjects, name=f"commhub-{self.role}")
-        await self.bus.ensure_streams()
+        self.bus = await Bus.connect(connect_url, s.subjects, name=f"commhub-{self.role}",
+                                     layout=s.layout)
+        if s.manage_streams:
+            await self.bus.ensure_streams()
+        else:
+            await self.bus.check_streams()
         await self._start_apis()
         if self._runs("recorder"):
             self.recorder = Recorder(
