@@ -24,16 +24,11 @@ from nats.js import JetStreamContext
 from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
-    DiscardPolicy,
-    KeyValueConfig,
-    RetentionPolicy,
-    StorageType,
-    StreamConfig,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
-from commhub.core import natsconnect
+from commhub.core import natsconnect, streams
 from commhub.core.envelope import InvalidRecord, Record, encode, new_id
 from commhub.core.subjects import Subjects
 
@@ -43,24 +38,28 @@ log = logging.getLogger(__name__)
 
 # How long JetStream remembers a Nats-Msg-Id. A handler re-run on a message redelivered
 # within this window re-publishes ids that JetStream drops. Longer than any ack wait.
-DUPLICATE_WINDOW_SECONDS = 15 * 60
+DUPLICATE_WINDOW_SECONDS = streams.DUPLICATE_WINDOW_SECONDS
 
 
 class Bus:
     """A connected NATS client with commhub's streams, bucket and publish helpers."""
 
-    def __init__(self, nc: NATS, subjects: Subjects, replicas: int = 1) -> None:
+    def __init__(
+        self, nc: NATS, subjects: Subjects, replicas: int = 1,
+        layout: streams.Layout | None = None,
+    ) -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream(timeout=10)
         self.subjects = subjects
-        self.replicas = replicas
+        self.layout = layout or streams.Layout(replicas=replicas)
+        self.replicas = self.layout.replicas
         self._kv: KeyValue | None = None
         self._reconnect_listeners: list[Callable[[], None]] = []
 
     @classmethod
     async def connect(
         cls, url: str, subjects: Subjects, name: str = "commhub", replicas: int = 1,
-        **options: Any,
+        layout: streams.Layout | None = None, **options: Any,
     ) -> Bus:
         """Connect to ``url`` (comma-separated servers allowed), then reconnect forever.
 
@@ -78,7 +77,7 @@ class Bus:
                     log.exception("reconnect listener failed")
 
         nc = await natsconnect.connect(url, name=name, reconnected_cb=reconnected_cb, **options)
-        bus = cls(nc, subjects, replicas)
+        bus = cls(nc, subjects, replicas, layout)
         bus._reconnect_listeners = listeners
         return bus
 
@@ -98,49 +97,20 @@ class Bus:
         return remove
 
     # -- setup ----------------------------------------------------------------------
-    async def ensure_streams(self) -> None:
-        """Create or update the two streams and the state bucket; safe to run every start."""
-        s = self.subjects
-        for config in (
-            StreamConfig(
-                name=s.messages_stream,
-                description="commhub conversation messages: in, out and workflow inputs",
-                subjects=[s.all_inbound, s.all_outbound, s.all_workflow_input],
-                retention=RetentionPolicy.LIMITS,
-                storage=StorageType.FILE,
-                discard=DiscardPolicy.OLD,
-                duplicate_window=DUPLICATE_WINDOW_SECONDS,
-                num_replicas=self.replicas,
-                # Channels read a conversation's history with direct gets (no consumer
-                # per reader: nats-server allows only so many consumers per stream).
-                allow_direct=True,
-            ),
-            StreamConfig(
-                name=s.events_stream,
-                description="commhub events: classifications, workflow and channel events",
-                subjects=[s.all_events],
-                retention=RetentionPolicy.LIMITS,
-                storage=StorageType.FILE,
-                discard=DiscardPolicy.OLD,
-                duplicate_window=DUPLICATE_WINDOW_SECONDS,
-                num_replicas=self.replicas,
-            ),
-        ):
-            try:
-                await self.js.add_stream(config)
-            except BadRequestError:
-                # Exists with another config (an older version's): bring it up to date.
-                await self.js.update_stream(config)
-        self._kv = await self.js.create_key_value(
-            KeyValueConfig(
-                bucket=s.state_bucket,
-                description="commhub conversation state: workflow, state, slots, run id",
-                history=1,
-                storage=StorageType.FILE,
-                replicas=self.replicas,
-                direct=True,  # plain gets need no extra permissions, and are faster
-            )
-        )
+    async def ensure_streams(self) -> list[str]:
+        """Create what is missing (streams and buckets, with :attr:`layout`'s replicas
+        and placement) and bring commhub's own fields of existing streams up to date,
+        keeping what an operator changed (see :mod:`commhub.core.streams`); safe to run
+        every start. Returns a line per object that changed."""
+        lines = await streams.reconcile(self.js, self.subjects, self.layout)
+        for line in lines:
+            log.info("%s", line)
+        return lines
+
+    async def check_streams(self) -> None:
+        """Raise :class:`~commhub.core.streams.StreamSetupError` unless every stream and
+        bucket exists (a process that does not manage them: ``manage_streams = false``)."""
+        await streams.check(self.js, self.subjects)
 
     async def bind_durable(
         self, stream: str, config: ConsumerConfig, *, rewind_unacked: bool = False
@@ -176,12 +146,23 @@ class Bus:
     async def state_bucket(self) -> KeyValue:
         """The conversation state bucket (bound on first use)."""
         if self._kv is None:
-            try:
-                self._kv = await self.js.key_value(self.subjects.state_bucket)
-            except NotFoundError:
-                await self.ensure_streams()
-        assert self._kv is not None
+            self._kv = await self.bucket(self.subjects.state_bucket)
         return self._kv
+
+    async def bucket(self, name: str, layout: streams.Layout | None = None) -> KeyValue:
+        """One of commhub's KV buckets, created (with the layout's replicas and
+        placement; ``layout`` instead of :attr:`layout`) if it does not exist; an
+        existing one is used as it is."""
+        try:
+            return await self.js.key_value(name)
+        except NotFoundError:
+            pass
+        layout = layout or self.layout
+        for config in streams.bucket_configs(self.subjects, layout):
+            if config.bucket == name:
+                await streams.reconcile_bucket(self.js, config, layout)
+                return await self.js.key_value(name)
+        raise ValueError(f"{name} is not one of commhub's buckets")
 
     # -- publishing -----------------------------------------------------------------
     async def publish(self, subject: str, record: Record) -> Any:

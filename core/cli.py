@@ -79,6 +79,13 @@ def _build_parser() -> argparse.ArgumentParser:
     nats_url.add_argument("--config", help="TOML config file (or COMMHUB_CONFIG)")
     nats_url.add_argument("--data-dir", type=Path, help="data directory (COMMHUB_DATA_DIR)")
 
+    streams = sub.add_parser("streams", help="manage the JetStream streams and buckets")
+    streams_sub = streams.add_subparsers(dest="streams_command", required=True)
+    apply = streams_sub.add_parser(
+        "apply", help="create the streams and buckets, and set their replicas and "
+        "placement to the settings' (an admin step: roles then need no create rights)")
+    _settings_flags(apply)
+
     sub.add_parser("schema", help="print the JSON Schema of the bus envelope")
 
     token = sub.add_parser("token", help="print a signed client token (needs token_secret)")
@@ -359,6 +366,30 @@ def cmd_nats_url(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_streams(args: argparse.Namespace) -> int:
+    from commhub.core.bus import Bus
+
+    settings = _load_settings(args)
+    url, prefix = _hub_bus(settings)
+    if url is None:
+        raise _UserError("no NATS to apply to: give --nats-url (or start the hub)")
+
+    async def apply() -> list[str]:
+        from commhub.core import streams
+        from commhub.core.subjects import Subjects
+
+        bus = await Bus.connect(url, Subjects(prefix), name="commhub-streams",
+                                layout=settings.layout)
+        try:
+            return await streams.apply(bus.js, bus.subjects, bus.layout)
+        finally:
+            await bus.close()
+
+    for line in asyncio.run(apply()):
+        print(line)
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from commhub.core.envelope import json_schema
 
@@ -574,6 +605,7 @@ COMMANDS = {
     "rebuild": cmd_rebuild,
     "export": cmd_export,
     "nats-url": cmd_nats_url,
+    "streams": cmd_streams,
     "schema": cmd_schema,
     "token": cmd_token,
     "plugins": cmd_plugins,
@@ -636,12 +668,13 @@ def _is_user_error(exc: Exception) -> bool:
     from commhub.core.records.rebuild import RebuildError
     from commhub.core.records.sandbox import SqlError
     from commhub.core.records.schema import SchemaError
+    from commhub.core.streams import StreamSetupError
     from commhub.core.workflow import WorkflowError
 
     known = (_UserError, HubError, HubAlreadyRunning, NatsServerError, PluginError,
              SqlError, SchemaError, WorkflowError, OSError, TimeoutError, RebuildError,
              ExportError, NatsAuthError, SetupError, TestFileError, HubClientError,
-             NatsConnectError)
+             NatsConnectError, StreamSetupError)
     return isinstance(exc, known)
 
 

@@ -136,6 +136,24 @@ class Settings(BaseSettings):
     nats_conf: Path | None = Field(None, description="nats.conf for the embedded server.")
     prefix: str = Field("commhub", description="First token of every subject.")
     role: Role = "all"
+    replicas: int = Field(
+        1, ge=1, le=5, description="Replicas of every stream and bucket made (R3 on a cluster).",
+    )
+    placement_tags: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Server tags the streams' and buckets' replicas must be placed on.",
+    )
+    placement_cluster: str | None = Field(
+        None, description="The cluster the streams and buckets are placed in.",
+    )
+    partitions: int = Field(
+        16, ge=1, le=1024,
+        description="Partitions of the router inputs (fixed when the stream is made).",
+    )
+    manage_streams: bool = Field(
+        True, description="Create and update streams and buckets at start; false: they "
+        "must exist (`commhub streams apply`), so roles need no rights to make them.",
+    )
 
     host: str = Field("127.0.0.1", description="Interface the channels listen on.")
     ws_port: int = Field(8765, ge=0, le=65535)
@@ -279,7 +297,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "tokens", "disable_plugins", "workflow_paths", "cancel_phrases", "restart_phrases",
-        "sql_tokens", "cors_origins", "agent_tokens", mode="before",
+        "sql_tokens", "cors_origins", "agent_tokens", "placement_tags", mode="before",
     )
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
@@ -326,6 +344,16 @@ class Settings(BaseSettings):
         """The checker every built-in channel uses for client tokens."""
         secret = self.token_secret.get_secret_value() if self.token_secret else None
         return TokenAuthority(self.tokens, secret, self.anonymous_allowed)
+
+    @property
+    def layout(self) -> Any:
+        """Replicas, placement and partitions of the streams and buckets
+        (a :class:`commhub.core.streams.Layout`)."""
+        from commhub.core.streams import Layout
+
+        return Layout(replicas=self.replicas, placement_tags=tuple(self.placement_tags),
+                      placement_cluster=self.placement_cluster, partitions=self.partitions,
+                      agent_ttl=self.agent_ttl_seconds)
 
     @property
     def duckdb_path(self) -> Path:

@@ -169,6 +169,7 @@ class DeliveryLoop(Generic[T]):
         rewind_unacked: bool = False,
         on_retry: RetryHook[T] | None = None,
         on_give_up: GiveUpHook[T] | None = None,
+        unwrap: Callable[[str], str] | None = None,
     ) -> None:
         if consumer.durable_name is None:
             raise ValueError("a delivery loop needs a durable consumer (durable_name)")
@@ -198,6 +199,9 @@ class DeliveryLoop(Generic[T]):
         self._rewind_unacked = rewind_unacked
         self._on_retry = on_retry
         self._on_give_up = on_give_up
+        # The subject a record was published on, from the one it is stored under (the
+        # router's partitioned inputs); decoding, keys and reports use it.
+        self._unwrap = unwrap or (lambda subject: subject)
         self._runner = KeyedSerialRunner()
         self._held: dict[int, Msg] = {}  # stream sequence -> message, fetched and unsettled
         self._room = asyncio.Event()
@@ -291,7 +295,7 @@ class DeliveryLoop(Generic[T]):
             return
         self.stats.fetched += 1
         self._held[seq] = msg
-        self._runner.submit(self._key(msg.subject), self._job(msg, seq))
+        self._runner.submit(self._key(self._unwrap(msg.subject)), self._job(msg, seq))
 
     def _job(self, msg: Msg, seq: int) -> Callable[[], Awaitable[None]]:
         async def job() -> None:
@@ -316,7 +320,7 @@ class DeliveryLoop(Generic[T]):
 
     # -- one record ---------------------------------------------------------------------
     async def _process(self, msg: Msg) -> None:
-        subject = msg.subject
+        subject = self._unwrap(msg.subject)
         seq = int(msg.metadata.sequence.stream)
         delivered = int(msg.metadata.num_delivered)
         key = self._key(subject)
@@ -386,12 +390,12 @@ class DeliveryLoop(Generic[T]):
 
     async def _terminate(self, msg: Msg, reason: str) -> None:
         self.stats.terminated += 1
-        log.warning("%s: refused %s (seq %s): %s", self.durable, msg.subject,
+        log.warning("%s: refused %s (seq %s): %s", self.durable, self._unwrap(msg.subject),
                     msg.metadata.sequence.stream, reason)
         # Under the id of its stream position: every process and the recorder that
         # refuse the same record make one report of it.
         record_id = invalid_id(self.stream, int(msg.metadata.sequence.stream))
-        await self.bus.publish_invalid(msg.subject, msg.data, reason, self.source,
+        await self.bus.publish_invalid(self._unwrap(msg.subject), msg.data, reason, self.source,
                                        record_id=record_id)
         await _settle(msg.term)
 
@@ -407,8 +411,8 @@ class DeliveryLoop(Generic[T]):
             except Exception:
                 log.exception("%s: on_give_up failed", self.durable)
         msg = delivery.msg
-        await self.bus.publish_invalid(msg.subject, msg.data, f"dead letter: {reason}",
-                                       self.source)
+        await self.bus.publish_invalid(self._unwrap(msg.subject), msg.data,
+                                       f"dead letter: {reason}", self.source)
         await _settle(msg.term)
 
     async def _hook_retry(

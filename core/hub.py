@@ -36,6 +36,7 @@ from commhub.core.classify import BatchingClassifier, Classifier, routing_thresh
 from commhub.core.config import Settings
 from commhub.core.engine.entities import warm_up as warm_up_entities
 from commhub.core.engine.fsm import Engine
+from commhub.core.leases import Leases
 from commhub.core.lock import DataDirLock
 from commhub.core.natsauth import load_or_create, redact, without_credentials
 from commhub.core.natsserver import EmbeddedNats
@@ -89,6 +90,7 @@ class Hub:
         self.endpoints: list[str] = []
         self.nats_url: str | None = None
         self._api_subs: list[Any] = []
+        self._recorder_lease: Leases | None = None
         self._started = False
 
     @property
@@ -148,30 +150,24 @@ class Hub:
             connect_url = s.nats_url
             self.nats_url = without_credentials(s.nats_url)
             self.endpoints.append(f"nats: {redact(s.nats_url)} (external)")
-        self.bus = await Bus.connect(connect_url, s.subjects, name=f"commhub-{self.role}")
-        await self.bus.ensure_streams()
+        self.bus = await Bus.connect(connect_url, s.subjects, name=f"commhub-{self.role}",
+                                     layout=s.layout)
+        if s.manage_streams:
+            await self.bus.ensure_streams()
+        else:
+            await self.bus.check_streams()
         await self._start_apis()
         if self._runs("recorder"):
-            self.recorder = Recorder(
-                self.bus,
-                s.duckdb_path,
-                batch=s.recorder_batch,
-                flush_seconds=s.recorder_flush_seconds,
-            )
-            await self.recorder.start()
-            # User SQL runs on snapshots in instances of its own, never on the writer's.
-            live = LiveSandbox(
-                self.recorder,
-                s.data_dir / "snapshots",
-                max_age=s.sql_snapshot_seconds,
-                memory_limit=s.sql_memory_limit,
-            )
-            self.sql = SqlService(
-                self.bus, live, max_rows=s.sql_max_rows, timeout=s.sql_timeout_seconds,
-                max_bytes=s.sql_max_result_bytes,
-            )
-            await self.sql.start()
-            self.endpoints.append(f"duckdb: {s.duckdb_path} (live SQL: commhub sql \"...\")")
+            # One active recorder per prefix, by lease: a second one stands by and takes
+            # over within seconds of the first dying (see _activate_recorder).
+            self._recorder_lease = Leases(self.bus, "recorder", ["active"],
+                                          self._activate_recorder, self._deactivate_recorder,
+                                          greedy=True)
+            await self._recorder_lease.start()
+            # Holding the lease, this process started the recorder, then the SQL service.
+            state = "live SQL: commhub sql \"...\"" if self.recorder is not None else (
+                "standby: another recorder is active; this one takes over if it stops")
+            self.endpoints.append(f"duckdb: {s.duckdb_path} ({state})")
         if self._runs("router"):
             await self._start_router()
         if self._runs("channels"):
@@ -188,6 +184,39 @@ class Hub:
                 "role": self.role,
                 "endpoints": self.endpoints,
             })
+
+    async def _activate_recorder(self, _slot: str) -> None:
+        """This process holds the recorder lease: open the file, catch up to the
+        durables' ack floor, consume, answer SQL."""
+        s = self.settings
+        assert self.bus is not None
+        recorder = Recorder(self.bus, s.duckdb_path, batch=s.recorder_batch,
+                            flush_seconds=s.recorder_flush_seconds)
+        await recorder.start()
+        # User SQL runs on snapshots in instances of its own, never on the writer's.
+        live = LiveSandbox(recorder, s.data_dir / "snapshots", max_age=s.sql_snapshot_seconds,
+                           memory_limit=s.sql_memory_limit)
+        sql = SqlService(self.bus, live, max_rows=s.sql_max_rows, timeout=s.sql_timeout_seconds,
+                         max_bytes=s.sql_max_result_bytes)
+        try:
+            await sql.start()
+        except BaseException:
+            await recorder.stop()
+            raise
+        self.recorder, self.sql = recorder, sql
+        if self._started:
+            log.info("this process is the active recorder now (%s)", s.duckdb_path)
+
+    async def _deactivate_recorder(self, _slot: str, graceful: bool) -> None:
+        """The lease is gone (stopping, or lost): stop answering SQL and recording."""
+        if self.sql is not None:
+            await _quietly(self.sql.stop, "sql service")
+            self.sql = None
+        if self.recorder is not None:
+            await _quietly(self.recorder.stop, "recorder")
+            self.recorder = None
+        if not graceful:
+            log.warning("lost the recorder lease: standing by")
 
     async def _start_router(self) -> None:
         s = self.settings
@@ -316,6 +345,7 @@ class Hub:
                 "role": self.role,
                 "router": dataclasses.asdict(self.router.stats) if self.router else None,
                 "recorder": self.recorder.stats_dict() if self.recorder else None,
+                "recorder_standby": self._recorder_lease is not None and self.recorder is None,
                 "channels": sorted(self.channels),
             }
             await msg.respond(msgspec.json.encode(body))
@@ -352,6 +382,9 @@ class Hub:
         if self.router is not None:
             await _quietly(self.router.stop, "router")
             self.router = None
+        if self._recorder_lease is not None:
+            await _quietly(self._recorder_lease.stop, "recorder lease")  # hands over
+            self._recorder_lease = None
         if self.sql is not None:
             await _quietly(self.sql.stop, "sql service")
             self.sql = None

@@ -45,8 +45,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Final
 
 import msgspec
-from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
@@ -183,18 +182,6 @@ class OwnerBook:
     async def _bucket(self) -> KeyValue:
         if self._kv is None:
             name = self.bus.subjects.owners_bucket
-            try:
-                self._kv = await self.bus.js.key_value(name)
-            except NotFoundError:
-                # Idempotent: a process racing us creates the same bucket config.
-                self._kv = await self.bus.js.create_key_value(
-                    KeyValueConfig(
-                        bucket=name,
-                        description="commhub conversation owners: who started each one",
-                        history=1,
-                        storage=StorageType.FILE,
-                        replicas=self.bus.replicas,
-                        direct=True,
-                    )
-                )
+            # Created (once, by whichever process is first) with the layout's replicas.
+            self._kv = await self.bus.bucket(name)
         return self._kv

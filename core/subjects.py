@@ -156,8 +156,37 @@ class Subjects:
         return f"{self.prefix}_agents"
 
     @property
+    def inputs_stream(self) -> str:
+        """``in`` and ``wf`` records copied by the server into partitions by conversation
+        (``core/streams.py``); the routers read it."""
+        return f"{self.prefix}_inputs"
+
+    @property
+    def leases_bucket(self) -> str:
+        """KV bucket of leases: which router holds each partition, which recorder is
+        active (entries expire unless renewed)."""
+        return f"{self.prefix}_leases"
+
+    def partition(self, k: int) -> str:
+        """Every input of partition ``k`` in the inputs stream."""
+        return f"{self.prefix}.part.{k}.>"
+
+    def unpartitioned(self, subject: str) -> str:
+        """``{p}.part.{k}.in.{ch}.{conv}`` -> ``{p}.in.{ch}.{conv}`` (others unchanged)."""
+        head = f"{self.prefix}.part."
+        if not subject.startswith(head):
+            return subject
+        rest = subject[len(head):].split(".", 1)
+        return f"{self.prefix}.{rest[1]}" if len(rest) == 2 else subject
+
+    @property
     def router_consumer(self) -> str:
+        """The durable of releases before partitions (``in`` and ``wf`` on the messages
+        stream); deleted by the first start that partitions."""
         return f"{self.prefix}_router"
+
+    def partition_consumer(self, k: int) -> str:
+        return f"{self.prefix}_router_{k}"
 
     def recorder_consumer(self, stream: str) -> str:
         return f"{stream}_recorder"

@@ -183,8 +183,8 @@ START_ORDER = [
     ("await self.nats.start()", "nats-server"),
     ("ensure_streams()", "streams"),
     ("_start_apis()", "health and state APIs"),
-    ("await self.recorder.start()", "recorder"),
-    ("await self.sql.start()", "SQL service"),
+    ("self._recorder_lease.start()", "recorder"),  # the active one starts its SQL service
+    ("SQL service", "SQL service"),
     ("_start_router()", "router"),
     ("_start_channels()", "channel"),
     ("plugins.startup(", "startup"),

@@ -73,11 +73,12 @@ import duckdb
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from commhub.core.bus import Bus
 from commhub.core.envelope import InvalidRecord
 from commhub.core.records.progress import Progress
-from commhub.core.records.rows import Batch, num_pending
+from commhub.core.records.rows import Batch, num_pending, stream_seq
 from commhub.core.records.schema import REFRESH_CONVERSATIONS, REFRESH_RUNS, migrate
 
 __all__ = ["Recorder", "RecorderStats"]
@@ -110,6 +111,9 @@ class RecorderStats:
     pending: int = 0
     """Records not yet committed: waiting on the streams (as of the last fetch) plus
     fetched and not yet written."""
+    caught_up: int = 0
+    """Records copied at start from before the durable's ack floor (another recorder's
+    share, or everything for a new file)."""
 
 class Recorder:
     """Writes every record of both streams into the DuckDB file at ``db_path``.
@@ -198,6 +202,7 @@ class Recorder:
             await self._in_thread(self._open)
             subjects = self.bus.subjects
             for stream in (subjects.messages_stream, subjects.events_stream):
+                await self._catch_up(stream)
                 self._subs.append((stream, await self._bind(stream)))
         except BaseException:
             await self._unsubscribe()
@@ -314,6 +319,49 @@ class Recorder:
         if self._con is not None:
             self._con.close()
             self._con = None
+
+    async def _catch_up(self, stream: str) -> None:
+        """Copy into this file what the durable's ack floor says is recorded but this
+        file lacks: what another recorder wrote while this one stood by, or everything
+        for a new file. Read with an ephemeral consumer (no acks, the durable untouched);
+        inserts skip what is already here."""
+        try:
+            info = await self.bus.js.consumer_info(stream, self.consumer(stream))
+        except NotFoundError:
+            return  # a first start: the durable starts at the beginning anyway
+        floor = info.ack_floor.stream_seq if info.ack_floor else 0
+        position = await self._in_thread(self._position, stream)
+        if position is None:
+            log.info("recorder: %s keeps no position for %s (an older file): taking it "
+                     "as up to the ack floor %d", self.db_path, stream, floor)
+            return
+        if position >= floor:
+            return
+        log.info("recorder: %s holds %s up to %d, the ack floor is %d: catching up",
+                 self.db_path, stream, position, floor)
+        sub = await self.bus.js.pull_subscribe(
+            "", stream=stream, config=ConsumerConfig(
+                ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=position + 1, inactive_threshold=60.0,
+                max_ack_pending=-1,
+            ))
+        done = position
+        try:
+            while done < floor:
+                try:
+                    msgs = await sub.fetch(self.batch, timeout=5)
+                except TimeoutError:
+                    break  # the rest was removed from the stream meanwhile
+                msgs = [m for m in msgs if (stream_seq(m) or 0) <= floor]
+                if not msgs:
+                    break
+                await self._in_thread(self._write, [(stream, msgs)])
+                done = max(stream_seq(m) or 0 for m in msgs)
+                self.stats.caught_up += len(msgs)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        log.info("recorder: caught up %s to %d", stream, done)
 
     async def _bind(self, stream: str) -> JetStreamContext.PullSubscription:
         # The only writer (the DuckDB file lock guarantees it), so records a crashed
@@ -483,6 +531,7 @@ class Recorder:
             # Only new rows change a derived row; a replayed batch skips the recompute.
             if new_rows.get("messages") or new_rows.get("workflow_events"):
                 self._refresh_derived(con, batch)
+            self._advance_positions(con, pending)
             con.execute("COMMIT")
         except BaseException:
             # The failed statement may already have ended the transaction.
@@ -490,6 +539,37 @@ class Recorder:
                 con.execute("ROLLBACK")
             raise
         return inserted, batch.invalid, batch.reports
+
+    @staticmethod
+    def _advance_positions(
+        con: duckdb.DuckDBPyConnection, pending: Sequence[tuple[str, list[Msg]]]
+    ) -> None:
+        """Remember the highest sequence of each stream this file now holds."""
+        highest: dict[str, int] = {}
+        for stream, msgs in pending:
+            for msg in (msgs[0], msgs[-1]) if msgs else ():
+                seq = stream_seq(msg)
+                if seq is not None:
+                    highest[stream] = max(highest.get(stream, 0), seq)
+        for stream, seq in highest.items():
+            con.execute(
+                "INSERT INTO recorder_positions VALUES (?, ?) ON CONFLICT (stream) "
+                "DO UPDATE SET seq = greatest(recorder_positions.seq, excluded.seq)",
+                [stream, seq],
+            )
+
+    def _position(self, stream: str) -> int | None:
+        """The highest sequence of ``stream`` written to this file; None when the file
+        says nothing (it predates positions: it has rows, or it is new: it has none)."""
+        con = self._con
+        assert con is not None
+        row = con.execute("SELECT seq FROM recorder_positions WHERE stream = ?",
+                          [stream]).fetchone()
+        if row is not None:
+            return int(row[0])
+        (rows,) = con.execute("SELECT (SELECT count(*) FROM messages) + "
+                              "(SELECT count(*) FROM workflow_events)").fetchone() or (0,)
+        return None if rows else 0
 
     @staticmethod
     def _refresh_derived(con: duckdb.DuckDBPyConnection, batch: Batch) -> None:

@@ -39,7 +39,8 @@ from commhub.core.envelope import (
 )
 from commhub.core.subjects import Subjects
 
-__all__ = ["MAX_INVALID_DATA", "NOT_RECORDED", "RECORDED_AS", "Batch", "decision_of", "num_pending"]
+__all__ = ["MAX_INVALID_DATA", "NOT_RECORDED", "RECORDED_AS", "Batch", "decision_of", "num_pending",
+           "stream_seq"]
 
 # The recorder's logger: building rows is part of its work.
 log = logging.getLogger("commhub.core.records.recorder")
@@ -222,7 +223,7 @@ def decision_of(classification: Classification) -> str:
     return "clarify" if classification.confidence >= classification.threshold else "fallback"
 
 
-def _stream_seq(msg: Msg) -> int | None:
+def stream_seq(msg: Msg) -> int | None:
     """The stream sequence from the ack subject, without nats-py's full metadata parse.
 
     ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>...`` (9 tokens) or, with a domain
@@ -323,7 +324,7 @@ class Batch:
     def _add_record(self, record: Record, msg: Msg, stream: str) -> None:
         match record:
             case Message():
-                seq = _stream_seq(msg)
+                seq = stream_seq(msg)
                 row: tuple[Any, ...] = (
                     record.id,
                     record.conversation,

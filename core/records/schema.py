@@ -615,8 +615,22 @@ _V4 = Migration(
     ),
 )
 
+_V5 = Migration(
+    version=5,
+    description="recorder_positions: the highest stream sequence written, per stream, so "
+    "a recorder taking over (or a new file) catches up from where its file ends",
+    statements=(
+        """
+        CREATE TABLE recorder_positions (
+            stream VARCHAR PRIMARY KEY,
+            seq    BIGINT NOT NULL      -- highest sequence of the stream written here
+        )
+        """,
+    ),
+)
+
 #: Every schema step, oldest first. Append new steps; never edit a released one.
-MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3, _V4)
+MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3, _V4, _V5)
 
 #: The recorder's refresh of ``workflow_runs`` for the run ids ``{runs}`` yields (the
 #: latest schema's shape); run it before :data:`REFRESH_CONVERSATIONS`.

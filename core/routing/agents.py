@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -24,8 +25,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BadRequestError
 
 from commhub.core.bus import Bus
 
@@ -77,12 +76,9 @@ class AgentPresence:
 
     async def start(self) -> None:
         bucket = self.bus.subjects.agents_bucket
-        try:
-            kv = await self.bus.js.create_key_value(KeyValueConfig(
-                bucket=bucket, description="commhub human agents' heartbeats", history=1,
-                ttl=self.ttl, storage=StorageType.MEMORY))
-        except BadRequestError:
-            kv = await self.bus.js.key_value(bucket)  # made elsewhere with other settings
+        # Made (with this TTL, the layout's replicas) if missing; else used as it is.
+        kv = await self.bus.bucket(bucket, dataclasses.replace(self.bus.layout,
+                                                               agent_ttl=self.ttl))
         self._watcher = await kv.watchall()
         self._task = asyncio.create_task(self._follow(), name="agent-presence")
 

@@ -40,9 +40,14 @@ Around the workflow steps the router also
 * makes the service requests of ``ask`` states after their step committed (see
   :meth:`Router._ask`): at least once, with a stable ``Commhub-Request-Id``.
 
-Concurrency: one durable pull consumer shared by every router process (scale out by
-running more); inside a process, one conversation's inputs run in order and different
-conversations in parallel, at most ``concurrency`` inputs at once.
+Concurrency: the inputs are read from ``{p}_inputs``, where the server copies every
+``in`` and ``wf`` record into one of N partitions by conversation
+(:mod:`commhub.core.streams`); each partition has one durable and is read by one router
+at a time, which holds its lease (:mod:`commhub.core.leases`). Routers share the
+partitions fairly and take over a dead one's within the lease TTL, so a conversation's
+inputs are handled in stream order by one router at a time. Inside a process, one
+conversation's inputs run in order and different conversations in parallel, at most
+``concurrency`` inputs at once per partition.
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ from commhub.core.envelope import (
     derived_id,
     now,
 )
+from commhub.core.leases import Leases
 from commhub.core.plugins import Plugins
 from commhub.core.retry import Decision as RetryDecision
 from commhub.core.retry import Permanent, Retry, RetryPolicy
@@ -85,6 +91,7 @@ from commhub.core.routing.smalltalk import SmallTalk
 from commhub.core.routing.state import ConversationState, PendingAsk, StepResult
 from commhub.core.routing.store import OutboxEntry, StateStore, StoredState
 from commhub.core.routing.timers import TimerScheduler
+from commhub.core.streams import DEFAULT_PARTITIONS, partitions_of
 
 __all__ = [
     "BOT",
@@ -165,30 +172,76 @@ class Router:
         )
         self.concurrency = concurrency
         self.model_name, self.model_version = model
-        self.exclusive = exclusive  # the only router on this stream: may rewind on start
+        self.exclusive = exclusive  # unused since partitions: each lease holder rewinds
         self.store = StateStore(bus)
         self.timers = TimerScheduler(bus, idle_expiry, store=self.store)
         # Human agents' heartbeats; None: hand off without asking who is there.
         self.agents = AgentPresence(bus, agent_ttl) if handoff_needs_agent else None
         self.stats = RouterStats()
-        self._deliveries: DeliveryLoop[Message | WorkflowInput] | None = None
+        self.partitions = DEFAULT_PARTITIONS
+        self.leases: Leases | None = None
+        self._loops: dict[str, DeliveryLoop[Message | WorkflowInput]] = {}
 
     # -- lifecycle --------------------------------------------------------------------
-    async def start(self) -> None:
-        """Bind the shared durable consumer (creating it once) and start fetching."""
+    async def start(self, settle: float = 5.0) -> None:
+        """Join the routers: take a fair share of the inputs' partitions (waiting up to
+        ``settle`` seconds for the others to hand theirs over) and start fetching them;
+        start the timers and the agents' watch."""
         s = self.bus.subjects
+        await self._forget_shared_durable()
+        info = await self.bus.js.stream_info(s.inputs_stream)
+        self.partitions = partitions_of(info.config) or DEFAULT_PARTITIONS
+        self.leases = Leases(self.bus, "router", [str(k) for k in range(self.partitions)],
+                             self._take_partition, self._drop_partition)
+        await self.leases.start(settle=settle)
+        try:
+            await self.timers.start()
+            if self.agents is not None:
+                await self.agents.start()
+        except BaseException:
+            await self.leases.stop()
+            raise
+
+    async def stop(self) -> None:
+        """Stop fetching, let the inputs in hand finish (and ack), hand the partitions
+        over (the other routers take them at once), then unbind."""
+        await self.timers.stop()
+        if self.agents is not None:
+            await self.agents.stop()
+        # Every partition at once (each waits for its pull in flight), then the leases
+        # go, so the other routers take the partitions over.
+        await asyncio.gather(*(self._drop_partition(k, True) for k in list(self._loops)))
+        if self.leases is not None:
+            await self.leases.stop()
+
+    @property
+    def held_partitions(self) -> list[int]:
+        return sorted(int(k) for k in self._loops)
+
+    @property
+    def in_hand(self) -> int:
+        """Inputs fetched and not yet settled, over every partition held."""
+        return sum(loop.held for loop in self._loops.values())
+
+    async def _take_partition(self, slot: str) -> None:
+        """This router holds partition ``slot`` now: read it from its ack floor (what a
+        router that died held comes back at once; the lease makes this the only one)."""
+        s = self.bus.subjects
+        k = int(slot)
         config = ConsumerConfig(
-            durable_name=s.router_consumer,
-            name=s.router_consumer,
-            description="commhub router: inbound messages and workflow inputs",
-            filter_subjects=[s.all_inbound, s.all_workflow_input],
-            deliver_policy=DeliverPolicy.NEW,
+            durable_name=s.partition_consumer(k),
+            name=s.partition_consumer(k),
+            description=f"commhub router: partition {k} of the inputs",
+            filter_subject=s.partition(k),
+            # Every input since the stream began: channels that started before the first
+            # router lose nothing.
+            deliver_policy=DeliverPolicy.ALL,
             ack_wait=ACK_WAIT_SECONDS,
             max_ack_pending=max(1000, self.concurrency * 8),
         )
-        self._deliveries = DeliveryLoop(
+        loop: DeliveryLoop[Message | WorkflowInput] = DeliveryLoop(
             self.bus,
-            stream=s.messages_stream,
+            stream=s.inputs_stream,
             consumer=config,
             decode=self._decode,
             handler=self.handle,
@@ -197,27 +250,29 @@ class Router:
             max_in_flight=self.concurrency,
             batch=min(256, self.concurrency),
             fetch_timeout=0.5,
-            rewind_unacked=self.exclusive,
+            rewind_unacked=True,
             on_retry=self._on_retry,
             on_give_up=self._on_give_up,
+            unwrap=s.unpartitioned,
         )
-        await self._deliveries.start()
-        try:
-            await self.timers.start()
-            if self.agents is not None:
-                await self.agents.start()
-        except BaseException:
-            await self._deliveries.stop()
-            raise
+        await loop.start()
+        self._loops[slot] = loop
 
-    async def stop(self) -> None:
-        """Stop fetching, let the inputs in hand finish (and ack), then unbind."""
-        await self.timers.stop()
-        if self.agents is not None:
-            await self.agents.stop()
-        deliveries, self._deliveries = self._deliveries, None
-        if deliveries is not None:
-            await deliveries.stop()
+    async def _drop_partition(self, slot: str, graceful: bool) -> None:
+        """Stop reading partition ``slot``: gracefully, the inputs in hand are finished
+        and acked first; otherwise (the lease was lost) they are handed back at once."""
+        loop = self._loops.pop(slot, None)
+        if loop is not None:
+            await loop.stop(grace=None if graceful else 0.0)
+
+    async def _forget_shared_durable(self) -> None:
+        """Releases before partitions read ``in`` and ``wf`` with one durable on the
+        messages stream; it is not read any more (the inputs stream copies from the
+        upgrade on), so it goes."""
+        s = self.bus.subjects
+        with contextlib.suppress(Exception):  # absent, or no right to delete it
+            await self.bus.js.delete_consumer(s.messages_stream, s.router_consumer)
+            log.info("deleted the old shared router durable %s", s.router_consumer)
 
     # -- one input ------------------------------------------------------------------
     def _decode(self, subject: str, data: bytes) -> Message | WorkflowInput:

@@ -1,0 +1,272 @@
+"""Leases in the ``{prefix}_leases`` KV bucket: which process holds each of a group's
+slots (a router's partitions, the active recorder), shared fairly among the live
+members and taken over when a member dies.
+
+Keys: ``{group}.member.{member}`` (a member's heartbeat) and ``{group}.slot.{slot}``
+(the slot's holder). The bucket's TTL (:data:`~commhub.core.streams.LEASE_TTL_SECONDS`,
+6 s) ends every entry that is not written again: a member renews its heartbeat and its
+slots every third of it. A slot is claimed with a KV *create* (only one process wins)
+and renewed with an *update* naming the revision it holds (so a holder that lost it
+learns so on its next renewal).
+
+Sharing: each member holds its fair share, ``ceil(slots / live members)``. A member
+holding more releases the extra (its ``on_lose(slot, graceful=True)`` runs first, so
+the work in hand is finished and acked, then the key is deleted); a member holding fewer
+claims free slots. Every member watches the group's keys, so a join, a release or a
+clean stop is acted on at once; a dead member's slots are free when its keys expire
+(at most the TTL), and are claimed by the next renewal after that.
+
+A member that cannot renew a slot (a revision conflict: someone else holds it; or no
+successful renewal for a whole TTL, the bus being away) gives it up at once
+(``on_lose(slot, graceful=False)``).
+
+Concurrency: one task per :class:`Leases` (plus its watcher) on the event loop; the
+callbacks are awaited one at a time, never concurrently with each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import secrets
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
+
+from commhub.core.aio import cancel_and_wait
+from commhub.core.streams import LEASE_TTL_SECONDS
+
+if TYPE_CHECKING:
+    from nats.js.kv import KeyValue
+
+    from commhub.core.bus import Bus
+
+__all__ = ["Leases", "member_id"]
+
+log = logging.getLogger(__name__)
+
+Gain = Callable[[str], Awaitable[None]]
+Lose = Callable[[str, bool], Awaitable[None]]
+
+
+def member_id() -> str:
+    """A name for this process: host, pid and a random part (unique across restarts)."""
+    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())
+    return f"{host[:40]}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class Leases:
+    """Holds a fair share of ``slots`` of ``group``; see the module docstring."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        group: str,
+        slots: Sequence[str],
+        on_gain: Gain,
+        on_lose: Lose,
+        *,
+        member: str | None = None,
+        ttl: float = LEASE_TTL_SECONDS,
+        greedy: bool = False,
+    ) -> None:
+        self.bus = bus
+        self.group = group
+        self.slots = list(slots)
+        self.member = member or member_id()
+        self.ttl = ttl
+        self.greedy = greedy  # claim every free slot (a standby waiting for the one)
+        self.held: dict[str, int] = {}  # slot -> revision of our lease
+        self._renewed: dict[str, float] = {}
+        self._on_gain = on_gain
+        self._on_lose = on_lose
+        self._members: dict[str, float] = {}  # member -> when its heartbeat was seen
+        self._holders: dict[str, tuple[str, float]] = {}  # slot -> (member, seen at)
+        self._kv: KeyValue | None = None
+        self._watcher: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._wake = asyncio.Event()
+        self._failing = False
+        self.changes = 0  # slots gained or lost (tests and metrics)
+
+    # -- keys ---------------------------------------------------------------------------
+    def _member_key(self, member: str) -> str:
+        return f"{self.group}.member.{member}"
+
+    def _slot_key(self, slot: str) -> str:
+        return f"{self.group}.slot.{slot}"
+
+    @property
+    def members(self) -> int:
+        """Live members as last seen (this one included)."""
+        now = time.monotonic()
+        live = {m for m, at in self._members.items() if now - at <= self.ttl}
+        live.add(self.member)
+        return len(live)
+
+    @property
+    def fair_share(self) -> int:
+        return len(self.slots) if self.greedy else math.ceil(len(self.slots) / self.members)
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def start(self, settle: float = 0.0) -> None:
+        """Join the group and claim slots; with ``settle``, wait up to that long for the
+        fair share (others release theirs when they see this member)."""
+        self._kv = await self.bus.bucket(self.bus.subjects.leases_bucket)
+        self._watcher = await self._kv.watch(f"{self.group}.>", include_history=False)
+        self._tasks.append(asyncio.create_task(self._watch(), name=f"leases-{self.group}-watch"))
+        await self._tick()
+        deadline = time.monotonic() + settle
+        while len(self.held) < self.fair_share and time.monotonic() < deadline:
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), min(0.5, settle))
+            await self._tick()
+        self._tasks.append(asyncio.create_task(self._loop(), name=f"leases-{self.group}"))
+
+    async def stop(self) -> None:
+        """Release every slot (gracefully: ``on_lose(slot, True)`` first) and leave."""
+        for task in self._tasks:
+            await cancel_and_wait(task)
+        self._tasks.clear()
+        await asyncio.gather(*(self._release(slot) for slot in list(self.held)))
+        if self._kv is not None:
+            with contextlib.suppress(Exception):
+                await self._kv.delete(self._member_key(self.member))
+        if self._watcher is not None:
+            with contextlib.suppress(Exception):
+                await self._watcher.stop()
+            self._watcher = None
+
+    # -- loops --------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        while True:
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.ttl / 3)
+            await self._tick()
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                entry = await self._watcher.updates(timeout=self.ttl)
+            except (TimeoutError, nats_timeout()):
+                continue
+            except Exception as exc:
+                log.debug("leases %s: watch: %r", self.group, exc)
+                await asyncio.sleep(1)
+                continue
+            if entry is None:  # the end of the initial values
+                continue
+            self._seen(entry.key, entry.value or b"", entry.operation)
+            self._wake.set()
+
+    def _seen(self, key: str, value: bytes, operation: Any) -> None:
+        now = time.monotonic()
+        parts = key.split(".", 2)
+        if len(parts) != 3:
+            return
+        deleted = operation is not None and str(operation).upper().endswith(("DEL", "PURGE"))
+        kind, name = parts[1], parts[2]
+        if kind == "member":
+            if deleted:
+                self._members.pop(name, None)
+            else:
+                self._members[name] = now
+        elif kind == "slot":
+            if deleted:
+                self._holders.pop(name, None)
+            else:
+                self._holders[name] = (value.decode(errors="replace"), now)
+
+    async def _tick(self) -> None:
+        try:
+            await self._renew_and_balance()
+        except Exception as exc:  # the bus is away: renewals resume when it is back
+            if not self._failing:
+                log.warning("leases %s: %r; retrying", self.group, exc)
+            self._failing = True
+            await self._drop_stale()
+        else:
+            self._failing = False
+
+    async def _renew_and_balance(self) -> None:
+        assert self._kv is not None
+        await self._kv.put(self._member_key(self.member), self.member.encode())
+        self._members[self.member] = time.monotonic()
+        for slot, revision in list(self.held.items()):
+            try:
+                self.held[slot] = await self._kv.update(
+                    self._slot_key(slot), self.member.encode(), last=revision)
+                self._renewed[slot] = time.monotonic()
+            except (KeyWrongLastSequenceError, NotFoundError):
+                log.warning("leases %s: lost %s (another member holds it now)",
+                            self.group, slot)
+                self.held.pop(slot, None)
+                self.changes += 1
+                await self._on_lose(slot, False)
+        fair = self.fair_share
+        if len(self.held) > fair:
+            extra = sorted(self.held, key=self.slots.index)[fair:]
+            await asyncio.gather(*(self._release(slot) for slot in extra))
+        if len(self.held) >= fair:
+            return
+        now = time.monotonic()
+        for slot in self._claim_order():
+            if len(self.held) >= fair:
+                break
+            holder = self._holders.get(slot)
+            if holder is not None and holder[0] != self.member and now - holder[1] <= self.ttl:
+                continue  # held by a live member, as far as the watch says
+            try:
+                revision = await self._kv.create(self._slot_key(slot), self.member.encode())
+            except KeyWrongLastSequenceError:
+                continue  # someone holds it
+            self.held[slot] = revision
+            self._renewed[slot] = time.monotonic()
+            self.changes += 1
+            log.info("leases %s: %s holds %s", self.group, self.member, slot)
+            try:
+                await self._on_gain(slot)
+            except Exception:
+                log.exception("leases %s: could not take up %s; releasing it", self.group, slot)
+                await self._release(slot, graceful=False)
+
+    def _claim_order(self) -> list[str]:
+        """Free slots, starting at a place that differs by member (less contention)."""
+        free = [s for s in self.slots if s not in self.held]
+        if not free:
+            return []
+        start = int.from_bytes(self.member.encode()[-4:], "big") % len(free)
+        return free[start:] + free[:start]
+
+    async def _release(self, slot: str, graceful: bool = True) -> None:
+        revision = self.held.pop(slot, None)
+        self.changes += 1
+        await self._on_lose(slot, graceful)
+        if revision is not None and self._kv is not None:
+            with contextlib.suppress(Exception):
+                await self._kv.delete(self._slot_key(slot), last=revision)
+        log.info("leases %s: %s released %s", self.group, self.member, slot)
+
+    async def _drop_stale(self) -> None:
+        """Slots not renewed for a whole TTL are someone else's by now: stop at once."""
+        now = time.monotonic()
+        for slot in [s for s in self.held if now - self._renewed.get(s, now) > self.ttl]:
+            log.warning("leases %s: could not renew %s for %.0f s; giving it up",
+                        self.group, slot, self.ttl)
+            self.held.pop(slot, None)
+            self.changes += 1
+            await self._on_lose(slot, False)
+
+
+def nats_timeout() -> type[Exception]:
+    import nats.errors
+
+    return nats.errors.TimeoutError
