@@ -10,8 +10,6 @@ Selenium is always given both paths, so Selenium Manager never downloads a brows
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import os
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any
 
 import nats
 import pytest
+from browserkit import browser_paths
 from inproc import ws_port
 from wschat import Chat
 
@@ -28,8 +27,6 @@ from commhub.core.envelope import Alternative, Message, Sender, encode, new_id
 from commhub.core.hub import Hub
 from commhub.core.records.sqlclient import query_over_bus
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 TOKEN = "dash-analyst-token"
 WAIT = 60  # seconds: a safety net for slow machines, never a claim about speed
 
@@ -66,21 +63,6 @@ class Scripted(Classifier):
         return [close if text == CLARIFY else self.inner.rank([text], top)[0] for text in texts]
 
 
-def _browser_paths() -> tuple[Path, Path]:
-    missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not path.exists()]
-    if importlib.util.find_spec("selenium") is None:
-        missing.append("the selenium package")
-    if missing:
-        reason = (
-            f"the browser test needs {', '.join(missing)} (apt-get install chromium "
-            "chromium-driver; pip install -e '.[test]')"
-        )
-        if os.environ.get("COMMHUB_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"COMMHUB_REQUIRE_BROWSER=1 but {reason}")
-        pytest.skip(reason)
-    return CHROMIUM, CHROMEDRIVER
-
-
 @pytest.fixture
 def settings(settings: Settings) -> Settings:
     """The shared hub settings, with a SQL token the page must use."""
@@ -90,7 +72,7 @@ def settings(settings: Settings) -> Settings:
 @pytest.fixture
 def driver(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Any]:
     """Headless chromium, driven through Debian's chromedriver; never downloads anything."""
-    chromium, chromedriver = _browser_paths()
+    chromium, chromedriver = browser_paths()
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
