@@ -35,6 +35,8 @@ from typing import Any
 
 import yaml
 
+from commhub.core.engine.load import yaml12_loader
+
 __all__ = [
     "DEFAULT_CLOCK",
     "EXPECTATIONS",
@@ -544,26 +546,8 @@ def parse_duration(text: str) -> float | None:
 
 
 # -- YAML with lines and written text --------------------------------------------------
-def _loader() -> type[yaml.SafeLoader]:
-    """A SafeLoader as workflow files are read (YAML 1.2 booleans: ``yes``, ``no``,
-    ``on`` are text), which also leaves dates and times as text (``2030-01-02``)."""
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    dropped = {"tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp"}
-    Loader.yaml_implicit_resolvers = {
-        first: [(tag, rx) for tag, rx in resolvers if tag not in dropped]
-        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-    }
-    Loader.add_implicit_resolver(
-        "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-        list("tTfF"),
-    )
-    return Loader
-
-
-_Loader = _loader()
+# Workflow files' YAML (only true/false are booleans), with dates and times kept as text.
+_Loader = yaml12_loader(dates_as_text=True)
 
 
 def _read_yaml(text: str, file: str) -> tuple[Any, dict[Path_, int], dict[Path_, str]]:

@@ -30,17 +30,21 @@ from pydantic import ValidationError
 from commhub.core.engine.check import check_workflow
 from commhub.core.engine.model import WORKFLOW_FILE_SUFFIXES, Path_, WorkflowDef, WorkflowError
 
-__all__ = ["load_workflow_file", "load_workflows"]
+__all__ = ["load_workflow_file", "load_workflows", "yaml12_loader"]
 
 
-def _yaml12_loader() -> type[yaml.SafeLoader]:
-    """A SafeLoader where only true/false are booleans (``on``, ``yes``, ``no`` are text)."""
+def yaml12_loader(dates_as_text: bool = False) -> type[yaml.SafeLoader]:
+    """A SafeLoader where only true/false are booleans (``on``, ``yes``, ``no`` are text,
+    as in YAML 1.2); with ``dates_as_text``, dates and times stay text (``2030-01-02``)."""
+    dropped = {"tag:yaml.org,2002:bool"}
+    if dates_as_text:
+        dropped.add("tag:yaml.org,2002:timestamp")
 
     class Loader(yaml.SafeLoader):
         pass
 
     Loader.yaml_implicit_resolvers = {
-        first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+        first: [(tag, rx) for tag, rx in resolvers if tag not in dropped]
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
     }
     Loader.add_implicit_resolver(
@@ -50,7 +54,7 @@ def _yaml12_loader() -> type[yaml.SafeLoader]:
     return Loader
 
 
-_Loader = _yaml12_loader()
+_Loader = yaml12_loader()
 
 
 def _read_yaml(text: str, file: str) -> tuple[Any, dict[Path_, int]]:
