@@ -140,7 +140,7 @@ class Hub:
             self.nats_url = without_credentials(s.nats_url)
             self.endpoints.append(f"nats: {redact(s.nats_url)} (external)")
         self.bus = await Bus.connect(connect_url, s.subjects, name=f"commhub-{self.role}",
-                                     layout=s.layout)
+                                     layout=s.layout, **s.nats_options())
         if s.manage_streams:
             await self.bus.ensure_streams()
         else:

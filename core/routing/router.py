@@ -188,7 +188,6 @@ class Router:
         ``settle`` seconds for the others to hand theirs over) and start fetching them;
         start the timers and the agents' watch."""
         s = self.bus.subjects
-        await self._forget_shared_durable()
         info = await self.bus.js.stream_info(s.inputs_stream)
         self.partitions = partitions_of(info.config) or DEFAULT_PARTITIONS
         self.leases = Leases(self.bus, "router", [str(k) for k in range(self.partitions)],
@@ -264,15 +263,6 @@ class Router:
         loop = self._loops.pop(slot, None)
         if loop is not None:
             await loop.stop(grace=None if graceful else 0.0)
-
-    async def _forget_shared_durable(self) -> None:
-        """Releases before partitions read ``in`` and ``wf`` with one durable on the
-        messages stream; it is not read any more (the inputs stream copies from the
-        upgrade on), so it goes."""
-        s = self.bus.subjects
-        with contextlib.suppress(Exception):  # absent, or no right to delete it
-            await self.bus.js.delete_consumer(s.messages_stream, s.router_consumer)
-            log.info("deleted the old shared router durable %s", s.router_consumer)
 
     # -- one input ------------------------------------------------------------------
     def _decode(self, subject: str, data: bytes) -> Message | WorkflowInput:
