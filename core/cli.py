@@ -222,9 +222,11 @@ def _try_ports(settings: Any) -> None:
     from commhub.core.lock import hub_is_running
     from commhub.core.web import try_port
 
-    if settings.role not in ("all", "channels") or hub_is_running(settings.data_dir):
+    if hub_is_running(settings.data_dir):
         return
     try_port("HTTP server", settings.host, settings.http_port, "COMMHUB_HTTP_PORT")
+    if settings.role not in ("all", "channels"):
+        return  # the other roles serve only their probes and metrics
     if "commhub.channels.websocket" not in settings.disable_plugins:
         try_port("WebSocket channel", settings.host, settings.ws_port, "COMMHUB_WS_PORT")
 
