@@ -116,3 +116,45 @@ async def test_faults_one_after_another_lose_and_reorder_nothing(tmp_path: Path)
         for process in processes:
             process.stop()
         cluster.stop()
+
+
+async def test_replicas_set_by_hand_survive_a_restart_and_apply_sets_them(
+    tmp_path: Path,
+) -> None:
+    """R1 streams edited to R3 by an operator stay R3 through the next start (which does
+    not fail on the bucket); `streams apply` sets replicas; 5 replicas on 3 servers is
+    one clear line."""
+    import dataclasses
+
+    from commhub.core import streams
+    from commhub.core.bus import Bus
+    from commhub.core.subjects import Subjects
+
+    cluster = NatsCluster(tmp_path / "nats").start()
+    try:
+        await cluster.wait_ready()
+        subjects = Subjects("handset")
+        bus = await Bus.connect(cluster.url, subjects, layout=streams.Layout(replicas=1))
+        try:
+            await bus.ensure_streams()
+            for name in (subjects.messages_stream, f"KV_{subjects.state_bucket}"):
+                config = (await bus.js.stream_info(name)).config
+                await bus.js.update_stream(dataclasses.replace(config, num_replicas=3))
+            assert await bus.ensure_streams() == []  # the next start: nothing reverted
+            for name in (subjects.messages_stream, f"KV_{subjects.state_bucket}"):
+                assert (await bus.js.stream_info(name)).config.num_replicas == 3
+            await bus.state_bucket()
+
+            lines = await streams.apply(bus.js, subjects, streams.Layout(replicas=3))
+            assert f"{subjects.events_stream}: updated (num_replicas 1 -> 3)" in lines
+            assert f"{subjects.messages_stream}: unchanged (3 replicas)" in lines
+            assert (await bus.js.stream_info(subjects.inputs_stream)).config.num_replicas == 3
+
+            with pytest.raises(streams.StreamSetupError) as caught:
+                await streams.apply(bus.js, Subjects("five"), streams.Layout(replicas=5))
+            assert "\n" not in str(caught.value)
+            assert "with 5 replicas" in str(caught.value)
+        finally:
+            await bus.close()
+    finally:
+        cluster.stop()
