@@ -222,9 +222,11 @@ def _try_ports(settings: Any) -> None:
     from commhub.core.lock import hub_is_running
     from commhub.core.web import try_port
 
-    if settings.role not in ("all", "channels") or hub_is_running(settings.data_dir):
+    if hub_is_running(settings.data_dir):
         return
     try_port("HTTP server", settings.host, settings.http_port, "COMMHUB_HTTP_PORT")
+    if settings.role not in ("all", "channels"):
+        return  # the other roles serve only their probes and metrics
     if "commhub.channels.websocket" not in settings.disable_plugins:
         try_port("WebSocket channel", settings.host, settings.ws_port, "COMMHUB_WS_PORT")
 
@@ -250,7 +252,8 @@ def cmd_sql(args: argparse.Namespace) -> int:
     timeout = args.timeout or settings.sql_timeout_seconds
     url, prefix = _hub_bus(settings)
     if url is not None:
-        result = asyncio.run(_sql_over_bus(url, prefix, args.query, max_rows, timeout))
+        result = asyncio.run(_sql_over_bus(url, prefix, args.query, max_rows, timeout,
+                                           settings.nats_options()))
     else:
         if not settings.duckdb_path.exists():
             raise _UserError(f"no records yet: {settings.duckdb_path} does not exist "
@@ -294,27 +297,29 @@ def cmd_export(args: argparse.Namespace) -> int:
     if url is None:  # no hub: the file itself
         counts = export_parquet(settings.duckdb_path, args.directory, on_table=done)
     else:  # a running hub lends us its snapshot while we read it
-        counts = asyncio.run(_export_over_bus(url, prefix, args.directory, done))
+        counts = asyncio.run(_export_over_bus(url, prefix, args.directory, done,
+                                              settings.nats_options()))
     print(f"exported {sum(counts.values()):,} rows of {len(counts)} tables to {args.directory}")
     return 0
 
 
-async def _connect(url: str) -> Any:
+async def _connect(url: str, options: dict[str, Any] | None = None) -> Any:
     """A connection for one command (comma-separated servers allowed); no server within
     the deadline or a refused login is one error line (the URL without its password)."""
     from commhub.core.natsconnect import connect
 
-    return await connect(url, name="commhub-cli")
+    return await connect(url, name="commhub-cli", **(options or {}))
 
 
 async def _export_over_bus(
-    url: str, prefix: str, directory: Path, done: Callable[[str, int], None]
+    url: str, prefix: str, directory: Path, done: Callable[[str, int], None],
+    options: dict[str, Any] | None = None,
 ) -> dict[str, int]:
     from commhub.core.records.export import export_parquet
     from commhub.core.records.sqlclient import leased_snapshot
     from commhub.core.subjects import Subjects
 
-    nc = await _connect(url)
+    nc = await _connect(url, options)
     try:
         async with leased_snapshot(nc, Subjects(prefix)) as path:
             if not path.is_file():
@@ -325,11 +330,12 @@ async def _export_over_bus(
         await nc.close()
 
 
-async def _sql_over_bus(url: str, prefix: str, query: str, max_rows: int, timeout: float) -> Any:
+async def _sql_over_bus(url: str, prefix: str, query: str, max_rows: int, timeout: float,
+                        options: dict[str, Any] | None = None) -> Any:
     from commhub.core.records.sqlclient import query_over_bus
     from commhub.core.subjects import Subjects
 
-    nc = await _connect(url)
+    nc = await _connect(url, options)
     try:
         return await query_over_bus(nc, Subjects(prefix), query, timeout=timeout + 5,
                                     max_rows=max_rows)
@@ -379,7 +385,7 @@ def cmd_streams(args: argparse.Namespace) -> int:
         from commhub.core.subjects import Subjects
 
         bus = await Bus.connect(url, Subjects(prefix), name="commhub-streams",
-                                layout=settings.layout)
+                                layout=settings.layout, **settings.nats_options())
         try:
             return await streams.apply(bus.js, bus.subjects, bus.layout)
         finally:

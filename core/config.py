@@ -54,7 +54,7 @@ Role = Literal["all", "channels", "router", "recorder"]
 
 # Settings whose values an error message must not show.
 SECRET_SETTINGS = frozenset({"tokens", "token_secret", "sql_tokens", "agent_tokens",
-                             "plugins"})
+                             "plugins", "nats_password", "nats_token"})
 
 
 class ConfigFileError(ValueError):
@@ -133,6 +133,18 @@ class Settings(BaseSettings):
         None, description="An existing NATS server or cluster; unset starts the embedded one."
     )
     nats_port: int = Field(4222, ge=0, le=65535, description="Embedded server port (0: any free).")
+    nats_creds: Path | None = Field(
+        None, description="A NATS .creds file (user JWT and nkey seed) to connect with.")
+    nats_nkey: Path | None = Field(
+        None, description="A file holding an nkey seed (SU...) to connect with.")
+    nats_user: str | None = Field(None, description="NATS user name to connect with.")
+    nats_password: SecretStr | None = Field(None, description="NATS password (a secret).")
+    nats_token: SecretStr | None = Field(None, description="NATS token (a secret).")
+    nats_tls_cert: Path | None = Field(
+        None, description="Client certificate (PEM) for TLS to NATS; with nats_tls_key.")
+    nats_tls_key: Path | None = Field(None, description="The client certificate's key (PEM).")
+    nats_tls_ca: Path | None = Field(
+        None, description="CA file (PEM) that NATS servers' certificates are checked against.")
     nats_conf: Path | None = Field(None, description="nats.conf for the embedded server.")
     prefix: str = Field("commhub", description="First token of every subject.")
     role: Role = "all"
@@ -344,6 +356,18 @@ class Settings(BaseSettings):
         """The checker every built-in channel uses for client tokens."""
         secret = self.token_secret.get_secret_value() if self.token_secret else None
         return TokenAuthority(self.tokens, secret, self.anonymous_allowed)
+
+    def nats_options(self) -> dict[str, Any]:
+        """nats-py ``connect`` options for the credentials and TLS settings (secrets
+        included: pass them on, never show them)."""
+        from commhub.core.natsconnect import auth_options
+
+        return auth_options(
+            creds=self.nats_creds, nkey=self.nats_nkey, user=self.nats_user,
+            password=self.nats_password.get_secret_value() if self.nats_password else None,
+            token=self.nats_token.get_secret_value() if self.nats_token else None,
+            tls_cert=self.nats_tls_cert, tls_key=self.nats_tls_key, tls_ca=self.nats_tls_ca,
+        )
 
     @property
     def layout(self) -> Any:

@@ -126,6 +126,7 @@ class DeliveryStats:
     terminated: int = 0  # invalid records (undecodable, Permanent), reported
     given_up: int = 0  # dead letters, reported
     ignored_redeliveries: int = 0  # redelivered while the first copy was still held
+    redelivered: int = 0  # taken up with num_delivered > 1 (a crash, a lost ack, a nak)
 
 
 Handler = Callable[[Delivery[T]], Awaitable[None]]
@@ -323,6 +324,8 @@ class DeliveryLoop(Generic[T]):
         subject = self._unwrap(msg.subject)
         seq = int(msg.metadata.sequence.stream)
         delivered = int(msg.metadata.num_delivered)
+        if delivered > 1:
+            self.stats.redelivered += 1
         key = self._key(subject)
         try:
             record = self._decode(subject, msg.data)  # may refuse the subject in its words

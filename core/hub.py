@@ -36,8 +36,10 @@ from commhub.core.classify import BatchingClassifier, Classifier, routing_thresh
 from commhub.core.config import Settings
 from commhub.core.engine.entities import warm_up as warm_up_entities
 from commhub.core.engine.fsm import Engine
-from commhub.core.leases import Leases
+from commhub.core.leases import Leases, member_id
 from commhub.core.lock import DataDirLock
+from commhub.core.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from commhub.core.metrics import HubMetrics
 from commhub.core.natsauth import load_or_create, redact, without_credentials
 from commhub.core.natsserver import EmbeddedNats
 from commhub.core.plugins import Plugins
@@ -91,6 +93,10 @@ class Hub:
         self.nats_url: str | None = None
         self._api_subs: list[Any] = []
         self._recorder_lease: Leases | None = None
+        # This process's name on the bus (leases, api.health.{process}).
+        self.process_id = member_id()
+        self.metrics = HubMetrics()
+        self.metrics.bind(self)
         self._started = False
 
     @property
@@ -135,6 +141,9 @@ class Hub:
             self.lock.acquire()
         if self._runs("channels"):
             self._claim_ports()
+        else:  # every role serves its probes and metrics
+            self.web = WebServer(s.host, s.http_port, max_body_bytes=s.max_body_bytes)
+            self.web.bind()
         if s.embedded_nats:
             # Only clients with the data directory's credentials get into the server;
             # the hub's own connection carries them, the URL shown and kept does not.
@@ -151,18 +160,21 @@ class Hub:
             self.nats_url = without_credentials(s.nats_url)
             self.endpoints.append(f"nats: {redact(s.nats_url)} (external)")
         self.bus = await Bus.connect(connect_url, s.subjects, name=f"commhub-{self.role}",
-                                     layout=s.layout)
+                                     layout=s.layout, **s.nats_options())
         if s.manage_streams:
             await self.bus.ensure_streams()
         else:
             await self.bus.check_streams()
         await self._start_apis()
+        if self.web is not None:
+            self._mount_probes(self.web)
+        self.metrics.start()
         if self._runs("recorder"):
             # One active recorder per prefix, by lease: a second one stands by and takes
             # over within seconds of the first dying (see _activate_recorder).
             self._recorder_lease = Leases(self.bus, "recorder", ["active"],
                                           self._activate_recorder, self._deactivate_recorder,
-                                          greedy=True)
+                                          greedy=True, member=self.process_id)
             await self._recorder_lease.start()
             # Holding the lease, this process started the recorder, then the SQL service.
             state = "live SQL: commhub sql \"...\"" if self.recorder is not None else (
@@ -192,6 +204,7 @@ class Hub:
         assert self.bus is not None
         recorder = Recorder(self.bus, s.duckdb_path, batch=s.recorder_batch,
                             flush_seconds=s.recorder_flush_seconds)
+        recorder.metrics = self.metrics
         await recorder.start()
         # User SQL runs on snapshots in instances of its own, never on the writer's.
         live = LiveSandbox(recorder, s.data_dir / "snapshots", max_age=s.sql_snapshot_seconds,
@@ -261,6 +274,8 @@ class Hub:
             agent_ttl=s.agent_ttl_seconds,
             handoff_needs_agent=s.handoff_needs_agent,
         )
+        self.router.metrics = self.metrics
+        self.router.member = self.process_id
         await self.router.start()
         self.endpoints.append(
             f"router: {len(self.engine.definitions)} workflows "
@@ -295,7 +310,6 @@ class Hub:
         assert self.bus is not None and self.web is not None
         s = self.settings
         self._mount_hub_routes(self.web)
-        self.endpoints.append(f"http: {self.web.url} (health: /healthz, readiness: /readyz)")
         self.endpoints.append(f"dashboard: {self.web.url}/dashboard (SQL over HTTP: POST /v1/sql)")
         self.endpoints.append(f"widget: {self.web.url}/widget.js (demo: {self.web.url}/chat); "
                               f"agents' inbox: {self.web.url}/inbox")
@@ -305,8 +319,9 @@ class Hub:
             self.endpoints.extend(await channel.start())
             self.channels[name] = channel
 
-    def _mount_hub_routes(self, web: WebServer) -> None:
-        """``/healthz``: the process answers. ``/readyz``: started and the bus is up."""
+    def _mount_probes(self, web: WebServer) -> None:
+        """``/healthz``: the process answers. ``/readyz``: started and the bus is up.
+        ``/metrics``: Prometheus's text format. Every role serves them."""
 
         async def healthz(request: Request) -> Response:
             return json_response({"status": "ok", "role": self.role})
@@ -319,8 +334,18 @@ class Hub:
             return json_response({"status": "ready", "role": self.role,
                              "channels": sorted(self.channels)})
 
+        async def metrics(request: Request) -> Response:
+            body = await asyncio.to_thread(self.metrics.render)
+            return Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
         web.add_get("/healthz", healthz)
         web.add_get("/readyz", readyz)
+        web.add_get("/metrics", metrics)
+        self.endpoints.append(f"http: {web.url} (health: /healthz, readiness: /readyz, "
+                              "metrics: /metrics)")
+
+    def _mount_hub_routes(self, web: WebServer) -> None:
+        """The dashboard and SQL over HTTP (channels)."""
         assert self.bus is not None
         mount_dashboard(web, self.settings, self.bus)
         mount_widget(web, self.settings, self._ws_port)
@@ -343,6 +368,8 @@ class Hub:
             body = {
                 "status": "ok",
                 "role": self.role,
+                "process": self.process_id,
+                "partitions": self.router.held_partitions if self.router else None,
                 "router": dataclasses.asdict(self.router.stats) if self.router else None,
                 "recorder": self.recorder.stats_dict() if self.recorder else None,
                 "recorder_standby": self._recorder_lease is not None and self.recorder is None,
@@ -365,6 +392,9 @@ class Hub:
                 await bus.nc.subscribe(bus.subjects.api(name), queue=f"commhub-{name}",
                                        cb=handler)
             )
+        # api.health.{process}: this process only (its id is in every health reply).
+        self._api_subs.append(await bus.nc.subscribe(
+            f"{bus.subjects.api('health')}.{self.process_id}", cb=health))
 
     # -- stop -------------------------------------------------------------------------
     async def stop(self) -> None:
@@ -394,6 +424,7 @@ class Hub:
         if self._started:
             await _quietly(lambda: self.plugins.shutdown(self), "plugin shutdown")
             self._started = False
+        await _quietly(self.metrics.stop, "metrics")
         for sub in self._api_subs:
             await _quietly(sub.unsubscribe, "api")
         self._api_subs.clear()

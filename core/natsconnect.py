@@ -22,8 +22,10 @@ import asyncio
 import contextlib
 import errno
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -36,7 +38,8 @@ from nats.errors import (
 
 from commhub.core.natsauth import redact
 
-__all__ = ["CONNECT_DEADLINE", "NatsConnectError", "connect", "describe_failure", "servers_of"]
+__all__ = ["CONNECT_DEADLINE", "NatsConnectError", "auth_options", "connect", "describe_failure",
+           "servers_of"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,50 @@ def describe_failure(exc: BaseException | None, deadline: float) -> str:
         return exc.strerror[0].lower() + exc.strerror[1:]
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
+
+
+def auth_options(
+    *,
+    creds: Path | None = None,
+    nkey: Path | None = None,
+    user: str | None = None,
+    password: str | None = None,
+    token: str | None = None,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    tls_ca: Path | None = None,
+) -> dict[str, Any]:
+    """nats-py ``connect`` options for credentials and TLS. Files are checked here, so
+    a missing one is a :class:`NatsConnectError` naming the setting, not a traceback."""
+    options: dict[str, Any] = {}
+    for setting, path in (("nats_creds", creds), ("nats_nkey", nkey),
+                          ("nats_tls_cert", tls_cert), ("nats_tls_key", tls_key),
+                          ("nats_tls_ca", tls_ca)):
+        if path is not None and not Path(path).is_file():
+            raise NatsConnectError(f"{setting} {path} is not a readable file")
+    if creds is not None:
+        options["user_credentials"] = str(creds)
+    if nkey is not None:
+        options["nkeys_seed"] = str(nkey)
+    if user is not None:
+        options["user"] = user
+    if password is not None:
+        options["password"] = password
+    if token is not None:
+        options["token"] = token
+    if (tls_cert is None) != (tls_key is None):
+        raise NatsConnectError("nats_tls_cert and nats_tls_key go together: set both")
+    if tls_cert is not None or tls_ca is not None:
+        context = ssl.create_default_context(
+            ssl.Purpose.SERVER_AUTH, cafile=str(tls_ca) if tls_ca else None)
+        if tls_cert is not None and tls_key is not None:
+            try:
+                context.load_cert_chain(str(tls_cert), str(tls_key))
+            except (ssl.SSLError, OSError) as exc:
+                raise NatsConnectError(
+                    f"cannot load the client certificate {tls_cert}: {exc}") from None
+        options["tls"] = context
+    return options
 
 
 class _Outage:

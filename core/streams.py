@@ -189,13 +189,13 @@ def bucket_configs(s: Subjects, layout: Layout) -> list[KeyValueConfig]:
         ),
         KeyValueConfig(
             bucket=s.agents_bucket, description="commhub human agents' heartbeats",
-            ttl=layout.agent_ttl, storage=StorageType.MEMORY,
+            ttl=layout.agent_ttl, storage=StorageType.MEMORY, direct=True,
             **common,  # type: ignore[arg-type]
         ),
         KeyValueConfig(
             bucket=s.leases_bucket,
             description="commhub leases: router partitions, the active recorder",
-            ttl=LEASE_TTL_SECONDS, storage=StorageType.MEMORY,
+            ttl=LEASE_TTL_SECONDS, storage=StorageType.MEMORY, direct=True,
             **common,  # type: ignore[arg-type]
         ),
     ]
@@ -285,6 +285,13 @@ async def _setup(js: JetStreamContext, s: Subjects, layout: Layout, *, force_lay
             lines.append(f"{wanted.name}: unchanged ({layout.describe()})")
     for bucket in bucket_configs(s, layout):
         lines.extend(await _bucket(js, bucket, layout, force_layout))
+    try:
+        # Releases before partitions read in and wf with one durable on the messages
+        # stream; the inputs stream replaces it.
+        await js.delete_consumer(s.messages_stream, s.router_consumer)
+        lines.append(f"{s.router_consumer}: deleted (replaced by the partitioned inputs)")
+    except NotFoundError:
+        pass
     return lines
 
 

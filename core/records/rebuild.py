@@ -103,7 +103,8 @@ async def rebuild(settings: Settings, progress: ProgressCallback | None = None) 
         else:
             assert settings.nats_url is not None
             url = settings.nats_url
-        bus = await Bus.connect(url, settings.subjects, name="commhub-rebuild")
+        bus = await Bus.connect(url, settings.subjects, name="commhub-rebuild",
+                                **settings.nats_options())
         try:
             return await _rebuild(bus, settings, progress)
         finally:

@@ -153,6 +153,7 @@ class Recorder:
         self.progress_seconds = progress_seconds
         self.report_refused = report_refused
         self.stats = RecorderStats()
+        self.metrics: Any = None  # a HubMetrics, set by the hub: batch times
         self._pending: dict[str, int] = {}
         self._in_flight = 0  # fetched, not yet committed or nak'd
         self._executor: ThreadPoolExecutor | None = None
@@ -469,6 +470,7 @@ class Recorder:
         msgs = [msg for _stream, batch in pending for msg in batch]
         self._in_flight -= len(msgs)  # committed or nak'd below: either way, not held
         self.stats.pending = sum(self._pending.values()) + self._in_flight
+        started = time.perf_counter()
         try:
             inserted, invalid, reports = await self._in_thread(self._write, pending)
             if reports and self.report_refused:
@@ -487,6 +489,8 @@ class Recorder:
         self.stats.invalid += invalid
         self.stats.batches += 1
         self.stats.last_commit = time.time()
+        if self.metrics is not None:
+            self.metrics.observe_batch(time.perf_counter() - started, len(msgs))
         await self._settle(msgs, ack=True)
         return True
 

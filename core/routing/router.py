@@ -55,6 +55,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +81,7 @@ from commhub.core.envelope import (
     now,
 )
 from commhub.core.leases import Leases
+from commhub.core.metrics import HubMetrics, StageTimer
 from commhub.core.plugins import Plugins
 from commhub.core.retry import Decision as RetryDecision
 from commhub.core.retry import Permanent, Retry, RetryPolicy
@@ -179,6 +181,8 @@ class Router:
         self.agents = AgentPresence(bus, agent_ttl) if handoff_needs_agent else None
         self.stats = RouterStats()
         self.partitions = DEFAULT_PARTITIONS
+        self.metrics: HubMetrics | None = None  # set by the hub
+        self.member: str | None = None  # this process's name in the leases (the hub's)
         self.leases: Leases | None = None
         self._loops: dict[str, DeliveryLoop[Message | WorkflowInput]] = {}
 
@@ -188,11 +192,10 @@ class Router:
         ``settle`` seconds for the others to hand theirs over) and start fetching them;
         start the timers and the agents' watch."""
         s = self.bus.subjects
-        await self._forget_shared_durable()
         info = await self.bus.js.stream_info(s.inputs_stream)
         self.partitions = partitions_of(info.config) or DEFAULT_PARTITIONS
         self.leases = Leases(self.bus, "router", [str(k) for k in range(self.partitions)],
-                             self._take_partition, self._drop_partition)
+                             self._take_partition, self._drop_partition, member=self.member)
         await self.leases.start(settle=settle)
         try:
             await self.timers.start()
@@ -265,15 +268,6 @@ class Router:
         if loop is not None:
             await loop.stop(grace=None if graceful else 0.0)
 
-    async def _forget_shared_durable(self) -> None:
-        """Releases before partitions read ``in`` and ``wf`` with one durable on the
-        messages stream; it is not read any more (the inputs stream copies from the
-        upgrade on), so it goes."""
-        s = self.bus.subjects
-        with contextlib.suppress(Exception):  # absent, or no right to delete it
-            await self.bus.js.delete_consumer(s.messages_stream, s.router_consumer)
-            log.info("deleted the old shared router durable %s", s.router_consumer)
-
     # -- one input ------------------------------------------------------------------
     def _decode(self, subject: str, data: bytes) -> Message | WorkflowInput:
         """The input on ``subject``, or :class:`Permanent` (terminated and reported
@@ -342,7 +336,9 @@ class Router:
     ) -> tuple[bool, ConversationState]:
         """Run one step; returns whether it ran (False when the state shows the input
         was already handled) and the conversation's committed state."""
-        stored, revision = await self.store.load(conversation)
+        timer = StageTimer(self.metrics.observe_stage if self.metrics else None)
+        with timer("load"):
+            stored, revision = await self.store.load(conversation)
         seen = rules.already_handled(stored.state if stored else None, record.id)
         if stored is not None and seen is not None:
             if seen == "last":
@@ -353,7 +349,8 @@ class Router:
         state = stored.state if stored is not None else ConversationState(
             conversation=conversation
         )
-        decision, routed = await self._decide(record, state, revision)
+        with timer("decide"):  # the classifier's share is also timed on its own
+            decision, routed = await self._decide(record, state, revision)
         outputs: list[tuple[str, Record]] = []
         if decision.classification is not None:
             assert isinstance(routed, Message)  # only messages are classified
@@ -363,10 +360,23 @@ class Router:
             state=decision.result.state,
             outbox=[OutboxEntry(subject, rec) for subject, rec in outputs],
         )
-        await self.store.commit(conversation, new, revision)
-        await self.bus.publish_all(outputs)
+        with timer("commit"):
+            await self.store.commit(conversation, new, revision)
+        with timer("publish"):
+            await self.bus.publish_all(outputs)
         self.stats.handled += 1
+        timer.total()
+        if self.metrics is not None:
+            self._observe_outputs(outputs)
         return True, decision.result.state
+
+    def _observe_outputs(self, outputs: list[tuple[str, Record]]) -> None:
+        assert self.metrics is not None
+        for _subject, record in outputs:
+            if isinstance(record, Classification):
+                self.metrics.observe_classification(record.decision)
+            elif isinstance(record, WorkflowEvent) and record.kind != "transition":
+                self.metrics.observe_workflow_event(record.workflow, record.kind)
 
     async def _decide(
         self, record: Message | WorkflowInput, state: ConversationState, revision: int | None
@@ -386,7 +396,10 @@ class Router:
             return rules.dropped(state, record.id, now()), None
         alternatives = None
         if rules.needs_classification(state, message, self.policy, self.engine):
+            started = time.perf_counter()
             alternatives = await self.classifier.classify(message.text or "")
+            if self.metrics is not None:
+                self.metrics.observe_stage("classify", time.perf_counter() - started)
             self.stats.classified += 1
         at = now()
         entities = rules.message_entities(state, message, self.engine, at)
