@@ -164,26 +164,34 @@ class Leases:
                 continue
             if entry is None:  # the end of the initial values
                 continue
-            self._seen(entry.key, entry.value or b"", entry.operation)
-            self._wake.set()
+            if self._seen(entry.key, entry.value or b"", entry.operation):
+                self._wake.set()
 
-    def _seen(self, key: str, value: bytes, operation: Any) -> None:
+    def _seen(self, key: str, value: bytes, operation: Any) -> bool:
+        """Note a change; True when it calls for a rebalance now (a member came or
+        went, a slot was freed or changed hands), False for a renewal (every member
+        renews every few seconds: waking on those would renew in a loop)."""
         now = time.monotonic()
         parts = key.split(".", 2)
         if len(parts) != 3:
-            return
+            return False
         deleted = operation is not None and str(operation).upper().endswith(("DEL", "PURGE"))
         kind, name = parts[1], parts[2]
         if kind == "member":
             if deleted:
-                self._members.pop(name, None)
-            else:
-                self._members[name] = now
-        elif kind == "slot":
+                return self._members.pop(name, None) is not None
+            seen = self._members.get(name)
+            self._members[name] = now
+            return seen is None or now - seen > self.ttl
+        if kind == "slot":
             if deleted:
                 self._holders.pop(name, None)
-            else:
-                self._holders[name] = (value.decode(errors="replace"), now)
+                return True
+            holder = value.decode(errors="replace")
+            before = self._holders.get(name)
+            self._holders[name] = (holder, now)
+            return before is None or before[0] != holder or now - before[1] > self.ttl
+        return False
 
     async def _tick(self) -> None:
         try:
