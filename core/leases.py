@@ -93,6 +93,7 @@ class Leases:
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
         self._failing = False
+        self._starting = False
         self.changes = 0  # slots gained or lost (tests and metrics)
 
     # -- keys ---------------------------------------------------------------------------
@@ -121,7 +122,14 @@ class Leases:
         self._kv = await self.bus.bucket(self.bus.subjects.leases_bucket)
         self._watcher = await self._kv.watch(f"{self.group}.>", include_history=False)
         self._tasks.append(asyncio.create_task(self._watch(), name=f"leases-{self.group}-watch"))
-        await self._tick()
+        self._starting = True
+        try:
+            await self._renew_and_balance()  # errors here fail the start
+        except BaseException:
+            await self.stop()
+            raise
+        finally:
+            self._starting = False
         deadline = time.monotonic() + settle
         while len(self.held) < self.fair_share and time.monotonic() < deadline:
             self._wake.clear()
@@ -243,8 +251,10 @@ class Leases:
             try:
                 await self._on_gain(slot)
             except Exception:
-                log.exception("leases %s: could not take up %s; releasing it", self.group, slot)
                 await self._release(slot, graceful=False)
+                if self._starting:
+                    raise  # a start that cannot take up its share fails (a broken file)
+                log.exception("leases %s: could not take up %s; released it", self.group, slot)
 
     def _claim_order(self) -> list[str]:
         """Free slots, starting at a place that differs by member (less contention)."""
