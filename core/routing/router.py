@@ -258,12 +258,8 @@ class Router:
             on_give_up=self._on_give_up,
             unwrap=s.unpartitioned,
         )
-        self._loops[slot] = loop  # before starting: a stop meanwhile stops it too
-        try:
-            await loop.start()
-        except BaseException:
-            self._loops.pop(slot, None)
-            raise
+        await loop.start()
+        self._loops[slot] = loop
 
     async def _drop_partition(self, slot: str, graceful: bool) -> None:
         """Stop reading partition ``slot``: gracefully, the inputs in hand are finished
