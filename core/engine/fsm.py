@@ -392,12 +392,17 @@ class Engine:
 
     def question(self, state: ConversationState) -> list[Reply]:
         """What the current state asks, said again after an aside (small talk): its
-        ``say`` (or its confirmation of a prefilled value), with its buttons; nothing
-        for an idle conversation or a state that no longer exists."""
+        ``say`` (or its confirmation of a prefilled value), with its buttons; while its
+        ``ask`` is pending, its ``reprompt`` if it has one (saying "Let me look up..."
+        again would read as a second lookup); nothing for an idle conversation or a
+        state that no longer exists."""
         defn = self.definitions.get(state.workflow or "")
         current = defn.states.get(state.state or "") if defn is not None else None
         if defn is None or current is None:
             return []
+        if state.asking is not None and current.reprompt is not None:
+            return [Reply(text=render_template(current.reprompt, state.slots),
+                          buttons=self._buttons(current, state.slots))]
         if state.confirming is not None and state.confirming == _asked_slot(current):
             text = defn.slots[state.confirming].confirm or ""
             return self._say([SayDef(text=text, buttons=_CONFIRM_BUTTONS)], state.slots)
