@@ -13,6 +13,8 @@ import pytest
 from commhub.plugins.bert import Encoder, read_safetensors, write_safetensors
 from commhub.plugins.minilm import MinilmClassifier, MinilmSettings
 from commhub.plugins.static_embeddings import StaticEmbeddings, shipped
+from commhub.plugins.tfidf import TfidfClassifier, TfidfSettings
+from commhub.plugins.wordllama_table import WordLlamaTable, shipped_wordllama
 from commhub.plugins.wordpiece import WordPiece
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,6 +73,54 @@ def test_a_corrupt_table_is_refused_with_its_path(tmp_path: Path) -> None:
     bad.write_bytes(b"not a zip")
     with pytest.raises(ValueError, match=r"table\.npz"):
         StaticEmbeddings.load(bad)
+
+
+# ------------------------------------------------------------------ WordLlama's table
+def test_wordllama_table_is_read_from_the_package_without_a_download() -> None:
+    """The table and tokenizer come from the installed wheel (WordLlama.load() would go to
+    Hugging Face for the tokenizer); paraphrases land closer than unrelated text."""
+    table = shipped_wordllama()
+    assert table.dims == 256 and len(table.digest) == 16
+    pairs = [
+        ("book a table for two", "reserve a restaurant for dinner", "what is my bank balance"),
+        ("how much cash do i have", "what is my account balance", "play some jazz music"),
+        ("my flight got cancelled", "the airline cancelled my plane", "set an alarm for 7"),
+    ]
+    for anchor, paraphrase, unrelated in pairs:
+        rows = table.transform([anchor, paraphrase, unrelated])
+        assert rows[0] @ rows[1] > rows[0] @ rows[2], (anchor, paraphrase, unrelated)
+
+
+def test_wordllama_transform_gives_unit_rows_and_zeros_for_empty_text() -> None:
+    rows = shipped_wordllama().transform(["hello there", "", "\u2603 snow"])
+    assert rows.shape == (3, 256) and rows.dtype == np.float32
+    assert np.isclose(np.linalg.norm(rows[0]), 1.0, atol=1e-5)
+    assert np.isclose(np.linalg.norm(rows[2]), 1.0, atol=1e-5)
+    assert not rows[1].any()
+    assert shipped_wordllama().transform([]).shape == (0, 256)
+
+
+def test_a_corrupt_wordllama_file_is_refused_with_its_path(tmp_path: Path) -> None:
+    weights, tokenizer = tmp_path / "w.safetensors", tmp_path / "tok.json"
+    write_safetensors(weights, {"embedding.weight": np.ones((4, 2))})
+    tokenizer.write_text("{not json")
+    with pytest.raises(ValueError, match=r"tok\.json"):
+        WordLlamaTable.load(weights, tokenizer)
+    weights.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"w\.safetensors"):
+        WordLlamaTable.load(weights, tokenizer)
+
+
+def test_the_embedding_expert_uses_both_tables_unless_told_not_to() -> None:
+    both, minilm_only = TfidfClassifier(), TfidfClassifier(TfidfSettings(wordllama=False))
+    rows = both.embed(["book a table", "what is my balance"])
+    assert rows.shape == (2, 512)
+    assert np.allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(rows[:, :256] * np.sqrt(2), minilm_only.embed(["book a table",
+                                                                      "what is my balance"]))
+    # Other embeddings, other cached model.
+    assert both.embedding_id() != minilm_only.embedding_id()
+    assert "wordllama-" in both.embedding_id()
 
 
 # ------------------------------------------------------------------ the numpy encoder
