@@ -130,7 +130,7 @@ class TfidfSettings(BaseModel):
                     "background (the hub uses it with threshold = \"auto\").",
     )
     action_penalty: float = Field(
-        default=5.0, ge=0,
+        default=10.0, ge=0,
         description="Score taken from a workflow none of whose examples names an action "
                     "(cancel, change, ...) when the message names one; 0: off.",
     )
