@@ -14,11 +14,11 @@ Hugging Face; commhub never downloads at run time, so it opens both files itself
 Paired with commhub's MiniLM table (:mod:`commhub.plugins.static_embeddings`), whose
 errors it does not share (another vocabulary, another teacher), it makes the ``tfidf``
 classifier's embedding expert about 2 points more accurate at ten examples per workflow
-(docs/classifier.md). The table (16 MB as float16; about 50 MB resident with the tokenizer)
-is read once per process, on first use, and then
-shared; a :class:`WordLlamaTable` is read-only after construction, and the ``tokenizers``
-calls it makes release no shared state, so threads may share it. A missing or corrupt
-file raises :class:`ValueError` naming it.
+(docs/classifier.md). The table (16 MB as float16; about 50 MB resident with the
+tokenizer) is read once per process, on first use, and then shared. A
+:class:`WordLlamaTable` is not changed after construction; the classifier calls it from
+one worker thread at a time (the ``Classifier.rank`` contract). A missing or corrupt file
+raises :class:`ValueError` naming it.
 """
 
 from __future__ import annotations
