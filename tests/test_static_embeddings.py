@@ -111,6 +111,29 @@ def test_a_corrupt_wordllama_file_is_refused_with_its_path(tmp_path: Path) -> No
         WordLlamaTable.load(weights, tokenizer)
 
 
+def test_without_the_wordllama_package_training_says_what_to_do(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No silent download and no obscure error: the hub's start names the package and the
+    setting that does without it."""
+    import importlib.util
+
+    from commhub.plugins import wordllama_table
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(wordllama_table.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wordllama" else real_find_spec(name, *a))
+    wordllama_table.shipped_wordllama.cache_clear()
+    try:
+        with pytest.raises(ValueError, match=r"pip install wordllama; or set wordllama = false"):
+            TfidfClassifier().fit({"a": ["one phrase", "another one"], "b": ["more", "text"]})
+        TfidfClassifier(TfidfSettings(wordllama=False)).fit(
+            {"a": ["one phrase", "another one"], "b": ["more", "text"]})
+    finally:
+        monkeypatch.undo()
+        wordllama_table.shipped_wordllama.cache_clear()
+
+
 def test_the_embedding_expert_uses_both_tables_unless_told_not_to() -> None:
     both, minilm_only = TfidfClassifier(), TfidfClassifier(TfidfSettings(wordllama=False))
     rows = both.embed(["book a table", "what is my balance"])
