@@ -6,16 +6,16 @@ Two experts score every class and their scores add up:
   word boundaries (robust to typos and inflection), each TF-IDF weighted with sublinear
   term frequency, scored by a one-vs-rest linear SVM (liblinear): on CLINC150 as accurate
   as a multinomial logistic regression and ten times faster to train.
-- **Meaning.** A multinomial logistic regression on static sentence embeddings: two
-  tables side by side, each row of unit length, scaled by 1/sqrt(2) (so their dot products
-  average the two cosines): word-piece vectors distilled from all-MiniLM-L6-v2, shipped
-  with commhub (:mod:`commhub.plugins.static_embeddings`), and WordLlama's token vectors
-  from the ``wordllama`` package (:mod:`commhub.plugins.wordllama_table`; ``wordllama:
-  false`` leaves them out). It knows that "reserve" is near "book", which no n-gram does.
-  Its log-probabilities, times ``embedding_weight``, are added to the SVM's decision
-  scores. The two tables err on different phrases: together they are right 86.3% of the
-  time at ten examples per intent on CLINC150 where either alone is right 84%
-  (``commhub bench classifier``; figures in docs/classifier.md).
+- **Meaning.** A multinomial logistic regression on static sentence embeddings
+  (:mod:`commhub.plugins.static_embeddings`: word-piece vectors distilled from
+  all-MiniLM-L6-v2, shipped with commhub). It knows that "reserve" is near "book", which
+  no n-gram does. Its log-probabilities, times ``embedding_weight``, are added to the SVM's
+  decision scores. On CLINC150 the pair is right 94.3% of the time where the SVM alone is
+  right 92.9% (``commhub bench classifier``). Opt-in, ``wordllama = true`` puts WordLlama's
+  token vectors (:mod:`commhub.plugins.wordllama_table`, the optional ``wordllama`` package:
+  ``pip install 'commhub[wordllama]'``) beside that table, each unit-length part scaled by
+  1/sqrt(2); with ``embedding_weight = 0.5`` and ``action_penalty = 10`` it is better with
+  few examples, worse on the full data (figures in docs/classifier.md).
 
 Confidences are ``softmax(score / T)``.
 
@@ -115,11 +115,12 @@ class TfidfSettings(BaseModel):
         default=True, description="Add the expert on static sentence embeddings."
     )
     wordllama: bool = Field(
-        default=True,
-        description="Add WordLlama's token table (the wordllama package) to the embeddings.",
+        default=False,
+        description="Add WordLlama's token table to the embeddings (opt-in; needs the "
+                    "optional wordllama package: pip install 'commhub[wordllama]').",
     )
     embedding_weight: float = Field(
-        default=0.5, ge=0, description="Weight of the embedding expert's log-probabilities."
+        default=0.2, ge=0, description="Weight of the embedding expert's log-probabilities."
     )
     embedding_C: float = Field(
         default=20.0, gt=0, description="Inverse regularisation of the embedding expert."
@@ -130,7 +131,7 @@ class TfidfSettings(BaseModel):
                     "background (the hub uses it with threshold = \"auto\").",
     )
     action_penalty: float = Field(
-        default=10.0, ge=0,
+        default=5.0, ge=0,
         description="Score taken from a workflow none of whose examples names an action "
                     "(cancel, change, ...) when the message names one; 0: off.",
     )
@@ -277,7 +278,7 @@ class TfidfClassifier(Classifier):
     # ------------------------------------------------------------------ embeddings
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """The embedding expert's inputs: one row per text. Here the shipped static
-        embeddings, beside WordLlama's unless ``wordllama`` is off (each unit-length part
+        embeddings, beside WordLlama's if ``wordllama`` is on (each unit-length part
         scaled by 1/sqrt(2), so rows stay of unit length); a subclass may use another
         sentence encoder. Raises ValueError when a table is missing or corrupt."""
         rows = shipped().transform(texts)

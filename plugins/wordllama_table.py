@@ -1,11 +1,15 @@
 """WordLlama's static token embeddings, read from the ``wordllama`` package's own files.
 
-The ``wordllama`` wheel (MIT, on PyPI) ships a table of 256-dimensional token vectors
-(``weights/l2_supercat_256.safetensors``: Llama 2's 32,000-token vocabulary, trained by
-WordLlama on sentence pairs from the concatenated token embeddings of several large
-language models) and its tokenizer (``tokenizers/l2_supercat_tokenizer_config.json``). A
-sentence's embedding is the mean of its tokens' vectors, scaled to unit length, as
-WordLlama's own ``embed(norm=True)`` computes it.
+Opt-in (``[plugins.tfidf] wordllama = true``) and an optional dependency (``pip install
+'commhub[wordllama]'``): its weights derive from Llama 2's token embeddings while the
+package says MIT, so whether Llama 2's licence reaches them is unclear, and commhub does
+not install them by default. The ``wordllama`` wheel (on PyPI) ships a table of
+256-dimensional token vectors (``weights/l2_supercat_256.safetensors``: Llama 2's
+32,000-token vocabulary, trained by WordLlama on sentence pairs from the concatenated
+token embeddings of several large language models) and its tokenizer
+(``tokenizers/l2_supercat_tokenizer_config.json``). A sentence's embedding is the mean of
+its tokens' vectors, scaled to unit length, as WordLlama's own ``embed(norm=True)``
+computes it.
 
 Why not ``WordLlama.load()``: in wordllama 0.4 it looks for the tokenizer in a folder
 named ``tokenizer`` while the wheel has ``tokenizers``, then downloads the file from
@@ -14,11 +18,11 @@ Hugging Face; commhub never downloads at run time, so it opens both files itself
 Paired with commhub's MiniLM table (:mod:`commhub.plugins.static_embeddings`), whose
 errors it does not share (another vocabulary, another teacher), it makes the ``tfidf``
 classifier's embedding expert about 2 points more accurate at ten examples per workflow
-(docs/classifier.md). The table (16 MB as float16; about 50 MB resident with the
-tokenizer) is read once per process, on first use, and then shared. A
-:class:`WordLlamaTable` is not changed after construction; the classifier calls it from
-one worker thread at a time (the ``Classifier.rank`` contract). A missing or corrupt file
-raises :class:`ValueError` naming it.
+(docs/classifier.md; on the full data it costs out-of-scope recall). The table (16 MB as
+float16; about 50 MB resident with the tokenizer) is read once per process, on first use,
+and then shared. A :class:`WordLlamaTable` is not changed after construction; the
+classifier calls it from one worker thread at a time (the ``Classifier.rank`` contract).
+A missing or corrupt file raises :class:`ValueError` naming it.
 """
 
 from __future__ import annotations
@@ -100,7 +104,7 @@ def shipped_wordllama() -> WordLlamaTable:
     compiled algorithms) that commhub does not use."""
     spec = importlib.util.find_spec("wordllama")
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError("the wordllama package is not installed (pip install wordllama; "
-                         "or set wordllama = false)")
+        raise ValueError("the wordllama package is not installed (pip install "
+                         "'commhub[wordllama]'; or set wordllama = false)")
     root = Path(next(iter(spec.submodule_search_locations)))
     return WordLlamaTable.load(root / WEIGHTS, root / TOKENIZER)

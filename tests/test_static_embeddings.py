@@ -114,8 +114,9 @@ def test_a_corrupt_wordllama_file_is_refused_with_its_path(tmp_path: Path) -> No
 def test_without_the_wordllama_package_training_says_what_to_do(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """No silent download and no obscure error: the hub's start names the package and the
-    setting that does without it."""
+    """wordllama = true without the optional package: no silent download and no obscure
+    error, the hub's start names the extra to install and the setting that does without
+    it; the default (wordllama = false) trains without the package."""
     import importlib.util
 
     from commhub.plugins import wordllama_table
@@ -125,17 +126,18 @@ def test_without_the_wordllama_package_training_says_what_to_do(
                         lambda name, *a: None if name == "wordllama" else real_find_spec(name, *a))
     wordllama_table.shipped_wordllama.cache_clear()
     try:
-        with pytest.raises(ValueError, match=r"pip install wordllama; or set wordllama = false"):
-            TfidfClassifier().fit({"a": ["one phrase", "another one"], "b": ["more", "text"]})
-        TfidfClassifier(TfidfSettings(wordllama=False)).fit(
+        with pytest.raises(ValueError, match=r"pip install 'commhub\[wordllama\]'; or set wordllama = false"):
+            TfidfClassifier(TfidfSettings(wordllama=True)).fit(
+                {"a": ["one phrase", "another one"], "b": ["more", "text"]})
+        TfidfClassifier().fit(
             {"a": ["one phrase", "another one"], "b": ["more", "text"]})
     finally:
         monkeypatch.undo()
         wordllama_table.shipped_wordllama.cache_clear()
 
 
-def test_the_embedding_expert_uses_both_tables_unless_told_not_to() -> None:
-    both, minilm_only = TfidfClassifier(), TfidfClassifier(TfidfSettings(wordllama=False))
+def test_the_embedding_expert_uses_both_tables_only_when_told_to() -> None:
+    both, minilm_only = TfidfClassifier(TfidfSettings(wordllama=True)), TfidfClassifier()
     rows = both.embed(["book a table", "what is my balance"])
     assert rows.shape == (2, 512)
     assert np.allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-5)

@@ -16,7 +16,7 @@ def test_try_ranks_each_text_and_says_what_the_router_would_do(
 ) -> None:
     """A clear request starts its workflow, nonsense falls back, a text two workflows
     share gets "Did you mean A or B?", each with the numbers that decided it."""
-    status = main(["try", "I'd like to book a table", "blorp", "problem with my order status",
+    status = main(["try", "I'd like to book a table", "blorp", "help with my order",
                    "--data-dir", str(tmp_path / "data")])
     out = capsys.readouterr().out
     assert status == 0
@@ -35,6 +35,6 @@ def test_try_ranks_each_text_and_says_what_the_router_would_do(
         r"the fallback workflow 'fallback' starts", nonsense.splitlines()[-1])
 
     assert shared.splitlines()[-1].startswith(
-        '  -> clarify: Did you mean "Check the status of an order" or "Report a problem to '
-        'customer support"? (both reach the threshold 0.35 and are 0.0')
+        '  -> clarify: Did you mean "Report a problem to customer support" or "Check the '
+        'status of an order"? (both reach the threshold 0.35 and are 0.00')
     assert (tmp_path / "data" / "models").is_dir()  # trained once, cached like the hub's
