@@ -126,7 +126,9 @@ def test_without_the_wordllama_package_training_says_what_to_do(
                         lambda name, *a: None if name == "wordllama" else real_find_spec(name, *a))
     wordllama_table.shipped_wordllama.cache_clear()
     try:
-        with pytest.raises(ValueError, match=r"pip install 'commhub\[wordllama\]'; or set wordllama = false"):
+        with pytest.raises(
+            ValueError, match=r"pip install 'commhub\[wordllama\]'; or set wordllama = false"
+        ):
             TfidfClassifier(TfidfSettings(wordllama=True)).fit(
                 {"a": ["one phrase", "another one"], "b": ["more", "text"]})
         TfidfClassifier().fit(
