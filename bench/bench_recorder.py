@@ -10,7 +10,10 @@ It starts its own nats-server (port 0, temporary storage), publishes N Messages 
 2. the recorder: fetch, decode, Arrow batches into DuckDB, recompute the touched rows of
    ``conversations`` (500 conversations here), commit, ack.
 
-and prints the recorder's rate as a ratio of the baseline's (the target is >= 0.9).
+and prints the recorder's rate as a ratio of the baseline's (the target is >= 0.9), and
+the CPU time this process spent per record in each (all its threads; the nats-server is
+another process): on a machine that runs other work too, the rates swing from run to
+run, the CPU per record much less.
 With ``--runs 3`` it repeats both (a fresh durable and database each time) and prints
 min/median/max of the ratio.
 
@@ -124,22 +127,39 @@ async def main(n: int, batch: int, runs: int) -> None:
             print(f"publish_async (window 1000):   {n / published:>9,.0f} records/s")
             for run in range(runs):
                 # Alternate the order, so neither side always runs on a warmer machine.
+                cpu: dict[str, float] = {}
+
+                async def baseline(run: int = run, cpu: dict[str, float] = cpu) -> float:
+                    before = time.process_time()
+                    elapsed = await _baseline(bus, n, batch, run)
+                    cpu["baseline"] = time.process_time() - before
+                    return elapsed
+
+                async def recording(
+                    run: int = run, cpu: dict[str, float] = cpu
+                ) -> tuple[float, Recorder]:
+                    before = time.process_time()
+                    result = await _recorder(bus, tmpdir / f"bench{run}.duckdb", n, batch, run)
+                    cpu["recorder"] = time.process_time() - before
+                    return result
+
                 if run % 2 == 0:
-                    raw = await _baseline(bus, n, batch, run)
-                    recorded, recorder = await _recorder(
-                        bus, tmpdir / f"bench{run}.duckdb", n, batch, run)
+                    raw = await baseline()
+                    recorded, recorder = await recording()
                 else:
-                    recorded, recorder = await _recorder(
-                        bus, tmpdir / f"bench{run}.duckdb", n, batch, run)
-                    raw = await _baseline(bus, n, batch, run)
+                    recorded, recorder = await recording()
+                    raw = await baseline()
                 stats = recorder.stats
                 ratios.append(raw / recorded)
                 print(f"run {run + 1}:")
-                print(f"  baseline fetch + ack:          {n / raw:>9,.0f} records/s")
+                print(f"  baseline fetch + ack:          {n / raw:>9,.0f} records/s "
+                      f"({cpu['baseline'] / n * 1e6:.0f} us of CPU per record)")
                 print(
                     f"  recorder fetch + DuckDB + ack: {n / recorded:>9,.0f} records/s "
                     f"({stats.batches} batches, {stats.refreshes} refreshes of the derived "
-                    f"rows, {stats.inserted} rows inserted)"
+                    f"rows, {stats.inserted} rows inserted, "
+                    f"{cpu['recorder'] / n * 1e6:.0f} us of CPU per record, start and stop "
+                    f"included)"
                 )
                 print(f"  ratio recorder / baseline:     {raw / recorded:>9.2f} (target >= 0.9)")
             await bus.close()
