@@ -13,7 +13,10 @@ Linux only; the nats-server child is reported apart) at three points:
    sampled every 2 s: the slope over the second half extrapolates a run cut short;
 3. after ``--turn-seconds`` of turns in 50 long conversations (a booking script, over
    and over), sampled every 2 s: the slope of RSS per turn over the second half of the
-   samples (the first half warms caches up) extrapolates to 1,000,000 turns.
+   samples (the first half warms caches up) extrapolates to 1,000,000 turns. Beside
+   each sample it reads ``commhub_recorder_pending`` from the hub's ``/metrics`` (records
+   on the streams not yet committed to DuckDB), to show that the recorder keeps up with
+   50 busy conversations and its lag does not grow.
 
 Bounded in time: phase 2 stops at ``--conversation-seconds`` (default 60) even if
 fewer conversations were done (the line says how many), phase 3 after
@@ -35,6 +38,7 @@ import time
 import uuid
 from pathlib import Path
 
+import aiohttp
 from websockets.asyncio.client import ClientConnection, connect
 
 SCRIPT = ["I'd like to book a table", "4", "tomorrow", "19:30", "Ann", "ann@example.com", "yes"]
@@ -71,6 +75,23 @@ async def wait_for_hub(data_dir: Path, process: subprocess.Popen[bytes]) -> dict
         except (OSError, ValueError):
             await asyncio.sleep(0.1)
     raise SystemExit("hub did not start within 60 s")
+
+
+def http_url(info: dict[str, object]) -> str:
+    for line in info["endpoints"]:  # type: ignore[attr-defined]
+        if str(line).startswith("http: http://"):
+            return str(line).split(" ", 2)[1]
+    raise SystemExit("no http endpoint in hub.json")
+
+
+async def recorder_pending(session: aiohttp.ClientSession, url: str) -> int | None:
+    """``commhub_recorder_pending`` from the hub's /metrics (None if it is not there)."""
+    async with session.get(f"{url}/metrics") as response:
+        text = await response.text()
+    for line in text.splitlines():
+        if line.startswith("commhub_recorder_pending "):
+            return int(float(line.split()[1]))
+    return None
 
 
 def ws_port(info: dict[str, object]) -> int:
@@ -124,10 +145,12 @@ async def many_conversations(
 
 
 async def long_conversations(
-    port: int, seconds: float, sample: list[tuple[int, int]], pid: int
+    port: int, seconds: float, sample: list[tuple[int, int]], pid: int, url: str,
+    lags: list[int],
 ) -> int:
     """CONCURRENCY conversations running the booking script over and over for
-    ``seconds``; appends (turns, RSS) every 2 s to ``sample``; returns the turns."""
+    ``seconds``; appends (turns, RSS) every 2 s to ``sample`` and the recorder's pending
+    records to ``lags``; returns the turns."""
     turns = 0
     stop = time.monotonic() + seconds
 
@@ -142,9 +165,13 @@ async def long_conversations(
                 turns += 1
 
     async def sampler() -> None:
-        while time.monotonic() < stop:
-            await asyncio.sleep(min(2.0, max(0.0, stop - time.monotonic())))
-            sample.append((turns, rss_bytes(pid)))
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < stop:
+                await asyncio.sleep(min(2.0, max(0.0, stop - time.monotonic())))
+                sample.append((turns, rss_bytes(pid)))
+                pending = await recorder_pending(session, url)
+                if pending is not None:
+                    lags.append(pending)
 
     await asyncio.gather(sampler(), *(worker() for _ in range(CONCURRENCY)))
     return turns
@@ -183,7 +210,8 @@ async def main(conversations: int, conversation_seconds: float, turn_seconds: fl
         data_dir = Path(tmp) / "data"
         process = start_hub(Path(tmp))
         try:
-            port = ws_port(await wait_for_hub(data_dir, process))
+            info = await wait_for_hub(data_dir, process)
+            port, url = ws_port(info), http_url(info)
             await asyncio.sleep(1.0)  # let the start's last allocations settle
             start = rss_bytes(process.pid)
             nats = children(process.pid)
@@ -205,7 +233,8 @@ async def main(conversations: int, conversation_seconds: float, turn_seconds: fl
                       f"{mib(after + max(0.0, per) * (conversations - done))})")
 
             sample: list[tuple[int, int]] = []
-            turns = await long_conversations(port, turn_seconds, sample, process.pid)
+            lags: list[int] = []
+            turns = await long_conversations(port, turn_seconds, sample, process.pid, url, lags)
             end = rss_bytes(process.pid)
             tail = sample[len(sample) // 2:]
             per_turn = slope(tail)
@@ -213,6 +242,9 @@ async def main(conversations: int, conversation_seconds: float, turn_seconds: fl
                   f"(slope over the last {len(tail)} samples: {per_turn:,.1f} bytes per turn)")
             print(f"  extrapolated to {MILLION:,} turns: "
                   f"{mib(end + max(0.0, per_turn) * (MILLION - turns))}")
+            if lags:
+                print(f"recorder pending during the turns (every 2 s): max {max(lags):,}, "
+                      f"last {lags[-1]:,} ({', '.join(str(n) for n in lags)})")
             for pid in nats:
                 print(f"nats-server RSS (embedded child): {mib(rss_bytes(pid))}")
         finally:
