@@ -449,6 +449,49 @@ async def test_a_backlog_is_written_in_batches(bus: Bus, recorder: Recorder) -> 
     assert count(recorder, "conversations") == 50
 
 
+async def test_a_backlog_refreshes_the_derived_rows_once_not_per_batch(
+    bus: Bus, db_path: Path
+) -> None:
+    """Catching up, the recompute of conversations waits for the backlog to drain (or
+    refresh_seconds): far fewer recomputes than batches, and the rows are exact after."""
+    records = [message(f"b{i}", conversation=f"c{i % 40}") for i in range(1200)]
+    await bus.publish_all([(subject_of(bus, m), m) for m in records])
+    recorder = Recorder(bus, db_path, batch=100, flush_seconds=0.05, refresh_seconds=3600)
+    await recorder.start()
+    try:
+        await wait_until(lambda: recorder.stats.records >= 1200, "1200 records", timeout=60)
+        assert recorder.stats.batches >= 6
+        assert recorder.stats.refreshes < recorder.stats.batches / 2
+        assert fetch(recorder, "SELECT count(*), min(messages), max(messages) "
+                               "FROM conversations") == [(40, 30, 30)]
+        assert count(recorder, "recorder_stale") == 0
+    finally:
+        await recorder.stop()
+
+
+async def test_stale_derived_rows_left_by_a_crash_are_refreshed_at_start(
+    bus: Bus, db_path: Path
+) -> None:
+    """Keys a recorder listed in recorder_stale and never refreshed (it died) are
+    recomputed when the next recorder opens the file."""
+    con = duckdb.connect(str(db_path))
+    try:
+        schema.migrate(con)
+        con.execute("INSERT INTO messages (id, conversation, channel, direction, sender_id, "
+                    "sender_kind, text, ts) VALUES ('s1', 'c9', 'ws', 'in', 'u1', 'user', "
+                    "'hi', TIMESTAMP '2023-11-14 22:13:20')")
+        con.execute("INSERT INTO recorder_stale VALUES ('conversation', 'c9')")
+    finally:
+        con.close()
+    recorder = Recorder(bus, db_path)
+    await recorder.start()
+    try:
+        assert fetch(recorder, "SELECT conversation, messages FROM conversations") == [("c9", 1)]
+        assert count(recorder, "recorder_stale") == 0
+    finally:
+        await recorder.stop()
+
+
 async def test_the_recorder_instance_is_sandboxed(recorder: Recorder) -> None:
     """Cursors of the recorder's instance cannot read files nor unlock the configuration."""
     cursor = recorder.connection.cursor()
@@ -465,14 +508,15 @@ def test_migrate_is_versioned_and_refuses_a_newer_database(tmp_path: Path) -> No
     """migrate() applies every version once, is a no-op after, and refuses a newer schema."""
     con = duckdb.connect(str(tmp_path / "m.duckdb"))
     try:
-        assert schema.migrate(con) == schema.latest_version() == 5
-        assert schema.migrate(con) == 5
+        assert schema.migrate(con) == schema.latest_version() == 6
+        assert schema.migrate(con) == 6
         assert con.execute("SELECT version FROM schema_version ORDER BY 1").fetchall() == [
             (1,),
             (2,),
             (3,),
             (4,),
             (5,),
+            (6,),
         ]
         tables = {
             r[0] for r in con.sql("SELECT table_name FROM information_schema.tables").fetchall()
@@ -572,7 +616,7 @@ def test_a_version_2_database_gets_decisions_and_cancelled_runs(tmp_path: Path) 
         con.close()
     con = duckdb.connect(str(path))
     try:
-        assert schema.migrate(con) == 5
+        assert schema.migrate(con) == 6
         assert con.execute("SELECT id, decision FROM classifications ORDER BY id").fetchall() == [
             ("k1", "workflow"), ("k2", "fallback"), ("k3", "clarify"), ("k4", "button")
         ]
@@ -739,7 +783,7 @@ def test_every_table_view_and_column_is_documented(tmp_path: Path) -> None:
         con.close()
     assert {table for table, _ in columns} == {
         *schema.TABLES, *schema.DERIVED_TABLES, *schema.VIEWS, "schema_version",
-        "recorder_positions",
+        "recorder_positions", "recorder_stale",
     }
     missing = [
         f"{table}.{column}"

@@ -14,7 +14,11 @@ before the acks, under the id its row has).
 Turning messages into rows and Arrow tables is :mod:`commhub.core.records.rows`; this
 module fetches, writes, commits and acks. In the same transaction it recomputes the
 derived rows (``workflow_runs``, then ``conversations``) of the runs and conversations
-the batch touched, from the base tables, so they are exact under redelivery too.
+the batch touched, from the base tables, so they are exact under redelivery too. A
+recompute reads every row of those conversations, so while a backlog waits behind the
+batch it is deferred: the batch's transaction lists the touched keys in
+``recorder_stale`` instead, and one recompute of everything listed runs at most every
+``refresh_seconds``, as soon as nothing waits, before a snapshot, at start and at stop.
 
 Failure contract:
 
@@ -29,10 +33,14 @@ Failure contract:
 - **One bad record does not poison a batch.** A record that decodes but cannot be
   stored (a ``ts`` outside years 1-9999, a close code too big for its column) becomes an
   ``invalid_records`` row with the reason, like bytes that do not decode.
-- **Acks are explicit, one per record** (``AckPolicy.EXPLICIT``). ``AckPolicy.ALL``
-  would save the per-record ack (a buffered core publish, a few microseconds), but then
-  a nak'd failed batch followed by a committed later batch would ack the failed records
-  too; explicit acks keep "acked implies committed" true record by record.
+- **Acks are explicit, one per record** (``AckPolicy.EXPLICIT``), pipelined: an ack is
+  a buffered core publish, not a round trip, and the batch's acks leave together with
+  the next flush (measured: about 5 us of CPU per ack, 3 % of the recorder's time per
+  record; ``docs/architecture.md``). ``AckPolicy.ALL`` would save that, but a nak'd
+  failed batch followed by a committed later batch would ack the failed records too,
+  and an existing durable's ack policy cannot be changed in place (it would have to be
+  recreated at its ack floor); explicit acks keep "acked implies committed" true record
+  by record.
 
 Concurrency: :meth:`start` and :meth:`stop` run on the event loop; one fetch task per
 stream and one writer task. Every DuckDB call on the writer connection runs in a single
@@ -70,6 +78,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import duckdb
+import pyarrow as pa
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -114,6 +123,9 @@ class RecorderStats:
     caught_up: int = 0
     """Records copied at start from before the durable's ack floor (another recorder's
     share, or everything for a new file)."""
+    refreshes: int = 0
+    """Recomputes of the derived rows (one per batch while caught up, at most one per
+    ``refresh_seconds`` while catching up)."""
 
 class Recorder:
     """Writes every record of both streams into the DuckDB file at ``db_path``.
@@ -123,6 +135,7 @@ class Recorder:
     bounds how long a record waits for its batch to fill. ``consumer`` names the durable
     of a stream (default: :meth:`Subjects.recorder_consumer`; ``commhub rebuild`` uses
     its own). ``progress_seconds`` is the interval of the catch-up log lines (None: none).
+    ``refresh_seconds`` is the longest the derived rows lag while a backlog waits.
     ``report_refused`` publishes the ``out`` records it refuses on ``evt.invalid`` (a
     rebuild, which replays records reported long ago, turns it off).
     """
@@ -140,6 +153,7 @@ class Recorder:
         consumer: Callable[[str], str] | None = None,
         progress_seconds: float | None = 5.0,
         report_refused: bool = True,
+        refresh_seconds: float = 1.0,
     ) -> None:
         if batch < 1:
             raise ValueError("batch must be at least 1")
@@ -152,6 +166,7 @@ class Recorder:
         self.consumer = consumer or bus.subjects.recorder_consumer
         self.progress_seconds = progress_seconds
         self.report_refused = report_refused
+        self.refresh_seconds = refresh_seconds
         self.stats = RecorderStats()
         self.metrics: Any = None  # a HubMetrics, set by the hub: batch times
         self._pending: dict[str, int] = {}
@@ -166,6 +181,12 @@ class Recorder:
         self._stopping = False
         self._stop_event = asyncio.Event()
         self._delay = self.retry_delay[0]
+        # When the oldest entry of recorder_stale was added (None: the table is empty).
+        # Written in the worker thread; the write loop reads it to flush an idle backlog.
+        self._stale_since: float | None = None
+        # The keys recorder_stale holds (as of the last commit), so that a batch lists
+        # only keys not listed yet; worker thread only.
+        self._stale_keys: set[tuple[str, str]] = set()
 
     # -- public ---------------------------------------------------------------------
     @property
@@ -247,6 +268,11 @@ class Recorder:
             except Exception as exc:  # unacked records are redelivered
                 log.warning("recorder: could not flush acks: %s", exc)
         await self._unsubscribe()
+        if self._con is not None:
+            try:
+                await self._in_thread(self._refresh_stale)
+            except Exception as exc:  # the next start refreshes them
+                log.warning("recorder: could not refresh the derived rows at stop: %s", exc)
         await self._close_db()
 
     async def snapshot(self, dest: Path) -> None:
@@ -265,6 +291,7 @@ class Recorder:
         con = self._con
         if con is None:
             raise RuntimeError("the recorder is not running")
+        self._refresh_stale()  # a snapshot's derived rows match its base tables
         con.execute("CHECKPOINT")
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(dest.name + ".tmp")
@@ -303,6 +330,10 @@ class Recorder:
             con.close()
             raise
         self._con = con
+        stale = con.execute("SELECT count(*) FROM recorder_stale").fetchone()
+        if stale and stale[0]:  # a recorder stopped while catching up
+            self._stale_since = time.monotonic()
+            self._refresh_stale()
         log.debug("recorder database %s at schema version %d", self.db_path, version)
 
     async def _close_db(self) -> None:
@@ -356,12 +387,15 @@ class Recorder:
                 msgs = [m for m in msgs if (stream_seq(m) or 0) <= floor]
                 if not msgs:
                     break
-                await self._in_thread(self._write, [(stream, msgs)])
                 done = max(stream_seq(m) or 0 for m in msgs)
+                self.stats.pending = floor - done  # a backlog: the refresh may wait
+                await self._in_thread(self._write, [(stream, msgs)])
                 self.stats.caught_up += len(msgs)
         finally:
+            self.stats.pending = 0
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+        await self._in_thread(self._refresh_stale)
         log.info("recorder: caught up %s to %d", stream, done)
 
     async def _bind(self, stream: str) -> JetStreamContext.PullSubscription:
@@ -434,10 +468,23 @@ class Recorder:
                          f"{done:,}", f"{progress.rate:,.0f}")
                 progress = None
 
+    async def _next_item(self) -> tuple[str, list[Msg]] | None:
+        """The next fetched batch; while derived rows are stale and nothing arrives,
+        refresh them every ``refresh_seconds`` (a backlog that went away unfetched)."""
+        while True:
+            if self._stale_since is None:
+                return await self._queue.get()
+            with contextlib.suppress(TimeoutError):
+                return await asyncio.wait_for(self._queue.get(), self.refresh_seconds)
+            try:
+                await self._in_thread(self._refresh_stale)
+            except Exception as exc:  # retried on the next batch or pause
+                log.warning("recorder: could not refresh the derived rows: %s", exc)
+
     async def _write_loop(self) -> None:
         last = False
         while not last:
-            item = await self._queue.get()
+            item = await self._next_item()
             if item is None:
                 break
             pending = [item]
@@ -533,8 +580,21 @@ class Recorder:
                 new_rows[name] = int(row[0]) if row else 0
                 inserted += new_rows[name]
             # Only new rows change a derived row; a replayed batch skips the recompute.
-            if new_rows.get("messages") or new_rows.get("workflow_events"):
-                self._refresh_derived(con, batch)
+            touched = bool(new_rows.get("messages") or new_rows.get("workflow_events"))
+            stale_since = self._stale_since
+            listed: set[tuple[str, str]] = set()
+            if self._refresh_due():
+                if stale_since is None:
+                    if touched:
+                        self._refresh_derived(con, batch)
+                else:
+                    if touched:
+                        self._mark_stale(con, batch)
+                    self._refresh_listed(con)
+                stale_since = None
+            elif touched:
+                listed = self._mark_stale(con, batch)
+                stale_since = stale_since or time.monotonic()
             self._advance_positions(con, pending)
             con.execute("COMMIT")
         except BaseException:
@@ -542,7 +602,69 @@ class Recorder:
             with contextlib.suppress(duckdb.Error):
                 con.execute("ROLLBACK")
             raise
+        if stale_since is None and (touched or self._stale_since is not None):
+            self.stats.refreshes += 1
+            self._stale_keys.clear()
+        self._stale_keys |= listed
+        self._stale_since = stale_since
         return inserted, batch.invalid, batch.reports
+
+    def _refresh_due(self) -> bool:
+        """Recompute the derived rows in this batch's transaction? Yes when nothing is
+        known to wait behind it, when stopping, or when the oldest stale key waited
+        ``refresh_seconds``. (``stats.pending`` is set on the event loop; a stale read
+        only moves a refresh by one batch.)"""
+        if self.stats.pending <= 0 or self._stopping:
+            return True
+        since = self._stale_since
+        return since is not None and time.monotonic() - since >= self.refresh_seconds
+
+    def _mark_stale(self, con: duckdb.DuckDBPyConnection, batch: Batch) -> set[tuple[str, str]]:
+        """List the runs and conversations the batch touched in recorder_stale (those
+        not listed yet: a backlog keeps touching the same ones); return what it added."""
+        conversations, runs = batch.touched_keys()
+        added = {("run", key) for key in runs.column(0).to_pylist()}
+        added |= {("conversation", key) for key in conversations.column(0).to_pylist()}
+        added -= self._stale_keys
+        if added:
+            new = pa.table({"kind": [kind for kind, _ in added], "key": [key for _, key in added]})
+            con.register("_recorder_stale_new", new)
+            try:
+                con.execute("INSERT INTO recorder_stale SELECT * FROM _recorder_stale_new "
+                            "ON CONFLICT DO NOTHING")
+            finally:
+                con.unregister("_recorder_stale_new")
+        return added
+
+    @staticmethod
+    def _refresh_listed(con: duckdb.DuckDBPyConnection) -> None:
+        """Recompute the derived rows listed in recorder_stale and empty it (in the
+        caller's transaction)."""
+        con.execute(REFRESH_RUNS.format(
+            runs="SELECT key FROM recorder_stale WHERE kind = 'run'"))
+        con.execute(REFRESH_CONVERSATIONS.format(
+            conversations="SELECT key AS conversation FROM recorder_stale "
+                          "WHERE kind = 'conversation'"))
+        con.execute("DELETE FROM recorder_stale")
+
+    def _refresh_stale(self) -> None:
+        """Recompute what recorder_stale lists, in a transaction of its own (worker
+        thread). A failure rolls back and raises; the keys stay listed."""
+        if self._stale_since is None:
+            return
+        con = self._con
+        assert con is not None
+        con.execute("BEGIN TRANSACTION")
+        try:
+            self._refresh_listed(con)
+            con.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(duckdb.Error):
+                con.execute("ROLLBACK")
+            raise
+        self._stale_since = None
+        self._stale_keys.clear()
+        self.stats.refreshes += 1
 
     @staticmethod
     def _advance_positions(

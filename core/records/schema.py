@@ -629,8 +629,23 @@ _V5 = Migration(
     ),
 )
 
+_V6 = Migration(
+    version=6,
+    description="recorder_stale: the runs and conversations whose derived rows wait for "
+    "the recorder's next refresh (it refreshes them once a second while catching up)",
+    statements=(
+        """
+        CREATE TABLE recorder_stale (
+            kind VARCHAR NOT NULL,  -- 'run' (a workflow_runs row) or 'conversation'
+            key  VARCHAR NOT NULL,  -- the run id or the conversation
+            PRIMARY KEY (kind, key)
+        )
+        """,
+    ),
+)
+
 #: Every schema step, oldest first. Append new steps; never edit a released one.
-MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3, _V4, _V5)
+MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3, _V4, _V5, _V6)
 
 #: The recorder's refresh of ``workflow_runs`` for the run ids ``{runs}`` yields (the
 #: latest schema's shape); run it before :data:`REFRESH_CONVERSATIONS`.
