@@ -10,7 +10,11 @@ turn is one user message and the bot's first reply to it; its latency is measure
 the client. The baseline is a nats-py request/reply echo with the same concurrency
 against the same nats-server, so the ratio says what the hub costs on top of the bus.
 On Linux it also prints the commhub processes' CPU time per turn, which moves less than
-the rates when the machine runs other work.
+the rates when the machine runs other work. From the processes' ``/metrics`` it prints
+the router's mean time per stage during the load and each role's largest event-loop
+lag; from the server, the recorder's lag (records of its durables not yet acked): the
+largest seen during the load (read every 0.25 s) and what is left when the last turn
+is answered.
 Bounded: N x turns messages, a 300 s cap, loopback only; it stops the hub at the end.
 """
 
@@ -32,11 +36,14 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import nats
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
 from commhub.core.natsauth import read_credentials
 from commhub.core.natsserver import EmbeddedNats
+from commhub.core.subjects import Subjects
 
 # One booking, start to finish: intent, party size, day, time, name, email, confirmation.
 SCRIPT = ["I'd like to book a table", "4", "tomorrow", "19:30", "Ann", "ann@example.com", "yes"]
@@ -114,6 +121,91 @@ async def echo_load(url: str, n: int, requests: int) -> tuple[float, list[float]
     rate = len(latencies) / (time.perf_counter() - started)
     await nc.close()
     return rate, latencies
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+ROUTER_STAGES = ("load", "classify", "decide", "commit", "publish", "total")
+
+
+def metrics_urls(data_dir: Path, split: bool) -> dict[str, str]:
+    """role -> the process's /metrics URL, from the hub.json each process wrote."""
+    dirs = {role: data_dir / role for role in ("channels", "router", "recorder")} \
+        if split else {"all": data_dir}
+    urls = {}
+    for role, directory in dirs.items():
+        with contextlib.suppress(OSError, ValueError):
+            info = json.loads((directory / "hub.json").read_text())
+            for line in info["endpoints"]:
+                if str(line).startswith("http: ") and "/healthz" in str(line):
+                    urls[role] = str(line).split()[1] + "/metrics"
+    return urls
+
+
+async def scrape(urls: dict[str, str]) -> dict[str, Samples]:
+    found: dict[str, Samples] = {}
+    async with aiohttp.ClientSession() as session:
+        for role, url in urls.items():
+            async with session.get(url) as response:
+                text = await response.text()
+            samples: Samples = {}
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+            found[role] = samples
+    return found
+
+
+def stage_means(before: Samples, after: Samples) -> dict[str, float]:
+    """The router's mean milliseconds per stage between two scrapes of one process."""
+    means = {}
+    for stage in ROUTER_STAGES:
+        key = (("stage", stage),)
+        count = (after.get(("commhub_router_stage_seconds_count", key), 0.0)
+                 - before.get(("commhub_router_stage_seconds_count", key), 0.0))
+        total = (after.get(("commhub_router_stage_seconds_sum", key), 0.0)
+                 - before.get(("commhub_router_stage_seconds_sum", key), 0.0))
+        if count > 0:
+            means[stage] = total / count * 1000
+    return means
+
+
+class RecorderLag:
+    """Reads the recorder's durables' lag (pending + ack pending) every 0.25 s."""
+
+    def __init__(self, url: str, subjects: Subjects) -> None:
+        self.url = url
+        self.durables = [(stream, subjects.recorder_consumer(stream))
+                         for stream in (subjects.messages_stream, subjects.events_stream)]
+        self.largest = 0
+        self._task: asyncio.Task[None] | None = None
+        self._nc: nats.NATS | None = None
+
+    async def read(self) -> int:
+        assert self._nc is not None
+        js = self._nc.jetstream()
+        lag = 0
+        for stream, durable in self.durables:
+            with contextlib.suppress(Exception):  # not created yet: nothing to read
+                info = await js.consumer_info(stream, durable)
+                lag += int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+        return lag
+
+    async def __aenter__(self) -> RecorderLag:
+        self._nc = await nats.connect(self.url)
+        self._task = asyncio.create_task(self._watch())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None and self._nc is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        await self._nc.close()
+
+    async def _watch(self) -> None:
+        while True:
+            self.largest = max(self.largest, await self.read())
+            await asyncio.sleep(0.25)
 
 
 def report(name: str, rate: float, latencies: list[float]) -> None:
@@ -222,9 +314,14 @@ async def main() -> None:
     with tempfile.TemporaryDirectory(prefix="commhub-bench-") as tmp:
         async with running_hub(Path(tmp), args.split, pids) as (port, url):
             await hub_load(port, 5, 4)  # warm up: classifier, consumers, connections
-            cpu_before = cpu_seconds(pids)
-            rate, latencies = await hub_load(port, args.conversations, args.turns)
-            cpu_after = cpu_seconds(pids)
+            urls = metrics_urls(Path(tmp), args.split)
+            scraped_before = await scrape(urls)
+            async with RecorderLag(url, Subjects()) as recorder_lag:
+                cpu_before = cpu_seconds(pids)
+                rate, latencies = await hub_load(port, args.conversations, args.turns)
+                cpu_after = cpu_seconds(pids)
+                lag_at_end = await recorder_lag.read()
+            scraped_after = await scrape(urls)
             echo_rate, echo_latencies = await echo_load(url, args.conversations, args.turns)
     layout = "one process per role" if args.split else "one hub process"
     print(f"{args.conversations} concurrent conversations x {args.turns} turns "
@@ -236,6 +333,15 @@ async def main() -> None:
         # Steadier than the rates on a machine that runs other work meanwhile.
         print(f"commhub CPU per turn: {(cpu_after - cpu_before) * 1000 / len(latencies):.2f} ms "
               "(user + system, nats-server not included)")
+    router_role = "router" if args.split else "all"
+    if router_role in scraped_after:
+        means = stage_means(scraped_before.get(router_role, {}), scraped_after[router_role])
+        print("router stage means: " + "   ".join(f"{k} {v:.2f} ms" for k, v in means.items()))
+    print("event-loop lag, largest of the last 10-20 s: " + "   ".join(
+        f"{role} {samples.get(('commhub_event_loop_lag_max_seconds', ()), 0.0) * 1000:.0f} ms"
+        for role, samples in scraped_after.items()))
+    print(f"recorder lag (records not acked): largest during the load "
+          f"{recorder_lag.largest}, at the last reply {lag_at_end}")
 
 
 if __name__ == "__main__":
