@@ -127,18 +127,12 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 ROUTER_STAGES = ("load", "classify", "decide", "commit", "publish", "total")
 
 
-def metrics_urls(data_dir: Path, split: bool) -> dict[str, str]:
-    """role -> the process's /metrics URL, from the hub.json each process wrote."""
-    dirs = {role: data_dir / role for role in ("channels", "router", "recorder")} \
-        if split else {"all": data_dir}
-    urls = {}
-    for role, directory in dirs.items():
-        with contextlib.suppress(OSError, ValueError):
-            info = json.loads((directory / "hub.json").read_text())
-            for line in info["endpoints"]:
-                if str(line).startswith("http: ") and "/healthz" in str(line):
-                    urls[role] = str(line).split()[1] + "/metrics"
-    return urls
+def metrics_url(info: dict[str, object]) -> str:
+    """The /metrics URL of the hub that wrote ``info`` (its hub.json)."""
+    for line in info["endpoints"]:  # type: ignore[union-attr]
+        if str(line).startswith("http: ") and "/healthz" in str(line):
+            return str(line).split()[1] + "/metrics"
+    raise SystemExit("no http endpoint in hub.json")
 
 
 async def scrape(urls: dict[str, str]) -> dict[str, Samples]:
@@ -241,12 +235,15 @@ def cpu_seconds(pids: list[int]) -> float | None:
 
 
 @contextlib.asynccontextmanager
-async def running_hub(data_dir: Path, split: bool, pids: list[int] | None = None
+async def running_hub(data_dir: Path, split: bool, pids: list[int] | None = None,
+                      metrics: dict[str, str] | None = None
                       ) -> AsyncIterator[tuple[int, str]]:
     """Yield (WebSocket port, NATS URL) of a hub: one `commhub up` process, or with
     ``split`` an embedded nats-server and one process per role (channels, router,
     recorder), the scale-out layout on one machine. ``pids`` gets the commhub
-    processes' ids."""
+    processes' ids, ``metrics`` each role's /metrics URL."""
+    if metrics is None:
+        metrics = {}
     # The per-connection rate limit protects a hub from one client; a bench client
     # sends as fast as the hub answers, so it gets a limit it cannot reach.
     config = data_dir / "bench.toml"
@@ -263,6 +260,7 @@ async def running_hub(data_dir: Path, split: bool, pids: list[int] | None = None
             if pids is not None:
                 pids.append(processes[0].pid)
             info = await wait_for_hub(data_dir, processes[0])
+            metrics["all"] = metrics_url(info)
             credentials = read_credentials(data_dir)  # the hub's embedded server wants them
             assert credentials is not None
             yield ws_port(info), credentials.url(str(info["nats_url"]))
@@ -271,8 +269,11 @@ async def running_hub(data_dir: Path, split: bool, pids: list[int] | None = None
         url = await server.start()
         port = free_port()
         for role in ("recorder", "router", "channels"):
+            http_port = free_port()  # only the recorder writes a hub.json to read it from
+            metrics[role] = f"http://127.0.0.1:{http_port}/metrics"
             processes.append(start_hub({**env, "COMMHUB_NATS_URL": url,
                                         "COMMHUB_WS_PORT": str(port),
+                                        "COMMHUB_HTTP_PORT": str(http_port),
                                         "COMMHUB_DATA_DIR": str(data_dir / role)},
                                        "--role", role))
         if pids is not None:
@@ -311,10 +312,10 @@ async def main() -> None:
                         help="run channels, router and recorder as separate processes")
     args = parser.parse_args()
     pids: list[int] = []
+    urls: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="commhub-bench-") as tmp:
-        async with running_hub(Path(tmp), args.split, pids) as (port, url):
+        async with running_hub(Path(tmp), args.split, pids, urls) as (port, url):
             await hub_load(port, 5, 4)  # warm up: classifier, consumers, connections
-            urls = metrics_urls(Path(tmp), args.split)
             scraped_before = await scrape(urls)
             async with RecorderLag(url, Subjects()) as recorder_lag:
                 cpu_before = cpu_seconds(pids)
