@@ -10,7 +10,12 @@ turn is one user message and the bot's first reply to it; its latency is measure
 the client. The baseline is a nats-py request/reply echo with the same concurrency
 against the same nats-server, so the ratio says what the hub costs on top of the bus.
 On Linux it also prints the commhub processes' CPU time per turn, which moves less than
-the rates when the machine runs other work.
+the rates when the machine runs other work. From the processes' ``/metrics`` it prints
+the router's mean time per stage during the load and each role's event-loop lag
+during it (from the lag histogram: what 99% and all of the probes stayed within);
+from the server, the recorder's lag (records of its durables not yet acked): the
+largest seen during the load (read every 0.25 s) and what is left when the last turn
+is answered.
 Bounded: N x turns messages, a 300 s cap, loopback only; it stops the hub at the end.
 """
 
@@ -32,11 +37,14 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import nats
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
 from commhub.core.natsauth import read_credentials
 from commhub.core.natsserver import EmbeddedNats
+from commhub.core.subjects import Subjects
 
 # One booking, start to finish: intent, party size, day, time, name, email, confirmation.
 SCRIPT = ["I'd like to book a table", "4", "tomorrow", "19:30", "Ann", "ann@example.com", "yes"]
@@ -116,6 +124,104 @@ async def echo_load(url: str, n: int, requests: int) -> tuple[float, list[float]
     return rate, latencies
 
 
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+ROUTER_STAGES = ("load", "classify", "decide", "commit", "publish", "total")
+
+
+def metrics_url(info: dict[str, object]) -> str:
+    """The /metrics URL of the hub that wrote ``info`` (its hub.json)."""
+    for line in info["endpoints"]:  # type: ignore[union-attr]
+        if str(line).startswith("http: ") and "/healthz" in str(line):
+            return str(line).split()[1] + "/metrics"
+    raise SystemExit("no http endpoint in hub.json")
+
+
+async def scrape(urls: dict[str, str]) -> dict[str, Samples]:
+    found: dict[str, Samples] = {}
+    async with aiohttp.ClientSession() as session:
+        for role, url in urls.items():
+            async with session.get(url) as response:
+                text = await response.text()
+            samples: Samples = {}
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+            found[role] = samples
+    return found
+
+
+def stage_means(before: Samples, after: Samples) -> dict[str, float]:
+    """The router's mean milliseconds per stage between two scrapes of one process."""
+    means = {}
+    for stage in ROUTER_STAGES:
+        key = (("stage", stage),)
+        count = (after.get(("commhub_router_stage_seconds_count", key), 0.0)
+                 - before.get(("commhub_router_stage_seconds_count", key), 0.0))
+        total = (after.get(("commhub_router_stage_seconds_sum", key), 0.0)
+                 - before.get(("commhub_router_stage_seconds_sum", key), 0.0))
+        if count > 0:
+            means[stage] = total / count * 1000
+    return means
+
+
+def loop_lag_during(before: Samples, after: Samples) -> str:
+    """The event loop's lag between two scrapes of one process, from the histogram:
+    the probes taken, and the bucket bounds that 99% and all of them stayed within."""
+    buckets = sorted(
+        (float(dict(labels)["le"]), value - before.get((name, labels), 0.0))
+        for (name, labels), value in after.items()
+        if name == "commhub_event_loop_lag_seconds_bucket"
+    )
+    total = buckets[-1][1] if buckets else 0.0
+    if total <= 0:
+        return "no probes"
+
+    def within(share: float) -> str:
+        bound = next(le for le, count in buckets if count >= share * total)
+        return "over 2.5 s" if bound == float("inf") else f"<= {bound * 1000:g} ms"
+
+    return f"{total:.0f} probes, 99% {within(0.99)}, all {within(1.0)}"
+
+
+class RecorderLag:
+    """Reads the recorder's durables' lag (pending + ack pending) every 0.25 s."""
+
+    def __init__(self, url: str, subjects: Subjects) -> None:
+        self.url = url
+        self.durables = [(stream, subjects.recorder_consumer(stream))
+                         for stream in (subjects.messages_stream, subjects.events_stream)]
+        self.largest = 0
+        self._task: asyncio.Task[None] | None = None
+        self._nc: nats.NATS | None = None
+
+    async def read(self) -> int:
+        assert self._nc is not None
+        js = self._nc.jetstream()
+        lag = 0
+        for stream, durable in self.durables:
+            with contextlib.suppress(Exception):  # not created yet: nothing to read
+                info = await js.consumer_info(stream, durable)
+                lag += int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+        return lag
+
+    async def __aenter__(self) -> RecorderLag:
+        self._nc = await nats.connect(self.url)
+        self._task = asyncio.create_task(self._watch())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None and self._nc is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        await self._nc.close()
+
+    async def _watch(self) -> None:
+        while True:
+            self.largest = max(self.largest, await self.read())
+            await asyncio.sleep(0.25)
+
+
 def report(name: str, rate: float, latencies: list[float]) -> None:
     ms = [x * 1000 for x in latencies]
     print(f"{name:<28} {rate:>9.0f}/s   p50 {percentile(ms, 50):7.2f} ms   "
@@ -149,12 +255,15 @@ def cpu_seconds(pids: list[int]) -> float | None:
 
 
 @contextlib.asynccontextmanager
-async def running_hub(data_dir: Path, split: bool, pids: list[int] | None = None
+async def running_hub(data_dir: Path, split: bool, pids: list[int] | None = None,
+                      metrics: dict[str, str] | None = None
                       ) -> AsyncIterator[tuple[int, str]]:
     """Yield (WebSocket port, NATS URL) of a hub: one `commhub up` process, or with
     ``split`` an embedded nats-server and one process per role (channels, router,
     recorder), the scale-out layout on one machine. ``pids`` gets the commhub
-    processes' ids."""
+    processes' ids, ``metrics`` each role's /metrics URL."""
+    if metrics is None:
+        metrics = {}
     # The per-connection rate limit protects a hub from one client; a bench client
     # sends as fast as the hub answers, so it gets a limit it cannot reach.
     config = data_dir / "bench.toml"
@@ -171,6 +280,7 @@ async def running_hub(data_dir: Path, split: bool, pids: list[int] | None = None
             if pids is not None:
                 pids.append(processes[0].pid)
             info = await wait_for_hub(data_dir, processes[0])
+            metrics["all"] = metrics_url(info)
             credentials = read_credentials(data_dir)  # the hub's embedded server wants them
             assert credentials is not None
             yield ws_port(info), credentials.url(str(info["nats_url"]))
@@ -179,8 +289,11 @@ async def running_hub(data_dir: Path, split: bool, pids: list[int] | None = None
         url = await server.start()
         port = free_port()
         for role in ("recorder", "router", "channels"):
+            http_port = free_port()  # only the recorder writes a hub.json to read it from
+            metrics[role] = f"http://127.0.0.1:{http_port}/metrics"
             processes.append(start_hub({**env, "COMMHUB_NATS_URL": url,
                                         "COMMHUB_WS_PORT": str(port),
+                                        "COMMHUB_HTTP_PORT": str(http_port),
                                         "COMMHUB_DATA_DIR": str(data_dir / role)},
                                        "--role", role))
         if pids is not None:
@@ -219,12 +332,17 @@ async def main() -> None:
                         help="run channels, router and recorder as separate processes")
     args = parser.parse_args()
     pids: list[int] = []
+    urls: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="commhub-bench-") as tmp:
-        async with running_hub(Path(tmp), args.split, pids) as (port, url):
+        async with running_hub(Path(tmp), args.split, pids, urls) as (port, url):
             await hub_load(port, 5, 4)  # warm up: classifier, consumers, connections
-            cpu_before = cpu_seconds(pids)
-            rate, latencies = await hub_load(port, args.conversations, args.turns)
-            cpu_after = cpu_seconds(pids)
+            scraped_before = await scrape(urls)
+            async with RecorderLag(url, Subjects()) as recorder_lag:
+                cpu_before = cpu_seconds(pids)
+                rate, latencies = await hub_load(port, args.conversations, args.turns)
+                cpu_after = cpu_seconds(pids)
+                lag_at_end = await recorder_lag.read()
+            scraped_after = await scrape(urls)
             echo_rate, echo_latencies = await echo_load(url, args.conversations, args.turns)
     layout = "one process per role" if args.split else "one hub process"
     print(f"{args.conversations} concurrent conversations x {args.turns} turns "
@@ -236,6 +354,15 @@ async def main() -> None:
         # Steadier than the rates on a machine that runs other work meanwhile.
         print(f"commhub CPU per turn: {(cpu_after - cpu_before) * 1000 / len(latencies):.2f} ms "
               "(user + system, nats-server not included)")
+    router_role = "router" if args.split else "all"
+    if router_role in scraped_after:
+        means = stage_means(scraped_before.get(router_role, {}), scraped_after[router_role])
+        print("router stage means: " + "   ".join(f"{k} {v:.2f} ms" for k, v in means.items()))
+    for role, samples in scraped_after.items():
+        print(f"event-loop lag during the load, {role}: "
+              f"{loop_lag_during(scraped_before.get(role, {}), samples)}")
+    print(f"recorder lag (records not acked): largest during the load "
+          f"{recorder_lag.largest}, at the last reply {lag_at_end}")
 
 
 if __name__ == "__main__":

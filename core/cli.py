@@ -189,11 +189,15 @@ def _load_plugins(args: argparse.Namespace) -> Any:
 def cmd_up(args: argparse.Namespace) -> int:
     settings = _load_settings(args)
     _try_ports(settings)
+    from commhub.core.gcpolicy import settle_after_start
     from commhub.core.hub import Hub, StartInterrupted
 
     hub = Hub(settings)
 
     def ready(lines: list[str]) -> None:
+        # What the start made lives as long as the process: out of the collector's
+        # reach, so that a full collection no longer stalls the loop (core/gcpolicy.py).
+        settle_after_start()
         print("commhub is up. Serving:", flush=True)
         for line in lines:
             print(f"  {line}", flush=True)

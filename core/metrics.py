@@ -4,7 +4,8 @@ Each :class:`Hub` has a registry of its own (several hubs may share a test proce
 Two kinds of metrics:
 
 * **observed** where they happen: latency histograms of the router's stages and of the
-  recorder's batches, classifications by decision, workflow outcomes;
+  recorder's batches, classifications by decision, workflow outcomes, and on every
+  role the event loop's lag (:mod:`commhub.core.looplag`);
 * **collected** at scrape time from the counters the components keep anyway
   (``RouterStats``, ``RecorderStats``, each delivery loop's ``DeliveryStats``), from the
   channels (WebSocket connections) and from the server: each durable this process
@@ -30,6 +31,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from commhub.core.looplag import LoopLagProbe
+
 if TYPE_CHECKING:
     from commhub.core.hub import Hub
 
@@ -40,6 +43,8 @@ log = logging.getLogger(__name__)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LAG_REFRESH_SECONDS = 5.0
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# uvloop's timers tick in milliseconds: finer buckets would only split rounding.
+_LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 @dataclass
@@ -76,9 +81,16 @@ class HubMetrics:
         self.batch_records = Histogram(
             "commhub_recorder_batch_records", "Records in each committed batch.",
             registry=r, buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000))
+        self.loop_lag_seconds = Histogram(
+            "commhub_event_loop_lag_seconds",
+            "How late the event loop ran a timer that was due, measured every 0.1 s: "
+            "the time every task waited behind whatever held the loop (or for a core).",
+            registry=r, buckets=_LAG_BUCKETS)
+        self.loop_lag = LoopLagProbe(self.loop_lag_seconds.observe)
         self._lags: list[_Lag] = []
         self._hub: Hub | None = None
         self._refresher: asyncio.Task[None] | None = None
+        self._lag_probe: asyncio.Task[None] | None = None
         r.register(_Collected(self))
 
     def bind(self, hub: Hub) -> None:
@@ -105,13 +117,17 @@ class HubMetrics:
     def start(self) -> None:
         if self._refresher is None:
             self._refresher = asyncio.create_task(self._refresh_loop(), name="metrics-lag")
+        if self._lag_probe is None:
+            self._lag_probe = asyncio.create_task(self.loop_lag.run(), name="loop-lag")
 
     async def stop(self) -> None:
-        task, self._refresher = self._refresher, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        tasks = [self._refresher, self._lag_probe]
+        self._refresher = self._lag_probe = None
+        for task in tasks:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -203,6 +219,11 @@ class _Collected(Collector):
         channel = hub.channels.get("websocket")
         connections.add_metric([], getattr(channel, "connection_count", 0) if channel else 0)
         yield connections
+        lag_max = GaugeMetricFamily(
+            "commhub_event_loop_lag_max_seconds",
+            "The largest event-loop lag of the last 10 to 20 seconds.")
+        lag_max.add_metric([], self.metrics.loop_lag.largest_recent())
+        yield lag_max
         up = GaugeMetricFamily("commhub_up", "1 while the process runs, by role.",
                                labels=["role"])
         up.add_metric([hub.role], 1)

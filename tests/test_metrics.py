@@ -99,6 +99,9 @@ async def test_every_role_serves_probes_and_metrics_that_move_with_traffic(
     assert value(c1, "commhub_recorder_active") == 1
     assert ("commhub_invalid_records_total", (("source", "recorder"),)) in c1
     assert value(after["channels"], "commhub_up", role="channels") == 1
+    for role, samples in after.items():  # every role measures its event loop's lag
+        assert value(samples, "commhub_event_loop_lag_seconds_count") > 0, role
+        assert ("commhub_event_loop_lag_max_seconds", ()) in samples, role
     assert ("commhub_websocket_connections", ()) in after["channels"]
 
     # Every series the sample Grafana dashboard charts is served by some role.
