@@ -70,6 +70,7 @@ import tempfile
 import unicodedata
 import warnings
 import zipfile
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -239,21 +240,29 @@ class _Ngrams:
     vocabulary: dict[str, int]
     idf: np.ndarray
 
-    def features(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        """The non-zero columns of ``text``'s row and their TF-IDF values (L2-normalised)."""
-        counts: dict[int, int] = {}
+    def counts(self, text: str, base: int, columns: list[int], counts: list[int]) -> None:
+        """Append the columns (plus ``base``) of the vocabulary's terms in ``text`` to
+        ``columns`` and how often each occurs to ``counts``."""
         vocabulary = self.vocabulary
-        for term in _ANALYZERS[self.analyzer](text, self.ngram_range):
+        for term, count in Counter(_ANALYZERS[self.analyzer](text, self.ngram_range)).items():
             column = vocabulary.get(term)
             if column is not None:
-                counts[column] = counts.get(column, 0) + 1
-        columns = np.fromiter(counts.keys(), dtype=np.intp, count=len(counts))
-        values = (np.log(np.fromiter(counts.values(), dtype=np.float64, count=len(counts)))
-                  + 1.0) * self.idf[columns]
-        norm = np.sqrt(np.dot(values, values))
-        if norm > 0:
-            values = values / norm
-        return columns, values
+                columns.append(column + base)
+                counts.append(count)
+
+
+_CHUNK = 256  # texts whose TF-IDF values are computed at once
+
+
+def _segment_sums(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """The sums of ``values`` (along the first axis) between consecutive ``starts`` (the
+    last segment runs to the end); an empty segment sums to 0."""
+    ends = np.append(starts[1:], len(values))
+    sums = np.zeros((len(starts), *values.shape[1:]))
+    filled = ends > starts
+    if filled.any():
+        sums[filled] = np.add.reduceat(values, starts[filled], axis=0)
+    return sums
 
 
 @dataclass
@@ -281,14 +290,34 @@ class _Model:
 
     def _svm_scores(self, texts: Sequence[str]) -> np.ndarray:
         """The SVM's decision scores, one column per class (a binary SVM's single column
-        is the second class's score; the first one's is 0, as before)."""
+        is the second class's score; the first one's is 0, as before). As scikit-learn:
+        TF-IDF rows (sublinear tf, each vectorizer's part of unit length) times the
+        coefficients, plus the intercepts; a chunk of texts at a time."""
         scores = np.empty((len(texts), self.svm_coef.shape[1]))
-        offsets = np.cumsum([0] + [len(part.idf) for part in self.ngrams])
-        for row, text in enumerate(texts):
-            parts = [part.features(text) for part in self.ngrams]
-            columns = np.concatenate([c + o for (c, _), o in zip(parts, offsets, strict=False)])
-            values = np.concatenate([v for _, v in parts])
-            scores[row] = values @ self.svm_coef[columns] + self.svm_intercept
+        bases = np.cumsum([0] + [len(part.idf) for part in self.ngrams])[:-1].tolist()
+        idf = np.concatenate([part.idf for part in self.ngrams])
+        for first in range(0, len(texts), _CHUNK):
+            chunk = texts[first:first + _CHUNK]
+            columns: list[int] = []
+            counts: list[int] = []
+            parts: list[int] = []  # where each (text, vectorizer) part starts in columns
+            for text in chunk:
+                for part, base in zip(self.ngrams, bases, strict=True):
+                    parts.append(len(columns))
+                    part.counts(text, base, columns, counts)
+            column_array = np.asarray(columns, dtype=np.intp)
+            values = (np.log(np.asarray(counts, dtype=np.float64)) + 1.0) * idf[column_array]
+            part_starts = np.asarray(parts, dtype=np.intp)
+            norms = np.sqrt(_segment_sums(values * values, part_starts))
+            norms[norms == 0] = 1.0
+            lengths = np.diff(np.append(part_starts, len(values)))
+            values = values / np.repeat(norms, lengths)
+            # Text by text: the gathered coefficient rows of one text stay in the cache.
+            row_starts = [*part_starts[::len(self.ngrams)].tolist(), len(values)]
+            for row in range(len(chunk)):
+                start, end = row_starts[row], row_starts[row + 1]
+                scores[first + row] = (values[start:end] @ self.svm_coef[column_array[start:end]]
+                                       + self.svm_intercept)
         if scores.shape[1] == 1:
             scores = np.column_stack([np.zeros(len(texts)), scores])
         return scores
