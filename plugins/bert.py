@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from scipy.special import erf
 
 from commhub.plugins.wordpiece import WordPiece
 
@@ -77,6 +76,10 @@ def _layer_norm(x: np.ndarray, gain: np.ndarray, bias: np.ndarray, eps: float) -
 
 
 def _gelu(x: np.ndarray) -> np.ndarray:
+    # SciPy is imported here, not with the module: the ``minilm`` plugin (which imports
+    # this one) loads with every hub, and SciPy would cost each start ~0.3 s of CPU.
+    from scipy.special import erf
+
     return np.asarray(0.5 * x * (1.0 + erf(x / math.sqrt(2.0))))
 
 

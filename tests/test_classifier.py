@@ -153,12 +153,12 @@ def test_background_is_shipped_and_clean(examples: dict[str, list[str]]) -> None
 def test_cache_second_fit_loads_without_training(
     tmp_path: Path, examples: dict[str, list[str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A second fit with the same examples loads the pickled model and does not train."""
+    """A second fit with the same examples loads the cached model and does not train."""
     first = TfidfClassifier(cache_dir=tmp_path)
     first.fit(examples)
     assert first.trained
     key = first.model_id.removeprefix("tfidf-")
-    assert [p.name for p in tmp_path.iterdir()] == [f"tfidf-{key}-v{TfidfClassifier.version}.pkl"]
+    assert [p.name for p in tmp_path.iterdir()] == [f"tfidf-{key}-v{TfidfClassifier.version}.npz"]
 
     def no_training(*args: object, **kwargs: object) -> None:
         raise AssertionError("trained although a cached model exists")
@@ -179,7 +179,7 @@ def test_cache_is_retrained_on_other_settings_or_a_corrupt_file(
     other.fit(examples)
     assert other.trained
     [path] = tmp_path.iterdir()
-    path.write_bytes(b"not a pickle")
+    path.write_bytes(b"not a numpy archive")
     again = TfidfClassifier(TfidfSettings(C=1.0, temperature=1.0), cache_dir=tmp_path)
     again.fit(examples)
     assert again.trained

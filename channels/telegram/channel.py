@@ -54,7 +54,7 @@ import logging
 import re
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from aiohttp import web
 from nats.js.api import KeyValueConfig, StorageType
@@ -62,11 +62,8 @@ from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
-from telegram import Bot, Update
-from telegram.error import Conflict, InvalidToken, TelegramError
 
-from commhub.channels.telegram.pacing import Pacer
-from commhub.channels.telegram.send import Backoff, keyboard, make_bot, send_reply
+from commhub.channels.telegram.pacing import Backoff, Pacer
 from commhub.channels.telegram.text import TELEGRAM_TEXT_LIMIT, split_text
 from commhub.channels.telegram.updates import (
     ParsedUpdate,
@@ -86,6 +83,11 @@ from commhub.core.hookspecs import hookimpl
 from commhub.core.retry import RetryPolicy
 from commhub.core.tokens import Identity
 from commhub.core.web import json_error
+
+if TYPE_CHECKING:
+    # python-telegram-bot (with httpx, about 0.1 s of CPU) is imported when the channel
+    # starts with a token, not with the plugin: it loads with every hub, mostly off.
+    from telegram import Bot, Update
 
 __all__ = ["TelegramChannel", "TelegramSettings", "register_channels", "SECRET_HEADER"]
 
@@ -219,6 +221,8 @@ class TelegramChannel(Channel):
         cfg = self.config
         if cfg.token is None:
             return ["telegram: off (set COMMHUB_TELEGRAM_TOKEN to enable)"]
+        from commhub.channels.telegram.send import make_bot
+
         api = cfg.api_url.rstrip("/")
         self.bot = make_bot(cfg.token.get_secret_value(), api, cfg.request_timeout)
         try:
@@ -228,6 +232,8 @@ class TelegramChannel(Channel):
             raise
 
     async def _connect(self, api: str) -> list[str]:
+        from telegram.error import InvalidToken, TelegramError
+
         assert self.bot is not None
         cfg = self.config
         try:
@@ -308,6 +314,8 @@ class TelegramChannel(Channel):
 
     async def _poll(self, offset: int | None) -> None:
         """Long-poll until cancelled. Failures back off and retry; none ends the loop."""
+        from telegram.error import Conflict
+
         assert self.bot is not None
         failures = 0
         conflict_reported = False
@@ -377,6 +385,8 @@ class TelegramChannel(Channel):
         if not hmac.compare_digest(given.encode(), self._secret.encode()):
             await self.ctx.publish_event("rejected", reason="webhook: wrong secret token", code=403)
             return json_error(403, f"wrong {SECRET_HEADER}")
+        from telegram import Update
+
         body = await request.read()
         try:
             update = Update.de_json(_json_object(body), self.bot)
@@ -459,6 +469,8 @@ class TelegramChannel(Channel):
         return stored
 
     async def _answer(self, callback_id: str, text: str | None) -> None:
+        from telegram.error import TelegramError
+
         assert self.bot is not None
         try:
             await self.bot.answer_callback_query(callback_id, text=text)
@@ -494,6 +506,8 @@ class TelegramChannel(Channel):
             if not buttons:
                 return  # nothing Telegram could show (an empty reply)
             parts = [BUTTONS_ONLY_TEXT]
+        from commhub.channels.telegram.send import keyboard, send_reply
+
         result = await send_reply(
             self.bot, chat_id, parts, keyboard(buttons), self.pacer, self.backoff
         )

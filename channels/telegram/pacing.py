@@ -15,8 +15,10 @@ here, and one event loop uses it (no locks needed: ``reserve`` never awaits).
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 
 __all__ = ["Pacer", "RateCell"]
 
@@ -97,3 +99,16 @@ class Pacer:
     def _forget_idle(self, now: float) -> None:
         for chat in [c for c, cell in self._chats.items() if cell.idle(now)]:
             del self._chats[chat]
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff for retryable failures: ``base * 2**n`` capped at ``cap``."""
+
+    base: float = 1.0
+    cap: float = 60.0
+    jitter: float = 0.1  # fraction added at random, so many chats do not retry in step
+
+    def delay(self, attempt: int) -> float:
+        value = min(self.cap, self.base * (2 ** min(attempt, 30)))
+        return value * (1 + random.uniform(0, self.jitter))

@@ -35,7 +35,6 @@ import asyncio
 import datetime as dtm
 import json
 import logging
-import random
 import warnings
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -53,7 +52,8 @@ from telegram.error import (
 from telegram.request import HTTPXRequest
 from telegram.warnings import PTBDeprecationWarning
 
-from commhub.channels.telegram.pacing import Pacer
+# Backoff lives with the pacing (no python-telegram-bot import); re-exported here.
+from commhub.channels.telegram.pacing import Backoff, Pacer
 
 __all__ = [
     "Backoff",
@@ -69,19 +69,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Sleep = Callable[[float], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Exponential backoff for retryable failures: ``base * 2**n`` capped at ``cap``."""
-
-    base: float = 1.0
-    cap: float = 60.0
-    jitter: float = 0.1  # fraction added at random, so many chats do not retry in step
-
-    def delay(self, attempt: int) -> float:
-        value = min(self.cap, self.base * (2 ** min(attempt, 30)))
-        return value * (1 + random.uniform(0, self.jitter))
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,10 @@ import json
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from telegram import Update
+if TYPE_CHECKING:
+    from telegram import Update
 
 from commhub.core.envelope import derived_id
 
