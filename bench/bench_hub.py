@@ -1,6 +1,6 @@
 """Turns per second through the whole hub, beside a raw NATS echo measured in the same run.
 
-    python bench/bench_hub.py [--conversations 50] [--turns 20] [--split]
+    python bench/bench_hub.py [--conversations 50] [--turns 20] [--split [--routers N]]
 
 Starts ``commhub up`` in a subprocess (embedded nats-server, temporary data directory,
 free ports), or with ``--split`` a nats-server and one ``commhub up --role`` process per
@@ -149,8 +149,8 @@ def cpu_seconds(pids: list[int]) -> float | None:
 
 
 @contextlib.asynccontextmanager
-async def running_hub(data_dir: Path, split: bool, pids: list[int] | None = None
-                      ) -> AsyncIterator[tuple[int, str]]:
+async def running_hub(data_dir: Path, split: bool, pids: list[int] | None = None,
+                      routers: int = 1) -> AsyncIterator[tuple[int, str]]:
     """Yield (WebSocket port, NATS URL) of a hub: one `commhub up` process, or with
     ``split`` an embedded nats-server and one process per role (channels, router,
     recorder), the scale-out layout on one machine. ``pids`` gets the commhub
@@ -178,10 +178,12 @@ async def running_hub(data_dir: Path, split: bool, pids: list[int] | None = None
         server = EmbeddedNats(data_dir / "nats", port=0)
         url = await server.start()
         port = free_port()
-        for role in ("recorder", "router", "channels"):
+        names = ["recorder", *(f"router{i}" for i in range(routers)), "channels"]
+        for name in names:
+            role = name.rstrip("0123456789")
             processes.append(start_hub({**env, "COMMHUB_NATS_URL": url,
                                         "COMMHUB_WS_PORT": str(port),
-                                        "COMMHUB_DATA_DIR": str(data_dir / role)},
+                                        "COMMHUB_DATA_DIR": str(data_dir / name)},
                                        "--role", role))
         if pids is not None:
             pids.extend(process.pid for process in processes)
@@ -217,16 +219,19 @@ async def main() -> None:
     parser.add_argument("--turns", type=int, default=20)
     parser.add_argument("--split", action="store_true",
                         help="run channels, router and recorder as separate processes")
+    parser.add_argument("--routers", type=int, default=1,
+                        help="router processes with --split (they share the partitions)")
     args = parser.parse_args()
     pids: list[int] = []
     with tempfile.TemporaryDirectory(prefix="commhub-bench-") as tmp:
-        async with running_hub(Path(tmp), args.split, pids) as (port, url):
+        async with running_hub(Path(tmp), args.split, pids, args.routers) as (port, url):
             await hub_load(port, 5, 4)  # warm up: classifier, consumers, connections
             cpu_before = cpu_seconds(pids)
             rate, latencies = await hub_load(port, args.conversations, args.turns)
             cpu_after = cpu_seconds(pids)
             echo_rate, echo_latencies = await echo_load(url, args.conversations, args.turns)
-    layout = "one process per role" if args.split else "one hub process"
+    layout = (f"one process per role, {args.routers} router(s)" if args.split
+              else "one hub process")
     print(f"{args.conversations} concurrent conversations x {args.turns} turns "
           f"({os.cpu_count()} cores, {layout})")
     report("hub turns (WebSocket)", rate, latencies)

@@ -16,16 +16,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
 )
-from nats.js.errors import NotFoundError
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 
 from commhub.core import natsconnect, streams
@@ -39,6 +41,8 @@ log = logging.getLogger(__name__)
 # How long JetStream remembers a Nats-Msg-Id. A handler re-run on a message redelivered
 # within this window re-publishes ids that JetStream drops. Longer than any ack wait.
 DUPLICATE_WINDOW_SECONDS = streams.DUPLICATE_WINDOW_SECONDS
+# How long the stream setup waits for a JetStream that does not answer yet.
+SETUP_PATIENCE_SECONDS = 60.0
 
 
 class Bus:
@@ -102,7 +106,21 @@ class Bus:
         and placement) and bring commhub's own fields of existing streams up to date,
         keeping what an operator changed (see :mod:`commhub.core.streams`); safe to run
         every start. Returns a line per object that changed."""
-        lines = await streams.reconcile(self.js, self.subjects, self.layout)
+        deadline = time.monotonic() + SETUP_PATIENCE_SECONDS
+        while True:
+            try:
+                lines = await streams.reconcile(self.js, self.subjects, self.layout)
+                break
+            except (nats.errors.TimeoutError, TimeoutError, ServiceUnavailableError) as exc:
+                # A cluster that is still electing leaders, or busy making the streams
+                # another process asked for: try again, for a while.
+                if time.monotonic() > deadline:
+                    raise streams.StreamSetupError(
+                        f"JetStream did not answer the stream setup within "
+                        f"{SETUP_PATIENCE_SECONDS:.0f} s ({exc!r}): is JetStream enabled, "
+                        "and does the cluster have a leader?") from None
+                log.info("JetStream not answering the stream setup yet (%r); retrying", exc)
+                await asyncio.sleep(1.0)
         for line in lines:
             log.info("%s", line)
         return lines

@@ -93,6 +93,7 @@ class Leases:
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
         self._failing = False
+        self._starting = False
         self.changes = 0  # slots gained or lost (tests and metrics)
 
     # -- keys ---------------------------------------------------------------------------
@@ -121,7 +122,14 @@ class Leases:
         self._kv = await self.bus.bucket(self.bus.subjects.leases_bucket)
         self._watcher = await self._kv.watch(f"{self.group}.>", include_history=False)
         self._tasks.append(asyncio.create_task(self._watch(), name=f"leases-{self.group}-watch"))
-        await self._tick()
+        self._starting = True
+        try:
+            await self._renew_and_balance()  # errors here fail the start
+        except BaseException:
+            await self.stop()
+            raise
+        finally:
+            self._starting = False
         deadline = time.monotonic() + settle
         while len(self.held) < self.fair_share and time.monotonic() < deadline:
             self._wake.clear()
@@ -164,26 +172,34 @@ class Leases:
                 continue
             if entry is None:  # the end of the initial values
                 continue
-            self._seen(entry.key, entry.value or b"", entry.operation)
-            self._wake.set()
+            if self._seen(entry.key, entry.value or b"", entry.operation):
+                self._wake.set()
 
-    def _seen(self, key: str, value: bytes, operation: Any) -> None:
+    def _seen(self, key: str, value: bytes, operation: Any) -> bool:
+        """Note a change; True when it calls for a rebalance now (a member came or
+        went, a slot was freed or changed hands), False for a renewal (every member
+        renews every few seconds: waking on those would renew in a loop)."""
         now = time.monotonic()
         parts = key.split(".", 2)
         if len(parts) != 3:
-            return
+            return False
         deleted = operation is not None and str(operation).upper().endswith(("DEL", "PURGE"))
         kind, name = parts[1], parts[2]
         if kind == "member":
             if deleted:
-                self._members.pop(name, None)
-            else:
-                self._members[name] = now
-        elif kind == "slot":
+                return self._members.pop(name, None) is not None
+            seen = self._members.get(name)
+            self._members[name] = now
+            return seen is None or now - seen > self.ttl
+        if kind == "slot":
             if deleted:
                 self._holders.pop(name, None)
-            else:
-                self._holders[name] = (value.decode(errors="replace"), now)
+                return True
+            holder = value.decode(errors="replace")
+            before = self._holders.get(name)
+            self._holders[name] = (holder, now)
+            return before is None or before[0] != holder or now - before[1] > self.ttl
+        return False
 
     async def _tick(self) -> None:
         try:
@@ -235,8 +251,10 @@ class Leases:
             try:
                 await self._on_gain(slot)
             except Exception:
-                log.exception("leases %s: could not take up %s; releasing it", self.group, slot)
                 await self._release(slot, graceful=False)
+                if self._starting:
+                    raise  # a start that cannot take up its share fails (a broken file)
+                log.exception("leases %s: could not take up %s; released it", self.group, slot)
 
     def _claim_order(self) -> list[str]:
         """Free slots, starting at a place that differs by member (less contention)."""

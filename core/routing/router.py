@@ -258,8 +258,12 @@ class Router:
             on_give_up=self._on_give_up,
             unwrap=s.unpartitioned,
         )
-        await loop.start()
-        self._loops[slot] = loop
+        self._loops[slot] = loop  # before starting: a stop meanwhile stops it too
+        try:
+            await loop.start()
+        except BaseException:
+            self._loops.pop(slot, None)
+            raise
 
     async def _drop_partition(self, slot: str, graceful: bool) -> None:
         """Stop reading partition ``slot``: gracefully, the inputs in hand are finished
