@@ -26,6 +26,7 @@ from nats.js import JetStreamContext
 from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
+    RetentionPolicy,
 )
 from nats.js.errors import NotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
@@ -153,13 +154,20 @@ class Bus:
             log.info("%s: %d deliveries of a dead process pending; redelivering from %d",
                      name, info.num_ack_pending, start)
             await self.js.delete_consumer(stream, name)
-            config = dataclasses.replace(
-                config, deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
-            )
+            if not await self._is_work_queue(stream):
+                config = dataclasses.replace(
+                    config, deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
+                )
+            # (On a work-queue stream, deliver-all already starts at the first record not
+            # acked: acked ones are gone. It is the only policy such a stream allows.)
             info = None
         if info is None:
             await self.js.add_consumer(stream, config=config)
         return await self.js.pull_subscribe_bind(durable=name, stream=stream)
+
+    async def _is_work_queue(self, stream: str) -> bool:
+        info = await self.js.stream_info(stream)
+        return info.config.retention == RetentionPolicy.WORK_QUEUE
 
     async def state_bucket(self) -> KeyValue:
         """The conversation state bucket (bound on first use)."""

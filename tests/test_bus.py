@@ -58,3 +58,27 @@ async def test_bind_durable_rewinds_what_a_dead_consumer_held(bus: Bus) -> None:
     assert [m.metadata.sequence.stream for m in again] == [1, 2, 3]
     for sub in (dead, plain, rewound):
         await sub.unsubscribe()
+
+
+async def test_bind_durable_rewinds_on_a_work_queue_stream(bus: Bus) -> None:
+    """The routers' inputs stream is a work queue, which allows only deliver-all
+    consumers: a rewind there recreates the durable with deliver-all, and what a dead
+    process held comes back at once."""
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+    s = bus.subjects
+    config = ConsumerConfig(durable_name="wq-rewind", ack_policy=AckPolicy.EXPLICIT,
+                            ack_wait=60, deliver_policy=DeliverPolicy.ALL,
+                            filter_subject=f"{s.prefix}.part.>")
+    for i in range(3):
+        await bus.publish(s.inbound("test", f"wq{i}"), _message(f"wq-message-{i:04d}"))
+    dead = await bus.bind_durable(s.inputs_stream, config)
+    held = await dead.fetch(3, timeout=5)
+    assert len(held) == 3
+    await held[0].ack()  # handled one, died holding two
+
+    rewound = await bus.bind_durable(s.inputs_stream, config, rewind_unacked=True)
+    again = await rewound.fetch(3, timeout=5)
+    assert [m.data for m in again] == [m.data for m in held[1:]]
+    for sub in (dead, rewound):
+        await sub.unsubscribe()

@@ -21,14 +21,20 @@ from steadyclient import TEXTS, SteadyClient
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 
-async def sql(url: str, query: str) -> list[dict]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "commhub.core.cli", "sql", "--nats-url", url, "--format",
-        "json", "--data-dir", "/nonexistent-commhub-client", query,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 0, err.decode()
-    return list(json.loads(out))
+async def sql(url: str, query: str, patience: float = 30) -> list[dict]:
+    """`commhub sql` against the cluster; retried while no recorder answers yet (the
+    standby takes over within the lease TTL of the active one's death)."""
+    deadline = time.monotonic() + patience
+    while True:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "commhub.core.cli", "sql", "--nats-url", url, "--format",
+            "json", "--data-dir", "/nonexistent-commhub-client", query,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+        if process.returncode == 0:
+            return list(json.loads(out))
+        assert "no hub answers" in err.decode() and time.monotonic() < deadline, err.decode()
+        await asyncio.sleep(1)
 
 
 async def test_faults_one_after_another_lose_and_reorder_nothing(tmp_path: Path) -> None:
