@@ -164,3 +164,32 @@ async def test_replicas_set_by_hand_survive_a_restart_and_apply_sets_them(
             await bus.close()
     finally:
         cluster.stop()
+
+
+async def test_stream_setup_waits_for_a_cluster_still_electing_its_leader(
+    tmp_path: Path,
+) -> None:
+    """One node of a new three-node cluster is up: JetStream has no meta leader and does
+    not answer (a new cluster elects its first leader once every node it was configured
+    with has joined). The stream setup waits, instead of failing with "nats: timeout",
+    and completes once the other nodes start and a leader is elected."""
+    from commhub.core.bus import Bus
+    from commhub.core.subjects import Subjects
+
+    cluster = NatsCluster(tmp_path / "nats").start(only=[0])
+    try:
+        subjects = Subjects("electing")
+        bus = await Bus.connect(cluster.url, subjects)
+        try:
+            setup = asyncio.create_task(bus.ensure_streams())
+            await asyncio.sleep(3)
+            assert not setup.done()  # waiting, not failed
+            cluster.start_node(1)
+            cluster.start_node(2)
+            lines = await asyncio.wait_for(setup, 90)
+            assert f"{subjects.messages_stream}: created with 1 replica" in " ".join(lines)
+            assert (await bus.js.stream_info(subjects.inputs_stream)).config.name
+        finally:
+            await bus.close()
+    finally:
+        cluster.stop()
