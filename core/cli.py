@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +107,12 @@ def _build_parser() -> argparse.ArgumentParser:
                        "which trains the classifier on the examples (a few seconds)")
     listing = wf_sub.add_parser("list", help="list the installed workflows")
     listing.add_argument("--config", help="TOML config file (its disable_plugins)")
+    asks = wf_sub.add_parser("asks", help="print the subjects the installed workflows' "
+                             "`ask` states request, one a line (the router's NATS user "
+                             "must be allowed to publish on them)")
+    asks.add_argument("--config", help="TOML config file (its disable_plugins)")
+    asks.add_argument("--workflows", type=Path, action="append", dest="workflow_paths",
+                      default=[], help="also load this workflow file or folder (repeatable)")
     graph = wf_sub.add_parser("graph", help="print a workflow's state graph (Mermaid or DOT)")
     graph.add_argument("--config", help="TOML config file (its disable_plugins)")
     graph.add_argument("name", help="an installed workflow, or one from --workflows")
@@ -438,6 +444,11 @@ def cmd_workflows(args: argparse.Namespace) -> int:
             raise _UserError(f"no workflow named {args.name!r}; known: {', '.join(sorted(found))}")
         print(render_graph(found[args.name], args.format), end="")
         return 0
+    if args.workflows_command == "asks":
+        found = load_workflows([*_load_plugins(args).workflow_sources(), *args.workflow_paths])
+        for subject in ask_subjects(found.values()):
+            print(subject)
+        return 0
     if args.workflows_command == "check":
         from commhub.core.engine.check import example_warnings
 
@@ -456,6 +467,13 @@ def cmd_workflows(args: argparse.Namespace) -> int:
             for name, d in sorted(definitions.items())]
     print(_table(("workflow", "states", "examples", "description"), rows))
     return 0
+
+
+def ask_subjects(definitions: Iterable[Any]) -> list[str]:
+    """The subjects the ``ask`` states of ``definitions`` request on, sorted, once each:
+    what the router's NATS user must be allowed to publish (docs/permissions.conf)."""
+    return sorted({state.ask.subject for d in definitions for state in d.states.values()
+                   if state.ask is not None})
 
 
 def _overlap_warnings(args: argparse.Namespace, definitions: dict[str, Any]) -> list[str]:
