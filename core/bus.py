@@ -106,8 +106,14 @@ class Bus:
         """Create what is missing (streams and buckets, with :attr:`layout`'s replicas
         and placement) and bring commhub's own fields of existing streams up to date,
         keeping what an operator changed (see :mod:`commhub.core.streams`); safe to run
-        every start. Returns a line per object that changed."""
+        every start. Returns a line per object that changed.
+
+        A JetStream that does not answer (a new cluster electing its first leader) is
+        waited for, with one warning, up to :data:`SETUP_PATIENCE_SECONDS`; then
+        :class:`~commhub.core.streams.StreamSetupError` (one line). Other errors
+        (refused permissions, replicas the cluster cannot hold) fail at once."""
         deadline = time.monotonic() + SETUP_PATIENCE_SECONDS
+        waiting = False
         while True:
             try:
                 lines = await streams.reconcile(self.js, self.subjects, self.layout)
@@ -120,7 +126,10 @@ class Bus:
                         f"JetStream did not answer the stream setup within "
                         f"{SETUP_PATIENCE_SECONDS:.0f} s ({exc!r}): is JetStream enabled, "
                         "and does the cluster have a leader?") from None
-                log.info("JetStream not answering the stream setup yet (%r); retrying", exc)
+                if not waiting:  # one line per wait, not one a second
+                    log.warning("JetStream does not answer the stream setup yet (%r); "
+                                "waiting up to %.0f s", exc, SETUP_PATIENCE_SECONDS)
+                    waiting = True
                 await asyncio.sleep(1.0)
         for line in lines:
             log.info("%s", line)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from commhub.core.bus import Bus
 from commhub.core.envelope import Message, Sender
 
@@ -72,6 +74,11 @@ async def test_bind_durable_rewinds_on_a_work_queue_stream(bus: Bus) -> None:
                             filter_subject=f"{s.prefix}.part.>")
     for i in range(3):
         await bus.publish(s.inbound("test", f"wq{i}"), _message(f"wq-message-{i:04d}"))
+    # The server copies inputs into the inputs stream on its own time: wait (bounded)
+    # until all three are there, or a fetch may see only some of them.
+    async with asyncio.timeout(30):
+        while (await bus.js.stream_info(s.inputs_stream)).state.messages < 3:
+            await asyncio.sleep(0.05)
     dead = await bus.bind_durable(s.inputs_stream, config)
     held = await dead.fetch(3, timeout=5)
     assert len(held) == 3

@@ -167,7 +167,7 @@ async def test_replicas_set_by_hand_survive_a_restart_and_apply_sets_them(
 
 
 async def test_stream_setup_waits_for_a_cluster_still_electing_its_leader(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """One node of a new three-node cluster is up: JetStream has no meta leader and does
     not answer (a new cluster elects its first leader once every node it was configured
@@ -189,6 +189,9 @@ async def test_stream_setup_waits_for_a_cluster_still_electing_its_leader(
             lines = await asyncio.wait_for(setup, 90)
             assert f"{subjects.messages_stream}: created with 1 replica" in " ".join(lines)
             assert (await bus.js.stream_info(subjects.inputs_stream)).config.name
+            waits = [r for r in caplog.records
+                     if "does not answer the stream setup yet" in r.getMessage()]
+            assert len(waits) == 1  # one line for the wait, not one a second
         finally:
             await bus.close()
     finally:
