@@ -72,10 +72,14 @@ class NatsCluster:
     async def wait_ready(self, timeout: float = 60) -> None:
         """Until JetStream answers (a meta leader was elected)."""
         deadline = time.monotonic() + timeout
+
+        async def quiet(exc: Exception) -> None:
+            return None  # refusals while the nodes start are expected: no tracebacks
+
         while True:
             try:
                 nc = await nats.connect(servers=self.url.split(","), connect_timeout=2,
-                                        max_reconnect_attempts=1)
+                                        max_reconnect_attempts=1, error_cb=quiet)
                 try:
                     info = await nc.jetstream(timeout=2).account_info()
                     if info is not None:
