@@ -195,6 +195,7 @@ def _load_plugins(args: argparse.Namespace) -> Any:
 def cmd_up(args: argparse.Namespace) -> int:
     settings = _load_settings(args)
     _try_ports(settings)
+    _reach_nats(settings)
     from commhub.core.hub import Hub, StartInterrupted
 
     hub = Hub(settings)
@@ -235,6 +236,49 @@ def _try_ports(settings: Any) -> None:
         return  # the other roles serve only their probes and metrics
     if "commhub.channels.websocket" not in settings.disable_plugins:
         try_port("WebSocket channel", settings.host, settings.ws_port, "COMMHUB_WS_PORT")
+
+
+def _reach_nats(settings: Any) -> None:
+    """An external NATS server that does not answer, or refuses the login, fails ``commhub
+    up`` before the hub is imported: its plugins import scikit-learn, seconds of a loaded
+    machine's CPU that would otherwise come before the connect's own deadline (5 s). A
+    SIGINT or SIGTERM meanwhile ends the start as it does later (exit 128 + signal).
+    One connection, closed again at once; the hub makes its own."""
+    if settings.embedded_nats:
+        return
+    import signal
+
+    from commhub.core import natsconnect
+
+    received: list[int] = []
+
+    async def reach() -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+
+        def on_signal(sig: int) -> None:
+            received.append(sig)
+            task.cancel()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, sig)
+        try:
+            nc = await natsconnect.connect(settings.nats_url, name="commhub-up-check",
+                                           **settings.nats_options())
+            await nc.close()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    try:
+        asyncio.run(reach())
+    except asyncio.CancelledError:
+        if not received:
+            raise
+        name = signal.Signals(received[0]).name
+        print(f"commhub: stopped: {name} while starting", file=sys.stderr, flush=True)
+        raise SystemExit(128 + received[0]) from None
 
 
 def _fast_loop_factory() -> Any:
