@@ -118,6 +118,10 @@ async def main() -> None:
             while json.loads(await asyncio.wait_for(target.recv(), 10)).get("id") != mid:
                 pass
             delivered_ms = (time.perf_counter() - sent) * 1000
+        except BaseException:
+            # Say what the channel process saw (it goes with the temporary directory).
+            print(f"the channel process's log ends:\n{read(log)[-3000:]}", file=sys.stderr)
+            raise
         finally:
             for ws in sockets:
                 ws.transport.abort()
