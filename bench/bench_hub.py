@@ -1,6 +1,6 @@
 """Turns per second through the whole hub, beside a raw NATS echo measured in the same run.
 
-    python bench/bench_hub.py [--conversations 50] [--turns 20] [--split]
+    python bench/bench_hub.py [--conversations 50] [--turns 20] [--split [--routers N]]
 
 Starts ``commhub up`` in a subprocess (embedded nats-server, temporary data directory,
 free ports), or with ``--split`` a nats-server and one ``commhub up --role`` process per
@@ -256,7 +256,7 @@ def cpu_seconds(pids: list[int]) -> float | None:
 
 @contextlib.asynccontextmanager
 async def running_hub(data_dir: Path, split: bool, pids: list[int] | None = None,
-                      metrics: dict[str, str] | None = None
+                      metrics: dict[str, str] | None = None, routers: int = 1
                       ) -> AsyncIterator[tuple[int, str]]:
     """Yield (WebSocket port, NATS URL) of a hub: one `commhub up` process, or with
     ``split`` an embedded nats-server and one process per role (channels, router,
@@ -288,13 +288,17 @@ async def running_hub(data_dir: Path, split: bool, pids: list[int] | None = None
         server = EmbeddedNats(data_dir / "nats", port=0)
         url = await server.start()
         port = free_port()
-        for role in ("recorder", "router", "channels"):
+        # The first router is "router" (its stage means are read); more are router2, ...
+        names = ["recorder", "router", *(f"router{i}" for i in range(2, routers + 1)),
+                 "channels"]
+        for name in names:
+            role = name.rstrip("0123456789")
             http_port = free_port()  # only the recorder writes a hub.json to read it from
-            metrics[role] = f"http://127.0.0.1:{http_port}/metrics"
+            metrics[name] = f"http://127.0.0.1:{http_port}/metrics"
             processes.append(start_hub({**env, "COMMHUB_NATS_URL": url,
                                         "COMMHUB_WS_PORT": str(port),
                                         "COMMHUB_HTTP_PORT": str(http_port),
-                                        "COMMHUB_DATA_DIR": str(data_dir / role)},
+                                        "COMMHUB_DATA_DIR": str(data_dir / name)},
                                        "--role", role))
         if pids is not None:
             pids.extend(process.pid for process in processes)
@@ -330,11 +334,14 @@ async def main() -> None:
     parser.add_argument("--turns", type=int, default=20)
     parser.add_argument("--split", action="store_true",
                         help="run channels, router and recorder as separate processes")
+    parser.add_argument("--routers", type=int, default=1,
+                        help="router processes with --split (they share the partitions)")
     args = parser.parse_args()
     pids: list[int] = []
     urls: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="commhub-bench-") as tmp:
-        async with running_hub(Path(tmp), args.split, pids, urls) as (port, url):
+        async with running_hub(Path(tmp), args.split, pids, urls,
+                               args.routers) as (port, url):
             await hub_load(port, 5, 4)  # warm up: classifier, consumers, connections
             scraped_before = await scrape(urls)
             async with RecorderLag(url, Subjects()) as recorder_lag:
@@ -344,7 +351,8 @@ async def main() -> None:
                 lag_at_end = await recorder_lag.read()
             scraped_after = await scrape(urls)
             echo_rate, echo_latencies = await echo_load(url, args.conversations, args.turns)
-    layout = "one process per role" if args.split else "one hub process"
+    layout = (f"one process per role, {args.routers} router(s)" if args.split
+              else "one hub process")
     print(f"{args.conversations} concurrent conversations x {args.turns} turns "
           f"({os.cpu_count()} cores, {layout})")
     report("hub turns (WebSocket)", rate, latencies)

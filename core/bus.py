@@ -16,16 +16,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
+    RetentionPolicy,
 )
-from nats.js.errors import NotFoundError
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 
 from commhub.core import natsconnect, streams
@@ -39,6 +42,8 @@ log = logging.getLogger(__name__)
 # How long JetStream remembers a Nats-Msg-Id. A handler re-run on a message redelivered
 # within this window re-publishes ids that JetStream drops. Longer than any ack wait.
 DUPLICATE_WINDOW_SECONDS = streams.DUPLICATE_WINDOW_SECONDS
+# How long the stream setup waits for a JetStream that does not answer yet.
+SETUP_PATIENCE_SECONDS = 60.0
 
 
 class Bus:
@@ -101,8 +106,31 @@ class Bus:
         """Create what is missing (streams and buckets, with :attr:`layout`'s replicas
         and placement) and bring commhub's own fields of existing streams up to date,
         keeping what an operator changed (see :mod:`commhub.core.streams`); safe to run
-        every start. Returns a line per object that changed."""
-        lines = await streams.reconcile(self.js, self.subjects, self.layout)
+        every start. Returns a line per object that changed.
+
+        A JetStream that does not answer (a new cluster electing its first leader) is
+        waited for, with one warning, up to :data:`SETUP_PATIENCE_SECONDS`; then
+        :class:`~commhub.core.streams.StreamSetupError` (one line). Other errors
+        (refused permissions, replicas the cluster cannot hold) fail at once."""
+        deadline = time.monotonic() + SETUP_PATIENCE_SECONDS
+        waiting = False
+        while True:
+            try:
+                lines = await streams.reconcile(self.js, self.subjects, self.layout)
+                break
+            except (nats.errors.TimeoutError, TimeoutError, ServiceUnavailableError) as exc:
+                # A cluster that is still electing leaders, or busy making the streams
+                # another process asked for: try again, for a while.
+                if time.monotonic() > deadline:
+                    raise streams.StreamSetupError(
+                        f"JetStream did not answer the stream setup within "
+                        f"{SETUP_PATIENCE_SECONDS:.0f} s ({exc!r}): is JetStream enabled, "
+                        "and does the cluster have a leader?") from None
+                if not waiting:  # one line per wait, not one a second
+                    log.warning("JetStream does not answer the stream setup yet (%r); "
+                                "waiting up to %.0f s", exc, SETUP_PATIENCE_SECONDS)
+                    waiting = True
+                await asyncio.sleep(1.0)
         for line in lines:
             log.info("%s", line)
         return lines
@@ -135,13 +163,20 @@ class Bus:
             log.info("%s: %d deliveries of a dead process pending; redelivering from %d",
                      name, info.num_ack_pending, start)
             await self.js.delete_consumer(stream, name)
-            config = dataclasses.replace(
-                config, deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
-            )
+            if not await self._is_work_queue(stream):
+                config = dataclasses.replace(
+                    config, deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
+                )
+            # (On a work-queue stream, deliver-all already starts at the first record not
+            # acked: acked ones are gone. It is the only policy such a stream allows.)
             info = None
         if info is None:
             await self.js.add_consumer(stream, config=config)
         return await self.js.pull_subscribe_bind(durable=name, stream=stream)
+
+    async def _is_work_queue(self, stream: str) -> bool:
+        info = await self.js.stream_info(stream)
+        return info.config.retention == RetentionPolicy.WORK_QUEUE
 
     async def state_bucket(self) -> KeyValue:
         """The conversation state bucket (bound on first use)."""

@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +107,12 @@ def _build_parser() -> argparse.ArgumentParser:
                        "which trains the classifier on the examples (a few seconds)")
     listing = wf_sub.add_parser("list", help="list the installed workflows")
     listing.add_argument("--config", help="TOML config file (its disable_plugins)")
+    asks = wf_sub.add_parser("asks", help="print the subjects the installed workflows' "
+                             "`ask` states request, one a line (the router's NATS user "
+                             "must be allowed to publish on them)")
+    asks.add_argument("--config", help="TOML config file (its disable_plugins)")
+    asks.add_argument("--workflows", type=Path, action="append", dest="workflow_paths",
+                      default=[], help="also load this workflow file or folder (repeatable)")
     graph = wf_sub.add_parser("graph", help="print a workflow's state graph (Mermaid or DOT)")
     graph.add_argument("--config", help="TOML config file (its disable_plugins)")
     graph.add_argument("name", help="an installed workflow, or one from --workflows")
@@ -190,6 +196,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     settings = _load_settings(args)
     _try_ports(settings)
     from commhub.core.gcpolicy import settle_after_start
+    _reach_nats(settings)
     from commhub.core.hub import Hub, StartInterrupted
 
     hub = Hub(settings)
@@ -233,6 +240,49 @@ def _try_ports(settings: Any) -> None:
         return  # the other roles serve only their probes and metrics
     if "commhub.channels.websocket" not in settings.disable_plugins:
         try_port("WebSocket channel", settings.host, settings.ws_port, "COMMHUB_WS_PORT")
+
+
+def _reach_nats(settings: Any) -> None:
+    """An external NATS server that does not answer, or refuses the login, fails ``commhub
+    up`` before the hub is imported: its plugins import scikit-learn, seconds of a loaded
+    machine's CPU that would otherwise come before the connect's own deadline (5 s). A
+    SIGINT or SIGTERM meanwhile ends the start as it does later (exit 128 + signal).
+    One connection, closed again at once; the hub makes its own."""
+    if settings.embedded_nats:
+        return
+    import signal
+
+    from commhub.core import natsconnect
+
+    received: list[int] = []
+
+    async def reach() -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+
+        def on_signal(sig: int) -> None:
+            received.append(sig)
+            task.cancel()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, sig)
+        try:
+            nc = await natsconnect.connect(settings.nats_url, name="commhub-up-check",
+                                           **settings.nats_options())
+            await nc.close()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    try:
+        asyncio.run(reach())
+    except asyncio.CancelledError:
+        if not received:
+            raise
+        name = signal.Signals(received[0]).name
+        print(f"commhub: stopped: {name} while starting", file=sys.stderr, flush=True)
+        raise SystemExit(128 + received[0]) from None
 
 
 def _fast_loop_factory() -> Any:
@@ -442,6 +492,11 @@ def cmd_workflows(args: argparse.Namespace) -> int:
             raise _UserError(f"no workflow named {args.name!r}; known: {', '.join(sorted(found))}")
         print(render_graph(found[args.name], args.format), end="")
         return 0
+    if args.workflows_command == "asks":
+        found = load_workflows([*_load_plugins(args).workflow_sources(), *args.workflow_paths])
+        for subject in ask_subjects(found.values()):
+            print(subject)
+        return 0
     if args.workflows_command == "check":
         from commhub.core.engine.check import example_warnings
 
@@ -460,6 +515,13 @@ def cmd_workflows(args: argparse.Namespace) -> int:
             for name, d in sorted(definitions.items())]
     print(_table(("workflow", "states", "examples", "description"), rows))
     return 0
+
+
+def ask_subjects(definitions: Iterable[Any]) -> list[str]:
+    """The subjects the ``ask`` states of ``definitions`` request on, sorted, once each:
+    what the router's NATS user must be allowed to publish (docs/permissions.conf)."""
+    return sorted({state.ask.subject for d in definitions for state in d.states.values()
+                   if state.ask is not None})
 
 
 def _overlap_warnings(args: argparse.Namespace, definitions: dict[str, Any]) -> list[str]:

@@ -93,6 +93,7 @@ class Leases:
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
         self._failing = False
+        self._starting = False
         self.changes = 0  # slots gained or lost (tests and metrics)
 
     # -- keys ---------------------------------------------------------------------------
@@ -121,7 +122,14 @@ class Leases:
         self._kv = await self.bus.bucket(self.bus.subjects.leases_bucket)
         self._watcher = await self._kv.watch(f"{self.group}.>", include_history=False)
         self._tasks.append(asyncio.create_task(self._watch(), name=f"leases-{self.group}-watch"))
-        await self._tick()
+        self._starting = True
+        try:
+            await self._renew_and_balance()  # errors here fail the start
+        except BaseException:
+            await self.stop()
+            raise
+        finally:
+            self._starting = False
         deadline = time.monotonic() + settle
         while len(self.held) < self.fair_share and time.monotonic() < deadline:
             self._wake.clear()
@@ -168,11 +176,9 @@ class Leases:
                 self._wake.set()
 
     def _seen(self, key: str, value: bytes, operation: Any) -> bool:
-        """Note a write of the group's keys; True when it changes who is there or who
-        holds what (a join, a departure, a release, a hand-over), which is acted on at
-        once. A renewal changes nothing and waits for the next regular tick: waking on
-        renewals made every tick's own writes wake the next tick, about 1,800 lease
-        writes a second per process, for as long as it ran."""
+        """Note a change; True when it calls for a rebalance now (a member came or
+        went, a slot was freed or changed hands), False for a renewal (every member
+        renews every few seconds: waking on those would renew in a loop)."""
         now = time.monotonic()
         parts = key.split(".", 2)
         if len(parts) != 3:
@@ -181,11 +187,10 @@ class Leases:
         kind, name = parts[1], parts[2]
         if kind == "member":
             if deleted:
-                self._members.pop(name, None)
-                return True
-            last = self._members.get(name)
+                return self._members.pop(name, None) is not None
+            seen = self._members.get(name)
             self._members[name] = now
-            return last is None or now - last > self.ttl  # joined, or back after expiring
+            return seen is None or now - seen > self.ttl
         if kind == "slot":
             if deleted:
                 self._holders.pop(name, None)
@@ -246,8 +251,10 @@ class Leases:
             try:
                 await self._on_gain(slot)
             except Exception:
-                log.exception("leases %s: could not take up %s; releasing it", self.group, slot)
                 await self._release(slot, graceful=False)
+                if self._starting:
+                    raise  # a start that cannot take up its share fails (a broken file)
+                log.exception("leases %s: could not take up %s; released it", self.group, slot)
 
     def _claim_order(self) -> list[str]:
         """Free slots, starting at a place that differs by member (less contention)."""

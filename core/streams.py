@@ -245,23 +245,22 @@ async def check(js: JetStreamContext, s: Subjects) -> None:
 async def _setup(js: JetStreamContext, s: Subjects, layout: Layout, *, force_layout: bool
                  ) -> list[str]:
     lines: list[str] = []
-    messages_last: int | None = None
     for wanted in stream_configs(s, layout):
         try:
             info = await js.stream_info(wanted.name or "")
         except NotFoundError:
             info = None
         if info is None:
-            if wanted.name == s.inputs_stream and messages_last:
-                # An upgrade: copy only what comes from now on, not history the old
-                # router already handled.
-                wanted = _with_inputs_start(wanted, messages_last + 1)
+            if wanted.name == s.inputs_stream:
+                start = await _upgrade_start(js, s)
+                if start is not None:
+                    # An upgrade: copy what the old shared router durable has not
+                    # acked yet, not the history it handled.
+                    wanted = _with_inputs_start(wanted, start)
             await _create(js, wanted, layout)
             lines.append(f"{wanted.name}: created with {layout.describe()}")
             continue
         have = info.config
-        if wanted.name == s.messages_stream:
-            messages_last = info.state.last_seq
         if wanted.name == s.inputs_stream:
             existing = partitions_of(have)
             if existing is not None and existing != layout.partitions:
@@ -293,6 +292,20 @@ async def _setup(js: JetStreamContext, s: Subjects, layout: Layout, *, force_lay
     except NotFoundError:
         pass
     return lines
+
+
+async def _upgrade_start(js: JetStreamContext, s: Subjects) -> int | None:
+    """Where the inputs stream starts copying when a release before partitions ran on
+    this prefix (its shared durable ``{p}_router`` exists): after that durable's ack
+    floor. None (from the beginning) for a new deployment."""
+    try:
+        info = await js.consumer_info(s.messages_stream, s.router_consumer)
+    except NotFoundError:
+        return None
+    floor = info.ack_floor.stream_seq if info.ack_floor else 0
+    log.info("upgrading from a shared router durable: the inputs start after its ack "
+             "floor, %d", floor)
+    return floor + 1
 
 
 def _with_inputs_start(config: StreamConfig, start: int) -> StreamConfig:

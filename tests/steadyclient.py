@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 import uuid
 from typing import Any
 
@@ -27,6 +28,8 @@ class SteadyClient:
         self.replies: list[dict[str, Any]] = []  # bot messages, as they arrived
         self.cursor: int | None = None
         self.reconnects = 0
+        self.sent_at: dict[str, float] = {}  # first send of each message (monotonic)
+        self.replied_at: dict[str, float] = {}  # its first reply
         self.resends = 0
         self._acked: set[str] = set()
         self._ws: ClientConnection | None = None
@@ -73,6 +76,7 @@ class SteadyClient:
                 frame = json.loads(raw)
                 if frame.get("type") == "message":
                     self.replies.append(frame)
+                    self.replied_at.setdefault(str(frame.get("reply_to")), time.monotonic())
                     self.cursor = max(self.cursor or 0, int(frame["cursor"]))
                 elif frame.get("type") == "ack":
                     self._acked.add(frame["id"])
@@ -102,6 +106,7 @@ class SteadyClient:
         return frame
 
     async def _send_until_acked(self, message_id: str, text: str) -> None:
+        self.sent_at.setdefault(message_id, time.monotonic())
         while message_id not in self._acked:
             if self._ws is None:
                 await self._connect()

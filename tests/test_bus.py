@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from commhub.core.bus import Bus
 from commhub.core.envelope import Message, Sender
 
@@ -57,4 +59,33 @@ async def test_bind_durable_rewinds_what_a_dead_consumer_held(bus: Bus) -> None:
     again = await rewound.fetch(3, timeout=5)
     assert [m.metadata.sequence.stream for m in again] == [1, 2, 3]
     for sub in (dead, plain, rewound):
+        await sub.unsubscribe()
+
+
+async def test_bind_durable_rewinds_on_a_work_queue_stream(bus: Bus) -> None:
+    """The routers' inputs stream is a work queue, which allows only deliver-all
+    consumers: a rewind there recreates the durable with deliver-all, and what a dead
+    process held comes back at once."""
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+    s = bus.subjects
+    config = ConsumerConfig(durable_name="wq-rewind", ack_policy=AckPolicy.EXPLICIT,
+                            ack_wait=60, deliver_policy=DeliverPolicy.ALL,
+                            filter_subject=f"{s.prefix}.part.>")
+    for i in range(3):
+        await bus.publish(s.inbound("test", f"wq{i}"), _message(f"wq-message-{i:04d}"))
+    # The server copies inputs into the inputs stream on its own time: wait (bounded)
+    # until all three are there, or a fetch may see only some of them.
+    async with asyncio.timeout(30):
+        while (await bus.js.stream_info(s.inputs_stream)).state.messages < 3:
+            await asyncio.sleep(0.05)
+    dead = await bus.bind_durable(s.inputs_stream, config)
+    held = await dead.fetch(3, timeout=5)
+    assert len(held) == 3
+    await held[0].ack()  # handled one, died holding two
+
+    rewound = await bus.bind_durable(s.inputs_stream, config, rewind_unacked=True)
+    again = await rewound.fetch(3, timeout=5)
+    assert [m.data for m in again] == [m.data for m in held[1:]]
+    for sub in (dead, rewound):
         await sub.unsubscribe()

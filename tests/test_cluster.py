@@ -21,14 +21,20 @@ from steadyclient import TEXTS, SteadyClient
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 
-async def sql(url: str, query: str) -> list[dict]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "commhub.core.cli", "sql", "--nats-url", url, "--format",
-        "json", "--data-dir", "/nonexistent-commhub-client", query,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 0, err.decode()
-    return list(json.loads(out))
+async def sql(url: str, query: str, patience: float = 30) -> list[dict]:
+    """`commhub sql` against the cluster; retried while no recorder answers yet (the
+    standby takes over within the lease TTL of the active one's death)."""
+    deadline = time.monotonic() + patience
+    while True:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "commhub.core.cli", "sql", "--nats-url", url, "--format",
+            "json", "--data-dir", "/nonexistent-commhub-client", query,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+        if process.returncode == 0:
+            return list(json.loads(out))
+        assert "no hub answers" in err.decode() and time.monotonic() < deadline, err.decode()
+        await asyncio.sleep(1)
 
 
 async def test_faults_one_after_another_lose_and_reorder_nothing(tmp_path: Path) -> None:
@@ -154,6 +160,38 @@ async def test_replicas_set_by_hand_survive_a_restart_and_apply_sets_them(
                 await streams.apply(bus.js, Subjects("five"), streams.Layout(replicas=5))
             assert "\n" not in str(caught.value)
             assert "with 5 replicas" in str(caught.value)
+        finally:
+            await bus.close()
+    finally:
+        cluster.stop()
+
+
+async def test_stream_setup_waits_for_a_cluster_still_electing_its_leader(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One node of a new three-node cluster is up: JetStream has no meta leader and does
+    not answer (a new cluster elects its first leader once every node it was configured
+    with has joined). The stream setup waits, instead of failing with "nats: timeout",
+    and completes once the other nodes start and a leader is elected."""
+    from commhub.core.bus import Bus
+    from commhub.core.subjects import Subjects
+
+    cluster = NatsCluster(tmp_path / "nats").start(only=[0])
+    try:
+        subjects = Subjects("electing")
+        bus = await Bus.connect(cluster.url, subjects)
+        try:
+            setup = asyncio.create_task(bus.ensure_streams())
+            await asyncio.sleep(3)
+            assert not setup.done()  # waiting, not failed
+            cluster.start_node(1)
+            cluster.start_node(2)
+            lines = await asyncio.wait_for(setup, 90)
+            assert f"{subjects.messages_stream}: created with 1 replica" in " ".join(lines)
+            assert (await bus.js.stream_info(subjects.inputs_stream)).config.name
+            waits = [r for r in caplog.records
+                     if "does not answer the stream setup yet" in r.getMessage()]
+            assert len(waits) == 1  # one line for the wait, not one a second
         finally:
             await bus.close()
     finally:

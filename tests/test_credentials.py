@@ -1,5 +1,5 @@
-"""Credentials and TLS as settings: an nkey seed, a token, a client certificate with a
-CA; secrets are never printed or written to hub.json."""
+"""Credentials and TLS as settings: an nkey seed, a .creds file (operator mode), a token,
+a client certificate with a CA; secrets are never printed or written to hub.json."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -81,6 +82,83 @@ async def test_an_nkey_seed_file_logs_in(tmp_path: Path, server_factory: list[Se
                                nats_nkey=tmp_path / "user.nk")
     assert hub.recorder is not None
     await hub.stop()
+
+
+def _jwt(issuer: Any, subject: str, name: str, nats: dict[str, Any]) -> str:
+    """A NATS JWT (v2) for ``subject``, signed by the ``issuer`` nkey pair (what `nsc`
+    writes; the server checks the signature chain operator -> account -> user)."""
+    import base64
+    import hashlib
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    claims: dict[str, Any] = {"iat": int(time.time()), "iss": issuer.public_key.decode(),
+                              "name": name, "sub": subject, "nats": nats}
+    claims["jti"] = base64.b32encode(
+        hashlib.sha256(json.dumps(claims, sort_keys=True).encode()).digest()).decode()
+    signed = f"{b64(json.dumps({'typ': 'JWT', 'alg': 'ed25519-nkey'}).encode())}." \
+             f"{b64(json.dumps(claims).encode())}"
+    return f"{signed}.{b64(issuer.sign(signed.encode()))}"
+
+
+def _operator_mode(root: Path) -> tuple[str, Path, Path]:
+    """nats-server settings for operator (JWT) mode with a memory resolver, the .creds
+    file of a user of its account, and that of a user of an account it does not know."""
+    import nkeys
+
+    def pair(prefix: int) -> tuple[bytes, Any]:
+        seed = nkeys.encode_seed(secrets.token_bytes(32), prefix)
+        return seed, nkeys.from_seed(bytearray(seed))
+
+    no_limits = {"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+                 "wildcards": True, "conn": -1, "leaf": -1}
+    _, operator = pair(nkeys.PREFIX_BYTE_OPERATOR)
+    accounts = {}
+    for name, limits in (("SYS", no_limits), ("commhub", {
+            **no_limits, "mem_storage": -1, "disk_storage": -1, "streams": -1,
+            "consumer": -1}), ("stranger", no_limits)):
+        _, account = pair(nkeys.PREFIX_BYTE_ACCOUNT)
+        accounts[name] = (account, _jwt(operator, account.public_key.decode(), name, {
+            "type": "account", "version": 2, "limits": limits}))
+    system = accounts["SYS"][0].public_key.decode()
+    operator_jwt = _jwt(operator, operator.public_key.decode(), "test-operator",
+                        {"type": "operator", "version": 2, "system_account": system})
+    known = {k: accounts[k] for k in ("SYS", "commhub")}
+    conf = (f'operator: "{operator_jwt}"\nsystem_account: {system}\nresolver: MEMORY\n'
+            "resolver_preload: { " + ", ".join(
+                f'{a.public_key.decode()}: "{token}"' for a, token in known.values()) + " }\n")
+    files = []
+    for name in ("commhub", "stranger"):
+        seed, user = pair(nkeys.PREFIX_BYTE_USER)
+        token = _jwt(accounts[name][0], user.public_key.decode(), f"{name}-user", {
+            "type": "user", "version": 2, "pub": {}, "sub": {}, "subs": -1, "data": -1,
+            "payload": -1})
+        path = root / f"{name}.creds"
+        path.write_text(f"-----BEGIN NATS USER JWT-----\n{token}\n------END NATS USER JWT"
+                        f"------\n\n-----BEGIN USER NKEY SEED-----\n{seed.decode()}\n"
+                        "------END USER NKEY SEED------\n")
+        files.append(path)
+    return conf, files[0], files[1]
+
+
+async def test_a_creds_file_logs_in_to_an_operator_mode_server(
+    tmp_path: Path, server_factory: list[Server]
+) -> None:
+    """`nats_creds`: a user JWT and its nkey seed, as `nsc` writes them, on a server in
+    operator mode: the recorder makes its streams and takes its lease as that user; a
+    user of an account the server does not know is refused in one line."""
+    conf, creds, stranger = _operator_mode(tmp_path)
+    server = Server(tmp_path / "srv", conf)
+    server_factory.append(server)
+    url = f"nats://127.0.0.1:{server.port}"
+    hub = await start_recorder(tmp_path, nats_url=url, nats_creds=creds)
+    try:
+        assert hub.recorder is not None
+    finally:
+        await hub.stop()
+    with pytest.raises(NatsConnectError, match="the server refused the login"):
+        await start_recorder(tmp_path / "other", nats_url=url, nats_creds=stranger)
 
 
 def _openssl(*args: str, cwd: Path) -> None:

@@ -169,3 +169,45 @@ async def test_what_a_role_must_not_do_is_refused(
     await nc.flush()
     assert await agent.refused('Publish to "commhub.in.websocket.perm2"')
     await nc.close()
+
+
+def test_the_routers_permissions_cover_the_built_in_workflows_asks() -> None:
+    """Every subject an installed workflow asks on (`commhub workflows asks`) is in the
+    router's publish list and a service's subscribe list."""
+    from commhub.core.cli import ask_subjects
+    from commhub.core.plugins import Plugins
+    from commhub.core.workflow import load_workflows
+
+    conf = (DOCS / "permissions.conf").read_text()
+    router = conf.split("{user: router")[1].split("subscribe:")[0]
+    service = conf.split("{user: service")[1].split("}}")[0]
+    asked = ask_subjects(load_workflows(Plugins.load().workflow_sources()).values())
+    assert asked == ["shop.orders.status"]
+    assert [s for s in asked if f'"{s}"' not in router or f'"{s}"' not in service] == []
+
+
+async def test_the_router_asks_a_service_each_with_only_its_permissions(
+    deployment: dict[str, Hub], guarded: tuple[str, dict[str, str]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The built-in order_status workflow's `ask`: the router (its user) requests on
+    shop.orders.status, a service (its user) answers, the answer reaches the client."""
+    service = await nats.connect(url_as(guarded, "service"))
+    try:
+        async def orders(msg: nats.aio.msg.Msg) -> None:
+            await msg.respond(json.dumps({"status": "shipped", "eta": "Friday"}).encode())
+
+        await service.subscribe("shop.orders.status", cb=orders)
+        await service.flush()
+        chat = await Chat.open(ws_port(deployment["channels"]), "perm3", user="bob")
+        await chat.say(payload={"start": "order_status"})
+        await chat.say("it's 12345")
+        async with asyncio.timeout(20):
+            while not any("shipped" in (m.get("text") or "") for m in chat.messages):
+                await chat.next_frame("message")
+        assert chat.messages[-1]["text"] == "Order 12345: shipped. Expected delivery: Friday."
+        await chat.close()
+    finally:
+        await service.close()
+    assert [r.getMessage() for r in caplog.records
+            if "permissions violation" in r.getMessage().lower()] == []

@@ -128,7 +128,15 @@ async def _stream_message_ids(url: str, prefix: str) -> list[str]:
             f"{prefix}.>", stream=subjects.messages_stream,
             config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE),
         )
+        # The restarted router is still answering the burst's inbound messages: read
+        # the stream once it stopped growing (1 s without a new record).
         info = await bus.js.stream_info(subjects.messages_stream)
+        while True:
+            await asyncio.sleep(1)
+            later = await bus.js.stream_info(subjects.messages_stream)
+            if later.state.last_seq == info.state.last_seq:
+                break
+            info = later
         ids, seen = [], 0
         while seen < info.state.messages:
             for msg in await sub.fetch(1000, timeout=10):

@@ -508,15 +508,11 @@ def test_migrate_is_versioned_and_refuses_a_newer_database(tmp_path: Path) -> No
     """migrate() applies every version once, is a no-op after, and refuses a newer schema."""
     con = duckdb.connect(str(tmp_path / "m.duckdb"))
     try:
-        assert schema.migrate(con) == schema.latest_version() == 6
-        assert schema.migrate(con) == 6
+        latest = schema.latest_version()
+        assert schema.migrate(con) == latest == len(schema.MIGRATIONS)
+        assert schema.migrate(con) == latest
         assert con.execute("SELECT version FROM schema_version ORDER BY 1").fetchall() == [
-            (1,),
-            (2,),
-            (3,),
-            (4,),
-            (5,),
-            (6,),
+            (v,) for v in range(1, latest + 1)
         ]
         tables = {
             r[0] for r in con.sql("SELECT table_name FROM information_schema.tables").fetchall()
@@ -616,7 +612,7 @@ def test_a_version_2_database_gets_decisions_and_cancelled_runs(tmp_path: Path) 
         con.close()
     con = duckdb.connect(str(path))
     try:
-        assert schema.migrate(con) == 6
+        assert schema.migrate(con) == schema.latest_version()
         assert con.execute("SELECT id, decision FROM classifications ORDER BY id").fetchall() == [
             ("k1", "workflow"), ("k2", "fallback"), ("k3", "clarify"), ("k4", "button")
         ]

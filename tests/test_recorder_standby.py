@@ -74,3 +74,30 @@ async def test_the_standby_takes_over_from_the_ack_floor(
     finally:
         await second.stop()
         await first.stop()
+
+
+async def test_a_recorder_that_cannot_open_its_file_fails_the_start(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Taking the lease at start and failing to open the file (a newer schema) is an
+    error of the start, not a silent standby; the lease is free again."""
+    import duckdb
+    import pytest
+
+    from commhub.core.records import schema
+
+    data = tmp_path / "newer"
+    data.mkdir()
+    con = duckdb.connect(str(data / "commhub.duckdb"))
+    schema.migrate(con)
+    con.execute("INSERT INTO schema_version VALUES (99, 'from the future', now())")
+    con.close()
+    hub = Hub(settings.model_copy(update={"role": "recorder", "data_dir": data}))
+    with pytest.raises(schema.SchemaError):
+        await hub.start()
+    other = Hub(settings.model_copy(update={"role": "recorder", "data_dir": tmp_path / "ok"}))
+    await other.start()
+    try:
+        assert other.recorder is not None  # not kept out by a stale lease
+    finally:
+        await other.stop()

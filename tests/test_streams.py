@@ -120,3 +120,40 @@ async def test_inputs_are_partitioned_by_conversation(bus: Bus) -> None:
         partition.setdefault(msg.subject.rsplit(".", 1)[1], set()).add(msg.subject.split(".")[2])
     await sub.unsubscribe()
     assert all(len(parts) == 1 for parts in partition.values()), partition
+
+
+async def test_an_upgrade_starts_the_inputs_after_the_old_routers_ack_floor(
+    nats_url: str, subjects: Subjects
+) -> None:
+    """A prefix where a release before partitions ran (streams and the shared durable
+    commhub_router): the inputs stream copies what that durable had not acked, not the
+    history it handled, and the old durable goes."""
+    from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
+
+    bus = await Bus.connect(nats_url, subjects)
+    try:
+        s = subjects
+        await bus.js.add_stream(StreamConfig(
+            name=s.messages_stream, subjects=[s.all_inbound, s.all_outbound,
+                                              s.all_workflow_input]))
+        await bus.js.add_consumer(s.messages_stream, ConsumerConfig(
+            durable_name=s.router_consumer, ack_policy=AckPolicy.EXPLICIT,
+            filter_subjects=[s.all_inbound, s.all_workflow_input]))
+        for n in range(3):
+            await bus.publish(s.inbound("websocket", f"old{n}"), Message(
+                id=f"old-release-message-{n}", conversation=f"old{n}", channel="websocket",
+                direction="in", sender=Sender(id="u"), text="hi"))
+        old = await bus.js.pull_subscribe_bind(durable=s.router_consumer,
+                                               stream=s.messages_stream)
+        for msg in await old.fetch(2, timeout=5):  # the old router handled two
+            await msg.ack()
+        await old.unsubscribe()
+
+        lines = await bus.ensure_streams()
+
+        assert f"{s.router_consumer}: deleted (replaced by the partitioned inputs)" in lines
+        sub = await bus.js.pull_subscribe(f"{s.prefix}.part.>", stream=s.inputs_stream)
+        msgs = await sub.fetch(3, timeout=3)
+        assert [m.subject.rsplit(".", 1)[1] for m in msgs] == ["old2"]
+    finally:
+        await bus.close()

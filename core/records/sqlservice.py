@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgspec
+import nats.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
@@ -107,7 +108,10 @@ class SqlService:
         self._executor: ThreadPoolExecutor | None = None
 
     async def start(self) -> None:
-        """Subscribe; from now on requests are answered."""
+        """Subscribe; from now on requests are answered (the subscriptions are flushed
+        to the server before this returns: a client told that this process is the
+        active recorder must not get "no hub answers" meanwhile; if the bus is away,
+        they reach the server when it reconnects)."""
         self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="commhub-sql")
         subjects = self.bus.subjects
         self._subs.append(
@@ -122,6 +126,10 @@ class SqlService:
             self._subs.append(
                 await self.bus.nc.subscribe(self.release_subject, cb=self._on_release)
             )
+        # nats-py sends SUB from a background flusher: without this round trip, a
+        # request right after start() can reach the server before the subscription.
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            await self.bus.nc.flush(timeout=5)
 
     async def stop(self) -> None:
         """Unsubscribe, let queries in flight reply; safe to call twice."""

@@ -63,7 +63,7 @@ import msgspec
 import nats.errors
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
-from nats.js.errors import InvalidKeyError, KeyWrongLastSequenceError
+from nats.js.errors import InvalidKeyError, KeyWrongLastSequenceError, ServiceUnavailableError
 
 from commhub.core.bus import Bus
 from commhub.core.classify import BatchingClassifier
@@ -119,6 +119,13 @@ ACK_WAIT_SECONDS = 10
 RETRY_POLICY = RetryPolicy(first=0.05, factor=2.0, cap=60.0, in_place_attempts=6,
                            max_attempts=30)
 CONFLICTS_IN_A_ROW = 10  # revision conflicts recomputed at once before it counts as a failure
+# Failures that say the bus is away for a moment, not that the step is wrong: the step is
+# retried in place (the input held, kept alive) for up to this long before the retry
+# policy's hand-back, which would let the conversation's later inputs overtake it.
+BUS_UNAVAILABLE = (nats.errors.TimeoutError, TimeoutError, nats.errors.NoRespondersError,
+                   nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError,
+                   ServiceUnavailableError)
+BUS_PATIENCE_SECONDS = 60.0
 # The header that carries an ``ask`` request's stable id, for services to dedupe on.
 REQUEST_ID_HEADER = "Commhub-Request-Id"
 
@@ -258,8 +265,12 @@ class Router:
             on_give_up=self._on_give_up,
             unwrap=s.unpartitioned,
         )
-        await loop.start()
-        self._loops[slot] = loop
+        self._loops[slot] = loop  # before starting: a stop meanwhile stops it too
+        try:
+            await loop.start()
+        except BaseException:
+            self._loops.pop(slot, None)
+            raise
 
     async def _drop_partition(self, slot: str, graceful: bool) -> None:
         """Stop reading partition ``slot``: gracefully, the inputs in hand are finished
@@ -292,7 +303,10 @@ class Router:
         recomputed at once on the bucket's state.
         """
         record, conversation = delivery.record, delivery.key
-        for _ in range(CONFLICTS_IN_A_ROW):
+        outage_started: float | None = None
+        pause = 0.2
+        conflicts = 0
+        while conflicts < CONFLICTS_IN_A_ROW:
             try:
                 done, state = await self._route(record, conversation)
                 asking = rules.pending_ask(state, record.id)
@@ -302,12 +316,26 @@ class Router:
                     await self._ask(delivery.msg, conversation, asking)
             except KeyWrongLastSequenceError:
                 self.stats.conflicts += 1  # another router wrote it: recompute on its state
+                conflicts += 1
                 continue
             except InvalidKeyError as exc:  # no retry makes the key valid
                 self.stats.invalid += 1
                 raise Permanent(
                     f"conversation {conversation!r} is not a valid key: {exc}"
                 ) from None
+            except BUS_UNAVAILABLE:
+                # The bus is away (a node died, a stream is electing its leader): wait
+                # here, holding the input, rather than hand it back, which would let the
+                # conversation's next input overtake it. Up to BUS_PATIENCE_SECONDS.
+                now = time.monotonic()
+                outage_started = outage_started or now
+                if now - outage_started > BUS_PATIENCE_SECONDS:
+                    self.stats.retries += 1
+                    raise
+                self.stats.retries += 1
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 2.0)
+                continue
             except Exception:
                 self.stats.retries += 1
                 raise

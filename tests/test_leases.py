@@ -1,0 +1,74 @@
+"""Leases (core/leases.py) on the real bus: idle members renew on their period only, and a
+member that cannot take up a slot at start fails the start and leaves the slot free."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from commhub.core.bus import Bus
+from commhub.core.leases import Leases
+
+SLOTS = [str(k) for k in range(4)]
+
+
+async def _ignore_gain(slot: str) -> None:
+    return None
+
+
+async def _ignore_lose(slot: str, graceful: bool) -> None:
+    return None
+
+
+async def test_idle_members_do_not_wake_each_other_into_renewing(bus: Bus) -> None:
+    """Every renewal is a write every member's watch sees; if seeing one woke a member
+    into renewing (and so writing) at once, two idle members would renew in a loop. An
+    idle member writes its heartbeat and its slots once per period (a third of the TTL)."""
+    first = Leases(bus, "idle", SLOTS, _ignore_gain, _ignore_lose, member="first")
+    second = Leases(bus, "idle", SLOTS, _ignore_gain, _ignore_lose, member="second")
+    await first.start()
+    await second.start(settle=first.ttl)
+    try:
+        assert sorted([*first.held, *second.held]) == SLOTS
+        assert len(first.held) == len(second.held) == 2
+        kv = await bus.bucket(bus.subjects.leases_bucket)
+        stream = f"KV_{bus.subjects.leases_bucket}"
+        before = (await bus.js.stream_info(stream)).state.last_seq
+        periods = 2
+        await asyncio.sleep(periods * first.ttl / 3)
+        writes = (await bus.js.stream_info(stream)).state.last_seq - before
+        # Per member and period: one heartbeat and one update per slot held (3), plus a
+        # period of slack each; a renewal loop writes hundreds of times as much.
+        assert writes <= 2 * 3 * (periods + 1), writes
+        assert (await kv.get("idle.member.first")).value == b"first"
+    finally:
+        await second.stop()
+        await first.stop()
+
+
+async def test_a_member_that_cannot_take_up_its_slot_fails_its_start(bus: Bus) -> None:
+    """An error taking up a slot at start (a recorder's file of a newer schema) is the
+    start's error, not a silent standby; the slot is free for the next member."""
+
+    class Broken(Exception):
+        pass
+
+    async def broken_gain(slot: str) -> None:
+        raise Broken(f"cannot take up {slot}")
+
+    broken = Leases(bus, "startfail", ["only"], broken_gain, _ignore_lose, member="broken")
+    with pytest.raises(Broken):
+        await broken.start()
+    assert broken.held == {}
+    taken: list[str] = []
+
+    async def gain(slot: str) -> None:
+        taken.append(slot)
+
+    healthy = Leases(bus, "startfail", ["only"], gain, _ignore_lose, member="healthy")
+    await healthy.start()
+    try:
+        assert taken == ["only"] and list(healthy.held) == ["only"]
+    finally:
+        await healthy.stop()
