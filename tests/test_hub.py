@@ -84,7 +84,9 @@ async def test_a_conversation_runs_a_workflow_to_its_final_state(
         assert "Ann" in done["text"] or "4" in done["text"]
         await chat.close()
 
-        await seen.wait_for(lambda: any(e.kind == "completed" for e in seen.of(WorkflowEvent)))
+        # A step's emits are published after its workflow events: wait for both.
+        await seen.wait_for(lambda: {"completed", "emitted"} <= {
+            e.kind for e in seen.of(WorkflowEvent)})
         inbound = [m for m in seen.of(Message) if m.direction == "in"]
         assert inbound[0].text == "I'd like to book a table for dinner"
         assert inbound[0].conversation == "conv1" and inbound[0].sender.id == "ann"
