@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ import uuid
 from pathlib import Path
 
 import aiohttp
+from bench_hub import stop_hub, wait_for_hub, ws_port  # the benches run from bench/
 from websockets.asyncio.client import ClientConnection, connect
 
 SCRIPT = ["I'd like to book a table", "4", "tomorrow", "19:30", "Ann", "ann@example.com", "yes"]
@@ -65,18 +65,6 @@ def mib(n: float) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
-async def wait_for_hub(data_dir: Path, process: subprocess.Popen[bytes]) -> dict[str, object]:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"commhub up exited with {process.returncode}")
-        try:
-            return dict(json.loads((data_dir / "hub.json").read_text()))
-        except (OSError, ValueError):
-            await asyncio.sleep(0.1)
-    raise SystemExit("hub did not start within 60 s")
-
-
 def http_url(info: dict[str, object]) -> str:
     for line in info["endpoints"]:  # type: ignore[attr-defined]
         if str(line).startswith("http: http://"):
@@ -92,13 +80,6 @@ async def recorder_pending(session: aiohttp.ClientSession, url: str) -> int | No
         if line.startswith("commhub_recorder_pending "):
             return int(float(line.split()[1]))
     return None
-
-
-def ws_port(info: dict[str, object]) -> int:
-    for line in info["endpoints"]:  # type: ignore[attr-defined]
-        if str(line).startswith("websocket: ws://"):
-            return int(str(line).split("ws://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
-    raise SystemExit("no websocket endpoint in hub.json")
 
 
 async def turn(ws: ClientConnection, text: str) -> None:
@@ -194,15 +175,6 @@ def start_hub(tmp: Path) -> subprocess.Popen[bytes]:
     with open(tmp / "hub.log", "wb") as log:  # the child keeps its own descriptor
         return subprocess.Popen([sys.executable, "-m", "commhub.core.cli", "up"],
                                 env=env, stdout=log, stderr=log)
-
-
-def stop_hub(process: subprocess.Popen[bytes]) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 async def main(conversations: int, conversation_seconds: float, turn_seconds: float) -> None:

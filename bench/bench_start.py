@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -26,18 +25,10 @@ import threading
 import time
 from pathlib import Path
 
+from bench_hub import cpu_seconds, stop_hub  # the benches run from bench/
+
 DEADLINE_SECONDS = 60.0
 READY_LINE = "commhub is up"
-
-
-def _cpu_seconds(pid: int) -> float | None:
-    """CPU time (user + system) the process used so far, from /proc (None elsewhere):
-    unlike the wall time, it does not grow when other processes share the cores."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _start(data_dir: Path) -> tuple[float, float | None, list[tuple[float, str]]]:
@@ -74,14 +65,9 @@ def _start(data_dir: Path) -> tuple[float, float | None, list[tuple[float, str]]
             raise TimeoutError("commhub up was not ready within a minute:\n"
                                + "\n".join(line for _, line in lines))
         seconds = next(t for t, line in lines if READY_LINE in line)
-        cpu = _cpu_seconds(process.pid)
+        cpu = cpu_seconds([process.pid])
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_hub(process, 30)
         reader.join(5)
     return seconds, cpu, lines
 
