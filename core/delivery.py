@@ -198,6 +198,7 @@ class DeliveryLoop(Generic[T]):
         self._handler = handler
         self._key = key
         self._rewind_unacked = rewind_unacked
+        self._fenced = False  # stopped with no grace: take nothing more
         self._on_retry = on_retry
         self._on_give_up = on_give_up
         # The subject a record was published on, from the one it is stored under (the
@@ -235,9 +236,18 @@ class DeliveryLoop(Generic[T]):
         handled (a failed one is handed back instead of retried in place). After
         ``grace`` seconds (None: no limit) the handlers still running are cancelled,
         and every record not settled by then is handed back with a nak, at once.
+        ``grace=0`` is the fenced stop of a process that lost its lease: the handlers
+        are cancelled first, and the pull in flight is handed back unrun.
         """
         self._stopping.set()
         self._room.set()
+        if grace == 0:
+            # Fenced: another process may own these records from now on, so nothing here
+            # may commit another step. What runs is cancelled before anything is waited
+            # for; the records of the pull in flight are not run, and everything is
+            # handed back below, once that pull is over.
+            self._fenced = True
+            await self._runner.cancel()
         fetcher, self._fetcher = self._fetcher, None
         if fetcher is not None:
             try:
@@ -286,7 +296,10 @@ class DeliveryLoop(Generic[T]):
                 continue
             failing = False
             for msg in msgs:
-                self._take(msg)
+                if self._fenced:  # unrun: handed back by the stop
+                    self._held.setdefault(int(msg.metadata.sequence.stream), msg)
+                else:
+                    self._take(msg)
 
     def _take(self, msg: Msg) -> None:
         seq = int(msg.metadata.sequence.stream)
@@ -300,13 +313,20 @@ class DeliveryLoop(Generic[T]):
 
     def _job(self, msg: Msg, seq: int) -> Callable[[], Awaitable[None]]:
         async def job() -> None:
+            keep = False
             try:
                 await self._process(msg)
             except asyncio.CancelledError:
-                await asyncio.shield(_settle(msg.nak))  # stopping: hand it back at once
+                if self._fenced:
+                    # The fenced stop hands it back after the pull in flight is over,
+                    # which would otherwise get it again at once.
+                    keep = True
+                else:
+                    await asyncio.shield(_settle(msg.nak))  # stopping: hand it back now
                 raise
             finally:
-                self._held.pop(seq, None)
+                if not keep:
+                    self._held.pop(seq, None)
                 self._room.set()
 
         return job
