@@ -262,6 +262,7 @@ class Router:
             batch=min(256, self.concurrency),
             fetch_timeout=0.5,
             rewind_unacked=True,
+            strict_order=True,  # a lost delivery must not let the next input overtake it
             on_retry=self._on_retry,
             on_give_up=self._on_give_up,
             unwrap=s.unpartitioned,
