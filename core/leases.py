@@ -322,14 +322,23 @@ class Leases:
     async def _drop_stale(self) -> None:
         """Slots whose lease is about to end unrenewed may be someone else's soon:
         stop their work at once."""
-        for slot in [s for s in self.held if self.lease_left(s) <= 0]:
-            if self.held.pop(slot, None) is None:
-                continue
-            log.warning("leases %s: could not renew %s for %.0f s; giving it up before "
-                        "another member can take it", self.group, slot,
-                        self.ttl - FENCE_MARGIN_SECONDS)
+        stale = [slot for slot in self.held if self.lease_left(slot) <= 0]
+        if not stale:
+            return
+        for slot in stale:
+            del self.held[slot]
             self.changes += 1
-            await self._lose(slot, False)
+        log.warning("leases %s: could not renew %s for %.0f s; giving them up before "
+                    "another member can take them", self.group, ", ".join(stale),
+                    self.ttl - FENCE_MARGIN_SECONDS)
+        # All at once: each stop cancels its steps first, and none may wait for another.
+        async with self._calling_back:
+            outcomes = await asyncio.gather(
+                *(self._on_lose(slot, False) for slot in stale), return_exceptions=True)
+        for slot, outcome in zip(stale, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                log.error("leases %s: stopping the work of %s failed: %r", self.group, slot,
+                          outcome)
 
 
 def nats_timeout() -> type[Exception]:
