@@ -288,17 +288,15 @@ async def test_one_conversation_is_handled_in_order(hub: Hub) -> None:
     await chat.close()
 
 
-@pytest.mark.parametrize("fault", [
-    NoStreamResponseError(), ServiceUnavailableError(), nats.errors.NoRespondersError(),
-    nats.errors.TimeoutError(), ConnectionResetError("reset by peer"),
-], ids=lambda fault: type(fault).__name__)
 async def test_a_bus_outage_longer_than_the_retries_in_place_keeps_the_order(
-    hub: Hub, fault: Exception, monkeypatch: pytest.MonkeyPatch
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A node dies under the first of three messages sent back to back: its state reads
-    fail with what a leader change raises, more times than the retries in place allow.
-    The router holds the message through the outage instead of handing it back, so the
-    two after it do not overtake it: the replies come in the order sent."""
+    fail with "no response from stream" (what a leader change raises; the other such
+    failures are listed in the test below), more times than the retries in place
+    allow. The router holds the message through the outage instead of handing it back,
+    so the two after it do not overtake it: the replies come in the order sent."""
+    fault = NoStreamResponseError()
     monkeypatch.setattr(router_module, "BUS_PAUSE_FIRST_SECONDS", 0.01)
     monkeypatch.setattr(router_module, "BUS_PAUSE_CAP_SECONDS", 0.05)
     in_place = router_module.RETRY_POLICY.in_place_attempts
