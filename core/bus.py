@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -28,10 +27,11 @@ from nats.js.api import (
     DeliverPolicy,
     RetentionPolicy,
 )
-from nats.js.errors import NotFoundError, ServiceUnavailableError
+from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
 from commhub.core import natsconnect, streams
+from commhub.core.busfaults import BUS_UNAVAILABLE
 from commhub.core.envelope import InvalidRecord, Record, encode, new_id
 from commhub.core.subjects import Subjects
 
@@ -118,7 +118,7 @@ class Bus:
             try:
                 lines = await streams.reconcile(self.js, self.subjects, self.layout)
                 break
-            except (nats.errors.TimeoutError, TimeoutError, ServiceUnavailableError) as exc:
+            except BUS_UNAVAILABLE as exc:
                 # A cluster that is still electing leaders, or busy making the streams
                 # another process asked for: try again, for a while.
                 if time.monotonic() > deadline:

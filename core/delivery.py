@@ -33,6 +33,12 @@ redelivery that arrives anyway for a record still held is ignored (the held copy
 settles it). Handlers must be safe to run again on a redelivered record (after a crash,
 a lost ack, or a hand-back): nothing here makes delivery more than at least once.
 
+Strict order (``strict_order=True``, the router): a record's later records of the same
+key never run before it, even when a delivery is lost on its way (a node died under the
+connection) or taken by a process that lost its lease: JetStream numbers a durable's
+deliveries, and a number skipped makes the loop finish what it holds and re-read the
+durable from its ack floor, in stream order.
+
 Failure: a fetch that fails (the connection is reconnecting) is retried a second later;
 an ack, nak or term that cannot be sent is logged, and the ack wait redelivers the
 record. ``stop`` stops fetching, lets the records in hand finish (a retry waiting in
@@ -127,6 +133,7 @@ class DeliveryStats:
     given_up: int = 0  # dead letters, reported
     ignored_redeliveries: int = 0  # redelivered while the first copy was still held
     redelivered: int = 0  # taken up with num_delivered > 1 (a crash, a lost ack, a nak)
+    rewinds: int = 0  # re-reads from the ack floor after deliveries that went elsewhere
 
 
 Handler = Callable[[Delivery[T]], Awaitable[None]]
@@ -171,6 +178,7 @@ class DeliveryLoop(Generic[T]):
         on_retry: RetryHook[T] | None = None,
         on_give_up: GiveUpHook[T] | None = None,
         unwrap: Callable[[str], str] | None = None,
+        strict_order: bool = False,
     ) -> None:
         if consumer.durable_name is None:
             raise ValueError("a delivery loop needs a durable consumer (durable_name)")
@@ -198,6 +206,10 @@ class DeliveryLoop(Generic[T]):
         self._handler = handler
         self._key = key
         self._rewind_unacked = rewind_unacked
+        self._fenced = False  # stopped with no grace: take nothing more
+        self._strict_order = strict_order
+        # The durable's delivery number the next message here must carry (strict order).
+        self._next_delivery: int | None = None
         self._on_retry = on_retry
         self._on_give_up = on_give_up
         # The subject a record was published on, from the one it is stored under (the
@@ -218,6 +230,8 @@ class DeliveryLoop(Generic[T]):
         self._sub = await self.bus.bind_durable(
             self.stream, self.consumer, rewind_unacked=self._rewind_unacked
         )
+        if self._strict_order:
+            self._next_delivery = await self._delivered_so_far() + 1
         self._fetcher = asyncio.create_task(self._fetch_loop(), name=f"{self.durable}-fetch")
         self._heartbeat = asyncio.create_task(self._keep_alive(), name=f"{self.durable}-beat")
 
@@ -235,9 +249,18 @@ class DeliveryLoop(Generic[T]):
         handled (a failed one is handed back instead of retried in place). After
         ``grace`` seconds (None: no limit) the handlers still running are cancelled,
         and every record not settled by then is handed back with a nak, at once.
+        ``grace=0`` is the fenced stop of a process that lost its lease: the handlers
+        are cancelled first, and the pull in flight is handed back unrun.
         """
         self._stopping.set()
         self._room.set()
+        if grace == 0:
+            # Fenced: another process may own these records from now on, so nothing here
+            # may commit another step. What runs is cancelled before anything is waited
+            # for; the records of the pull in flight are not run, and everything is
+            # handed back below, once that pull is over.
+            self._fenced = True
+            await self._runner.cancel()
         fetcher, self._fetcher = self._fetcher, None
         if fetcher is not None:
             try:
@@ -286,7 +309,58 @@ class DeliveryLoop(Generic[T]):
                 continue
             failing = False
             for msg in msgs:
-                self._take(msg)
+                if self._fenced:  # unrun: handed back by the stop
+                    self._held.setdefault(int(msg.metadata.sequence.stream), msg)
+                elif self._went_elsewhere(msg):
+                    await self._rewind()
+                    break  # the rest of the batch comes again, in order
+                else:
+                    self._take(msg)
+
+    def _went_elsewhere(self, msg: Msg) -> bool:
+        """Strict order: whether deliveries before this one reached no reader here.
+
+        JetStream numbers a durable's deliveries one by one (redeliveries included).
+        A number skipped means a delivery went elsewhere: to this process's inbox while
+        its connection was down (a node died), or to a process that has lost its lease
+        but still had a pull request open. That record comes back only after the ack
+        wait, and the records after it would overtake it."""
+        if self._next_delivery is None:
+            return False
+        number = int(msg.metadata.sequence.consumer)
+        if number > self._next_delivery:
+            log.warning("%s: deliveries %d to %d reached no reader here (a lost connection "
+                        "or another reader); re-reading from the first record not acked, "
+                        "to keep the order", self.durable, self._next_delivery, number - 1)
+            return True
+        self._next_delivery = max(self._next_delivery, number + 1)
+        return False
+
+    async def _rewind(self) -> None:
+        """Strict order, after deliveries went elsewhere: let the records in hand
+        (all before the gap) finish and ack, then re-read the durable from its ack
+        floor (:meth:`Bus.bind_durable` recreates it there), so that everything not
+        acked comes again in stream order. Retried every second while the bus is away;
+        returns at once when the loop is stopping."""
+        self.stats.rewinds += 1
+        await self._runner.join()
+        old, self._sub = self._sub, None
+        with contextlib.suppress(Exception):
+            await old.unsubscribe()
+        while not self._stopping.is_set():
+            try:
+                self._sub = await self.bus.bind_durable(
+                    self.stream, self.consumer, rewind_unacked=True)
+                self._next_delivery = await self._delivered_so_far() + 1
+                return
+            except Exception as exc:
+                log.warning("%s: could not re-read from the ack floor (%r); trying again "
+                            "in %.0f s", self.durable, exc, FETCH_RETRY_SECONDS)
+                await asyncio.sleep(FETCH_RETRY_SECONDS)
+
+    async def _delivered_so_far(self) -> int:
+        info = await self.bus.js.consumer_info(self.stream, self.durable)
+        return int(info.delivered.consumer_seq) if info.delivered else 0
 
     def _take(self, msg: Msg) -> None:
         seq = int(msg.metadata.sequence.stream)
@@ -300,13 +374,20 @@ class DeliveryLoop(Generic[T]):
 
     def _job(self, msg: Msg, seq: int) -> Callable[[], Awaitable[None]]:
         async def job() -> None:
+            keep = False
             try:
                 await self._process(msg)
             except asyncio.CancelledError:
-                await asyncio.shield(_settle(msg.nak))  # stopping: hand it back at once
+                if self._fenced:
+                    # The fenced stop hands it back after the pull in flight is over,
+                    # which would otherwise get it again at once.
+                    keep = True
+                else:
+                    await asyncio.shield(_settle(msg.nak))  # stopping: hand it back now
                 raise
             finally:
-                self._held.pop(seq, None)
+                if not keep:
+                    self._held.pop(seq, None)
                 self._room.set()
 
         return job

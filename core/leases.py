@@ -20,8 +20,18 @@ A member that cannot renew a slot (a revision conflict: someone else holds it; o
 successful renewal for a whole TTL, the bus being away) gives it up at once
 (``on_lose(slot, graceful=False)``).
 
-Concurrency: one task per :class:`Leases` (plus its watcher) on the event loop; the
-callbacks are awaited one at a time, never concurrently with each other.
+Fencing: two members must never work one slot at once, or a conversation's inputs could
+be handled out of order. The server ends a slot's key no earlier than a TTL after the
+renewal that last reached it, and that renewal was *sent* no later than it arrived; so
+a member counts its lease from the moment it sent its last successful renewal (or
+claim) and gives the slot up :data:`FENCE_MARGIN_SECONDS` before that TTL ends. A
+watchdog checks this every half second, apart from the renewals, so that a renewal
+stuck in a bus outage cannot keep a slot past its end. Another member can only create
+the key once it has ended, by then the work here is stopped.
+
+Concurrency: one task per :class:`Leases` (plus its watcher and its watchdog) on the
+event loop; the callbacks are awaited one at a time (a lock), never concurrently with
+each other.
 """
 
 from __future__ import annotations
@@ -50,6 +60,11 @@ if TYPE_CHECKING:
 __all__ = ["Leases", "member_id"]
 
 log = logging.getLogger(__name__)
+
+# A lease is given up this long before the server could end it (see "Fencing" above):
+# room for the event loop's lag and for stopping the work in hand.
+FENCE_MARGIN_SECONDS = 1.0
+FENCE_CHECK_SECONDS = 0.5
 
 Gain = Callable[[str], Awaitable[None]]
 Lose = Callable[[str, bool], Awaitable[None]]
@@ -94,6 +109,8 @@ class Leases:
         self._wake = asyncio.Event()
         self._failing = False
         self._starting = False
+        # The renewals and the watchdog both call back: one callback at a time.
+        self._calling_back = asyncio.Lock()
         self.changes = 0  # slots gained or lost (tests and metrics)
 
     # -- keys ---------------------------------------------------------------------------
@@ -137,6 +154,7 @@ class Leases:
                 await asyncio.wait_for(self._wake.wait(), min(0.5, settle))
             await self._tick()
         self._tasks.append(asyncio.create_task(self._loop(), name=f"leases-{self.group}"))
+        self._tasks.append(asyncio.create_task(self._fence(), name=f"leases-{self.group}-fence"))
 
     async def stop(self) -> None:
         """Release every slot (gracefully: ``on_lose(slot, True)`` first) and leave."""
@@ -217,16 +235,21 @@ class Leases:
         await self._kv.put(self._member_key(self.member), self.member.encode())
         self._members[self.member] = time.monotonic()
         for slot, revision in list(self.held.items()):
+            sent = time.monotonic()  # the lease runs from here (see "Fencing")
             try:
-                self.held[slot] = await self._kv.update(
+                renewed = await self._kv.update(
                     self._slot_key(slot), self.member.encode(), last=revision)
-                self._renewed[slot] = time.monotonic()
             except (KeyWrongLastSequenceError, NotFoundError):
+                if self.held.pop(slot, None) is None:
+                    continue  # the watchdog gave it up meanwhile
                 log.warning("leases %s: lost %s (another member holds it now)",
                             self.group, slot)
-                self.held.pop(slot, None)
                 self.changes += 1
-                await self._on_lose(slot, False)
+                await self._lose(slot, False)
+                continue
+            if slot in self.held:  # not given up by the watchdog while renewing
+                self.held[slot] = renewed
+                self._renewed[slot] = sent
         fair = self.fair_share
         if len(self.held) > fair:
             extra = sorted(self.held, key=self.slots.index)[fair:]
@@ -240,16 +263,17 @@ class Leases:
             holder = self._holders.get(slot)
             if holder is not None and holder[0] != self.member and now - holder[1] <= self.ttl:
                 continue  # held by a live member, as far as the watch says
+            sent = time.monotonic()
             try:
                 revision = await self._kv.create(self._slot_key(slot), self.member.encode())
             except KeyWrongLastSequenceError:
                 continue  # someone holds it
             self.held[slot] = revision
-            self._renewed[slot] = time.monotonic()
+            self._renewed[slot] = sent
             self.changes += 1
             log.info("leases %s: %s holds %s", self.group, self.member, slot)
             try:
-                await self._on_gain(slot)
+                await self._gain(slot)
             except Exception:
                 await self._release(slot, graceful=False)
                 if self._starting:
@@ -267,21 +291,54 @@ class Leases:
     async def _release(self, slot: str, graceful: bool = True) -> None:
         revision = self.held.pop(slot, None)
         self.changes += 1
-        await self._on_lose(slot, graceful)
+        await self._lose(slot, graceful)
         if revision is not None and self._kv is not None:
             with contextlib.suppress(Exception):
                 await self._kv.delete(self._slot_key(slot), last=revision)
         log.info("leases %s: %s released %s", self.group, self.member, slot)
 
+    async def _gain(self, slot: str) -> None:
+        async with self._calling_back:
+            await self._on_gain(slot)
+
+    async def _lose(self, slot: str, graceful: bool) -> None:
+        async with self._calling_back:
+            await self._on_lose(slot, graceful)
+
+    def lease_left(self, slot: str) -> float:
+        """Seconds until this member must have given ``slot`` up (0 if not held)."""
+        if slot not in self.held:
+            return 0.0
+        ends = self._renewed.get(slot, time.monotonic()) + self.ttl - FENCE_MARGIN_SECONDS
+        return max(0.0, ends - time.monotonic())
+
+    async def _fence(self) -> None:
+        """The watchdog: give up every slot whose lease is about to end (see
+        "Fencing"), however long a renewal is stuck."""
+        while True:
+            await asyncio.sleep(FENCE_CHECK_SECONDS)
+            await self._drop_stale()
+
     async def _drop_stale(self) -> None:
-        """Slots not renewed for a whole TTL are someone else's by now: stop at once."""
-        now = time.monotonic()
-        for slot in [s for s in self.held if now - self._renewed.get(s, now) > self.ttl]:
-            log.warning("leases %s: could not renew %s for %.0f s; giving it up",
-                        self.group, slot, self.ttl)
-            self.held.pop(slot, None)
+        """Slots whose lease is about to end unrenewed may be someone else's soon:
+        stop their work at once."""
+        stale = [slot for slot in self.held if self.lease_left(slot) <= 0]
+        if not stale:
+            return
+        for slot in stale:
+            del self.held[slot]
             self.changes += 1
-            await self._on_lose(slot, False)
+        log.warning("leases %s: could not renew %s for %.0f s; giving them up before "
+                    "another member can take them", self.group, ", ".join(stale),
+                    self.ttl - FENCE_MARGIN_SECONDS)
+        # All at once: each stop cancels its steps first, and none may wait for another.
+        async with self._calling_back:
+            outcomes = await asyncio.gather(
+                *(self._on_lose(slot, False) for slot in stale), return_exceptions=True)
+        for slot, outcome in zip(stale, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                log.error("leases %s: stopping the work of %s failed: %r", self.group, slot,
+                          outcome)
 
 
 def nats_timeout() -> type[Exception]:

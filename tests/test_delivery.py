@@ -38,7 +38,8 @@ def decode_json(subject: str, data: bytes) -> Record:
 @asynccontextmanager
 async def delivering(
     bus: Bus, handler: Callable[[Delivery[Record]], Awaitable[None]], *,
-    policy: RetryPolicy = FAST, durable: str = "test", ack_wait: float = 60, **kwargs: Any,
+    policy: RetryPolicy = FAST, durable: str = "test", ack_wait: float = 60,
+    max_ack_pending: int | None = None, **kwargs: Any,
 ) -> AsyncIterator[DeliveryLoop[Record]]:
     s = bus.subjects
     loop: DeliveryLoop[Record] = DeliveryLoop(
@@ -48,7 +49,7 @@ async def delivering(
                                 deliver_policy=DeliverPolicy.ALL,
                                 # Longer than WAIT by default: a redelivery seen
                                 # here came from a nak, not from the ack wait.
-                                ack_wait=ack_wait),
+                                ack_wait=ack_wait, max_ack_pending=max_ack_pending),
         decode=decode_json, handler=handler, source="test", policy=policy,
         fetch_timeout=0.2, **kwargs,
     )
@@ -322,3 +323,43 @@ async def test_a_record_that_never_gets_an_outcome_is_given_up_unrun(bus: Bus) -
     (report,) = await invalid_reports(bus)
     assert report.reason.startswith(
         f"dead letter: delivered {policy.max_deliver + 1} times without an outcome")
+
+
+async def test_a_delivery_that_went_elsewhere_does_not_let_the_next_record_overtake(
+    bus: Bus,
+) -> None:
+    """A record's delivery goes to another reader of the durable (a process whose lease
+    ran out but whose pull was still open, or an inbox whose connection died) and is
+    never acked there. With strict order the loop sees the skipped delivery number,
+    finishes what it holds and re-reads from the ack floor: the key's records still
+    run in the order they were stored, the lost one first."""
+    busy = asyncio.Event()
+    release = asyncio.Event()
+    order: list[str] = []
+
+    async def handle(delivery: Delivery[Record]) -> None:
+        if delivery.key == "blocker":
+            busy.set()
+            await release.wait()
+        order.append(f"{delivery.key} {delivery.record['n']}")
+
+    # One record in hand at a time: while the blocker runs, the loop fetches nothing,
+    # and the other reader below gets the next delivery.
+    async with delivering(bus, handle, ack_wait=2, max_in_flight=1, max_ack_pending=10,
+                          strict_order=True) as loop:
+        try:
+            await put(bus, "blocker", {"n": 0})
+            await asyncio.wait_for(busy.wait(), WAIT)
+            await put(bus, "k", {"n": 1})
+            other = await bus.js.pull_subscribe_bind(durable=loop.durable, stream=loop.stream)
+            (stolen,) = await other.fetch(1, timeout=WAIT)  # and never acked
+            assert json.loads(stolen.data) == {"n": 1}
+            await other.unsubscribe()
+            await put(bus, "k", {"n": 2})
+            await put(bus, "k", {"n": 3})
+        finally:
+            release.set()
+        await until(lambda: len([o for o in order if o.startswith("k ")]) >= 3)
+        await settled(bus, loop)
+    assert order == ["blocker 0", "k 1", "k 2", "k 3"]
+    assert loop.stats.rewinds == 1

@@ -72,3 +72,42 @@ async def test_a_member_that_cannot_take_up_its_slot_fails_its_start(bus: Bus) -
         assert taken == ["only"] and list(healthy.held) == ["only"]
     finally:
         await healthy.stop()
+
+
+async def test_a_member_whose_renewals_hang_stops_before_another_can_take_its_slot(
+    bus: Bus,
+) -> None:
+    """A node dies under a member's connection and its renewals hang instead of failing.
+    Its slot's key ends on the server a TTL after the last renewal, and another member
+    takes it then; the stuck member must have stopped working the slot before that, or
+    both would handle the same inputs at once."""
+    events: list[str] = []
+
+    async def first_lost(slot: str, graceful: bool) -> None:
+        events.append(f"first lost {slot}" + ("" if graceful else " at once"))
+
+    async def second_gained(slot: str) -> None:
+        events.append(f"second gained {slot}")
+
+    first = Leases(bus, "fence", ["only"], _ignore_gain, first_lost, member="first")
+    await first.start()
+    second = Leases(bus, "fence", ["only"], second_gained, _ignore_lose, member="second")
+    await second.start()
+    try:
+        assert list(first.held) == ["only"] and not second.held
+
+        async def hang(*args: object, **kwargs: object) -> int:
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
+
+        assert first._kv is not None  # the member's own handle on the bucket
+        first._kv.put = hang  # type: ignore[method-assign]
+        first._kv.update = hang  # type: ignore[method-assign]
+        for _ in range(200):  # the key ends a TTL after the last renewal: 6 s
+            if "second gained only" in events:
+                break
+            await asyncio.sleep(0.1)
+        assert events == ["first lost only at once", "second gained only"]
+    finally:
+        await second.stop()
+        await first.stop()

@@ -7,10 +7,19 @@ from typing import Any
 
 import msgspec
 import nats
+import nats.errors
 import pytest
 from inproc import hub_state, ws_port
+from nats.js.errors import (
+    InvalidKeyError,
+    KeyWrongLastSequenceError,
+    NoStreamResponseError,
+    ServerError,
+    ServiceUnavailableError,
+)
 from wschat import Chat
 
+from commhub.core.busfaults import bus_unavailable
 from commhub.core.config import Settings
 from commhub.core.envelope import InvalidRecord, Message, Sender, decode_as, encode, new_id
 from commhub.core.hookspecs import hookimpl
@@ -277,6 +286,51 @@ async def test_one_conversation_is_handled_in_order(hub: Hub) -> None:
     assert "how many" in replies[0]["text"].lower()
     assert "email" in replies[-1]["text"].lower()
     await chat.close()
+
+
+async def test_a_bus_outage_longer_than_the_retries_in_place_keeps_the_order(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node dies under the first of three messages sent back to back: its state reads
+    fail with "no response from stream" (what a leader change raises; the other such
+    failures are listed in the test below), more times than the retries in place
+    allow. The router holds the message through the outage instead of handing it back,
+    so the two after it do not overtake it: the replies come in the order sent."""
+    fault = NoStreamResponseError()
+    monkeypatch.setattr(router_module, "BUS_PAUSE_FIRST_SECONDS", 0.01)
+    monkeypatch.setattr(router_module, "BUS_PAUSE_CAP_SECONDS", 0.05)
+    in_place = router_module.RETRY_POLICY.in_place_attempts
+    store = hub.router.store
+    real_load = store.load
+    failures = 0
+
+    async def load_failing_first(conversation: str) -> Any:
+        nonlocal failures
+        if conversation == "outage1" and failures <= in_place:
+            failures += 1
+            raise fault
+        return await real_load(conversation)
+
+    monkeypatch.setattr(store, "load", load_failing_first)
+    chat = await Chat.open(ws_port(hub), "outage1")
+    ids = [await chat.send(text) for text in ("I'd like to book a table", "4", "tomorrow")]
+    replies = [(await chat.replies_to(i))[0] for i in ids]
+    assert failures == in_place + 1
+    assert [r["cursor"] for r in replies] == sorted(r["cursor"] for r in replies)
+    assert "how many" in replies[0]["text"].lower()
+    assert hub.router.stats.handed_back == 0
+    await chat.close()
+
+
+def test_what_a_leader_change_raises_is_an_outage_and_a_bug_is_not() -> None:
+    for outage in (NoStreamResponseError(), ServiceUnavailableError(), ServerError(),
+                   nats.errors.NoRespondersError(), nats.errors.TimeoutError(),
+                   nats.errors.ConnectionReconnectingError(), TimeoutError(),
+                   ConnectionResetError()):
+        assert bus_unavailable(outage), outage
+    for bug in (RuntimeError("boom"), KeyError("slot"), ValueError("bad"),
+                KeyWrongLastSequenceError(), InvalidKeyError()):
+        assert not bus_unavailable(bug), bug
 
 
 async def test_many_conversations_progress_in_parallel(hub: Hub) -> None:

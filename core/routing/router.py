@@ -63,9 +63,10 @@ import msgspec
 import nats.errors
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
-from nats.js.errors import InvalidKeyError, KeyWrongLastSequenceError, ServiceUnavailableError
+from nats.js.errors import InvalidKeyError, KeyWrongLastSequenceError
 
 from commhub.core.bus import Bus
+from commhub.core.busfaults import BUS_UNAVAILABLE
 from commhub.core.classify import BatchingClassifier
 from commhub.core.config import DEFAULT_CANCEL_PHRASES, DEFAULT_RESTART_PHRASES
 from commhub.core.delivery import Delivery, DeliveryLoop
@@ -119,13 +120,13 @@ ACK_WAIT_SECONDS = 10
 RETRY_POLICY = RetryPolicy(first=0.05, factor=2.0, cap=60.0, in_place_attempts=6,
                            max_attempts=30)
 CONFLICTS_IN_A_ROW = 10  # revision conflicts recomputed at once before it counts as a failure
-# Failures that say the bus is away for a moment, not that the step is wrong: the step is
-# retried in place (the input held, kept alive) for up to this long before the retry
-# policy's hand-back, which would let the conversation's later inputs overtake it.
-BUS_UNAVAILABLE = (nats.errors.TimeoutError, TimeoutError, nats.errors.NoRespondersError,
-                   nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError,
-                   ServiceUnavailableError)
+# A failure that says the bus is away for a moment (commhub.core.busfaults), not that
+# the step is wrong, is retried in place (the input held, kept alive) for up to this
+# long before the retry policy's hand-back, which would let the conversation's later
+# inputs overtake it. The pauses between tries double from the first up to the cap.
 BUS_PATIENCE_SECONDS = 60.0
+BUS_PAUSE_FIRST_SECONDS = 0.2
+BUS_PAUSE_CAP_SECONDS = 2.0
 # The header that carries an ``ask`` request's stable id, for services to dedupe on.
 REQUEST_ID_HEADER = "Commhub-Request-Id"
 
@@ -261,6 +262,7 @@ class Router:
             batch=min(256, self.concurrency),
             fetch_timeout=0.5,
             rewind_unacked=True,
+            strict_order=True,  # a lost delivery must not let the next input overtake it
             on_retry=self._on_retry,
             on_give_up=self._on_give_up,
             unwrap=s.unpartitioned,
@@ -304,7 +306,7 @@ class Router:
         """
         record, conversation = delivery.record, delivery.key
         outage_started: float | None = None
-        pause = 0.2
+        pause = BUS_PAUSE_FIRST_SECONDS
         conflicts = 0
         while conflicts < CONFLICTS_IN_A_ROW:
             try:
@@ -334,7 +336,7 @@ class Router:
                     raise
                 self.stats.retries += 1
                 await asyncio.sleep(pause)
-                pause = min(pause * 2, 2.0)
+                pause = min(pause * 2, BUS_PAUSE_CAP_SECONDS)
                 continue
             except Exception:
                 self.stats.retries += 1
