@@ -524,7 +524,8 @@ class Recorder:
                 if remaining <= 0 or self._stopping:
                     return False
                 try:
-                    # (wait_for returns an item that arrived as it timed out: none lost)
+                    # An item that arrives as this times out is either returned or
+                    # left in the queue for the next get: none is lost.
                     more = await asyncio.wait_for(self._queue.get(), remaining)
                 except TimeoutError:
                     return False
