@@ -449,6 +449,28 @@ async def test_a_backlog_is_written_in_batches(bus: Bus, recorder: Recorder) -> 
     assert count(recorder, "conversations") == 50
 
 
+async def test_records_arriving_one_by_one_share_a_transaction(
+    bus: Bus, db_path: Path
+) -> None:
+    """At a low rate every fetch returns a record or two; the writer waits up to
+    flush_seconds for more instead of a transaction per fetch (each costs DuckDB's CPU
+    that the hub's turns wait for), and acks them after that one commit."""
+    recorder = Recorder(bus, db_path, flush_seconds=3.0)
+    await recorder.start()
+    try:
+        for i in range(5):  # one by one, each stored before the next is sent
+            m = message(f"slow{i}")
+            await bus.publish(subject_of(bus, m), m)
+        await wait_until(lambda: recorder.stats.records >= 5, "5 records")
+        assert count(recorder, "messages") == 5
+        assert recorder.stats.batches == 1
+    finally:
+        await recorder.stop()
+    info = await bus.js.consumer_info(bus.subjects.messages_stream,
+                                      bus.subjects.recorder_consumer(bus.subjects.messages_stream))
+    assert info.num_ack_pending == 0  # acked after the commit
+
+
 async def test_a_backlog_refreshes_the_derived_rows_once_not_per_batch(
     bus: Bus, db_path: Path
 ) -> None:

@@ -488,17 +488,7 @@ class Recorder:
             if item is None:
                 break
             pending = [item]
-            count = len(item[1])
-            while count < self.batch:
-                try:
-                    more = self._queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    break
-                if more is None:
-                    last = True
-                    break
-                pending.append(more)
-                count += len(more[1])
+            last = await self._fill(pending)
             try:
                 committed = await self._commit(pending)
             except Exception:  # a bug; the records come back after ACK_WAIT_SECONDS
@@ -512,6 +502,38 @@ class Recorder:
                 with contextlib.suppress(TimeoutError):  # stop() cuts the pause short
                     await asyncio.wait_for(self._stop_event.wait(), self._delay)
                 self._delay = min(self._delay * 2, self.retry_delay[1])
+
+    async def _fill(self, pending: list[tuple[str, list[Msg]]]) -> bool:
+        """Add fetched batches to ``pending`` until it holds ``batch`` records or
+        ``flush_seconds`` passed since its first one arrived; True when the stop marker
+        came meanwhile (nothing follows it).
+
+        Why wait: a fetch returns as soon as anything is there, so at a low rate every
+        record would be a transaction of its own (4-5 a turn at one conversation), each
+        costing milliseconds of DuckDB's CPU that the turns on the same cores then
+        wait for. Records are acked after their commit as before; waiting only delays
+        them in the file, by at most ``flush_seconds``.
+        """
+        count = sum(len(msgs) for _stream, msgs in pending)
+        deadline = time.monotonic() + self.flush_seconds
+        while count < self.batch:
+            try:
+                more = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._stopping:
+                    return False
+                try:
+                    # An item that arrives as this times out is either returned or
+                    # left in the queue for the next get: none is lost.
+                    more = await asyncio.wait_for(self._queue.get(), remaining)
+                except TimeoutError:
+                    return False
+            if more is None:
+                return True
+            pending.append(more)
+            count += len(more[1])
+        return False
 
     async def _commit(self, pending: Sequence[tuple[str, list[Msg]]]) -> bool:
         msgs = [msg for _stream, batch in pending for msg in batch]
