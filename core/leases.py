@@ -30,8 +30,9 @@ stuck in a bus outage cannot keep a slot past its end. Another member can only c
 the key once it has ended, by then the work here is stopped.
 
 Concurrency: one task per :class:`Leases` (plus its watcher and its watchdog) on the
-event loop; the callbacks are awaited one at a time (a lock), never concurrently with
-each other.
+event loop. A slot's callbacks run one at a time (a lock per slot); after the start,
+take-ups and losses run as tasks of their own, so that a slow one never holds up the
+renewals of the other slots (their leases would run out, and the watchdog stop them).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
@@ -65,6 +66,8 @@ log = logging.getLogger(__name__)
 # room for the event loop's lag and for stopping the work in hand.
 FENCE_MARGIN_SECONDS = 1.0
 FENCE_CHECK_SECONDS = 0.5
+# A stop waits this long for take-ups and losses under way before cancelling them.
+STOP_WAIT_SECONDS = 10.0
 
 Gain = Callable[[str], Awaitable[None]]
 Lose = Callable[[str, bool], Awaitable[None]]
@@ -109,8 +112,10 @@ class Leases:
         self._wake = asyncio.Event()
         self._failing = False
         self._starting = False
-        # The renewals and the watchdog both call back: one callback at a time.
-        self._calling_back = asyncio.Lock()
+        # Callbacks of one slot run one at a time (a gain, then a loss); different
+        # slots' callbacks may overlap, and none of them holds up the renewals.
+        self._slot_locks: dict[str, asyncio.Lock] = {}
+        self._callbacks: set[asyncio.Task[None]] = set()  # take-ups and losses under way
         self.changes = 0  # slots gained or lost (tests and metrics)
 
     # -- keys ---------------------------------------------------------------------------
@@ -161,6 +166,9 @@ class Leases:
         for task in self._tasks:
             await cancel_and_wait(task)
         self._tasks.clear()
+        if self._callbacks:  # let take-ups and losses under way end (a loss stops work)
+            await asyncio.wait(list(self._callbacks), timeout=STOP_WAIT_SECONDS)
+            await cancel_and_wait(*self._callbacks)
         await asyncio.gather(*(self._release(slot) for slot in list(self.held)))
         if self._kv is not None:
             with contextlib.suppress(Exception):
@@ -225,8 +233,7 @@ class Leases:
         except Exception as exc:  # the bus is away: renewals resume when it is back
             if not self._failing:
                 log.warning("leases %s: %r; retrying", self.group, exc)
-            self._failing = True
-            await self._drop_stale()
+            self._failing = True  # the watchdog gives up what goes stale meanwhile
         else:
             self._failing = False
 
@@ -245,7 +252,7 @@ class Leases:
                 log.warning("leases %s: lost %s (another member holds it now)",
                             self.group, slot)
                 self.changes += 1
-                await self._lose(slot, False)
+                self._in_background(self._lose(slot, False), slot)
                 continue
             if slot in self.held:  # not given up by the watchdog while renewing
                 self.held[slot] = renewed
@@ -272,13 +279,28 @@ class Leases:
             self._renewed[slot] = sent
             self.changes += 1
             log.info("leases %s: %s holds %s", self.group, self.member, slot)
-            try:
-                await self._gain(slot)
-            except Exception:
+            if self._starting:
+                await self._take_up(slot)  # its error fails the start (a broken file)
+            else:
+                # Apart from the renewals: a take-up can wait seconds on a stream that
+                # elects its leader, and the other slots' leases must not run out
+                # meanwhile (the watchdog would stop their work).
+                self._in_background(self._take_up(slot), slot)
+
+    async def _take_up(self, slot: str) -> None:
+        try:
+            await self._gain(slot)
+        except Exception:
+            if slot in self.held:
                 await self._release(slot, graceful=False)
-                if self._starting:
-                    raise  # a start that cannot take up its share fails (a broken file)
-                log.exception("leases %s: could not take up %s; released it", self.group, slot)
+            if self._starting:
+                raise
+            log.exception("leases %s: could not take up %s; released it", self.group, slot)
+
+    def _in_background(self, callback: Coroutine[Any, Any, None], slot: str) -> None:
+        task = asyncio.create_task(callback, name=f"leases-{self.group}-{slot}")
+        self._callbacks.add(task)
+        task.add_done_callback(self._callbacks.discard)
 
     def _claim_order(self) -> list[str]:
         """Free slots, starting at a place that differs by member (less contention)."""
@@ -297,12 +319,15 @@ class Leases:
                 await self._kv.delete(self._slot_key(slot), last=revision)
         log.info("leases %s: %s released %s", self.group, self.member, slot)
 
+    def _slot_lock(self, slot: str) -> asyncio.Lock:
+        return self._slot_locks.setdefault(slot, asyncio.Lock())
+
     async def _gain(self, slot: str) -> None:
-        async with self._calling_back:
+        async with self._slot_lock(slot):
             await self._on_gain(slot)
 
     async def _lose(self, slot: str, graceful: bool) -> None:
-        async with self._calling_back:
+        async with self._slot_lock(slot):
             await self._on_lose(slot, graceful)
 
     def lease_left(self, slot: str) -> float:
@@ -332,9 +357,8 @@ class Leases:
                     "another member can take them", self.group, ", ".join(stale),
                     self.ttl - FENCE_MARGIN_SECONDS)
         # All at once: each stop cancels its steps first, and none may wait for another.
-        async with self._calling_back:
-            outcomes = await asyncio.gather(
-                *(self._on_lose(slot, False) for slot in stale), return_exceptions=True)
+        outcomes = await asyncio.gather(
+            *(self._lose(slot, False) for slot in stale), return_exceptions=True)
         for slot, outcome in zip(stale, outcomes, strict=True):
             if isinstance(outcome, Exception):
                 log.error("leases %s: stopping the work of %s failed: %r", self.group, slot,

@@ -111,3 +111,39 @@ async def test_a_member_whose_renewals_hang_stops_before_another_can_take_its_sl
     finally:
         await second.stop()
         await first.stop()
+
+
+async def test_a_slow_take_up_does_not_hold_up_the_other_slots_renewals(bus: Bus) -> None:
+    """Taking up a slot can wait seconds (a stream electing its leader). Meanwhile the
+    member's other slots must go on being renewed, or their leases would run out and
+    the watchdog stop their work too."""
+    events: list[str] = []
+    slow = asyncio.Event()
+    done = asyncio.Event()
+
+    async def gain(slot: str) -> None:
+        events.append(f"gained {slot}")
+        if slot == "b" and slow.is_set():
+            await done.wait()
+
+    async def lose(slot: str, graceful: bool) -> None:
+        events.append(f"lost {slot}")
+
+    member = Leases(bus, "slow", ["a", "b"], gain, lose, member="only")
+    await member.start()
+    try:
+        assert sorted(member.held) == ["a", "b"]
+        slow.set()
+        kv = await bus.bucket(bus.subjects.leases_bucket)
+        await kv.delete("slow.slot.b")  # b's lease is lost; the member takes it again
+        for _ in range(60):  # until b's second take-up is under way
+            if events.count("gained b") == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert sorted(events[:2]) == ["gained a", "gained b"]
+        assert events[2:] == ["lost b", "gained b"]
+        await asyncio.sleep(member.ttl)  # longer than a lease lasts unrenewed
+        assert "lost a" not in events and "a" in member.held
+    finally:
+        done.set()
+        await member.stop()
