@@ -412,6 +412,35 @@ async def test_full_replay_into_the_same_file_is_idempotent(bus: Bus, db_path: P
         await second.stop()
 
 
+async def test_first_deliveries_already_stored_are_written_once_with_the_new_ones(
+    bus: Bus, db_path: Path
+) -> None:
+    """A recreated durable delivers stored records as first deliveries (delivered once),
+    which the recorder inserts without the conflict check: the primary key refuses the
+    batch, it is written again with the check, and only the new records become rows."""
+    first = Recorder(bus, db_path, flush_seconds=0.05)
+    await first.start()
+    stored = [message(f"stored-{i:02d}", conversation=f"c{i % 3}") for i in range(10)]
+    await bus.publish_all([(subject_of(bus, m), m) for m in stored])
+    await wait_until(lambda: first.stats.records >= 10, "10 records")
+    await first.stop()
+    for stream in (bus.subjects.messages_stream, bus.subjects.events_stream):
+        await bus.js.delete_consumer(stream, bus.subjects.recorder_consumer(stream))
+    fresh = [message(f"fresh-{i:02d}", conversation=f"c{i % 3}") for i in range(5)]
+    await bus.publish_all([(subject_of(bus, m), m) for m in fresh])
+
+    second = Recorder(bus, db_path, flush_seconds=0.5)
+    await second.start()
+    try:
+        await wait_until(lambda: second.stats.records >= 15, "the replay and the new records")
+        assert second.stats.inserted == 5
+        assert count(second, "messages") == 15
+        assert fetch(second, "SELECT conversation, messages FROM conversations "
+                             "ORDER BY conversation") == [("c0", 6), ("c1", 5), ("c2", 4)]
+    finally:
+        await second.stop()
+
+
 async def test_a_failed_write_is_redelivered_and_retried(
     bus: Bus, db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
