@@ -187,6 +187,9 @@ class Recorder:
         # The keys recorder_stale holds (as of the last commit), so that a batch lists
         # only keys not listed yet; worker thread only.
         self._stale_keys: set[tuple[str, str]] = set()
+        # True after stored records came back as first deliveries, until a batch holds
+        # none: inserts check for conflicts meanwhile; worker thread only.
+        self._replaying = False
 
     # -- public ---------------------------------------------------------------------
     @property
@@ -589,17 +592,21 @@ class Recorder:
         # (a record written but not acked, then delivered anew by a recreated durable),
         # and then the batch is written again with the check. Redeliveries, which may
         # well be stored already, take the checked path at once.
-        first_deliveries = all(
+        # After such a refusal (a replay: more stored records follow) the check stays
+        # on until a checked batch finds nothing stored.
+        first_deliveries = not self._replaying and all(
             num_delivered(msg) == 1 for _stream, msgs in pending for msg in msgs)
         if first_deliveries:
             try:
                 inserted = self._write_tables(batch, tables, pending, check_conflicts=False)
+                return inserted, batch.invalid, batch.reports
             except duckdb.ConstraintException:
                 log.debug("recorder: a batch of first deliveries held stored records; "
                           "writing it again with the conflict check")
-                inserted = self._write_tables(batch, tables, pending, check_conflicts=True)
-        else:
-            inserted = self._write_tables(batch, tables, pending, check_conflicts=True)
+                self._replaying = True
+        inserted = self._write_tables(batch, tables, pending, check_conflicts=True)
+        if inserted == sum(table.num_rows for table in tables.values()):
+            self._replaying = False
         return inserted, batch.invalid, batch.reports
 
     def _write_tables(
