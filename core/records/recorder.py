@@ -26,6 +26,10 @@ Failure contract:
   committed. A crash between commit and ack means redelivery, and redelivery writes
   nothing twice: every table is keyed on the envelope id (undecodable input on a
   deterministic id from its stream and sequence), and the insert skips existing ids.
+  (A batch of first deliveries is inserted without that skip, which is half an insert's
+  cost; the primary key refuses a stored id, the transaction rolls back as a whole, and
+  the batch is written again with the skip, which stays on until a batch holds no
+  stored record.)
 - **A failed write loses nothing.** When DuckDB refuses a batch (disk full, a bug), the
   transaction rolls back, the error is logged, every record of the batch is nak'd with
   a delay that doubles up to 30 s, and the recorder keeps running; the records come back
