@@ -412,6 +412,35 @@ async def test_full_replay_into_the_same_file_is_idempotent(bus: Bus, db_path: P
         await second.stop()
 
 
+async def test_first_deliveries_already_stored_are_written_once_with_the_new_ones(
+    bus: Bus, db_path: Path
+) -> None:
+    """A recreated durable delivers stored records as first deliveries (delivered once),
+    which the recorder inserts without the conflict check: the primary key refuses the
+    batch, it is written again with the check, and only the new records become rows."""
+    first = Recorder(bus, db_path, flush_seconds=0.05)
+    await first.start()
+    stored = [message(f"stored-{i:02d}", conversation=f"c{i % 3}") for i in range(10)]
+    await bus.publish_all([(subject_of(bus, m), m) for m in stored])
+    await wait_until(lambda: first.stats.records >= 10, "10 records")
+    await first.stop()
+    for stream in (bus.subjects.messages_stream, bus.subjects.events_stream):
+        await bus.js.delete_consumer(stream, bus.subjects.recorder_consumer(stream))
+    fresh = [message(f"fresh-{i:02d}", conversation=f"c{i % 3}") for i in range(5)]
+    await bus.publish_all([(subject_of(bus, m), m) for m in fresh])
+
+    second = Recorder(bus, db_path, flush_seconds=0.5)
+    await second.start()
+    try:
+        await wait_until(lambda: second.stats.records >= 15, "the replay and the new records")
+        assert second.stats.inserted == 5
+        assert count(second, "messages") == 15
+        assert fetch(second, "SELECT conversation, messages FROM conversations "
+                             "ORDER BY conversation") == [("c0", 6), ("c1", 5), ("c2", 4)]
+    finally:
+        await second.stop()
+
+
 async def test_a_failed_write_is_redelivered_and_retried(
     bus: Bus, db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -726,6 +755,67 @@ async def test_conversations_and_runs_stay_exact_under_redelivery(
         ]
     finally:
         await second.stop()
+
+
+async def test_conversations_kept_batch_by_batch_match_a_full_recompute(
+    bus: Bus, db_path: Path
+) -> None:
+    """Each batch's new messages are added to the stored conversations rows; messages
+    older than those stored (a new first message, an earlier first inbound one) and
+    conversations with runs but no messages still end exactly as a full recompute."""
+    s = bus.subjects
+
+    def msg(id_: str, conversation: str, direction: str, ts: float, user: str = "u1",
+            channel: str = "ws") -> Message:
+        sender = Sender(id=user) if direction == "in" else Sender(id="bot", kind="bot")
+        return Message(id=f"{id_}-000000000000001", conversation=conversation, channel=channel,
+                       direction=direction, sender=sender, text=id_, ts=ts)  # type: ignore[arg-type]
+
+    waves: list[list[tuple[str, Any]]] = [
+        [(s.outbound("ws", "c1"), msg("m1", "c1", "out", TS + 10)),
+         (s.inbound("ws", "c2"), msg("m2", "c2", "in", TS + 10)),
+         (s.workflow_event("booking", "started"),
+          run_event("e1", "r1", "started", TS + 11, to_state="ask", conversation="c3"))],
+        [(s.inbound("ws", "c1"), msg("m3", "c1", "in", TS + 20, user="late")),
+         (s.outbound("ws", "c2"), msg("m4", "c2", "out", TS + 30)),
+         (s.workflow_event("booking", "started"),
+          run_event("e2", "r2", "started", TS + 21, to_state="ask", conversation="c1"))],
+        # Older than what is stored: c1 gets an earlier inbound (its user changes), c2
+        # an earlier first message on another channel, c3 its first message.
+        [(s.inbound("ws", "c1"), msg("m5", "c1", "in", TS + 15, user="early")),
+         (s.inbound("http", "c2"), msg("m6", "c2", "in", TS + 5, user="u2", channel="http")),
+         (s.inbound("ws", "c3"), msg("m7", "c3", "in", TS + 12))],
+        [(s.outbound("ws", "c1"), msg("m8", "c1", "out", TS + 40)),
+         (s.workflow_event("booking", "failed"),
+          run_event("e3", "r2", "failed", TS + 41, from_state="ask", conversation="c1"))],
+    ]
+    recorder = Recorder(bus, db_path, flush_seconds=0.05)
+    await recorder.start()
+    try:
+        done = 0
+        for wave in waves:
+            await bus.publish_all(wave)
+            done += len(wave)
+            await wait_until(lambda n=done: recorder.stats.records >= n, f"{done} records")
+            await wait_until(lambda: recorder.stats.pending == 0, "nothing pending")
+    finally:
+        await recorder.stop()
+
+    con = duckdb.connect(str(db_path))
+    try:
+        kept = con.execute("SELECT * FROM conversations ORDER BY conversation").fetchall()
+        con.execute("BEGIN TRANSACTION")
+        con.execute("DELETE FROM conversations")
+        con.execute(schema.REFRESH_CONVERSATIONS.format(
+            conversations="SELECT conversation FROM messages "
+                          "UNION ALL SELECT conversation FROM workflow_runs"))
+        recomputed = con.execute("SELECT * FROM conversations ORDER BY conversation").fetchall()
+        con.execute("ROLLBACK")
+    finally:
+        con.close()
+    assert kept == recomputed
+    assert [(row[0], row[1], row[2], row[5]) for row in kept] == [
+        ("c1", "ws", "early", 4), ("c2", "http", "u2", 3), ("c3", "ws", "u1", 1)]
 
 
 async def test_catching_up_logs_progress_until_it_caught_up(

@@ -39,8 +39,8 @@ from commhub.core.envelope import (
 )
 from commhub.core.subjects import Subjects
 
-__all__ = ["MAX_INVALID_DATA", "NOT_RECORDED", "RECORDED_AS", "Batch", "decision_of", "num_pending",
-           "stream_seq"]
+__all__ = ["MAX_INVALID_DATA", "NOT_RECORDED", "RECORDED_AS", "Batch", "decision_of",
+           "num_delivered", "num_pending", "stream_seq"]
 
 # The recorder's logger: building rows is part of its work.
 log = logging.getLogger("commhub.core.records.recorder")
@@ -236,6 +236,24 @@ def stream_seq(msg: Msg) -> int | None:
             return int(tokens[5])
         if len(tokens) >= 11:
             return int(tokens[7])
+    except ValueError:
+        pass
+    return None
+
+
+def num_delivered(msg: Msg) -> int | None:
+    """How often the consumer delivered ``msg`` (1: the first time), from its ack subject.
+
+    ``$JS.ACK.<stream>.<consumer>.<delivered>...`` (9 tokens) or, with a domain and
+    account hash, 12 tokens with ``<delivered>`` at index 6. None for anything else (a
+    message not from a JetStream consumer).
+    """
+    tokens = (msg.reply or "").split(".")
+    try:
+        if len(tokens) == 9:
+            return int(tokens[4])
+        if len(tokens) >= 11:
+            return int(tokens[6])
     except ValueError:
         pass
     return None
