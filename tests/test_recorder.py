@@ -555,6 +555,24 @@ async def test_the_recorder_instance_is_sandboxed(recorder: Recorder) -> None:
         cursor.close()
 
 
+async def test_the_file_is_written_in_a_format_duckdb_1_reads(bus: Bus, db_path: Path) -> None:
+    """The file the recorder creates carries DuckDB 1.0's storage format, which every
+    DuckDB since 1.0 opens (the CLI and the libraries people have), not DuckDB 2.0's
+    own, which no 1.x release can read. Reopening it keeps that format."""
+    for _ in range(2):  # created, then opened again
+        recorder = Recorder(bus, db_path, flush_seconds=0.05)
+        await recorder.start()
+        await recorder.stop()
+        con = duckdb.connect(str(db_path), read_only=True)
+        try:
+            ((tags,),) = con.execute(
+                "SELECT tags FROM duckdb_databases() WHERE NOT internal AND path IS NOT NULL"
+            ).fetchall()
+        finally:
+            con.close()
+        assert tags["storage_version"].startswith("v1.0.0"), tags
+
+
 def test_migrate_is_versioned_and_refuses_a_newer_database(tmp_path: Path) -> None:
     """migrate() applies every version once, is a no-op after, and refuses a newer schema."""
     con = duckdb.connect(str(tmp_path / "m.duckdb"))

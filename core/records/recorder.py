@@ -103,6 +103,13 @@ T = TypeVar("T")
 # How long JetStream waits for an ack before redelivering. Far above a batch's commit
 # time; a redelivery that does happen is harmless (idempotent inserts).
 ACK_WAIT_SECONDS = 60.0
+# A file this recorder creates must open in the DuckDB of the tools users have (the CLI,
+# Debian's duckdb 1.5, DBeaver): DuckDB 2.0 writes new files in a storage format that
+# DuckDB 1.x cannot read unless told otherwise. A file keeps the format it was created
+# with, so an existing one is opened as it is.
+STORAGE_COMPATIBILITY_VERSION = "v1.0.0"
+FILE_CONFIG: dict[str, str | bool | int | float | list[str]] = {
+    "storage_compatibility_version": STORAGE_COMPATIBILITY_VERSION}
 
 
 @dataclass
@@ -327,7 +334,7 @@ class Recorder:
 
     def _open(self) -> None:
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        con = duckdb.connect(str(self.db_path))
+        con = duckdb.connect(str(self.db_path), config=FILE_CONFIG)
         try:
             version = migrate(con)
             con.execute("SET enable_external_access = false")
