@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from cluster import NatsCluster, RoleProcess
+from cluster import NatsCluster, RoleProcess, TwoOfEach
 from steadyclient import SteadyClient
 
 GAP = 8.0  # seconds between faults, and the window after each
@@ -33,20 +33,10 @@ async def main() -> None:
         processes: list[RoleProcess] = []
         try:
             await cluster.wait_ready()
-
-            def role(name: str, kind: str) -> RoleProcess:
-                process = RoleProcess(root, name, kind, cluster.url,
-                                      {"COMMHUB_REPLICAS": "3"}).start()
-                processes.append(process)
-                return process
-
-            channels = [role("channels1", "channels"), role("channels2", "channels")]
-            await asyncio.gather(*(p.wait_up() for p in channels))
-            recorder1 = role("recorder1", "recorder")
-            await recorder1.wait_up()
-            routers = [role("router1", "router"), role("router2", "router")]
-            recorder2 = role("recorder2", "recorder")
-            await asyncio.gather(*(p.wait_up() for p in [*routers, recorder2]))
+            roles = await TwoOfEach.start(root, cluster.url, {"COMMHUB_REPLICAS": "3"},
+                                          processes)
+            channels, routers = roles.channels, roles.routers
+            recorder1 = roles.recorders[0]
             ports = [p.ws_port for p in channels]
             clients: list[SteadyClient] = []
             tasks = []

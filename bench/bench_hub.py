@@ -40,7 +40,7 @@ from pathlib import Path
 import aiohttp
 import nats
 from prometheus_client.parser import text_string_to_metric_families
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 
 from commhub.core.natsauth import read_credentials
 from commhub.core.natsserver import EmbeddedNats
@@ -74,21 +74,24 @@ def ws_port(info: dict[str, object]) -> int:
     raise SystemExit("no websocket endpoint in hub.json")
 
 
+async def turn(ws: ClientConnection, text: str) -> None:
+    """Send one message and wait for the bot's first reply to it."""
+    message_id = uuid.uuid4().hex
+    await ws.send(json.dumps({"type": "message", "id": message_id, "text": text}))
+    while True:
+        frame = json.loads(await ws.recv())
+        if frame.get("type") == "error":  # e.g. rate_limited: the run is invalid
+            raise SystemExit(f"the hub refused a bench message: {frame}")
+        if frame.get("type") == "message" and frame.get("reply_to") == message_id:
+            return
+
+
 async def conversation(port: int, turns: int, latencies: list[float]) -> None:
     conv = f"bench-{uuid.uuid4().hex[:12]}"
     async with connect(f"ws://127.0.0.1:{port}/ws?conversation={conv}&user=bench") as ws:
-        for turn in range(turns):
-            message_id = uuid.uuid4().hex
+        for step in range(turns):
             started = time.perf_counter()
-            await ws.send(json.dumps(
-                {"type": "message", "id": message_id, "text": SCRIPT[turn % len(SCRIPT)]}
-            ))
-            while True:
-                frame = json.loads(await ws.recv())
-                if frame.get("type") == "error":  # e.g. rate_limited: the run is invalid
-                    raise SystemExit(f"the hub refused a bench message: {frame}")
-                if frame.get("type") == "message" and frame.get("reply_to") == message_id:
-                    break
+            await turn(ws, SCRIPT[step % len(SCRIPT)])
             latencies.append(time.perf_counter() - started)
 
 

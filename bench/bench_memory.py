@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import subprocess
 import sys
@@ -38,10 +37,15 @@ import uuid
 from pathlib import Path
 
 import aiohttp
-from bench_hub import stop_hub, wait_for_hub, ws_port  # the benches run from bench/
-from websockets.asyncio.client import ClientConnection, connect
+from bench_hub import (  # the benches run from bench/
+    SCRIPT,
+    stop_hub,
+    turn,
+    wait_for_hub,
+    ws_port,
+)
+from websockets.asyncio.client import connect
 
-SCRIPT = ["I'd like to book a table", "4", "tomorrow", "19:30", "Ann", "ann@example.com", "yes"]
 CONCURRENCY = 50
 MILLION = 1_000_000
 
@@ -80,18 +84,6 @@ async def recorder_pending(session: aiohttp.ClientSession, url: str) -> int | No
         if line.startswith("commhub_recorder_pending "):
             return int(float(line.split()[1]))
     return None
-
-
-async def turn(ws: ClientConnection, text: str) -> None:
-    """Send one message and wait for the bot's first reply to it."""
-    message_id = uuid.uuid4().hex
-    await ws.send(json.dumps({"type": "message", "id": message_id, "text": text}))
-    while True:
-        frame = json.loads(await ws.recv())
-        if frame.get("type") == "error":  # e.g. rate_limited: the run is invalid
-            raise SystemExit(f"the hub refused a bench message: {frame}")
-        if frame.get("type") == "message" and frame.get("reply_to") == message_id:
-            return
 
 
 async def many_conversations(

@@ -173,3 +173,34 @@ class RoleProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
         return self.process.returncode
+
+
+class TwoOfEach:
+    """Two processes of every role on one cluster, started in the order that loses
+    nothing: the channels first (what they take in before a router runs waits in the
+    streams), then the recorder that becomes the active one, then the routers and the
+    standby recorder. Every process goes into ``started`` as soon as it starts, so the
+    caller stops it even when a later one fails to come up."""
+
+    def __init__(self, channels: list[RoleProcess], recorders: list[RoleProcess],
+                 routers: list[RoleProcess]) -> None:
+        self.channels = channels
+        self.recorders = recorders
+        self.routers = routers
+
+    @classmethod
+    async def start(cls, root: Path, nats_url: str, env: dict[str, str],
+                    started: list[RoleProcess]) -> TwoOfEach:
+        def role(name: str, kind: str) -> RoleProcess:
+            process = RoleProcess(root, name, kind, nats_url, env).start()
+            started.append(process)
+            return process
+
+        channels = [role("channels1", "channels"), role("channels2", "channels")]
+        await asyncio.gather(*(p.wait_up() for p in channels))
+        active = role("recorder1", "recorder")
+        await active.wait_up()
+        standby = role("recorder2", "recorder")
+        routers = [role("router1", "router"), role("router2", "router")]
+        await asyncio.gather(*(p.wait_up() for p in [standby, *routers]))
+        return cls(channels, [active, standby], routers)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import nats
 import pytest
-from cluster import NatsCluster, RoleProcess
+from cluster import NatsCluster, RoleProcess, TwoOfEach
 from steadyclient import TEXTS, SteadyClient
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -43,21 +43,10 @@ async def test_faults_one_after_another_lose_and_reorder_nothing(tmp_path: Path)
     processes: list[RoleProcess] = []
     try:
         await cluster.wait_ready()
-        env = {"COMMHUB_REPLICAS": "3"}
-
-        def role(name: str, kind: str) -> RoleProcess:
-            process = RoleProcess(tmp_path, name, kind, cluster.url, env).start()
-            processes.append(process)
-            return process
-
-        # Channels first: nothing they take in before the routers run is lost.
-        channels = [role("channels1", "channels"), role("channels2", "channels")]
-        await asyncio.gather(*(p.wait_up() for p in channels))
-        recorder1 = role("recorder1", "recorder")
-        await recorder1.wait_up()
-        recorder2 = role("recorder2", "recorder")
-        routers = [role("router1", "router"), role("router2", "router")]
-        await asyncio.gather(*(p.wait_up() for p in [recorder2, *routers]))
+        roles = await TwoOfEach.start(tmp_path, cluster.url, {"COMMHUB_REPLICAS": "3"},
+                                      processes)
+        channels, routers = roles.channels, roles.routers
+        recorder1, recorder2 = roles.recorders
         assert not recorder1.standby and recorder2.standby
         ports = [p.ws_port for p in channels]
 
