@@ -298,9 +298,18 @@ class Leases:
             log.exception("leases %s: could not take up %s; released it", self.group, slot)
 
     def _in_background(self, callback: Coroutine[Any, Any, None], slot: str) -> None:
+        """Run a take-up or a loss of ``slot`` as a task of its own; its failure is
+        logged (the slot was given up either way)."""
         task = asyncio.create_task(callback, name=f"leases-{self.group}-{slot}")
         self._callbacks.add(task)
-        task.add_done_callback(self._callbacks.discard)
+
+        def ended(task: asyncio.Task[None]) -> None:
+            self._callbacks.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                log.error("leases %s: stopping or starting the work of %s failed: %r",
+                          self.group, slot, task.exception())
+
+        task.add_done_callback(ended)
 
     def _claim_order(self) -> list[str]:
         """Free slots, starting at a place that differs by member (less contention)."""
@@ -342,9 +351,9 @@ class Leases:
         "Fencing"), however long a renewal is stuck."""
         while True:
             await asyncio.sleep(FENCE_CHECK_SECONDS)
-            await self._drop_stale()
+            self._drop_stale()
 
-    async def _drop_stale(self) -> None:
+    def _drop_stale(self) -> None:
         """Slots whose lease is about to end unrenewed may be someone else's soon:
         stop their work at once."""
         stale = [slot for slot in self.held if self.lease_left(slot) <= 0]
@@ -356,13 +365,10 @@ class Leases:
         log.warning("leases %s: could not renew %s for %.0f s; giving them up before "
                     "another member can take them", self.group, ", ".join(stale),
                     self.ttl - FENCE_MARGIN_SECONDS)
-        # All at once: each stop cancels its steps first, and none may wait for another.
-        outcomes = await asyncio.gather(
-            *(self._lose(slot, False) for slot in stale), return_exceptions=True)
-        for slot, outcome in zip(stale, outcomes, strict=True):
-            if isinstance(outcome, Exception):
-                log.error("leases %s: stopping the work of %s failed: %r", self.group, slot,
-                          outcome)
+        # Each in a task of its own: every stop cancels its steps at once, and none waits
+        # for another, nor holds up the watchdog.
+        for slot in stale:
+            self._in_background(self._lose(slot, False), slot)
 
 
 def nats_timeout() -> type[Exception]:
