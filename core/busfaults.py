@@ -21,7 +21,6 @@ __all__ = ["BUS_UNAVAILABLE", "bus_unavailable"]
 BUS_UNAVAILABLE: tuple[type[BaseException], ...] = (
     TimeoutError,  # nats.errors.TimeoutError and FlushTimeoutError are TimeoutErrors too
     ConnectionError,  # a socket reset while the client reconnects
-    nats.errors.TimeoutError,
     nats.errors.NoRespondersError,  # the stream's leader is being elected
     nats.errors.NoServersError,
     nats.errors.ConnectionClosedError,
