@@ -5,12 +5,17 @@ Usage: ``python bench/bench_recorder.py [--n 20000] [--batch 1000] [--runs 1]``
 It starts its own nats-server (port 0, temporary storage), publishes N Messages with
 ``publish_async``, then times, on the same stored records, in each run:
 
-1. baseline: a durable pull consumer that only fetches and acks each record (explicit
-   acks, like the recorder's; no decoding, no DuckDB);
+1. baseline: a durable pull consumer that only fetches (nats-py's
+   ``PullSubscription.fetch``, what a service on the bus would use) and acks each record
+   (explicit acks, like the recorder's; no decoding, no DuckDB);
 2. the recorder: fetch, decode, Arrow batches into DuckDB, recompute the touched rows of
-   ``conversations`` (500 conversations here), commit, ack.
+   ``conversations`` (500 conversations here), commit, ack;
+3. the same bare fetch and ack as 1 with the recorder's own fetch
+   (:class:`commhub.core.pull.Puller`), which costs a fraction of nats-py's: what the
+   recorder adds to the cheapest way to drain the stream.
 
-and prints the recorder's rate as a ratio of the baseline's (the target is >= 0.9), and
+and prints the recorder's rate as a ratio of the baseline's (the target is >= 0.9) and of
+the third's, and
 the CPU time this process spent per record in each (all its threads; the nats-server is
 another process): on a machine that runs other work too, the rates swing from run to
 run, the CPU per record much less.
@@ -30,11 +35,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchrun import run
+from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from commhub.core.bus import Bus
 from commhub.core.envelope import Message, Sender
 from commhub.core.natsserver import EmbeddedNats
+from commhub.core.pull import Puller
 from commhub.core.records.recorder import Recorder
 from commhub.core.subjects import Subjects
 
@@ -65,18 +73,23 @@ async def _publish(bus: Bus, n: int) -> float:
     return time.perf_counter() - started
 
 
-async def _baseline(bus: Bus, n: int, batch: int, run: int) -> float:
+async def _baseline(bus: Bus, n: int, batch: int, run: int, *, lean: bool = False) -> float:
     stream = bus.subjects.messages_stream
+    durable = f"bench_{'lean' if lean else 'raw'}_{run}"
     await bus.js.add_consumer(
         stream,
         ConsumerConfig(
-            durable_name=f"bench_raw_{run}",
+            durable_name=durable,
             deliver_policy=DeliverPolicy.ALL,
             ack_policy=AckPolicy.EXPLICIT,
             max_ack_pending=max(50_000, 10 * batch),
         ),
     )
-    sub = await bus.js.pull_subscribe_bind(durable=f"bench_raw_{run}", stream=stream)
+    sub: Puller | JetStreamContext.PullSubscription
+    if lean:
+        sub = await Puller(bus.nc, stream, durable).start()
+    else:
+        sub = await bus.js.pull_subscribe_bind(durable=durable, stream=stream)
     seen = 0
     started = time.perf_counter()
     deadline = started + DEADLINE_SECONDS
@@ -119,6 +132,7 @@ async def main(n: int, batch: int, runs: int) -> None:
         server = EmbeddedNats(tmpdir / "nats", port=0)
         url = await server.start()
         ratios = []
+        lean_ratios = []
         try:
             bus = await Bus.connect(url, Subjects("bench"))
             await bus.ensure_streams()
@@ -135,6 +149,12 @@ async def main(n: int, batch: int, runs: int) -> None:
                     cpu["baseline"] = time.process_time() - before
                     return elapsed
 
+                async def lean(run: int = run, cpu: dict[str, float] = cpu) -> float:
+                    before = time.process_time()
+                    elapsed = await _baseline(bus, n, batch, run, lean=True)
+                    cpu["lean"] = time.process_time() - before
+                    return elapsed
+
                 async def recording(
                     run: int = run, cpu: dict[str, float] = cpu
                 ) -> tuple[float, Recorder]:
@@ -146,11 +166,14 @@ async def main(n: int, batch: int, runs: int) -> None:
                 if run % 2 == 0:
                     raw = await baseline()
                     recorded, recorder = await recording()
+                    bare = await lean()
                 else:
+                    bare = await lean()
                     recorded, recorder = await recording()
                     raw = await baseline()
                 stats = recorder.stats
                 ratios.append(raw / recorded)
+                lean_ratios.append(bare / recorded)
                 print(f"run {run + 1}:")
                 print(f"  baseline fetch + ack:          {n / raw:>9,.0f} records/s "
                       f"({cpu['baseline'] / n * 1e6:.0f} us of CPU per record)")
@@ -161,14 +184,21 @@ async def main(n: int, batch: int, runs: int) -> None:
                     f"{cpu['recorder'] / n * 1e6:.0f} us of CPU per record, start and stop "
                     f"included)"
                 )
+                print(f"  the same with the recorder's fetch: {n / bare:>9,.0f} records/s "
+                      f"({cpu['lean'] / n * 1e6:.0f} us of CPU per record)")
                 print(f"  ratio recorder / baseline:     {raw / recorded:>9.2f} (target >= 0.9)")
+                print(f"  ratio recorder / the same with the recorder's fetch: "
+                      f"{bare / recorded:.2f}")
             await bus.close()
         finally:
             server.stop()
         if runs > 1:
             ratios.sort()
+            lean_ratios.sort()
             print(f"ratio over {runs} runs: min {ratios[0]:.2f}, "
                   f"median {statistics.median(ratios):.2f}, max {ratios[-1]:.2f}")
+            print(f"ratio to the recorder's fetch over {runs} runs: min {lean_ratios[0]:.2f}, "
+                  f"median {statistics.median(lean_ratios):.2f}, max {lean_ratios[-1]:.2f}")
 
 
 if __name__ == "__main__":
@@ -177,4 +207,4 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=1000, help="fetch and write batch size")
     parser.add_argument("--runs", type=int, default=1, help="baseline + recorder pairs")
     args = parser.parse_args()
-    asyncio.run(main(args.n, args.batch, args.runs))
+    run(main(args.n, args.batch, args.runs))

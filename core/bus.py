@@ -33,6 +33,7 @@ from nats.js.kv import KeyValue
 from commhub.core import natsconnect, streams
 from commhub.core.busfaults import BUS_UNAVAILABLE
 from commhub.core.envelope import InvalidRecord, Record, encode, new_id
+from commhub.core.pull import Puller
 from commhub.core.subjects import Subjects
 
 __all__ = ["Bus", "DUPLICATE_WINDOW_SECONDS"]
@@ -142,8 +143,9 @@ class Bus:
 
     async def bind_durable(
         self, stream: str, config: ConsumerConfig, *, rewind_unacked: bool = False
-    ) -> JetStreamContext.PullSubscription:
-        """Bind a durable pull consumer, creating it with ``config`` if it does not exist.
+    ) -> Puller:
+        """Bind a durable pull consumer, creating it with ``config`` if it does not exist,
+        and return a :class:`~commhub.core.pull.Puller` that fetches from it.
 
         ``rewind_unacked`` is for a process that knows it is the durable's only consumer
         (the recorder; the router of a hub that runs its own embedded server): if the
@@ -172,7 +174,7 @@ class Bus:
             info = None
         if info is None:
             await self.js.add_consumer(stream, config=config)
-        return await self.js.pull_subscribe_bind(durable=name, stream=stream)
+        return await Puller(self.nc, stream, name).start()
 
     async def _is_work_queue(self, stream: str) -> bool:
         info = await self.js.stream_info(stream)

@@ -84,12 +84,12 @@ from typing import Any, TypeVar
 import duckdb
 import pyarrow as pa
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from commhub.core.bus import Bus
 from commhub.core.envelope import InvalidRecord
+from commhub.core.pull import Puller
 from commhub.core.records.progress import Progress
 from commhub.core.records.rows import Batch, num_delivered, num_pending, stream_seq
 from commhub.core.records.schema import REFRESH_CONVERSATIONS, REFRESH_RUNS, migrate
@@ -185,7 +185,7 @@ class Recorder:
         self._executor: ThreadPoolExecutor | None = None
         self._con: duckdb.DuckDBPyConnection | None = None
         self._readers: duckdb.DuckDBPyConnection | None = None
-        self._subs: list[tuple[str, JetStreamContext.PullSubscription]] = []
+        self._subs: list[tuple[str, Puller]] = []
         self._queue: asyncio.Queue[tuple[str, list[Msg]] | None] = asyncio.Queue(maxsize=4)
         self._tasks: list[asyncio.Task[None]] = []
         self._writer: asyncio.Task[None] | None = None
@@ -412,7 +412,7 @@ class Recorder:
         await self._in_thread(self._refresh_stale)
         log.info("recorder: caught up %s to %d", stream, done)
 
-    async def _bind(self, stream: str) -> JetStreamContext.PullSubscription:
+    async def _bind(self, stream: str) -> Puller:
         # The only writer (the DuckDB file lock guarantees it), so records a crashed
         # recorder held are rewound and come back now; ON CONFLICT DO NOTHING skips
         # those it had already written.
@@ -428,7 +428,7 @@ class Recorder:
         return await self.bus.bind_durable(stream, config, rewind_unacked=True)
 
     # -- loops ----------------------------------------------------------------------
-    async def _fetch_loop(self, stream: str, sub: JetStreamContext.PullSubscription) -> None:
+    async def _fetch_loop(self, stream: str, sub: Puller) -> None:
         # Not cancelled on stop: a cancelled fetch can leave a pull request on the server
         # that captures records for a dead inbox (they would wait ACK_WAIT to come back).
         failing = False  # an outage is logged once, not on every retry
