@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchrun import run
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from cluster import NatsCluster, RoleProcess, TwoOfEach
@@ -85,4 +87,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    run(main())

@@ -19,11 +19,11 @@ end.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import tempfile
 import time
 from pathlib import Path
 
+from benchrun import run
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from commhub.core.bus import Bus
@@ -113,4 +113,4 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reads", type=int, default=200)
     args = parser.parse_args()
-    asyncio.run(main(args.reads))
+    run(main(args.reads))

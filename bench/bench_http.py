@@ -28,6 +28,7 @@ import uuid
 from pathlib import Path
 
 import aiohttp
+import benchrun
 from aiohttp import web
 
 from commhub.channels.http.channel import HttpChannel, HttpSettings
@@ -142,7 +143,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=50)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="commhub-bench-http-") as tmp:
-        asyncio.run(asyncio.wait_for(run(args.messages, args.concurrency, Path(tmp)), 300))
+        benchrun.run(asyncio.wait_for(run(args.messages, args.concurrency, Path(tmp)), 300))
 
 
 if __name__ == "__main__":

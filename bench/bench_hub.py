@@ -39,6 +39,7 @@ from pathlib import Path
 
 import aiohttp
 import nats
+from benchrun import run
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 
@@ -387,4 +388,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    run(main())

@@ -1,6 +1,7 @@
 """The hub's memory (RSS): at start, after many conversations, and its growth per turn.
 
-Usage: ``python bench/bench_memory.py [--conversations 10000] [--turn-seconds 30]``
+Usage: ``python bench/bench_memory.py [--conversations 10000] [--turn-seconds 30]
+[--turns 1000000]``
 
 Starts ``commhub up`` in a subprocess (embedded nats-server, temporary data directory,
 free ports) and reads the resident set size of the hub process (``VmRSS`` in /proc, so
@@ -11,9 +12,11 @@ Linux only; the nats-server child is reported apart) at three points:
    sends one message (it starts the booking workflow, which then waits for an answer,
    so every conversation leaves state, a timer and a recorded row behind), 50 at a time,
    sampled every 2 s: the slope over the second half extrapolates a run cut short;
-3. after ``--turn-seconds`` of turns in 50 long conversations (a booking script, over
-   and over), sampled every 2 s: the slope of RSS per turn over the second half of the
-   samples (the first half warms caches up) extrapolates to 1,000,000 turns. Beside
+3. after ``--turns`` turns (or ``--turn-seconds``, whichever comes first) in 50 long
+   conversations (a booking script, over and over), sampled every 2 s, with a line at
+   each milestone (10,000, 100,000, 250,000, 500,000 and 1,000,000 turns): the slope of
+   RSS per turn over the second half of the samples (the first half warms caches up)
+   extrapolates a run cut short to 1,000,000 turns. Beside
    each sample it reads ``commhub_recorder_pending`` from the hub's ``/metrics`` (records
    on the streams not yet committed to DuckDB), to show that the recorder keeps up with
    50 busy conversations and its lag does not grow.
@@ -44,6 +47,7 @@ from bench_hub import (  # the benches run from bench/
     wait_for_hub,
     ws_port,
 )
+from benchrun import run
 from websockets.asyncio.client import connect
 
 CONCURRENCY = 50
@@ -117,29 +121,42 @@ async def many_conversations(
     return done
 
 
+MILESTONES = (10_000, 100_000, 250_000, 500_000, MILLION)
+
+
 async def long_conversations(
-    port: int, seconds: float, sample: list[tuple[int, int]], pid: int, url: str,
-    lags: list[int],
+    port: int, seconds: float, most: int, sample: list[tuple[int, int]], pid: int,
+    url: str, lags: list[int],
 ) -> int:
-    """CONCURRENCY conversations running the booking script over and over for
-    ``seconds``; appends (turns, RSS) every 2 s to ``sample`` and the recorder's pending
-    records to ``lags``; returns the turns."""
+    """CONCURRENCY conversations running the booking script over and over until
+    ``most`` turns are done or ``seconds`` have passed; appends (turns, RSS) every 2 s to
+    ``sample`` and the recorder's pending records to ``lags``, prints the RSS at each of
+    :data:`MILESTONES` reached; returns the turns."""
     turns = 0
     stop = time.monotonic() + seconds
+    started = time.monotonic()
+    milestones = [m for m in MILESTONES if m <= most]
+
+    def going() -> bool:
+        return turns < most and time.monotonic() < stop
 
     async def worker() -> None:
         nonlocal turns
         conv = f"long-{uuid.uuid4().hex[:12]}"
         async with connect(f"ws://127.0.0.1:{port}/ws?conversation={conv}&user={conv}") as ws:
             step = 0
-            while time.monotonic() < stop:
+            while going():
                 await turn(ws, SCRIPT[step % len(SCRIPT)])
                 step += 1
                 turns += 1
+                if milestones and turns >= milestones[0]:
+                    milestones.pop(0)
+                    print(f"  after {turns:,} turns: hub RSS {mib(rss_bytes(pid))} "
+                          f"({turns / (time.monotonic() - started):,.0f} turns/s)", flush=True)
 
     async def sampler() -> None:
         async with aiohttp.ClientSession() as session:
-            while time.monotonic() < stop:
+            while going():
                 await asyncio.sleep(min(2.0, max(0.0, stop - time.monotonic())))
                 sample.append((turns, rss_bytes(pid)))
                 pending = await recorder_pending(session, url)
@@ -169,7 +186,8 @@ def start_hub(tmp: Path) -> subprocess.Popen[bytes]:
                                 env=env, stdout=log, stderr=log)
 
 
-async def main(conversations: int, conversation_seconds: float, turn_seconds: float) -> None:
+async def main(conversations: int, conversation_seconds: float, turn_seconds: float,
+               most_turns: int) -> None:
     with tempfile.TemporaryDirectory(prefix="commhub-bench-memory-") as tmp:
         data_dir = Path(tmp) / "data"
         process = start_hub(Path(tmp))
@@ -198,17 +216,22 @@ async def main(conversations: int, conversation_seconds: float, turn_seconds: fl
 
             sample: list[tuple[int, int]] = []
             lags: list[int] = []
-            turns = await long_conversations(port, turn_seconds, sample, process.pid, url, lags)
+            turns = await long_conversations(port, turn_seconds, most_turns, sample,
+                                             process.pid, url, lags)
             end = rss_bytes(process.pid)
             tail = sample[len(sample) // 2:]
             per_turn = slope(tail)
             print(f"hub RSS after {turns:,} more turns:   {mib(end)} "
                   f"(slope over the last {len(tail)} samples: {per_turn:,.1f} bytes per turn)")
-            print(f"  extrapolated to {MILLION:,} turns: "
-                  f"{mib(end + max(0.0, per_turn) * (MILLION - turns))}")
+            if turns < MILLION:
+                print(f"  extrapolated to {MILLION:,} turns: "
+                      f"{mib(end + max(0.0, per_turn) * (MILLION - turns))}")
             if lags:
+                shown = lags if len(lags) <= 40 else lags[:: len(lags) // 40 + 1]
                 print(f"recorder pending during the turns (every 2 s): max {max(lags):,}, "
-                      f"last {lags[-1]:,} ({', '.join(str(n) for n in lags)})")
+                      f"last {lags[-1]:,} ({', '.join(str(n) for n in shown)})")
+            recorded = sum(f.stat().st_size for f in data_dir.glob("*.duckdb*"))
+            print(f"DuckDB files in the data directory: {mib(recorded)}")
             for pid in nats:
                 print(f"nats-server RSS (embedded child): {mib(rss_bytes(pid))}")
         finally:
@@ -220,5 +243,8 @@ if __name__ == "__main__":
     parser.add_argument("--conversations", type=int, default=10_000)
     parser.add_argument("--conversation-seconds", type=float, default=60.0)
     parser.add_argument("--turn-seconds", type=float, default=30.0)
+    parser.add_argument("--turns", type=int, default=MILLION,
+                        help="stop the turns phase after this many (default 1,000,000)")
     args = parser.parse_args()
-    asyncio.run(main(args.conversations, args.conversation_seconds, args.turn_seconds))
+    run(main(args.conversations, args.conversation_seconds, args.turn_seconds,
+                     args.turns))

@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchrun import run
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from fake_botapi import FakeBotAPI
@@ -146,4 +148,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    run(main())

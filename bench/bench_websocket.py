@@ -26,6 +26,7 @@ import time
 import uuid
 from pathlib import Path
 
+from benchrun import run
 from websockets.asyncio.client import connect
 
 from commhub.channels.websocket.channel import WebSocketChannel, WebSocketSettings
@@ -123,4 +124,4 @@ if __name__ == "__main__":
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--messages", type=int, default=200)
     args = parser.parse_args()
-    asyncio.run(main(args.clients, args.messages))
+    run(main(args.clients, args.messages))

@@ -26,6 +26,7 @@ import uuid
 from pathlib import Path
 
 import nats
+from benchrun import run
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
@@ -153,4 +154,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    run(main())

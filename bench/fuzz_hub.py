@@ -40,6 +40,7 @@ from typing import Any
 
 import aiohttp
 import nats
+from benchrun import run
 from nats.aio.client import Client as NATS
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -417,7 +418,7 @@ def main() -> None:
     parser.add_argument("--inputs", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
-    sys.exit(asyncio.run(main_async(args)))
+    sys.exit(run(main_async(args)))
 
 
 if __name__ == "__main__":
