@@ -19,8 +19,9 @@ that arrives between fetches is kept and returned by the next one.
 Concurrency: one :meth:`Puller.fetch` at a time, on the event loop of the connection.
 Failure: a fetch whose request got no answer (a reconnect lost it) ends after
 ``timeout`` plus :data:`ANSWER_GRACE_SECONDS` like one that found nothing, with
-``nats.errors.TimeoutError``; a status other than 404, 408 or a heartbeat (409
-"Consumer Deleted", "Leadership Change", ...) raises ``nats.js.errors.APIError`` when the
+``nats.errors.TimeoutError``, and so does one ended by a passing "409" (the consumer's
+leader changed, or its server is shutting down: the next request finds the new one); any
+other status (409 "Consumer Deleted", ...) raises ``nats.js.errors.APIError`` when the
 fetch got no record; a closed connection raises what ``publish`` raises.
 """
 
@@ -52,6 +53,10 @@ API_PREFIX = "$JS.API"
 
 #: Statuses that end a request without an error.
 _ENDS = {StatusCode.NO_MESSAGES, StatusCode.REQUEST_TIMEOUT}
+
+#: Descriptions of the 409s that end a request because of a passing event rather than a
+#: problem with the consumer.
+_PASSING = {"Leadership Change", "Server Shutdown"}
 
 
 class Puller:
@@ -117,7 +122,7 @@ class Puller:
         if self._records:
             return self._take(batch)
         status = self._status
-        if status is None or status.headers is None or status.headers[Header.STATUS] in _ENDS:
+        if status is None or status.headers is None or _ends_quietly(status.headers):
             raise nats.errors.TimeoutError
         APIError.from_msg(status)  # raises
         raise AssertionError("unreachable")
@@ -140,3 +145,11 @@ class Puller:
         if left:
             log.debug("%s: handed back %d records delivered after the last fetch",
                       self.durable, len(left))
+
+
+def _ends_quietly(headers: dict[str, str]) -> bool:
+    """Does this status end a request as "nothing for now" rather than as an error?"""
+    code = headers.get(Header.STATUS)
+    if code in _ENDS:
+        return True
+    return code == "409" and headers.get(Header.DESCRIPTION, "") in _PASSING

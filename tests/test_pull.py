@@ -143,3 +143,19 @@ async def test_a_deleted_consumer_is_an_error_not_an_empty_fetch(bus: Bus) -> No
         await asyncio.wait_for(fetch, HANG)
     assert failure.value.code == 409
     await puller.unsubscribe()
+
+
+async def test_a_leadership_change_ends_a_fetch_as_nothing_for_now(bus: Bus) -> None:
+    """A "409 Leadership Change" (a cluster electing the consumer's leader) is not a
+    failure: the fetch ends empty, and the next one goes to the new leader."""
+    puller = await _durable(bus, "leader")
+    fetch = asyncio.create_task(puller.fetch(5, timeout=600))
+    await asyncio.sleep(0.2)
+    change = Msg(bus.nc, subject=f"{puller._inbox}.{puller._request}", data=b"",
+                 headers={"Status": "409", "Description": "Leadership Change"})
+    await puller._on_msg(change)
+    with pytest.raises(nats.errors.TimeoutError):
+        await asyncio.wait_for(fetch, HANG)
+    await _publish(bus, "next")
+    assert _ids(await puller.fetch(5, timeout=5)) == ["next"]
+    await puller.unsubscribe()
