@@ -11,8 +11,9 @@ the client. The baseline is a nats-py request/reply echo with the same concurren
 against the same nats-server, so the ratio says what the hub costs on top of the bus.
 On Linux it also prints the commhub processes' CPU time per turn, which moves less than
 the rates when the machine runs other work. From the processes' ``/metrics`` it prints
-the router's mean time per stage during the load and each role's event-loop lag
-during it (from the lag histogram: what 99% and all of the probes stayed within);
+the router's mean time per stage during the load, each role's event-loop lag
+during it (from the lag histogram: what 99% and all of the probes stayed within) and
+the NATS messages each role's connection received and published per turn;
 from the server, the recorder's lag (records of its durables not yet acked): the
 largest seen during the load (read every 0.25 s) and what is left when the last turn
 is answered.
@@ -185,6 +186,16 @@ def loop_lag_during(before: Samples, after: Samples) -> str:
         return "over 2.5 s" if bound == float("inf") else f"<= {bound * 1000:g} ms"
 
     return f"{total:.0f} probes, 99% {within(0.99)}, all {within(1.0)}"
+
+
+def nats_messages_per_turn(before: Samples, after: Samples, turns: int) -> str:
+    """Messages one process's NATS connection received and published per turn between
+    two scrapes (``commhub_nats_messages_total``)."""
+    counts = {}
+    for direction in ("in", "out"):
+        key = ("commhub_nats_messages_total", (("direction", direction),))
+        counts[direction] = (after.get(key, 0.0) - before.get(key, 0.0)) / max(turns, 1)
+    return f"in {counts['in']:.1f}, out {counts['out']:.1f}"
 
 
 class RecorderLag:
@@ -385,6 +396,9 @@ async def main() -> None:
               f"{loop_lag_during(scraped_before.get(role, {}), samples)}")
     print(f"recorder lag (records not acked): largest during the load "
           f"{recorder_lag.largest}, at the last reply {lag_at_end}")
+    for role, samples in scraped_after.items():
+        print(f"NATS messages per turn, {role}: "
+              f"{nats_messages_per_turn(scraped_before.get(role, {}), samples, len(latencies))}")
 
 
 if __name__ == "__main__":

@@ -234,6 +234,30 @@ class _Collected(Collector):
                                labels=["role"])
         up.add_metric([hub.role], 1)
         yield up
+        yield from _nats_metrics(hub)
+
+
+def _nats_metrics(hub: Hub) -> Iterator[Metric]:
+    """The counters nats-py keeps for this process's connection: every message a turn
+    costs on the bus (publishes, their acks, pull requests and their statuses, record
+    deliveries and acks) shows here."""
+    bus = getattr(hub, "bus", None)
+    stats = getattr(getattr(bus, "nc", None), "stats", None)
+    if not isinstance(stats, dict):
+        return
+    messages = CounterMetricFamily(
+        "commhub_nats_messages", "Messages this process's NATS connection received (in) "
+        "and published (out), JetStream acks, pull requests and statuses included.",
+        labels=["direction"])
+    volume = CounterMetricFamily(
+        "commhub_nats_bytes", "Payload bytes of those messages.", labels=["direction"])
+    for direction in ("in", "out"):
+        messages.add_metric([direction], stats.get(f"{direction}_msgs", 0))
+        volume.add_metric([direction], stats.get(f"{direction}_bytes", 0))
+    yield messages
+    yield volume
+    yield _counter("commhub_nats_reconnects", "Reconnects of this process's NATS connection.",
+                   stats.get("reconnects", 0))
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:

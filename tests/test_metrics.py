@@ -103,6 +103,12 @@ async def test_every_role_serves_probes_and_metrics_that_move_with_traffic(
         assert value(samples, "commhub_event_loop_lag_seconds_count") > 0, role
         assert ("commhub_event_loop_lag_max_seconds", ()) in samples, role
     assert ("commhub_websocket_connections", ()) in after["channels"]
+    # Every role's NATS connection counts what the three turns cost it on the bus.
+    for role in split:
+        for direction in ("in", "out"):
+            moved = (value(after[role], "commhub_nats_messages_total", direction=direction)
+                     - value(before[role], "commhub_nats_messages_total", direction=direction))
+            assert moved >= 3, (role, direction, moved)
 
     # Every series the sample Grafana dashboard charts is served by some role.
     charted = set(re.findall(r"commhub_\w+", DASHBOARD))
