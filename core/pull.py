@@ -97,10 +97,15 @@ class Puller:
             self._answered.set()
         # else: the end of a request no fetch waits on any more
 
-    async def fetch(self, batch: int = 1, timeout: float | None = 5.0) -> list[Msg]:
+    async def fetch(
+        self, batch: int = 1, timeout: float | None = 5.0, *, fill: bool = False
+    ) -> list[Msg]:
         """Up to ``batch`` records: those already delivered, or what one pull request
-        brings within ``timeout`` seconds (returned as soon as the server has sent what it
-        holds). Raises ``nats.errors.TimeoutError`` when nothing came."""
+        brings within ``timeout`` seconds, returned as soon as the server has sent what it
+        holds, or with ``fill`` only once ``batch`` records came or ``timeout`` passed
+        (one request and one status per ``timeout`` however many records trickle in,
+        for a reader that may wait). Raises ``nats.errors.TimeoutError`` when nothing
+        came."""
         if batch < 1:
             raise ValueError("batch must be at least 1")
         if self._records:
@@ -111,7 +116,9 @@ class Puller:
         self._status = None
         self._answered.clear()
         expires = max(int(seconds * 1_000_000_000) - EXPIRES_MARGIN_NS, 1_000_000)
-        request = {"batch": batch, "expires": expires, "no_wait": True}
+        request: dict[str, int | bool] = {"batch": batch, "expires": expires}
+        if not fill:
+            request["no_wait"] = True
         try:
             await self.nc.publish(self._next_subject, json.dumps(request).encode(),
                                   reply=f"{self._inbox}.{self._request}")

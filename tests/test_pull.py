@@ -159,3 +159,24 @@ async def test_a_leadership_change_ends_a_fetch_as_nothing_for_now(bus: Bus) -> 
     await _publish(bus, "next")
     assert _ids(await puller.fetch(5, timeout=5)) == ["next"]
     await puller.unsubscribe()
+
+
+async def test_a_filling_fetch_gathers_what_trickles_in_until_its_time_is_up(bus: Bus) -> None:
+    """With ``fill`` a record that arrives after the first is in the same batch (a
+    plain fetch would have returned the first alone)."""
+    puller = await _durable(bus, "fill")
+    fetch = asyncio.create_task(puller.fetch(10, timeout=2.0, fill=True))
+    await asyncio.sleep(0.2)
+    await _publish(bus, "first")
+    await asyncio.sleep(0.3)
+    await _publish(bus, "second")
+    assert _ids(await asyncio.wait_for(fetch, HANG)) == ["first", "second"]
+    await puller.unsubscribe()
+
+
+async def test_a_filling_fetch_returns_as_soon_as_its_batch_is_full(bus: Bus) -> None:
+    await _publish(bus, "a", "b", "c")
+    puller = await _durable(bus, "full")
+    msgs = await asyncio.wait_for(puller.fetch(3, timeout=600, fill=True), HANG)
+    assert _ids(msgs) == ["a", "b", "c"]
+    await puller.unsubscribe()

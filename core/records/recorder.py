@@ -434,7 +434,9 @@ class Recorder:
         failing = False  # an outage is logged once, not on every retry
         while not self._stopping:
             try:
-                msgs = await sub.fetch(self.batch, timeout=self.flush_seconds)
+                # A fetch that fills: at a low rate one pull request and one status per
+                # stream every half flush, not per record; a backlog fills it at once.
+                msgs = await sub.fetch(self.batch, timeout=self.flush_seconds / 2, fill=True)
             except TimeoutError:  # nats.errors.TimeoutError too: nothing pending
                 failing = False
                 self._set_pending(stream, 0)
