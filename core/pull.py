@@ -74,6 +74,7 @@ class Puller:
         self._inbox = nc.new_inbox()
         self._sub: Subscription | None = None
         self._records: list[Msg] = []  # delivered, not yet returned by a fetch
+        self._sequence = 0  # the id of the last request sent
         self._request = 0  # the id of the request a fetch waits on; 0: none
         self._wanted = 0
         self._status: Msg | None = None  # what ended the current request
@@ -111,7 +112,8 @@ class Puller:
         if self._records:
             return self._take(batch)
         seconds = 5.0 if timeout is None else timeout
-        self._request += 1
+        self._sequence += 1
+        self._request = self._sequence
         self._wanted = batch
         self._status = None
         self._answered.clear()

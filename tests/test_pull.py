@@ -84,9 +84,12 @@ async def test_the_end_of_an_abandoned_request_does_not_end_the_next_fetch(bus: 
     its fetch gave up) must not cut the next fetch short: that fetch still gets the
     record published while it waits."""
     puller = await _durable(bus, "stale")
+    await _publish(bus, "before")
+    assert _ids(await puller.fetch(10, timeout=5)) == ["before"]
+    earlier = puller._sequence  # that fetch's request
     fetch = asyncio.create_task(puller.fetch(10, timeout=600))
     await asyncio.sleep(0.2)
-    stale = Msg(bus.nc, subject=f"{puller._inbox}.0", data=b"",
+    stale = Msg(bus.nc, subject=f"{puller._inbox}.{earlier}", data=b"",
                 headers={"Status": "404", "Description": "No Messages"})
     await puller._on_msg(stale)  # as the server would deliver it
     await asyncio.sleep(0.2)
