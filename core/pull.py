@@ -5,8 +5,9 @@ nats-py's ``PullSubscription.fetch`` waits for each record of a batch with
 ``asyncio.wait_for`` (a task and a timer per record) and probes with a second request when
 the first finds nothing: fetching and acking a record that way costs 60-70 us of CPU here,
 against 12-15 us for the same pull requests read by a callback (``bench/bench_recorder.py``
-prints both). The recorder fetches four or five records a turn and the router one, so that
-difference was a sixth of the hub's CPU per turn.
+prints both). The recorder fetches four or five records a turn and the router one
+(docs/architecture.md, "Fetching a batch with one pull request", has the hub's before and
+after).
 
 :class:`Puller` sends the request nats-py sends (``batch``, ``expires``, ``no_wait``: the
 server answers at once with what is there and a "404 No Messages" status after it, or, when
@@ -14,7 +15,10 @@ nothing is there, with the first record that arrives before ``expires``, else a 
 Request Timeout") to a reply subject of its own for each request, so a status left over
 from an earlier request that the client stopped waiting for is told apart and ignored.
 Records carry no such mark (their subject is the one they were published on), so a record
-that arrives between fetches is kept and returned by the next one.
+that arrives between fetches is kept and returned by the next one. A fetch with ``fill``
+leaves out ``no_wait``: the server then holds the request until ``batch`` records came or
+``expires`` passed, for a reader that may wait (the recorder), which then costs one
+request and one status per interval instead of per record or two at a low rate.
 
 Concurrency: one :meth:`Puller.fetch` at a time, on the event loop of the connection.
 Failure: a fetch whose request got no answer (a reconnect lost it) ends after
