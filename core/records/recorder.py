@@ -143,7 +143,8 @@ class Recorder:
 
     ``batch`` is the most records fetched from a stream at once and written in one
     transaction (a little more when both streams deliver together); ``flush_seconds``
-    bounds how long a record waits for its batch to fill. ``consumer`` names the durable
+    bounds how long a record waits for its batch to fill (its fetch waits up to half of
+    that, the writer up to all of it). ``consumer`` names the durable
     of a stream (default: :meth:`Subjects.recorder_consumer`; ``commhub rebuild`` uses
     its own). ``progress_seconds`` is the interval of the catch-up log lines (None: none).
     ``refresh_seconds`` is the longest the derived rows lag while a backlog waits.
@@ -524,11 +525,11 @@ class Recorder:
         ``flush_seconds`` passed since its first one arrived; True when the stop marker
         came meanwhile (nothing follows it).
 
-        Why wait: a fetch returns as soon as anything is there, so at a low rate every
-        record would be a transaction of its own (4-5 a turn at one conversation), each
-        costing milliseconds of DuckDB's CPU that the turns on the same cores then
-        wait for. Records are acked after their commit as before; waiting only delays
-        them in the file, by at most ``flush_seconds``.
+        Why wait: each stream's fetch returns on its own, so at a low rate the streams'
+        few records would each make a transaction (several a turn at one
+        conversation), each costing milliseconds of DuckDB's CPU that the turns on the
+        same cores then wait for. Records are acked after their commit as before;
+        waiting only delays them in the file, by at most ``flush_seconds`` here.
         """
         count = sum(len(msgs) for _stream, msgs in pending)
         deadline = time.monotonic() + self.flush_seconds
