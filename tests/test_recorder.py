@@ -481,9 +481,10 @@ async def test_a_backlog_is_written_in_batches(bus: Bus, recorder: Recorder) -> 
 async def test_records_arriving_one_by_one_share_a_transaction(
     bus: Bus, db_path: Path
 ) -> None:
-    """At a low rate every fetch returns a record or two; the writer waits up to
-    flush_seconds for more instead of a transaction per fetch (each costs DuckDB's CPU
-    that the hub's turns wait for), and acks them after that one commit."""
+    """At a low rate records come a few at a time; the recorder gathers them (its fetch
+    fills for half of flush_seconds, its writer waits up to flush_seconds) into one
+    transaction instead of one per record (each costs DuckDB's CPU that the hub's turns
+    wait for), and acks them after that one commit."""
     recorder = Recorder(bus, db_path, flush_seconds=3.0)
     await recorder.start()
     try:
