@@ -246,5 +246,4 @@ if __name__ == "__main__":
     parser.add_argument("--turns", type=int, default=MILLION,
                         help="stop the turns phase after this many (default 1,000,000)")
     args = parser.parse_args()
-    run(main(args.conversations, args.conversation_seconds, args.turn_seconds,
-                     args.turns))
+    run(main(args.conversations, args.conversation_seconds, args.turn_seconds, args.turns))

@@ -241,10 +241,9 @@ def _nats_metrics(hub: Hub) -> Iterator[Metric]:
     """The counters nats-py keeps for this process's connection: every message a turn
     costs on the bus (publishes, their acks, pull requests and their statuses, record
     deliveries and acks) shows here."""
-    bus = getattr(hub, "bus", None)
-    stats = getattr(getattr(bus, "nc", None), "stats", None)
-    if not isinstance(stats, dict):
+    if hub.bus is None:  # not connected yet
         return
+    stats = hub.bus.nc.stats
     messages = CounterMetricFamily(
         "commhub_nats_messages", "Messages this process's NATS connection received (in) "
         "and published (out), JetStream acks, pull requests and statuses included.",

@@ -386,6 +386,12 @@ async def test_restart_resumes_the_durable_and_writes_nothing_twice(
         await second.stop()
 
 
+async def _forget_durables(bus: Bus) -> None:
+    """Delete the recorder's durables, as a replay of the streams does."""
+    for stream in (bus.subjects.messages_stream, bus.subjects.events_stream):
+        await bus.js.delete_consumer(stream, bus.subjects.recorder_consumer(stream))
+
+
 async def test_full_replay_into_the_same_file_is_idempotent(bus: Bus, db_path: Path) -> None:
     """Deleting the durables replays both streams; every row is already there, nothing doubles."""
     first = Recorder(bus, db_path, flush_seconds=0.05)
@@ -398,8 +404,7 @@ async def test_full_replay_into_the_same_file_is_idempotent(bus: Bus, db_path: P
     await wait_until(lambda: first.stats.records >= 22, "22 records")
     await first.stop()
 
-    for stream in (bus.subjects.messages_stream, bus.subjects.events_stream):
-        await bus.js.delete_consumer(stream, bus.subjects.recorder_consumer(stream))
+    await _forget_durables(bus)  # the next recorder replays every stream
 
     second = Recorder(bus, db_path, flush_seconds=0.05)
     await second.start()
@@ -424,8 +429,7 @@ async def test_first_deliveries_already_stored_are_written_once_with_the_new_one
     await bus.publish_all([(subject_of(bus, m), m) for m in stored])
     await wait_until(lambda: first.stats.records >= 10, "10 records")
     await first.stop()
-    for stream in (bus.subjects.messages_stream, bus.subjects.events_stream):
-        await bus.js.delete_consumer(stream, bus.subjects.recorder_consumer(stream))
+    await _forget_durables(bus)  # the next recorder replays every stream
     fresh = [message(f"fresh-{i:02d}", conversation=f"c{i % 3}") for i in range(5)]
     await bus.publish_all([(subject_of(bus, m), m) for m in fresh])
 
@@ -779,9 +783,9 @@ async def test_conversations_and_runs_stay_exact_under_redelivery(
 async def test_conversations_kept_batch_by_batch_match_a_full_recompute(
     bus: Bus, db_path: Path
 ) -> None:
-    """Each batch's new messages are added to the stored conversations rows; messages
-    older than those stored (a new first message, an earlier first inbound one) and
-    conversations with runs but no messages still end exactly as a full recompute."""
+    """The conversations rows brought up to date batch by batch end exactly as a full
+    recompute, across messages older than those stored (a new first message, an
+    earlier first inbound one) and conversations with runs but no messages."""
     s = bus.subjects
 
     def msg(id_: str, conversation: str, direction: str, ts: float, user: str = "u1",
