@@ -1,4 +1,5 @@
-"""Shared fixtures: one real nats-server per test session, fresh names per test.
+"""Shared fixtures: one real nats-server per test session (per worker process under
+pytest-xdist), fresh names per test.
 
 Every test gets its own subject prefix, so its streams, consumers and KV bucket are its
 own even though the server is shared (the FastStream idea of a per-test queue name).
