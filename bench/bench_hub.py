@@ -9,6 +9,9 @@ through a workflow. A
 turn is one user message and the bot's first reply to it; its latency is measured at
 the client. The baseline is a nats-py request/reply echo with the same concurrency
 against the same nats-server, so the ratio says what the hub costs on top of the bus.
+A second baseline, the floor (``bench/turnfloor.py``), runs only the NATS round trips a
+turn must wait for, one after another, on streams made with the hub's settings: what
+the design allows before any of the hub's own work.
 On Linux it also prints the commhub processes' CPU time per turn, which moves less than
 the rates when the machine runs other work. From the processes' ``/metrics`` it prints
 the router's mean time per stage during the load, each role's event-loop lag
@@ -42,6 +45,7 @@ import aiohttp
 import nats
 from benchrun import run
 from prometheus_client.parser import text_string_to_metric_families
+from turnfloor import floor_load
 from websockets.asyncio.client import ClientConnection, connect
 
 from commhub.core.natsauth import read_credentials
@@ -376,6 +380,8 @@ async def main() -> None:
                 lag_at_end = await recorder_lag.read()
             scraped_after = await scrape(urls)
             echo_rate, echo_latencies = await echo_load(url, args.conversations, args.turns)
+            floor_rate, floor_latencies = await floor_load(url, args.conversations,
+                                                           args.turns)
     layout = (f"one process per role, {args.routers} router(s)" if args.split
               else "one hub process")
     print(f"{args.conversations} concurrent conversations x {args.turns} turns "
@@ -383,6 +389,10 @@ async def main() -> None:
     report("hub turns (WebSocket)", rate, latencies)
     report("baseline: NATS req/reply", echo_rate, echo_latencies)
     print(f"ratio hub/baseline: {rate / echo_rate:.3f} of the echo rate")
+    report("floor: a turn's round trips", floor_rate, floor_latencies)
+    print(f"hub against the floor: {rate / floor_rate:.3f} of its rate, p50 "
+          f"{percentile(latencies, 50) / percentile(floor_latencies, 50):.2f} x its p50 "
+          "(bench/turnfloor.py: the round trips the guarantees need, nothing else)")
     if cpu_before is not None and cpu_after is not None:
         # Steadier than the rates on a machine that runs other work meanwhile.
         print(f"commhub CPU per turn: {(cpu_after - cpu_before) * 1000 / len(latencies):.2f} ms "

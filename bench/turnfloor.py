@@ -1,0 +1,120 @@
+"""The NATS round trips a hub turn cannot do without, alone: the floor under a turn.
+
+A turn (docs/architecture.md, "One turn's timeline") waits, one after another, for four
+things the guarantees need: the channel's message stored in the messages stream and
+copied into the router's inputs partition (acks follow commits), the router's pull
+request delivering it, the conversation's state committed with the step's outputs (one
+KV update, the outbox), and the reply stored and pushed to the channel's live feed
+(exactly-once replies read from the stream). :func:`floor_load` does just those, with
+nats-py and the hub's own fetch (:class:`commhub.core.pull.Puller`), on streams and a
+bucket made with the hub's own settings (:func:`commhub.core.streams.stream_configs`)
+under a prefix of its own, in one process, with no WebSocket, no routing, no recorder
+and one output a turn instead of two or three. Its rate and latency are what the hub's
+design allows on this machine before any of the hub's own work; the hub's figures
+beside it say what that work costs.
+
+Bounded: ``n`` conversations x ``turns`` turns, each turn's wait capped at 10 s;
+it deletes its streams and bucket at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+
+import nats
+import nats.errors
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from commhub.core.pull import Puller
+from commhub.core.streams import Layout, bucket_configs, stream_configs
+from commhub.core.subjects import Subjects
+
+__all__ = ["floor_load"]
+
+
+async def floor_load(url: str, n: int, turns: int) -> tuple[float, list[float]]:
+    """Run ``n`` conversations of ``turns`` turns through the bare round trips; return
+    turns per second and each turn's latency in seconds (publish to reply pushed)."""
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    s = Subjects(f"floor{uuid.uuid4().hex[:8]}")
+    layout = Layout(partitions=1)
+    streams = stream_configs(s, layout)
+    for config in streams:
+        await js.add_stream(config)
+    kv = await js.create_key_value(next(c for c in bucket_configs(s, layout)
+                                        if c.bucket == s.state_bucket))
+    await js.add_consumer(s.inputs_stream, ConsumerConfig(
+        durable_name="floor", ack_policy=AckPolicy.EXPLICIT, ack_wait=30,
+        filter_subject=f"{s.prefix}.part.0.>", max_ack_pending=1024))
+    puller = await Puller(nc, s.inputs_stream, "floor").start()
+    waiting: dict[str, asyncio.Future[None]] = {}
+    revisions: dict[str, int] = {}
+
+    async def on_reply(msg: Msg) -> None:  # the channel's live feed
+        future = waiting.pop(msg.subject.rsplit(".", 1)[-1], None)
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    feed = await js.subscribe(f"{s.prefix}.out.ws.>", cb=on_reply, ordered_consumer=True,
+                              deliver_policy=DeliverPolicy.NEW)
+
+    async def step(msg: Msg) -> None:  # the router: commit, then publish, then ack
+        conversation = msg.subject.rsplit(".", 1)[-1]
+        state = b'{"state":"asking","outbox":[' + msg.data + b"]}"
+        last = revisions.get(conversation)
+        revisions[conversation] = (await kv.put(conversation, state) if last is None
+                                   else await kv.update(conversation, state, last))
+        await js.publish(s.outbound("ws", conversation), msg.data,
+                         headers={"Nats-Msg-Id": f"{conversation}.{msg.metadata.sequence.stream}"})
+        await msg.ack()
+
+    async def router() -> None:
+        tasks: set[asyncio.Task[None]] = set()
+        while True:
+            try:
+                msgs = await puller.fetch(64, timeout=1.0)
+            except nats.errors.TimeoutError:
+                continue
+            for msg in msgs:
+                task = asyncio.create_task(step(msg))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+
+    latencies: list[float] = []
+    payload = b"x" * 200
+
+    async def conversation() -> None:
+        name = uuid.uuid4().hex[:12]
+        for _ in range(turns):
+            future = asyncio.get_running_loop().create_future()
+            waiting[name] = future
+            started = time.perf_counter()
+            await js.publish(s.inbound("ws", name), payload)  # the channel waits for the store
+            await asyncio.wait_for(future, 10)
+            latencies.append(time.perf_counter() - started)
+
+    routing = asyncio.create_task(router())
+    try:
+        await asyncio.gather(*(conversation() for _ in range(min(n, 5))))  # warm up
+        latencies.clear()
+        started = time.perf_counter()
+        await asyncio.gather(*(conversation() for _ in range(n)))
+        rate = len(latencies) / (time.perf_counter() - started)
+    finally:
+        routing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await routing
+        await feed.unsubscribe()
+        await puller.unsubscribe()
+        for config in streams:
+            with contextlib.suppress(Exception):
+                await js.delete_stream(config.name)
+        with contextlib.suppress(Exception):
+            await js.delete_key_value(s.state_bucket)
+        await nc.close()
+    return rate, latencies
