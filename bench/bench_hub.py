@@ -380,8 +380,7 @@ async def main() -> None:
                 lag_at_end = await recorder_lag.read()
             scraped_after = await scrape(urls)
             echo_rate, echo_latencies = await echo_load(url, args.conversations, args.turns)
-            floor_rate, floor_latencies = await floor_load(url, args.conversations,
-                                                           args.turns)
+            floor = await floor_load(url, args.conversations, args.turns)
     layout = (f"one process per role, {args.routers} router(s)" if args.split
               else "one hub process")
     print(f"{args.conversations} concurrent conversations x {args.turns} turns "
@@ -389,10 +388,11 @@ async def main() -> None:
     report("hub turns (WebSocket)", rate, latencies)
     report("baseline: NATS req/reply", echo_rate, echo_latencies)
     print(f"ratio hub/baseline: {rate / echo_rate:.3f} of the echo rate")
-    report("floor: a turn's round trips", floor_rate, floor_latencies)
-    print(f"hub against the floor: {rate / floor_rate:.3f} of its rate, p50 "
-          f"{percentile(latencies, 50) / percentile(floor_latencies, 50):.2f} x its p50 "
-          "(bench/turnfloor.py: the round trips the guarantees need, nothing else)")
+    report("floor: a turn's round trips", floor.rate, floor.latencies)
+    print(f"hub against the floor: {rate / floor.rate:.3f} of its rate, p50 "
+          f"{percentile(latencies, 50) / percentile(floor.latencies, 50):.2f} x its p50 "
+          "(bench/turnfloor.py: the round trips the guarantees need, nothing else; "
+          f"NATS messages per turn in {floor.messages_in:.1f}, out {floor.messages_out:.1f})")
     if cpu_before is not None and cpu_after is not None:
         # Steadier than the rates on a machine that runs other work meanwhile.
         print(f"commhub CPU per turn: {(cpu_after - cpu_before) * 1000 / len(latencies):.2f} ms "

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from dataclasses import dataclass
 
 import nats
 import nats.errors
@@ -33,12 +34,21 @@ from commhub.core.pull import Puller
 from commhub.core.streams import Layout, bucket_configs, stream_configs
 from commhub.core.subjects import Subjects
 
-__all__ = ["floor_load"]
+__all__ = ["Floor", "floor_load"]
 
 
-async def floor_load(url: str, n: int, turns: int) -> tuple[float, list[float]]:
-    """Run ``n`` conversations of ``turns`` turns through the bare round trips; return
-    turns per second and each turn's latency in seconds (publish to reply pushed)."""
+@dataclass
+class Floor:
+    """What :func:`floor_load` measured."""
+
+    rate: float  # turns per second
+    latencies: list[float]  # each turn's, in seconds: publish to reply pushed
+    messages_in: float  # NATS messages the connection received, per turn
+    messages_out: float  # and published (acks and pull requests included)
+
+
+async def floor_load(url: str, n: int, turns: int) -> Floor:
+    """Run ``n`` conversations of ``turns`` turns through the bare round trips."""
     nc = await nats.connect(url)
     js = nc.jetstream()
     s = Subjects(f"floor{uuid.uuid4().hex[:8]}")
@@ -102,9 +112,12 @@ async def floor_load(url: str, n: int, turns: int) -> tuple[float, list[float]]:
     try:
         await asyncio.gather(*(conversation() for _ in range(min(n, 5))))  # warm up
         latencies.clear()
+        in_before, out_before = nc.stats["in_msgs"], nc.stats["out_msgs"]
         started = time.perf_counter()
         await asyncio.gather(*(conversation() for _ in range(n)))
         rate = len(latencies) / (time.perf_counter() - started)
+        messages_in = (nc.stats["in_msgs"] - in_before) / len(latencies)
+        messages_out = (nc.stats["out_msgs"] - out_before) / len(latencies)
     finally:
         routing.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -117,4 +130,4 @@ async def floor_load(url: str, n: int, turns: int) -> tuple[float, list[float]]:
         with contextlib.suppress(Exception):
             await js.delete_key_value(s.state_bucket)
         await nc.close()
-    return rate, latencies
+    return Floor(rate, latencies, messages_in, messages_out)
