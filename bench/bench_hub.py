@@ -11,7 +11,8 @@ the client. The baseline is a nats-py request/reply echo with the same concurren
 against the same nats-server, so the ratio says what the hub costs on top of the bus.
 A second baseline, the floor (``bench/turnfloor.py``), runs only the NATS round trips a
 turn must wait for, one after another, on streams made with the hub's settings: what
-the design allows before any of the hub's own work.
+the design allows before any of the hub's own work; once alone, once behind a bare
+WebSocket server, measured at its client as the hub's turns are.
 On Linux it also prints the commhub processes' CPU time per turn, which moves less than
 the rates when the machine runs other work. From the processes' ``/metrics`` it prints
 the router's mean time per stage during the load, each role's event-loop lag
@@ -381,6 +382,7 @@ async def main() -> None:
             scraped_after = await scrape(urls)
             echo_rate, echo_latencies = await echo_load(url, args.conversations, args.turns)
             floor = await floor_load(url, args.conversations, args.turns)
+            floor_ws = await floor_load(url, args.conversations, args.turns, websocket=True)
     layout = (f"one process per role, {args.routers} router(s)" if args.split
               else "one hub process")
     print(f"{args.conversations} concurrent conversations x {args.turns} turns "
@@ -388,11 +390,12 @@ async def main() -> None:
     report("hub turns (WebSocket)", rate, latencies)
     report("baseline: NATS req/reply", echo_rate, echo_latencies)
     print(f"ratio hub/baseline: {rate / echo_rate:.3f} of the echo rate")
-    report("floor: a turn's round trips", floor.rate, floor.latencies)
-    print(f"hub against the floor: {rate / floor.rate:.3f} of its rate, p50 "
-          f"{percentile(latencies, 50) / percentile(floor.latencies, 50):.2f} x its p50 "
-          "(bench/turnfloor.py: the round trips the guarantees need, nothing else; "
-          f"NATS messages per turn in {floor.messages_in:.1f}, out {floor.messages_out:.1f})")
+    print("floor (bench/turnfloor.py): the round trips a turn must wait for, nothing else; "
+          f"NATS messages per turn in {floor.messages_in:.1f}, out {floor.messages_out:.1f}")
+    for name, measured in (("floor: NATS only", floor), ("floor: with a WebSocket", floor_ws)):
+        report(name, measured.rate, measured.latencies)
+        print(f"  hub against it: {rate / measured.rate:.3f} of its rate, p50 "
+              f"{percentile(latencies, 50) / percentile(measured.latencies, 50):.2f} x its p50")
     if cpu_before is not None and cpu_after is not None:
         # Steadier than the rates on a machine that runs other work meanwhile.
         print(f"commhub CPU per turn: {(cpu_after - cpu_before) * 1000 / len(latencies):.2f} ms "

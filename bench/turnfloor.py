@@ -8,10 +8,12 @@ KV update, the outbox), and the reply stored and pushed to the channel's live fe
 (exactly-once replies read from the stream). :func:`floor_load` does just those, with
 nats-py and the hub's own fetch (:class:`commhub.core.pull.Puller`), on streams and a
 bucket made with the hub's own settings (:func:`commhub.core.streams.stream_configs`)
-under a prefix of its own, in one process, with no WebSocket, no routing, no recorder
-and one output a turn instead of two or three. Its rate and latency are what the hub's
-design allows on this machine before any of the hub's own work; the hub's figures
-beside it say what that work costs.
+under a prefix of its own, in one process, with no routing, no recorder and one output
+a turn instead of two or three; with ``websocket=True`` the messages come from and the
+replies go to WebSocket clients of a bare ``websockets`` server (the library the hub's
+channel uses), else the client publishes on the bus itself. Its rate and latency are
+what the hub's design allows on this machine before any of the hub's own work; the
+hub's figures beside it say what that work costs.
 
 Bounded: ``n`` conversations x ``turns`` turns, each turn's wait capped at 10 s;
 it deletes its streams and bucket at the end.
@@ -29,6 +31,8 @@ import nats
 import nats.errors
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection, serve
 
 from commhub.core.pull import Puller
 from commhub.core.streams import Layout, bucket_configs, stream_configs
@@ -42,13 +46,16 @@ class Floor:
     """What :func:`floor_load` measured."""
 
     rate: float  # turns per second
-    latencies: list[float]  # each turn's, in seconds: publish to reply pushed
+    latencies: list[float]  # each turn's, in seconds: sent to reply received
     messages_in: float  # NATS messages the connection received, per turn
     messages_out: float  # and published (acks and pull requests included)
 
 
-async def floor_load(url: str, n: int, turns: int) -> Floor:
-    """Run ``n`` conversations of ``turns`` turns through the bare round trips."""
+async def floor_load(url: str, n: int, turns: int, *, websocket: bool = False) -> Floor:
+    """Run ``n`` conversations of ``turns`` turns through the bare round trips. With
+    ``websocket`` each conversation is a WebSocket client of a bare ``websockets`` server
+    in this process, which publishes its frames and sends the replies back, and a
+    turn's latency is measured at that client, as the hub's is."""
     nc = await nats.connect(url)
     js = nc.jetstream()
     s = Subjects(f"floor{uuid.uuid4().hex[:8]}")
@@ -65,10 +72,23 @@ async def floor_load(url: str, n: int, turns: int) -> Floor:
     waiting: dict[str, asyncio.Future[None]] = {}
     revisions: dict[str, int] = {}
 
+    clients: dict[str, ServerConnection] = {}
+
     async def on_reply(msg: Msg) -> None:  # the channel's live feed
-        future = waiting.pop(msg.subject.rsplit(".", 1)[-1], None)
+        name = msg.subject.rsplit(".", 1)[-1]
+        if websocket:
+            await clients[name].send(msg.data)
+            return
+        future = waiting.pop(name, None)
         if future is not None and not future.done():
             future.set_result(None)
+
+    async def channel(ws: ServerConnection) -> None:  # a frame in, stored, then the next
+        async for frame in ws:
+            data = frame.encode() if isinstance(frame, str) else frame
+            name = data[:12].decode()
+            clients[name] = ws
+            await js.publish(s.inbound("ws", name), data[12:])
 
     feed = await js.subscribe(f"{s.prefix}.out.ws.>", cb=on_reply, ordered_consumer=True,
                               deliver_policy=DeliverPolicy.NEW)
@@ -98,7 +118,19 @@ async def floor_load(url: str, n: int, turns: int) -> Floor:
     latencies: list[float] = []
     payload = b"x" * 200
 
+    async def over_websocket(port: int) -> None:
+        name = uuid.uuid4().hex[:12]
+        async with connect(f"ws://127.0.0.1:{port}") as ws:
+            for _ in range(turns):
+                started = time.perf_counter()
+                await ws.send(name.encode() + payload)
+                await asyncio.wait_for(ws.recv(), 10)
+                latencies.append(time.perf_counter() - started)
+
     async def conversation() -> None:
+        if server is not None:
+            await over_websocket(server.sockets[0].getsockname()[1])
+            return
         name = uuid.uuid4().hex[:12]
         for _ in range(turns):
             future = asyncio.get_running_loop().create_future()
@@ -108,6 +140,7 @@ async def floor_load(url: str, n: int, turns: int) -> Floor:
             await asyncio.wait_for(future, 10)
             latencies.append(time.perf_counter() - started)
 
+    server = await serve(channel, "127.0.0.1", 0) if websocket else None
     routing = asyncio.create_task(router())
     try:
         await asyncio.gather(*(conversation() for _ in range(min(n, 5))))  # warm up
@@ -119,6 +152,9 @@ async def floor_load(url: str, n: int, turns: int) -> Floor:
         messages_in = (nc.stats["in_msgs"] - in_before) / len(latencies)
         messages_out = (nc.stats["out_msgs"] - out_before) / len(latencies)
     finally:
+        if server is not None:
+            server.close()
+            await server.wait_closed()
         routing.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await routing
